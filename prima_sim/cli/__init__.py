@@ -1,0 +1,1 @@
+"""Command-line interface of prima-sim (one module per subcommand)."""

@@ -1,0 +1,78 @@
+"""The ``prima-sim`` command line: a thin layer over the library.
+
+Each subcommand lives in its own module under :mod:`prima_sim.cli` and exposes
+``register(subparsers) -> None``, which adds its parser and sets ``func`` (called with the parsed
+arguments; returns the exit status). Errors a user can cause are :class:`~prima_sim.errors.PrimaSimError`
+subclasses: they are printed as one line on stderr and end the program with their exit code, never with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from prima_sim import __version__
+from prima_sim.errors import PrimaSimError
+
+# Subcommand modules, in the order `prima-sim --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "model_info",
+    "profile",
+    "netprobe",
+    "plan",
+    "simulate",
+    "sweep",
+    "shard",
+    "worker",
+    "run",
+    "synth_model",
+    "emulate",
+    "report",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommands whose module is not present are skipped)."""
+    parser = argparse.ArgumentParser(
+        prog="prima-sim",
+        description="Plan, simulate and really run LLM inference across the heterogeneous devices of a home.",
+    )
+    parser.add_argument("--version", action="version", version=f"prima-sim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"prima_sim.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"prima_sim.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prima-sim`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PrimaSimError as exc:
+        print(f"prima-sim {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"prima-sim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

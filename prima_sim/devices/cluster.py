@@ -1,0 +1,206 @@
+"""A home cluster: devices in ring order, a head device, and the links between them.
+
+Cluster files (TOML or JSON) name their devices either by a bundled profile name (``"D1"`` resolves to
+``datasets/devices/D1.toml``), by a path relative to the cluster file, or inline as a table. Links default to
+``default_link`` for every pair and may be overridden per pair; links that name the same ``medium`` share its
+airtime (one Wi-Fi network), which the simulator models as contention.
+
+The ring order is the order of ``devices`` rotated so that the head comes first. As in prima.cpp, within one
+round of the ring the head runs the *last* window: device order in a round is ring[1], ..., ring[M-1],
+ring[0].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from prima_sim.devices.profile import DeviceProfile
+from prima_sim.errors import InputError
+from prima_sim.schema import FrozenModel, read_structured, validate_model
+from prima_sim.units import PositiveBandwidth, Seconds
+
+
+class LinkSpec(FrozenModel):
+    """Bandwidth and latency of a network path."""
+
+    bandwidth_bps: PositiveBandwidth
+    latency_s: Seconds
+    medium: str | None = Field(default=None, description="shared medium (e.g. 'wifi') whose airtime it uses")
+
+
+class Link(LinkSpec):
+    """A link between two named devices (symmetric)."""
+
+    a: str
+    b: str
+
+
+class Medium(FrozenModel):
+    """A shared medium (one Wi-Fi network): transfers on it at the same time share its capacity."""
+
+    name: str
+    capacity_bps: PositiveBandwidth
+
+
+class Cluster(FrozenModel):
+    """Devices in ring order, the head device, and the network."""
+
+    schema_version: Literal[1] = 1
+    name: str
+    description: str = ""
+    devices: tuple[DeviceProfile, ...] = Field(min_length=1)
+    head: str = Field(default="", description="device that tokenizes, embeds, runs the output head; default first")
+    default_link: LinkSpec = LinkSpec(bandwidth_bps=1.25e8, latency_s=0.0002)
+    links: tuple[Link, ...] = ()
+    media: tuple[Medium, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Cluster:
+        names = [d.name for d in self.devices]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"device names must be unique, repeated: {dup}")
+        if self.head and self.head not in names:
+            raise ValueError(f"head {self.head!r} is not one of the devices {names}")
+        media = {m.name for m in self.media}
+        for i, link in enumerate(self.links):
+            for end in (link.a, link.b):
+                if end not in names:
+                    raise ValueError(f"links[{i}] names unknown device {end!r}; devices are {names}")
+            if link.medium and link.medium not in media:
+                raise ValueError(f"links[{i}] uses medium {link.medium!r} not declared in [[media]]")
+        if self.default_link.medium and self.default_link.medium not in media:
+            raise ValueError(f"default_link uses medium {self.default_link.medium!r} not declared in [[media]]")
+        return self
+
+    @property
+    def head_name(self) -> str:
+        """Name of the head device."""
+        return self.head or self.devices[0].name
+
+    def device(self, name: str) -> DeviceProfile:
+        """The device called ``name``.
+
+        Raises:
+            KeyError: no such device.
+        """
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def ring_order(self) -> tuple[str, ...]:
+        """Device names in ring order, head first."""
+        names = [d.name for d in self.devices]
+        i = names.index(self.head_name)
+        return tuple(names[i:] + names[:i])
+
+    def link(self, src: str, dst: str) -> LinkSpec:
+        """The link between two devices (explicit override, else the default link)."""
+        for lk in self.links:
+            if {lk.a, lk.b} == {src, dst}:
+                return lk
+        return self.default_link
+
+    def medium(self, name: str | None) -> Medium | None:
+        """The shared medium called ``name``."""
+        return next((m for m in self.media if m.name == name), None) if name else None
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that affects a plan (devices, head, links): plans record it."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"name", "description"}), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def subset(self, names: list[str] | tuple[str, ...]) -> Cluster:
+        """The same cluster with only the named devices, in the given (ring) order; the head must stay."""
+        keep = [self.device(n) for n in names]
+        links = tuple(lk for lk in self.links if lk.a in names and lk.b in names)
+        return self.model_copy(update={"devices": tuple(keep), "links": links})
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+def datasets_root() -> Path:
+    """The bundled ``datasets/`` directory (override with the PRIMA_SIM_DATASETS environment variable)."""
+    import os
+
+    env = os.environ.get("PRIMA_SIM_DATASETS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parents[1] / "datasets", here.parent / "_datasets"):
+        if cand.is_dir():
+            return cand
+    return here.parents[1] / "datasets"
+
+
+def _is_path_like(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".toml", ".json"))
+
+
+def bundled_names(kind: str) -> list[str]:
+    """Names of the bundled entries of ``datasets/<kind>/`` (devices, clusters, models, scenarios)."""
+    d = datasets_root() / kind
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def resolve_dataset(kind: str, ref: str, relative_to: Path | None = None) -> Path:
+    """Turn a bundled name or a path into a file path.
+
+    Raises:
+        InputError: neither a file nor a bundled name.
+    """
+    if _is_path_like(ref) or Path(ref).exists():
+        p = Path(ref)
+        if not p.is_absolute() and relative_to is not None and not p.exists():
+            p = relative_to / p
+        if not p.exists():
+            raise InputError(ref, "", f"file not found (and not a bundled {kind[:-1]} name)")
+        return p
+    p = datasets_root() / kind / f"{ref}.toml"
+    if not p.exists():
+        known = ", ".join(bundled_names(kind)) or "none"
+        raise InputError(ref, "", f"no such file and no bundled {kind[:-1]} of that name; bundled: {known}")
+    return p
+
+
+def load_device(ref: str, relative_to: Path | None = None) -> DeviceProfile:
+    """Load a device profile by bundled name or path."""
+    path = resolve_dataset("devices", ref, relative_to)
+    return validate_model(DeviceProfile, read_structured(path), str(path))
+
+
+def load_cluster(ref: str) -> Cluster:
+    """Load a cluster by bundled name or path, resolving its device references.
+
+    Raises:
+        InputError: the file, a device it names, or a link is invalid.
+    """
+    path = resolve_dataset("clusters", ref)
+    data: dict[str, Any] = dict(read_structured(path))
+    devices = data.get("devices")
+    if not isinstance(devices, list) or not devices:
+        raise InputError(str(path), "devices", "must be a non-empty list of device names, paths or tables")
+    resolved: list[Any] = []
+    for i, ref_i in enumerate(devices):
+        if isinstance(ref_i, str):
+            local = path.parent / f"{ref_i}.toml"
+            if not _is_path_like(ref_i) and local.exists() and path.parent != datasets_root() / "clusters":
+                resolved.append(load_device(str(local)))
+            else:
+                try:
+                    resolved.append(load_device(ref_i, relative_to=path.parent))
+                except InputError as exc:
+                    raise InputError(str(path), f"devices[{i}]", f"names unknown device {ref_i!r}: {exc.problem}") from None
+        elif isinstance(ref_i, dict):
+            resolved.append(validate_model(DeviceProfile, ref_i, f"{path} devices[{i}]"))
+        else:
+            raise InputError(str(path), f"devices[{i}]", "must be a device name, a path, or an inline table")
+    data["devices"] = resolved
+    data.setdefault("name", path.stem)
+    return validate_model(Cluster, data, str(path))

@@ -1,0 +1,178 @@
+"""What a device can do: the typed, versioned device profile.
+
+A :class:`DeviceProfile` holds prima.cpp's ``device_info`` in SI units: CPU and GPU throughput per weight
+quantization type, memory read bandwidth, RAM/VRAM/swap, the operating system's memory behaviour, disk read
+bandwidth (sequential and random) and where every figure came from. Profiles are written by
+``prima-sim profile`` (measured on a host) or by hand from spec sheets (``datasets/devices/*.toml``, each
+figure with its source).
+
+Files may write quantities with units ("8 GiB", "2.98 GB/s", "350 GFLOPS", "0.05 ms"); see
+:mod:`prima_sim.units`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from prima_sim.devices.ggml_types import TYPE_BY_NAME
+from prima_sim.schema import FrozenModel
+from prima_sim.units import Bandwidth, Bytes, FlopRate, PositiveBandwidth, Seconds
+
+OSFamily = Literal["linux", "macos", "android", "windows"]
+GpuKind = Literal["cuda", "metal", "vulkan", "rocm", "sycl"]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _check_types(rates: dict[str, float]) -> dict[str, float]:
+    bad = [k for k in rates if k not in TYPE_BY_NAME]
+    if bad:
+        raise ValueError(f"unknown ggml type(s) {bad}; use names like f32, f16, q4_k, q6_k, q8_0")
+    if "f32" not in rates:
+        raise ValueError("must include 'f32' (element-wise work runs in f32)")
+    return rates
+
+
+class Provenance(FrozenModel):
+    """Where a profile's figures came from."""
+
+    kind: Literal["measured", "spec", "derived"] = Field(
+        description="measured by prima-sim profile, taken from spec sheets/benchmarks, or derived from others"
+    )
+    host: str = ""
+    date: str = Field(default="", description="ISO date of the measurement or of the sources")
+    tool: str = Field(default="", description="tool and version that measured it")
+    references: tuple[str, ...] = Field(default=(), description="URLs or citations for spec figures")
+    notes: str = ""
+
+
+class GpuProfile(FrozenModel):
+    """A GPU (or Apple's Metal device) as llama.cpp's backend sees it."""
+
+    kind: GpuKind
+    name: str = ""
+    flops: dict[str, FlopRate] = Field(description="matmul throughput per weight ggml type, FLOP/s")
+    vram_total_bytes: Bytes
+    vram_free_bytes: Bytes
+    memory_bandwidth_bps: PositiveBandwidth = Field(description="VRAM read bandwidth")
+    kv_copy_s_per_layer: Seconds = Field(default=0.0, description="time to append one token's K and V, per layer")
+    working_set_limit_bytes: Bytes | None = Field(
+        default=None, description="Metal: recommendedMaxWorkingSetSize; over it, weights reload every token"
+    )
+    host_link_bps: Bandwidth = Field(default=0.0, description="RAM<->VRAM copy bandwidth (PCIe); 0 = unified")
+
+    @field_validator("flops")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_types(v)
+
+    @model_validator(mode="after")
+    def _free_le_total(self) -> GpuProfile:
+        if self.vram_free_bytes > self.vram_total_bytes:
+            raise ValueError(f"vram_free_bytes ({self.vram_free_bytes}) exceeds vram_total_bytes ({self.vram_total_bytes})")
+        return self
+
+
+class DeviceProfile(FrozenModel):
+    """One device of a home cluster, in SI units."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(description="identifier used in cluster files and plans")
+    os: OSFamily
+    unified_memory: bool = Field(default=False, description="CPU and GPU share RAM (Apple Silicon)")
+    cores: int = Field(gt=0)
+    threads: int | None = Field(default=None, gt=0, description="threads llama.cpp uses; default = cores")
+    cpu_flops: dict[str, FlopRate] = Field(description="CPU matmul throughput per weight ggml type, FLOP/s")
+    memory_bandwidth_bps: PositiveBandwidth = Field(description="CPU read bandwidth from RAM")
+    ram_total_bytes: Bytes
+    ram_available_bytes: Bytes = Field(description="memory the model may use (page cache included)")
+    swap_total_bytes: Bytes = 0
+    swap_available_bytes: Bytes = 0
+    swappable_bytes: Bytes = Field(
+        default=0, description="memory of other apps the OS would swap out first (Android, macOS)"
+    )
+    kv_copy_s_per_layer: Seconds = Field(default=0.0, description="CPU time to append one token's K and V, per layer")
+    decode_overhead_s: Seconds = Field(
+        default=0.0, description="fixed time of one llama_decode call on this device (graph build, threads)"
+    )
+    disk_seq_read_bps: PositiveBandwidth
+    disk_rand_read_bps: PositiveBandwidth
+    gpu: GpuProfile | None = None
+    provenance: Provenance
+    sources: dict[str, str] = Field(default_factory=dict, description="per-field source notes")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("cpu_flops")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_types(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeviceProfile:
+        if self.ram_available_bytes > self.ram_total_bytes:
+            raise ValueError(
+                f"ram_available_bytes ({self.ram_available_bytes}) exceeds ram_total_bytes ({self.ram_total_bytes})"
+            )
+        if self.swap_available_bytes > self.swap_total_bytes:
+            raise ValueError(
+                f"swap_available_bytes ({self.swap_available_bytes}) exceeds swap_total_bytes ({self.swap_total_bytes})"
+            )
+        if self.gpu is not None and self.gpu.kind == "metal" and self.os != "macos":
+            raise ValueError("a Metal GPU needs os = 'macos'")
+        return self
+
+    # --- conveniences used by the planner and the simulator -------------------------------------------
+    @property
+    def n_threads(self) -> int:
+        """Threads llama.cpp runs with on this device."""
+        return self.threads or self.cores
+
+    @property
+    def has_gpu(self) -> bool:
+        """Whether the device can offload layers to a GPU (CUDA, Metal, ...)."""
+        return self.gpu is not None
+
+    @property
+    def is_metal(self) -> bool:
+        """Whether the GPU is Apple's Metal (unified memory, working-set limit)."""
+        return self.gpu is not None and self.gpu.kind == "metal"
+
+    @property
+    def disk_read_bps(self) -> float:
+        """The disk bandwidth that page faults see: sequential on Linux and Android (llama.cpp advises
+        ``POSIX_FADV_SEQUENTIAL`` and the kernel reads ahead), random on macOS and Windows."""
+        return self.disk_seq_read_bps if self.os in ("linux", "android") else self.disk_rand_read_bps
+
+    def cpu_rate(self, ggml_type: str) -> float:
+        """CPU throughput for a weight type; a missing type falls back to the closest profiled one."""
+        return _rate(self.cpu_flops, ggml_type)
+
+    def gpu_rate(self, ggml_type: str) -> float:
+        """GPU throughput for a weight type (0 without a GPU)."""
+        return _rate(self.gpu.flops, ggml_type) if self.gpu else 0.0
+
+
+# Fallbacks when a profile lacks a type: types with the same kernel family and similar cost.
+_FALLBACK = {
+    "q4_k": ("q4_0", "q5_k", "q6_k"), "q5_k": ("q4_k", "q6_k"), "q6_k": ("q5_k", "q4_k", "q8_0"),
+    "q4_0": ("q4_1", "q4_k", "q8_0"), "q4_1": ("q4_0", "q4_k"), "q5_0": ("q5_1", "q4_0", "q5_k"),
+    "q5_1": ("q5_0", "q4_1"), "q8_0": ("q6_k", "q4_0"), "q2_k": ("q3_k", "q4_k"), "q3_k": ("q4_k", "q2_k"),
+    "bf16": ("f16",), "f16": ("bf16", "f32"), "iq4_nl": ("q4_0",), "iq4_xs": ("q4_k",),
+}  # fmt: skip
+
+
+def _rate(rates: dict[str, float], t: str) -> float:
+    if t in rates:
+        return rates[t]
+    for alt in _FALLBACK.get(t, ()):
+        if alt in rates:
+            return rates[alt]
+    return rates["f32"]

@@ -1,0 +1,264 @@
+"""The Plan: the one contract between planner, simulator and executor.
+
+A plan says which device runs which layers. Devices are listed in ring order with the head first. The model's
+L layers are processed in k rounds of the ring; in every round each device runs one contiguous *window* of
+layers, in the order ring[1], ring[2], ..., ring[M-1], ring[0] (the head runs the last window of each round,
+as in prima.cpp, so it also holds the final layers and computes the logits without another hop). Within a
+window, the last ``gpu_layers`` layers run on the device's GPU.
+
+The head tokenizes, looks up the input embedding, runs the output norm and the output head, and samples. Per
+token the hidden state crosses k*M links (or fewer when the head's window is empty).
+
+Layer ranges are half-open ``[start, end)`` pairs, stored explicitly, so a plan's meaning never depends on
+re-deriving the ordering. A plan round-trips through JSON exactly (:meth:`Plan.to_json`,
+:meth:`Plan.from_json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from prima_sim.errors import InputError
+from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
+
+PLAN_SCHEMA_VERSION = 1
+
+LayerRange = tuple[int, int]
+"""A half-open range of layer indices ``[start, end)``."""
+
+
+class DeviceAssignment(FrozenModel):
+    """What one device runs."""
+
+    name: str
+    window: int = Field(ge=0, description="layers per round (w_m)")
+    gpu_layers: int = Field(ge=0, description="of each window, how many of its last layers run on the GPU (n_m)")
+    layers: tuple[LayerRange, ...] = Field(description="half-open layer ranges, in execution order")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeviceAssignment:
+        if self.gpu_layers > self.window:
+            raise ValueError(f"device {self.name}: gpu_layers {self.gpu_layers} exceeds window {self.window}")
+        for a, b in self.layers:
+            if not 0 <= a < b:
+                raise ValueError(f"device {self.name}: bad layer range [{a}, {b})")
+            if b - a > self.window:
+                raise ValueError(f"device {self.name}: range [{a}, {b}) is longer than its window {self.window}")
+        return self
+
+    @property
+    def n_layers(self) -> int:
+        """Layers this device runs per token (l_m)."""
+        return sum(b - a for a, b in self.layers)
+
+    def gpu_layers_in(self, rng: LayerRange) -> int:
+        """How many layers of ``rng`` (one of this device's windows) run on the GPU: its last ones."""
+        return min(self.gpu_layers, rng[1] - rng[0])
+
+    @property
+    def n_gpu_layers_total(self) -> int:
+        """GPU layers this device runs per token (l_m^gpu)."""
+        return sum(self.gpu_layers_in(r) for r in self.layers)
+
+
+class Dropped(FrozenModel):
+    """A device of the cluster that the plan does not use, and why."""
+
+    name: str
+    reason: str
+
+
+class DeviceTimes(FrozenModel):
+    """Predicted per-token time of one device, split by cause (seconds)."""
+
+    name: str
+    compute_s: float = 0.0
+    memory_s: float = 0.0
+    disk_s: float = 0.0
+    comm_s: float = 0.0
+    overhead_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """Sum of the components."""
+        return self.compute_s + self.memory_s + self.disk_s + self.comm_s + self.overhead_s
+
+
+class Prediction(FrozenModel):
+    """The analytic prediction attached to a plan by the planner."""
+
+    method: str = Field(description="which model produced it, e.g. 'halda-analytic'")
+    tpot_s: float = Field(ge=0)
+    ttft_s: float = Field(ge=0)
+    prompt_tokens: int = Field(ge=0)
+    per_device: tuple[DeviceTimes, ...] = ()
+    head_s: float = Field(default=0.0, ge=0, description="per-token work of the head outside windows")
+
+
+class SolverInfo(FrozenModel):
+    """How the plan was made."""
+
+    status: str = "manual"
+    objective_s: float | None = None
+    solve_time_s: float = 0.0
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Plan(FrozenModel):
+    """Which device runs which layers, for one model on one cluster."""
+
+    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    model_id: str
+    model_fingerprint: str = ""
+    n_layers: int = Field(gt=0)
+    cluster_name: str
+    cluster_fingerprint: str = ""
+    k: int = Field(gt=0, description="rounds of the ring per token")
+    n_ctx: int = Field(gt=0, description="context length the plan reserves KV cache for")
+    devices: tuple[DeviceAssignment, ...] = Field(min_length=1, description="ring order, head first")
+    dropped: tuple[Dropped, ...] = ()
+    scheduler: str
+    solver: SolverInfo = SolverInfo()
+    prediction: Prediction | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device names repeat: {names}")
+        if {d.name for d in self.dropped} & set(names):
+            raise ValueError("a device is both in the ring and dropped")
+        covered = sorted(r for d in self.devices for r in d.layers)
+        pos = 0
+        for a, b in covered:
+            if a != pos:
+                what = "overlap" if a < pos else "gap"
+                raise ValueError(f"layer ranges {what} at layer {min(a, pos)}: every layer must run exactly once")
+            pos = b
+        if pos != self.n_layers:
+            raise ValueError(f"layer ranges cover [0, {pos}) but the model has {self.n_layers} layers")
+        for d in self.devices[1:]:
+            if d.window == 0 or not d.layers:
+                raise ValueError(f"device {d.name} has no layers: list it under 'dropped' instead")
+        return self
+
+    # --- views ---------------------------------------------------------------------------------------
+    @property
+    def head(self) -> str:
+        """The head device (first in ring order)."""
+        return self.devices[0].name
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """Window sizes in ring order (head first), as prima.cpp's ``-lw`` lists them."""
+        return tuple(d.window for d in self.devices)
+
+    def device(self, name: str) -> DeviceAssignment:
+        """The assignment of the device called ``name``."""
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def execution_order(self) -> list[tuple[str, LayerRange]]:
+        """Every window of one token in the order it runs: (device, [start, end))."""
+        return sorted(((d.name, r) for d in self.devices for r in d.layers), key=lambda x: x[1][0])
+
+    def fingerprint(self) -> str:
+        """Hash of what the executor must agree on: model, cluster, layer ranges and GPU layers."""
+        core = {
+            "model": self.model_fingerprint or self.model_id,
+            "n_layers": self.n_layers,
+            "devices": [(d.name, d.gpu_layers, d.layers) for d in self.devices],
+            "n_ctx": self.n_ctx,
+        }
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- JSON round trip -------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        """Serialize exactly (``Plan.from_json(p.to_json()) == p``)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<plan>") -> Plan:
+        """Parse and validate a plan.
+
+        Raises:
+            InputError: the text is not a valid plan.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(source, "", f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        return _validate_plan(data, source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON (atomically)."""
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan file."""
+        return _validate_plan(read_structured(path), str(path))
+
+
+def _validate_plan(data: Any, source: str) -> Plan:
+    if isinstance(data, dict) and data.get("schema_version", PLAN_SCHEMA_VERSION) != PLAN_SCHEMA_VERSION:
+        raise InputError(
+            source, "schema_version",
+            f"plan schema {data.get('schema_version')} is not supported by this prima-sim (expects "
+            f"{PLAN_SCHEMA_VERSION}); re-create the plan with 'prima-sim plan'",
+        )
+    return validate_model(Plan, data, source)
+
+
+def layer_ranges(windows: list[int] | tuple[int, ...], n_layers: int) -> list[list[LayerRange]]:
+    """Layer ranges of each device for windows given in ring order (head first).
+
+    Rounds repeat until all ``n_layers`` are placed; within a round the order is ring[1], ..., ring[M-1],
+    ring[0] (prima.cpp's ``this_layer_is_mine``). When the windows do not divide ``n_layers`` the last round
+    is partial, exactly as prima.cpp's manual ``-lw`` path handles it.
+
+    Raises:
+        ValueError: windows are negative or all zero.
+    """
+    if any(w < 0 for w in windows) or sum(windows) == 0:
+        raise ValueError(f"windows must be >= 0 and not all zero, got {list(windows)}")
+    m = len(windows)
+    order = list(range(1, m)) + [0]
+    out: list[list[LayerRange]] = [[] for _ in range(m)]
+    pos = 0
+    while pos < n_layers:
+        for i in order:
+            if pos >= n_layers:
+                break
+            w = min(windows[i], n_layers - pos)
+            if w:
+                out[i].append((pos, pos + w))
+                pos += w
+    return out
+
+
+def rounds_for(windows: list[int] | tuple[int, ...], n_layers: int) -> int:
+    """Number of rounds k needed to place ``n_layers`` with these windows (a partial last round counts)."""
+    w = sum(windows)
+    return -(-n_layers // w)
+
+
+def make_assignments(
+    names: list[str] | tuple[str, ...],
+    windows: list[int] | tuple[int, ...],
+    gpu_layers: list[int] | tuple[int, ...],
+    n_layers: int,
+) -> tuple[DeviceAssignment, ...]:
+    """Device assignments (ring order, head first) from window sizes and GPU layers per window."""
+    ranges = layer_ranges(windows, n_layers)
+    return tuple(
+        DeviceAssignment(name=n, window=w, gpu_layers=min(g, w), layers=tuple(r))
+        for n, w, g, r in zip(names, windows, gpu_layers, ranges)
+    )
