@@ -220,17 +220,16 @@ class ModelProfile(FrozenModel):
         return {t.ggml_type for t in self.tensors} | {KV_CACHE_TYPE, "f32"}
 
     # --- compute buffer (llama_model_compute_buf_size, prima.cpp) -----------------------------------------
-    def compute_buffer_bytes(self, n_ctx: int, n_ubatch: int = 512, with_vocab: bool = False) -> int:
+    def compute_buffer_bytes(self, n_ctx: int, n_ubatch: int = 512, n_logit_rows: int = 0) -> int:
         """Scratch memory llama.cpp's CPU backend reserves for one context (prima.cpp's estimate).
 
-        ``(u + n_ctx*u + 2e*u)*4 + max(2f*u, 2e*u + n_ctx*u*h)*4`` bytes, plus the logits buffer
-        ``V*u*4`` when the context computes logits (``with_vocab``).
+        ``(u + n_ctx*u + 2e*u)*4 + max(2f*u, 2e*u + n_ctx*u*h)*4`` bytes (``llama_model_compute_buf_size``),
+        plus ``n_logit_rows`` rows of logits (``V*4`` bytes each) for a context that computes logits.
+        prima.cpp reserves ``V*u*4`` on the head; our head asks llama.cpp for the last token's logits only.
         """
         a, u = self.arch, n_ubatch
         buf = (u + n_ctx * u + 2 * a.n_embd * u) * 4 + max(2 * a.n_ff * u, 2 * a.n_embd * u + n_ctx * u * a.n_head) * 4
-        if with_vocab:
-            buf += a.n_vocab * u * 4
-        return int(buf)
+        return int(buf + n_logit_rows * a.n_vocab * 4)
 
     def summary(self) -> dict[str, Any]:
         """A flat dictionary of the figures ``prima-sim model-info --json`` prints."""

@@ -1,0 +1,175 @@
+"""``prima-sim plan``: choose which device runs which layers (Halda, a baseline, or manual windows)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json
+from prima_sim.errors import InfeasiblePlanError, InputError
+from prima_sim.halda.costmodel import Workload
+from prima_sim.halda.explain import explain
+from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
+from prima_sim.plan import Plan
+
+DEFAULT_CLUSTER = "default"
+DEFAULT_MODEL = "llama3-70b"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` subcommand."""
+    p = sub.add_parser(
+        "plan",
+        help="plan layer windows for a model on a cluster (Halda or a baseline)",
+        description="Assign the model's layers to the cluster's devices and predict TPOT/TTFT. "
+        "Without --json prints a table; --compare shows every scheduler side by side.",
+    )
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="bundled cluster name or TOML/JSON file (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog id or GGUF path (default: %(default)s)")
+    p.add_argument("--scheduler", default="halda", choices=SCHEDULERS, help="(default: %(default)s)")
+    p.add_argument("--k", type=int, default=None, help="force the number of ring rounds (must divide the layer count)")
+    p.add_argument("--ctx", type=int, default=1024, help="context length to reserve KV cache for (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)")
+    p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
+    p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
+    p.add_argument("--gpu-layers", help="manual GPU layers per window in ring order, e.g. 0,4,0")
+    p.add_argument("--out", help="write the plan (JSON) to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compare", action="store_true", help="plan with every scheduler and compare")
+    p.add_argument("--explain", action="store_true", help="say why each device got what it got")
+    p.set_defaults(func=run)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise InputError(flag, "", f"expected comma-separated integers like 10,10,10, got {text!r}") from None
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    """The workload the CLI flags describe (validated)."""
+    try:
+        return Workload(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
+                        n_ubatch=args.ubatch)  # fmt: skip
+    except ValueError as exc:
+        raise InputError("--ctx/--prompt-tokens/--tokens", "", str(exc)) from None
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """The JSON object ``plan --json`` prints (the issue's required keys plus the full plan)."""
+    pred = plan.prediction
+    per = {t.name: t for t in (pred.per_device if pred else ())}
+    return {
+        "scheduler": plan.scheduler,
+        "model": plan.model_id,
+        "cluster": plan.cluster_name,
+        "k": plan.k,
+        "n_ctx": plan.n_ctx,
+        "devices": [
+            {
+                "name": d.name,
+                "window": d.window,
+                "gpu_layers": d.gpu_layers,
+                "layers": [list(r) for r in d.layers],
+                "predicted_s": per[d.name].model_dump(mode="json") | {"total_s": per[d.name].total_s}
+                if d.name in per else None,
+            }
+            for d in plan.devices
+        ],
+        "dropped": [dr.model_dump() for dr in plan.dropped],
+        "predicted_tpot_s": pred.tpot_s if pred else None,
+        "predicted_ttft_s": pred.ttft_s if pred else None,
+        "solve_time_s": plan.solver.solve_time_s,
+        "plan": plan.model_dump(mode="json"),
+    }
+
+
+def _ms(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x * 1e3:.1f}"
+
+
+def print_table(plan: Plan) -> None:
+    """Human-readable plan."""
+    pred = plan.prediction
+    print(f"{plan.scheduler} plan of {plan.model_id} ({plan.n_layers} layers) on {plan.cluster_name}, "
+          f"ctx {plan.n_ctx}: k = {plan.k} round(s), window total {sum(plan.windows)}")  # fmt: skip
+    per = {t.name: t for t in (pred.per_device if pred else ())}
+    hdr = f"{'device':<12}{'role':<6}{'window':>7}{'gpu':>5}{'layers':>7}  {'compute':>8}{'memory':>8}{'disk':>8}{'net':>8}{'ovh':>7}{'total':>9}  ranges"
+    print(hdr)
+    print("-" * len(hdr))
+    for d in plan.devices:
+        t = per.get(d.name)
+        ranges = " ".join(f"[{a},{b})" for a, b in d.layers)
+        if len(ranges) > 48:
+            ranges = ranges[:45] + "..."
+        cols = (f"{_ms(t.compute_s):>8}{_ms(t.memory_s):>8}{_ms(t.disk_s):>8}{_ms(t.comm_s):>8}{_ms(t.overhead_s):>7}"
+                f"{_ms(t.total_s):>9}") if t else ""  # fmt: skip
+        role = "head" if d.name == plan.head else ""
+        print(f"{d.name:<12}{role:<6}{d.window:>7}{d.gpu_layers:>5}{d.n_layers:>7}  {cols}  {ranges}")
+    print("(times in ms per token)")
+    for dr in plan.dropped:
+        print(f"dropped {dr.name}: {dr.reason}")
+    if pred:
+        print(f"predicted TPOT {_ms(pred.tpot_s)} ms (head output head {_ms(pred.head_s)} ms), "
+              f"TTFT {_ms(pred.ttft_s)} ms for {pred.prompt_tokens} prompt tokens")  # fmt: skip
+    print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms"
+          + (f" ({plan.solver.details.get('ilp_solves')} integer programs)" if plan.solver.details else ""))  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``prima-sim plan``."""
+    cluster = load_cluster_arg(args.cluster)
+    model = load_model_arg(args.model)
+    wl = workload_from_args(args)
+    if args.compare:
+        rows = []
+        for s in SCHEDULERS:
+            try:
+                p = make_plan(cluster, model, wl, s, args.k if s == "halda" else None)
+                rows.append((s, p, None))
+            except InfeasiblePlanError as exc:
+                rows.append((s, None, str(exc)))
+        if args.json:
+            print_json({s: (plan_summary(p) if p else {"error": e}) for s, p, e in rows})
+            return 0
+        print(f"{model.id} on {cluster.name} ({len(cluster.devices)} devices), ctx {wl.n_ctx}")
+        print(f"{'scheduler':<11}{'k':>3}  {'windows (ring order)':<28}{'gpu':<16}{'TPOT ms':>9}{'TTFT ms':>10}{'solve ms':>10}")
+        for s, p, e in rows:
+            if p is None:
+                print(f"{s:<11}  infeasible: {e}")
+                continue
+            win = ",".join(str(w) for w in p.windows)
+            gpu = ",".join(str(d.gpu_layers) for d in p.devices)
+            pr = p.prediction
+            print(f"{s:<11}{p.k:>3}  {win:<28}{gpu:<16}{_ms(pr.tpot_s):>9}{_ms(pr.ttft_s):>10}"
+                  f"{p.solver.solve_time_s * 1e3:>10.1f}")  # fmt: skip
+        return 0
+    if args.windows:
+        windows = _int_list(args.windows, "--windows")
+        gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
+        plan = manual_plan(cluster, model, wl, windows, gpu)
+    else:
+        if args.k is not None and args.k <= 0:
+            raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
+        plan = make_plan(cluster, model, wl, args.scheduler, args.k)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        obj = plan_summary(plan)
+        if args.explain:
+            obj["explain"] = explain(plan, cluster, model, wl)
+        print_json(obj)
+        return 0
+    print_table(plan)
+    if args.explain:
+        print()
+        for name, lines in explain(plan, cluster, model, wl).items():
+            print(f"{name}:")
+            for line in lines:
+                print(f"  - {line}")
+    if args.out:
+        print(f"plan written to {args.out}")
+    return 0

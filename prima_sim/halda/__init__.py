@@ -1,0 +1,1 @@
+"""Halda, the layer-to-device planner, and the analytic cost model every scheduler is scored with."""

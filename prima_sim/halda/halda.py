@@ -1,0 +1,249 @@
+"""Halda: the outer iteration (set assignment, one program per k, calibration) and device selection.
+
+:func:`halda` follows prima.cpp's ``assign_layers_to_device`` (common.cpp L860-1590; paper Alg. 1):
+initialise windows in proportion to memory, assign every device to a set M1-M4, solve one integer program
+per valid k and keep the best, force slow-disk devices into M4 while GPU memory is left unused
+(calibration), and repeat until the sets no longer change. :func:`select_devices` wraps it in prima.cpp's
+device selection (``assign_layers_and_select_devices``): devices left with a window of one layer are
+dropped and the rest re-planned; the head always stays. Unlike prima.cpp we keep a drop only if it does
+not make the predicted TPOT worse (prima.cpp drops unconditionally; see docs/halda.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from prima_sim.devices.cluster import Cluster
+from prima_sim.devices.model import ModelProfile
+from prima_sim.errors import InfeasiblePlanError
+from prima_sim.halda.costmodel import DeviceCosts, Workload, head_extra_bytes
+from prima_sim.halda.ilp import (
+    MASTER_PRIORITY,
+    Coefficients,
+    DeviceSet,
+    MIN_DISK_READ_BPS,
+    KSolution,
+    assign_set,
+    coefficients,
+    solve_k,
+)
+
+MAX_ITERATIONS = 64
+"""Guard on the outer loop; prima.cpp's loop ends in O(M) iterations, this only stops oscillation."""
+
+
+@dataclass
+class HaldaResult:
+    """Outcome of one :func:`halda` run on a fixed ring."""
+
+    ring: list[str]
+    solution: KSolution
+    sets: dict[str, DeviceSet]
+    coefs: list[Coefficients]
+    forced_m4: set[str]
+    iterations: int
+    solves: int
+    log: list[str] = field(default_factory=list)
+
+
+def valid_ks(n_layer: int, n_devices: int, k_user: int | None = None) -> list[int]:
+    """Rounds Halda may use: divisors k of L whose window total W = L/k gives every device a layer."""
+    if k_user is not None:
+        return [k_user]
+    return [k for k in range(1, n_layer + 1) if n_layer % k == 0 and n_layer // k >= n_devices]
+
+
+def initial_windows(costs: list[DeviceCosts], n_layer: int) -> list[int]:
+    """prima.cpp's start point: windows in proportion to memory budgets, each at least 1, summing to L."""
+    budget = [max(c.ram_budget_bytes + (c.device.gpu.vram_free_bytes if c.device.gpu and not c.device.is_metal else 0), 1)
+              for c in costs]  # fmt: skip
+    total = sum(budget)
+    w = [max(1, round(b / total * n_layer)) for b in budget]
+    while sum(w) > n_layer:  # fix the rounding by taking from the largest
+        w[w.index(max(w))] -= 1
+    if sum(w) < n_layer:
+        w[budget.index(max(budget))] += n_layer - sum(w)
+    return w
+
+
+def halda(
+    cluster: Cluster,
+    ring: list[str],
+    model: ModelProfile,
+    workload: Workload,
+    k_user: int | None = None,
+    master_priority: float = MASTER_PRIORITY,
+) -> HaldaResult | None:
+    """Run Halda on a fixed ring (head first). None when no k admits a feasible assignment."""
+    L = model.arch.n_layer
+    costs = {name: DeviceCosts(cluster.device(name), model, workload) for name in ring}
+    ks = [k for k in valid_ks(L, len(ring), k_user) if L // k >= len(ring)]
+    if not ks:
+        return None
+    w = initial_windows([costs[n] for n in ring], L)
+    n = [w_i if costs[name].device.gpu is not None else 0 for name, w_i in zip(ring, w)]
+    forced: set[str] = set()
+    overloaded: set[str] = set()
+    prev_sets: dict[str, DeviceSet] | None = None
+    final: HaldaResult | None = None
+    rollback: HaldaResult | None = None
+    solves = 0
+    log: list[str] = []
+    for it in range(1, MAX_ITERATIONS + 1):
+        W = sum(w)
+        k_cur = max(1, L // W)
+        sets = {name: assign_set(costs[name], w_i, n_i, k_cur, idx == 0, name in forced, name in overloaded)
+                for idx, (name, w_i, n_i) in enumerate(zip(ring, w, n))}  # fmt: skip
+        if sets == prev_sets:
+            break
+        prev_sets = sets
+        best: tuple[KSolution, list[Coefficients]] | None = None
+        for k in ks:
+            coefs = coefficients(cluster, ring, model, workload, k, sets, costs)
+            sol = solve_k(coefs, k, L // k, master_priority)
+            solves += 1
+            if sol is not None and (best is None or sol.objective_s < best[0].objective_s - 1e-12):
+                best = (sol, coefs)
+        log.append(f"iteration {it}: sets {_fmt_sets(sets)}; best k={best[0].k if best else '-'}"
+                   f" objective {best[0].objective_s * 1e3:.2f} ms" if best else f"iteration {it}: infeasible")  # fmt: skip
+        if best is None:
+            # Beyond prima.cpp (which gives up here): the sets say every device fits, but together they
+            # cannot hold the model. Let the device that pages most cheaply (fastest disk) overload, and retry.
+            cands = [nm for nm in ring if sets[nm] is DeviceSet.M4 and nm not in forced and nm not in overloaded
+                     and costs[nm].disk_bps >= MIN_DISK_READ_BPS]  # fmt: skip
+            if cands and final is None:
+                pick = max(cands, key=lambda nm: costs[nm].disk_bps)
+                overloaded.add(pick)
+                log.append(f"no k is feasible with these sets: let {pick} (fastest disk) page weights")
+                continue
+            final = rollback
+            break
+        sol, coefs = best
+        result = HaldaResult(ring, sol, sets, coefs, set(forced), it, solves, list(log))
+        rollback = result
+        # calibration (prima.cpp): while GPU memory is left unused and some device still pages weights on
+        # its CPU, force the slowest-disk overloaded device into M4 and solve again
+        gpu_free = any(c.gpu_max_layers >= 1 and ni < math.floor(c.gpu_max_layers + 1e-9)
+                       for c, ni in zip(coefs, sol.n))  # fmt: skip
+        weak = any(wi == 1 and ni == 0 for wi, ni in zip(sol.w, sol.n))
+        gpu_over = any(costs[c.name].device.gpu is not None and wi > ni for c, wi, ni in zip(coefs, sol.w, sol.n))
+        cpu_over = any(costs[c.name].device.gpu is None and sets[c.name] is not DeviceSet.M4 for c in coefs)
+        candidates = [c for c in coefs if sets[c.name] is not DeviceSet.M4 and c.name not in forced]
+        if not weak and gpu_free and (gpu_over or cpu_over) and candidates:
+            slowest = min(candidates, key=lambda c: c.disk_bps)
+            forced.add(slowest.name)
+            log.append(f"calibration: GPU memory unused while {slowest.name} pages weights; force it into M4")
+            continue
+        w, n = list(sol.w), list(sol.n)
+        if final is not None and final.solution.w == sol.w and final.solution.n == sol.n and final.solution.k == sol.k:
+            break
+        final = result
+    if final is not None:
+        final.log = log
+        final.solves = solves
+    return final
+
+
+def _fmt_sets(sets: dict[str, DeviceSet]) -> str:
+    groups: dict[str, list[str]] = {}
+    for name, s in sets.items():
+        groups.setdefault(s.value, []).append(name)
+    return " ".join(f"{k}={{{','.join(v)}}}" for k, v in sorted(groups.items()))
+
+
+@dataclass
+class Selection:
+    """Outcome of device selection: the final Halda result and the devices left out, with reasons."""
+
+    result: HaldaResult
+    dropped: list[tuple[str, str]]
+    solve_time_s: float
+    rounds: int
+
+
+def select_devices(
+    cluster: Cluster,
+    model: ModelProfile,
+    workload: Workload,
+    k_user: int | None = None,
+    master_priority: float = MASTER_PRIORITY,
+) -> Selection:
+    """Halda with device selection (prima.cpp's ``assign_layers_and_select_devices``).
+
+    Raises:
+        InfeasiblePlanError: no assignment fits, with the binding resource and the shortfall in bytes.
+    """
+    t0 = time.perf_counter()
+    L = model.arch.n_layer
+    ring = list(cluster.ring_order)
+    dropped: list[tuple[str, str]] = []
+    if k_user is not None and L % k_user:
+        raise InfeasiblePlanError(
+            f"k={k_user} does not divide the model's {L} layers; valid k: "
+            f"{', '.join(str(k) for k in range(1, L + 1) if L % k == 0)}",
+            resource="layers",
+        )
+    if len(ring) > L:  # more devices than layers: keep the head and the fastest per-layer devices
+        scored = sorted(ring[1:], key=lambda name: DeviceCosts(cluster.device(name), model, workload).mean_gpu_layer_s)
+        keep = set(scored[: L - 1])
+        for name in ring[1:]:
+            if name not in keep:
+                dropped.append((name, f"more devices than the model's {L} layers; slower per layer than those kept"))
+        ring = [ring[0]] + [nm for nm in ring[1:] if nm in keep]
+    res = halda(cluster, ring, model, workload, k_user, master_priority)
+    if res is None:
+        raise _diagnose(cluster, ring, model, workload, k_user)
+    rounds = 1
+    while True:
+        drop = [name for name, wi in zip(res.ring, res.solution.w) if wi <= 1 and name != res.ring[0]]
+        if not drop:
+            break
+        trial_ring = [name for name in res.ring if name not in drop]
+        trial = halda(cluster, trial_ring, model, workload, k_user, master_priority)
+        rounds += 1
+        if trial is None or trial.solution.objective_s > res.solution.objective_s * (1 + 1e-9):
+            res.log.append(f"selection: dropping {', '.join(drop)} would not lower the predicted TPOT; kept")
+            break
+        for name in drop:
+            dropped.append((name, f"Halda gave it a window of 1 layer; without it the predicted TPOT is "
+                                  f"{trial.solution.objective_s * 1e3:.1f} ms instead of {res.solution.objective_s * 1e3:.1f} ms"))  # fmt: skip
+        res = trial
+    return Selection(res, dropped, time.perf_counter() - t0, rounds)
+
+
+def _diagnose(cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None
+              ) -> InfeasiblePlanError:
+    """Explain why no assignment exists: the binding resource and the shortfall in bytes."""
+    L = model.arch.n_layer
+    costs = [DeviceCosts(cluster.device(n), model, workload) for n in ring]
+    kv_total = sum(model.layer_kv_bytes(i, workload.n_ctx) for i in range(L))
+    buffers = sum(c.compute_buffer_bytes() for c in costs)
+    pinnable = sum(c.device.ram_available_bytes + c.device.swap_available_bytes for c in costs)
+    vram = sum(max(0, c.device.gpu.vram_free_bytes - c.gpu_reserve_bytes) for c in costs
+               if c.device.gpu is not None and not c.device.is_metal)  # fmt: skip
+    need = kv_total + buffers + head_extra_bytes(model) * 0
+    if need > pinnable + vram:
+        return InfeasiblePlanError(
+            f"the KV cache for a context of {workload.n_ctx} tokens ({kv_total} bytes) plus compute buffers "
+            f"({buffers} bytes) cannot fit in the RAM+swap+VRAM of all devices ({pinnable + vram} bytes): short by "
+            f"{need - pinnable - vram} bytes; lower --ctx or add memory",
+            resource="RAM+VRAM of all devices",
+            shortfall_bytes=int(need - pinnable - vram),
+        )
+    if k_user is not None and L // k_user < len(ring):
+        return InfeasiblePlanError(
+            f"k={k_user} leaves a window total of {L // k_user} layers for {len(ring)} devices; every device needs"
+            " at least one layer per round: choose a smaller k",
+            resource="layers",
+        )
+    worst = min(costs, key=lambda c: c.ram_budget_bytes - c.compute_buffer_bytes())
+    short = worst.compute_buffer_bytes() + model.mean_layer_bytes - worst.ram_budget_bytes
+    return InfeasiblePlanError(
+        f"no assignment satisfies every device's memory rows; the tightest device is {worst.device.name} "
+        f"(budget {worst.ram_budget_bytes} bytes, one layer plus buffers need "
+        f"{int(worst.compute_buffer_bytes() + model.mean_layer_bytes)} bytes)",
+        resource=f"RAM of {worst.device.name}",
+        shortfall_bytes=int(max(short, 0)),
+    )
