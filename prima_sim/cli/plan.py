@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)")
     p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
+    p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
     p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
     p.add_argument("--gpu-layers", help="manual GPU layers per window in ring order, e.g. 0,4,0")
     p.add_argument("--out", help="write the plan (JSON) to this file")
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.k is not None and args.k <= 0:
             raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
-        plan = make_plan(cluster, model, wl, args.scheduler, args.k)
+        plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
     if args.out:
         plan.save(args.out)
     if args.json:

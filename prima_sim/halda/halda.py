@@ -169,8 +169,11 @@ def select_devices(
     workload: Workload,
     k_user: int | None = None,
     master_priority: float = MASTER_PRIORITY,
+    allow_drop: bool = True,
 ) -> Selection:
     """Halda with device selection (prima.cpp's ``assign_layers_and_select_devices``).
+
+    With ``allow_drop=False`` every device keeps at least one layer (Halda without device selection).
 
     Raises:
         InfeasiblePlanError: no assignment fits, with the binding resource and the shortfall in bytes.
@@ -196,7 +199,7 @@ def select_devices(
     if res is None:
         raise _diagnose(cluster, ring, model, workload, k_user)
     rounds = 1
-    while True:
+    while allow_drop:
         drop = [name for name, wi in zip(res.ring, res.solution.w) if wi <= 1 and name != res.ring[0]]
         if not drop:
             break

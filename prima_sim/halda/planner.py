@@ -44,8 +44,11 @@ def make_plan(
     scheduler: str = "halda",
     k: int | None = None,
     master_priority: float = MASTER_PRIORITY,
+    allow_drop: bool = True,
 ) -> Plan:
     """Plan ``model`` on ``cluster`` with ``scheduler`` (one of :data:`SCHEDULERS`).
+
+    ``allow_drop=False`` turns Halda's device selection off (every device keeps a window).
 
     Raises:
         InfeasiblePlanError: nothing fits (names the binding resource and the shortfall).
@@ -55,7 +58,7 @@ def make_plan(
         raise InputError("--scheduler", "", f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     L = model.arch.n_layer
     if scheduler == "halda":
-        sel = select_devices(cluster, model, workload, k, master_priority)
+        sel = select_devices(cluster, model, workload, k, master_priority, allow_drop)
         res = sel.result
         sol = res.solution
         details: dict[str, Any] = {
