@@ -208,8 +208,8 @@ def build_problem(coefs: list[Coefficients], k: int, W: int, master_priority: fl
                   ) -> tuple[pulp.LpProblem, dict[str, pulp.LpVariable], dict[str, pulp.LpVariable]]:
     """The PuLP model of Eqs 6-10 for one k, with every variable and constraint named."""
     prob = pulp.LpProblem(f"halda_k{k}", pulp.LpMinimize)
-    w = {c.name: pulp.LpVariable(f"w_{c.name}", lowBound=1, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
-    n = {c.name: pulp.LpVariable(f"n_{c.name}", lowBound=0, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
+    w = {c.name: prob.add_variable(f"w_{c.name}", lowBound=1, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
+    n = {c.name: prob.add_variable(f"n_{c.name}", lowBound=0, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
     # (6) objective: k (a^T w + b^T n) + k sum(xi) + kappa; the head's window cost divided by the priority
     prob += (
         pulp.lpSum(k * (c.a / (master_priority if i == 0 else 1.0)) * w[c.name] + k * c.b * n[c.name]
@@ -244,7 +244,8 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
     nv = tuple(int(round(n[c.name].value())) for c in coefs)
     obj = objective(coefs, k, wv, nv)
     binding: dict[str, list[str]] = {c.name: [] for c in coefs}
-    for cname, con in prob.constraints.items():
+    for con in prob.constraints():
+        cname = con.name or ""
         if abs(con.slack or 0.0) < 1e-6 and not cname.startswith("eq8"):
             dev = next((c.name for c in coefs if cname.endswith("_" + c.name)), None)
             if dev:
@@ -257,9 +258,13 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
     return KSolution(k, wv, nv, obj, status, binding)
 
 
-def objective(coefs: list[Coefficients], k: int, w: tuple[int, ...], n: tuple[int, ...]) -> float:
-    """Objective (6) without the master priority: Halda's predicted TPOT for this k and sets."""
-    return sum(k * (c.a * wi + c.b * ni) + k * c.xi + c.kappa for c, wi, ni in zip(coefs, w, n))
+def objective(
+    coefs: list[Coefficients], k: int, w: tuple[int, ...], n: tuple[int, ...], master_priority: float = 1.0
+) -> float:
+    """Objective (6): Halda's predicted TPOT for this k and sets (``master_priority`` 1 = without the head
+    preference; pass :data:`MASTER_PRIORITY` for the exact function the solver minimizes)."""
+    return sum(k * (c.a / (master_priority if i == 0 else 1.0) * wi + c.b * ni) + k * c.xi + c.kappa
+               for i, (c, wi, ni) in enumerate(zip(coefs, w, n)))  # fmt: skip
 
 
 def feasible(coefs: list[Coefficients], W: int, w: tuple[int, ...], n: tuple[int, ...]) -> bool:
