@@ -247,6 +247,8 @@ class ModelProfile(FrozenModel):
             "output_bytes": self.output_bytes,
             "layer_bytes": list(self.layer_bytes),
             "mean_layer_bytes": self.mean_layer_bytes,
+            "min_layer_bytes": min(self.layer_bytes),
+            "max_layer_bytes": max(self.layer_bytes),
             "kv_bytes_per_token_per_layer": self.kv_bytes_per_token_per_layer,
             "bytes_by_type": dict(sorted(by_type.items())),
             "layer_flops_per_token_by_type": {

@@ -251,7 +251,8 @@ def memory_use(costs: DeviceCosts, a: DeviceAssignment, is_head: bool) -> Memory
             else:
                 w_cpu += m.layer_bytes[i]
                 kv_cpu += m.layer_kv_bytes(i, n_ctx)
-    buffers_cpu, buffers_gpu = costs.buffers(len(a.layers), is_head, a.gpu_layers > 0 and costs.device.gpu is not None)
+    # llama.cpp initialises a present GPU backend (and its compute buffers) even without offloaded layers
+    buffers_cpu, buffers_gpu = costs.buffers(len(a.layers), is_head, costs.device.gpu is not None)
     return MemoryUse(w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head_extra_bytes(m) if is_head else 0.0)
 
 

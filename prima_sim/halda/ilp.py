@@ -74,12 +74,22 @@ class Coefficients:
     beta: float
     disk_bps: float
     budget_bytes: float
-    b_prime: float  # bytes per layer: weights + KV cache for n_ctx
+    b_prime: float  # bytes per layer: weights + KV cache for n_ctx (mean layer)
 
 
 def mean_layer_bytes(model: ModelProfile) -> float:
     """b: average weight bytes of one layer."""
     return model.mean_layer_bytes
+
+
+def max_layer_kv_bytes(model: ModelProfile, workload: Workload) -> float:
+    """KV-cache bytes of the layer with the largest cache (full-attention layers)."""
+    return max(model.layer_kv_bytes(i, workload.n_ctx) for i in range(model.arch.n_layer))
+
+
+def largest_layer_bytes(model: ModelProfile, workload: Workload) -> float:
+    """Weights plus KV cache of the largest layer: what VRAM rows are sized by."""
+    return max(model.layer_bytes[i] + model.layer_kv_bytes(i, workload.n_ctx) for i in range(model.arch.n_layer))
 
 
 def overloaded_set(costs: DeviceCosts) -> DeviceSet:
@@ -106,7 +116,7 @@ def assign_set(
     b_prime = mean_layer_bytes(costs.model) + costs.kv_bytes_per_layer
     l, l_gpu = k * w, k * min(n, w)
     bio0 = head_extra_bytes(costs.model) if is_head else 0.0
-    c_cpu, c_gpu = costs.buffers(k, is_head, n > 0 and d.gpu is not None)
+    c_cpu, c_gpu = costs.buffers(k, is_head, d.gpu is not None)
     budget = costs.ram_budget_bytes
     if d.os == "macos" and not d.is_metal:
         return DeviceSet.M1 if l * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond1
@@ -174,14 +184,16 @@ def coefficients(
             row, counts_gpu = ">=", d.gpu is not None
         else:
             row, counts_gpu = "<=", d.gpu is not None and d.os != "macos"
-        # VRAM row (10): z_gpu = (free - c_gpu) / (L b') (minus the output head for a Metal head)
+        # VRAM row (10): z_gpu = (free - c_gpu) / (L b') (minus the output head for a Metal head). Unlike RAM,
+        # VRAM cannot overflow to disk: size it by the largest layer so no assignment of layers can OOM.
         if d.gpu is not None:
             free = d.gpu.vram_free_bytes - c_gpu - (bio0 if (d.is_metal and is_head) else 0.0)
-            gpu_max = max(0.0, free / (k * b_prime))
+            gpu_max = max(0.0, free / (k * largest_layer_bytes(model, workload)))
         else:
             gpu_max = 0.0
         pinned_budget = d.ram_available_bytes + d.swap_available_bytes - c_cpu
-        pinned_max = pinned_budget / (k * kv) if kv > 0 else math.inf
+        kv_max = max_layer_kv_bytes(model, workload)
+        pinned_max = pinned_budget / (k * kv_max) if kv_max > 0 else math.inf
         out.append(
             Coefficients(
                 name=name, set=s, a=a_m, b=b_m, xi=xi, kappa=kappa, ram_row=row, ram_rhs_layers=rhs,
