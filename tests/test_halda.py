@@ -181,3 +181,36 @@ def test_prediction_breaks_down_per_device_and_scores_every_plan_the_same_way() 
         total = sum(t.total_s for t in again.per_device) + again.head_s
         assert total == pytest.approx(again.tpot_s)
     assert min(plans, key=lambda p: p.prediction.tpot_s).scheduler == "halda"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(max_devices=5), st.sampled_from(["M1M3", "M4", "mixed"]))
+def test_greedy_solver_matches_highs_on_every_k(c: object, mode: str) -> None:
+    """The combinatorial solver used to bound the k loop finds the same optimum as HiGHS."""
+    from prima_sim.halda.greedy import solve_k_greedy
+    from prima_sim.halda.ilp import DeviceSet, overloaded_set
+
+    ring = list(c.ring_order)
+    costs = {n: DeviceCosts(c.device(n), MODEL30, WL) for n in ring}
+    L = MODEL30.arch.n_layer
+    pick = {n: {"M1M3": True, "M4": False, "mixed": i % 2 == 0}[mode] for i, n in enumerate(ring)}
+    sets = {n: (overloaded_set(costs[n]) if pick[n] else DeviceSet.M4) for n in ring}
+    for k in valid_ks(L, len(ring)):
+        coefs = coefficients(c, ring, MODEL30, WL, k, sets, costs)
+        g = solve_k_greedy(coefs, k, L // k, MASTER_PRIORITY)
+        h = solve_k(coefs, k, L // k, MASTER_PRIORITY)
+        assert (g is None) == (h is None), f"k={k}: feasibility differs"
+        if g is not None:
+            assert feasible(coefs, L // k, g[1], g[2])
+            assert g[0] == pytest.approx(objective(coefs, k, h.w, h.n, MASTER_PRIORITY), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters())
+def test_set_search_never_worsens_the_published_loop(c: object) -> None:
+    ring = list(c.ring_order)
+    plain = halda(c, ring, MODEL30, WL, refine=False)
+    refined = halda(c, ring, MODEL30, WL)
+    assert (plain is None) == (refined is None)
+    if plain is not None:
+        assert refined.solution.objective_s <= plain.solution.objective_s * (1 + 1e-9) + 1e-12

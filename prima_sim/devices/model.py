@@ -16,6 +16,7 @@ length as an argument.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -163,15 +164,27 @@ class ModelProfile(FrozenModel):
         """Bytes of all tensors (a tied embedding is counted once)."""
         return sum(t.n_bytes for t in self.tensors)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short hash of the tensor table (names, types, shapes, sizes): what plans and shards agree on."""
+        h = hashlib.sha256()
+        for t in self.tensors:
+            h.update(f"{t.name}:{t.ggml_type}:{t.shape}:{t.n_bytes};".encode())
+        return h.hexdigest()[:16]
+
     # --- KV cache ----------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def kv_bytes_per_token_per_layer(self) -> int:
         """KV-cache bytes one token adds to one (full-attention) layer, f16 cache."""
         return (self.arch.n_embd_k_gqa + self.arch.n_embd_v_gqa) * KV_BYTES_PER_ELEMENT
 
+    @cached_property
+    def _sliding(self) -> tuple[bool, ...]:
+        return tuple(self.arch.is_sliding(i) for i in range(self.arch.n_layer))
+
     def layer_kv_tokens(self, layer: int, n_ctx: int) -> int:
         """Tokens the KV cache of ``layer`` holds for a context of ``n_ctx`` (a sliding layer holds fewer)."""
-        if self.arch.is_sliding(layer):
+        if self._sliding[layer]:
             return min(n_ctx, self.arch.sliding_window)
         return n_ctx
 
@@ -180,19 +193,44 @@ class ModelProfile(FrozenModel):
         return self.layer_kv_tokens(layer, n_ctx) * self.kv_bytes_per_token_per_layer
 
     # --- FLOPs -------------------------------------------------------------------------------------------
+    @cached_property
+    def layer_signatures(self) -> tuple[int, ...]:
+        """Per layer, an id shared by layers of identical tensors (types, shapes) and attention kind.
+
+        Costs of a layer depend only on its signature, so caches key on it: a 70B model has 80 layers but
+        only a handful of distinct ones (Q4_K_M mixes Q4_K and Q6_K per layer).
+        """
+        ids: dict[tuple, int] = {}
+        out = []
+        for i, ts in enumerate(self._layer_tensors):
+            key = (tuple(sorted((t.name.split(".", 2)[2], t.ggml_type, t.shape) for t in ts)), self.arch.is_sliding(i))
+            out.append(ids.setdefault(key, len(ids)))
+        return tuple(out)
+
+    @cached_property
+    def _flops_cache(self) -> dict[tuple[int, int, int], dict[str, float]]:
+        return {}
+
     def layer_flops(self, layer: int, n_tokens: int = 1, n_kv: int = 1) -> dict[str, float]:
         """FLOPs of one layer for a batch of ``n_tokens`` attending to ``n_kv`` cached tokens each, by type.
 
         Keys are ggml type names: the weight's type for matmuls, ``f16`` for attention against the cache,
-        ``f32`` for element-wise work.
+        ``f32`` for element-wise work. The returned dict is shared (cached): do not modify it.
         """
+        n_kv = self.layer_kv_tokens(layer, n_kv)
+        key = (self.layer_signatures[layer], n_tokens, n_kv)
+        hit = self._flops_cache.get(key)
+        if hit is None:
+            hit = self._flops_cache[key] = self._compute_layer_flops(layer, n_tokens, n_kv)
+        return hit
+
+    def _compute_layer_flops(self, layer: int, n_tokens: int, n_kv: int) -> dict[str, float]:
         a = self.arch
         out: dict[str, float] = {}
 
         def add(t: str, f: float) -> None:
             out[t] = out.get(t, 0.0) + f * n_tokens
 
-        n_kv = self.layer_kv_tokens(layer, n_kv)
         for t in self.layer_tensors(layer):
             if len(t.shape) == 1 or t.shape[1] == 1:
                 add("f32", 5.0 * t.shape[0] + 1)  # norm (4e+1) times weight (e), or a bias add

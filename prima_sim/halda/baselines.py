@@ -25,7 +25,6 @@ from collections.abc import Callable
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, Workload
-from prima_sim.halda.ilp import largest_layer_bytes
 
 
 def largest_remainder(weights: list[float], total: int, minimum: int = 1) -> list[int]:
@@ -68,7 +67,7 @@ def gpu_fit(c: DeviceCosts, window: int, k: int = 1) -> int:
     d = c.device
     if d.gpu is None or window == 0:
         return 0
-    b_prime = largest_layer_bytes(c.model, c.workload)
+    b_prime = c.largest_layer_bytes
     free = d.gpu.vram_free_bytes - c.buffers(k, False, True)[1]
     return max(0, min(window, int(free // (k * b_prime))))
 

@@ -114,10 +114,10 @@ class DeviceCosts:
     def layer_time(self, layer: int, on_gpu: bool, n_tokens: int = 1, n_kv: int | None = None) -> LayerTime:
         """Time of ``layer`` for ``n_tokens`` tokens attending to ``n_kv`` cached tokens, on CPU or GPU."""
         n_kv = self.workload.decode_kv_tokens if n_kv is None else max(1, n_kv)
-        key = (layer, on_gpu, n_tokens, n_kv)
+        m, d = self.model, self.device
+        key = (m.layer_signatures[layer], on_gpu, n_tokens, m.layer_kv_tokens(layer, n_kv))
         if key in self._cache:
             return self._cache[key]
-        m, d = self.model, self.device
         flops = m.layer_flops(layer, n_tokens, n_kv)
         nbytes = m.layer_bytes[layer] + m.layer_kv_tokens(layer, n_kv) * m.kv_bytes_per_token_per_layer
         if on_gpu and d.gpu is not None:
@@ -150,11 +150,23 @@ class DeviceCosts:
         return LayerTime(c, mem)
 
     # --- memory ---------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def kv_bytes_per_layer(self) -> float:
         """Mean KV-cache bytes one layer reserves for the workload's context."""
         m = self.model
         return sum(m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer)) / m.arch.n_layer
+
+    @cached_property
+    def max_layer_kv_bytes(self) -> float:
+        """KV-cache bytes of the layer with the largest cache (full-attention layers)."""
+        m = self.model
+        return max(m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer))
+
+    @cached_property
+    def largest_layer_bytes(self) -> float:
+        """Weights plus KV cache of the largest layer: what VRAM rows are sized by (VRAM cannot page)."""
+        m = self.model
+        return max(m.layer_bytes[i] + m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer))
 
     def compute_buffer_bytes(self, with_logits: bool = False) -> int:
         """Scratch memory of one llama.cpp context (one window) on this device's CPU backend."""

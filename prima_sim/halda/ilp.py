@@ -82,16 +82,6 @@ def mean_layer_bytes(model: ModelProfile) -> float:
     return model.mean_layer_bytes
 
 
-def max_layer_kv_bytes(model: ModelProfile, workload: Workload) -> float:
-    """KV-cache bytes of the layer with the largest cache (full-attention layers)."""
-    return max(model.layer_kv_bytes(i, workload.n_ctx) for i in range(model.arch.n_layer))
-
-
-def largest_layer_bytes(model: ModelProfile, workload: Workload) -> float:
-    """Weights plus KV cache of the largest layer: what VRAM rows are sized by."""
-    return max(model.layer_bytes[i] + model.layer_kv_bytes(i, workload.n_ctx) for i in range(model.arch.n_layer))
-
-
 def overloaded_set(costs: DeviceCosts) -> DeviceSet:
     """The set a device is in when its share does not fit: M1 (macOS), M2 (Metal) or M3 (Linux/Android)."""
     d = costs.device
@@ -135,73 +125,72 @@ def coefficients(
     costs: dict[str, DeviceCosts],
 ) -> list[Coefficients]:
     """The objective and constraint numbers of every device for k rounds and the given sets (§3.2)."""
-    n_layer = model.arch.n_layer
-    W = n_layer // k
+    return [device_coefficients(cluster, ring, idx, model, k, sets[name], costs[name]) for idx, name in enumerate(ring)]
+
+
+def device_coefficients(
+    cluster: Cluster, ring: list[str], idx: int, model: ModelProfile, k: int, s: DeviceSet, c: DeviceCosts
+) -> Coefficients:
+    """Coefficients of the device at ring position ``idx`` (0 = head) for k rounds in set ``s``."""
+    name = ring[idx]
+    d = c.device
+    is_head = idx == 0
     b = mean_layer_bytes(model)
-    out: list[Coefficients] = []
-    for idx, name in enumerate(ring):
-        c = costs[name]
-        d = c.device
-        is_head = idx == 0
-        s = sets[name]
-        kv = c.kv_bytes_per_layer
-        b_prime = b + kv
-        disk = c.disk_bps
-        alpha = c.mean_cpu_layer_s
-        beta = (c.mean_gpu_layer_s - c.mean_cpu_layer_s) if d.gpu is not None else 0.0
-        # xi: one llama_decode call per window, the hop to the next device, RAM<->VRAM copies of a window
-        nxt = ring[(idx + 1) % len(ring)]
-        xi = d.decode_overhead_s + hop_time(cluster, name, nxt, model.arch.n_embd)
-        if d.gpu is not None and d.gpu.host_link_bps > 0 and not d.unified_memory:
-            xi += 2 * ACTIVATION_BYTES_PER_ELEMENT * model.arch.n_embd / d.gpu.host_link_bps
-        bio0 = head_extra_bytes(model) if is_head else 0.0
-        c_cpu, c_gpu = c.buffers(k, is_head, d.gpu is not None)
-        budget = c.ram_budget_bytes
-        # objective vectors by set (common.cpp L1193-1207)
-        if s is DeviceSet.M1:
-            a_m, b_m = alpha + b_prime / disk, 0.0
-        elif s is DeviceSet.M2:
-            a_m, b_m = alpha + b / disk, beta
-        elif s is DeviceSet.M3:
-            a_m, b_m = alpha + b_prime / disk, (beta - b_prime / disk) if d.gpu is not None else 0.0
-        else:
-            a_m, b_m = alpha, beta
-        # kappa: constants of the overloaded sets (the negative offset that turns per-layer reloads into the
-        # overflow), plus the head's output head, embedding row and (if overloaded) output weights from disk
-        kappa = 0.0
-        if s in (DeviceSet.M1, DeviceSet.M3):
-            kappa += (c_cpu + bio0 - budget) / disk
-        elif s is DeviceSet.M2:
-            kappa += bio0 / disk
-        if is_head:
-            kappa += c.head_time().total_s + model.embedding_row_bytes / disk
-        # RAM rows (common.cpp L1211-1250): z = (budget - b_cio) / (L b'), right-hand side W z in layers
-        b_cio = bio0 + c_cpu + (c_gpu if d.is_metal else 0.0)
-        rhs = (budget - b_cio) / (k * b_prime)  # = W * z_m
-        if s in (DeviceSet.M1, DeviceSet.M2):
-            row, counts_gpu = ">=", False
-        elif s is DeviceSet.M3:
-            row, counts_gpu = ">=", d.gpu is not None
-        else:
-            row, counts_gpu = "<=", d.gpu is not None and d.os != "macos"
-        # VRAM row (10): z_gpu = (free - c_gpu) / (L b') (minus the output head for a Metal head). Unlike RAM,
-        # VRAM cannot overflow to disk: size it by the largest layer so no assignment of layers can OOM.
-        if d.gpu is not None:
-            free = d.gpu.vram_free_bytes - c_gpu - (bio0 if (d.is_metal and is_head) else 0.0)
-            gpu_max = max(0.0, free / (k * largest_layer_bytes(model, workload)))
-        else:
-            gpu_max = 0.0
-        pinned_budget = d.ram_available_bytes + d.swap_available_bytes - c_cpu
-        kv_max = max_layer_kv_bytes(model, workload)
-        pinned_max = pinned_budget / (k * kv_max) if kv_max > 0 else math.inf
-        out.append(
-            Coefficients(
-                name=name, set=s, a=a_m, b=b_m, xi=xi, kappa=kappa, ram_row=row, ram_rhs_layers=rhs,
-                ram_counts_gpu=counts_gpu, gpu_max_layers=gpu_max, pinned_max_cpu_layers=pinned_max,
-                alpha=alpha, beta=beta, disk_bps=disk, budget_bytes=budget, b_prime=b_prime,
-            )  # fmt: skip
-        )
-    return out
+    kv = c.kv_bytes_per_layer
+    b_prime = b + kv
+    disk = c.disk_bps
+    alpha = c.mean_cpu_layer_s
+    beta = (c.mean_gpu_layer_s - c.mean_cpu_layer_s) if d.gpu is not None else 0.0
+    # xi: one llama_decode call per window, the hop to the next device, RAM<->VRAM copies of a window
+    nxt = ring[(idx + 1) % len(ring)]
+    xi = d.decode_overhead_s + hop_time(cluster, name, nxt, model.arch.n_embd)
+    if d.gpu is not None and d.gpu.host_link_bps > 0 and not d.unified_memory:
+        xi += 2 * ACTIVATION_BYTES_PER_ELEMENT * model.arch.n_embd / d.gpu.host_link_bps
+    bio0 = head_extra_bytes(model) if is_head else 0.0
+    c_cpu, c_gpu = c.buffers(k, is_head, d.gpu is not None)
+    budget = c.ram_budget_bytes
+    # objective vectors by set (common.cpp L1193-1207)
+    if s is DeviceSet.M1:
+        a_m, b_m = alpha + b_prime / disk, 0.0
+    elif s is DeviceSet.M2:
+        a_m, b_m = alpha + b / disk, beta
+    elif s is DeviceSet.M3:
+        a_m, b_m = alpha + b_prime / disk, (beta - b_prime / disk) if d.gpu is not None else 0.0
+    else:
+        a_m, b_m = alpha, beta
+    # kappa: constants of the overloaded sets (the negative offset that turns per-layer reloads into the
+    # overflow), plus the head's output head, embedding row and (if overloaded) output weights from disk
+    kappa = 0.0
+    if s in (DeviceSet.M1, DeviceSet.M3):
+        kappa += (c_cpu + bio0 - budget) / disk
+    elif s is DeviceSet.M2:
+        kappa += bio0 / disk
+    if is_head:
+        kappa += c.head_time().total_s + model.embedding_row_bytes / disk
+    # RAM rows (common.cpp L1211-1250): z = (budget - b_cio) / (L b'), right-hand side W z in layers
+    b_cio = bio0 + c_cpu + (c_gpu if d.is_metal else 0.0)
+    rhs = (budget - b_cio) / (k * b_prime)  # = W * z_m
+    if s in (DeviceSet.M1, DeviceSet.M2):
+        row, counts_gpu = ">=", False
+    elif s is DeviceSet.M3:
+        row, counts_gpu = ">=", d.gpu is not None
+    else:
+        row, counts_gpu = "<=", d.gpu is not None and d.os != "macos"
+    # VRAM row (10): z_gpu = (free - c_gpu) / (L b') (minus the output head for a Metal head). Unlike RAM,
+    # VRAM cannot overflow to disk: size it by the largest layer so no assignment of layers can OOM.
+    if d.gpu is not None:
+        free = d.gpu.vram_free_bytes - c_gpu - (bio0 if (d.is_metal and is_head) else 0.0)
+        gpu_max = max(0.0, free / (k * c.largest_layer_bytes))
+    else:
+        gpu_max = 0.0
+    pinned_budget = d.ram_available_bytes + d.swap_available_bytes - c_cpu
+    kv_max = c.max_layer_kv_bytes
+    pinned_max = pinned_budget / (k * kv_max) if kv_max > 0 else math.inf
+    return Coefficients(
+        name=name, set=s, a=a_m, b=b_m, xi=xi, kappa=kappa, ram_row=row, ram_rhs_layers=rhs,
+        ram_counts_gpu=counts_gpu, gpu_max_layers=gpu_max, pinned_max_cpu_layers=pinned_max,
+        alpha=alpha, beta=beta, disk_bps=disk, budget_bytes=budget, b_prime=b_prime,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -243,12 +232,22 @@ def build_problem(coefs: list[Coefficients], k: int, W: int, master_priority: fl
 
 
 def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY) -> KSolution | None:
-    """Solve the program for one k with HiGHS (in-process, through PuLP). None when infeasible."""
+    """Solve the program for one k with HiGHS (in-process, through PuLP). None when infeasible.
+
+    The rows are a laminar family (the window sum, per-device rows on w, w - n and n), so the constraint
+    matrix is totally unimodular; with the right-hand sides rounded to integers (exact for integer
+    variables) every vertex of the LP relaxation is integral. HiGHS therefore solves the relaxation with
+    the simplex method, which returns such a vertex, and the answer is checked: a fractional value (never
+    seen) falls back to HiGHS's branch and bound. The LP costs about a tenth of the MIP machinery.
+    """
     for c in coefs:  # fast infeasibility checks that HiGHS would also find, without calling it
         if c.ram_row == "<=" and math.floor(c.ram_rhs_layers + _EPS) < (0 if c.ram_counts_gpu else 1):
             return None
     prob, w, n = build_problem(coefs, k, W, master_priority)
-    prob.solve(pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S))
+    prob.solve(pulp.HiGHS(msg=False, mip=False, timeLimit=SOLVER_TIME_LIMIT_S, solver="simplex"))
+    values = [v.value() for v in (*w.values(), *n.values())]
+    if pulp.LpStatus[prob.status] == "Optimal" and any(abs(x - round(x)) > 1e-7 for x in values if x is not None):
+        prob.solve(pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S))  # integrality lost: branch and bound
     status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         return None

@@ -25,12 +25,7 @@ SCHEDULERS: tuple[str, ...] = ("halda", *BASELINES)
 
 def model_fingerprint(model: ModelProfile) -> str:
     """Short hash of the model's tensor table (what shards and workers must agree on)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in model.tensors:
-        h.update(f"{t.name}:{t.ggml_type}:{t.shape}:{t.n_bytes};".encode())
-    return h.hexdigest()[:16]
+    return model.fingerprint
 
 
 def _finish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> Plan:
