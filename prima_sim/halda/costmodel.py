@@ -195,12 +195,15 @@ class DeviceCosts:
     def ram_budget_bytes(self) -> int:
         """Memory the model may use on this device (prima.cpp's mem_budget, §3.3).
 
-        Linux and macOS without Metal: available RAM. macOS with Metal: the GPU's free working set.
-        Android: available RAM plus what the OS would swap out of other apps first.
+        Linux and macOS without Metal: available RAM. macOS with Metal: the GPU's free working set, but (our
+        decision, docs/halda.md) no more than the RAM that is really available plus what macOS would swap
+        out: on Apple Silicon the working set and RAM are the same memory, and the working-set limit (2/3
+        of RAM) can be twice what is free. Android: available RAM plus what the OS would swap out of other
+        apps first.
         """
         d = self.device
         if d.is_metal and d.gpu is not None:
-            return d.gpu.vram_free_bytes
+            return min(d.gpu.vram_free_bytes, d.ram_available_bytes + d.swappable_bytes)
         if d.os == "android":
             return d.ram_available_bytes + min(d.swappable_bytes, d.swap_available_bytes)
         return d.ram_available_bytes
