@@ -55,7 +55,7 @@ def validation_to_input_error(source: str, exc: ValidationError) -> InputError:
         msg = "is required but missing"
     elif kind == "extra_forbidden":
         msg = "is not a known field (check its spelling against the schema in docs/)"
-    elif "input" in err and kind != "model_type" and "got " not in msg:
+    elif "input" in err and kind != "model_type" and "got " not in msg and not isinstance(err["input"], (dict, list)):
         shown = repr(err["input"])
         if len(shown) > 60:
             shown = shown[:57] + "..."
