@@ -1,0 +1,179 @@
+"""``prima-sim simulate``: run a plan through the discrete-event simulator (page cache, prefetch, disk, Wi-Fi)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json
+from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
+from prima_sim.devices.cluster import Cluster
+from prima_sim.devices.model import ModelProfile
+from prima_sim.errors import InputError
+from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
+from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, model_fingerprint
+from prima_sim.plan import Plan
+from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
+from prima_sim.units import MiB
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``simulate`` subcommand."""
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a plan: per-token latency with page cache, prefetch, disk and network dynamics",
+        description="Simulate a plan (from --plan, or made here with --scheduler) on a cluster: a prompt prefill "
+        "(TTFT) and N decode tokens (TPOT). Writes tokens.csv, summary.json, trace.json and Gantt PNGs with --out; "
+        "--json prints the summary.",
+    )
+    src = p.add_argument_group("what to simulate")
+    src.add_argument("--plan", help="plan JSON from 'prima-sim plan --out' (cluster and model default to the plan's)")
+    src.add_argument("--cluster", help=f"bundled cluster name or TOML/JSON file (default: the plan's, else {DEFAULT_CLUSTER})")
+    src.add_argument("--model", help=f"catalog id or GGUF path (default: the plan's, else {DEFAULT_MODEL})")
+    src.add_argument("--scheduler", default="halda", choices=SCHEDULERS, help="plan with this scheduler (default: %(default)s)")
+    src.add_argument("--k", type=int, default=None, help="force Halda's number of rounds")
+    src.add_argument("--no-drop", action="store_true", help="Halda without device selection")
+    src.add_argument("--windows", help="manual windows in ring order, e.g. 10,10,10,10 (no solving)")
+    src.add_argument("--gpu-layers", help="manual GPU layers per window in ring order")
+    wl = p.add_argument_group("workload")
+    wl.add_argument("--ctx", type=int, default=None, help="context to reserve KV cache for (default: the plan's, else 1024)")
+    wl.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, prefilled for TTFT (default: %(default)s)")
+    wl.add_argument("--tokens", type=int, default=128, help="decode tokens after the first, for TPOT (default: %(default)s)")
+    wl.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)")
+    sm = p.add_argument_group("simulator")
+    sm.add_argument("--seed", type=int, default=0, help="root seed of every random stream (default: %(default)s)")
+    sm.add_argument("--jitter", type=float, default=0.0,
+                    help="log-normal sigma of noise on compute times and link latencies (default: 0 = none)")
+    sm.add_argument("--no-prefetch", action="store_true", help="devices do not advise the kernel to load their next window")
+    start = sm.add_mutually_exclusive_group()
+    start.add_argument("--warm", dest="warm", action="store_true", default=True,
+                       help="page cache as llama.cpp's mmap load leaves it (default; what the executor measures)")
+    start.add_argument("--cold", dest="warm", action="store_false", help="start with every weight on disk")
+    sm.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MiB,
+                    help="largest page-cache chunk of a layer, MiB (default: %(default)g)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", help="directory for tokens.csv, summary.json, trace.json, gantt.png, gantt_full.png")
+    out.add_argument("--no-gantt", action="store_true", help="skip the PNGs (faster)")
+    out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=run)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(flag, "", f"expected comma-separated integers like 10,10,10, got {text!r}") from None
+
+
+def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
+    try:
+        return Workload(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+    except ValueError as exc:
+        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """The simulator settings the flags describe (validated)."""
+    try:
+        return SimConfig(prefetch=not args.no_prefetch, warm=args.warm, chunk_bytes=int(args.chunk_mib * MiB),
+                         jitter=args.jitter, seed=args.seed)  # fmt: skip
+    except ValueError as exc:
+        raise InputError("--seed/--jitter/--chunk-mib", "", str(exc).replace('"', "")) from None
+
+
+def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Workload]:
+    """The plan, cluster, model and workload the flags describe.
+
+    Raises:
+        InputError: files or flags are invalid or inconsistent with the plan.
+        InfeasiblePlanError: planning found no assignment.
+    """
+    if args.plan:
+        if args.windows:
+            raise InputError("--windows", "", "give either --plan or --windows, not both")
+        plan = Plan.load(args.plan)
+        cluster = load_cluster_arg(args.cluster or plan.cluster_name)
+        model = load_model_arg(args.model or plan.model_id)
+        if plan.cluster_fingerprint and plan.cluster_fingerprint != cluster.fingerprint():
+            raise InputError(args.plan, "cluster_fingerprint", f"the plan was made for another version of cluster "
+                             f"{plan.cluster_name!r} (fingerprint {plan.cluster_fingerprint}, the cluster given has "
+                             f"{cluster.fingerprint()}): re-plan with 'prima-sim plan'")  # fmt: skip
+        if plan.model_fingerprint and plan.model_fingerprint != model_fingerprint(model):
+            raise InputError(args.plan, "model_fingerprint", f"the plan was made for another model than {model.id} "
+                             "(tensor tables differ): re-plan with 'prima-sim plan'")  # fmt: skip
+        if args.ctx is not None and args.ctx != plan.n_ctx:
+            raise InputError("--ctx", "", f"the plan reserves KV cache for {plan.n_ctx} tokens; omit --ctx or re-plan")
+        wl = _workload(args, plan.n_ctx)
+        return plan, cluster, model, wl
+    cluster = load_cluster_arg(args.cluster or DEFAULT_CLUSTER)
+    model = load_model_arg(args.model or DEFAULT_MODEL)
+    wl = _workload(args, args.ctx if args.ctx is not None else 1024)
+    if args.windows:
+        gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
+        plan = manual_plan(cluster, model, wl, _int_list(args.windows, "--windows"), gpu)
+    else:
+        if args.k is not None and args.k <= 0:
+            raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
+        plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
+    return plan, cluster, model, wl
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x * 1e3:.1f}"
+
+
+def print_report(res: SimResult, wall_s: float, paths: dict[str, Path] | None) -> None:
+    """Human-readable summary of a simulation."""
+    s = res.summary()
+    p = res.plan
+    print(f"simulated {p.scheduler} plan of {res.model_id} on {res.cluster_name}: k = {p.k}, windows "
+          f"{','.join(str(w) for w in p.windows)} (ring {', '.join(res.devices)})")  # fmt: skip
+    cfg = res.config
+    print(f"prompt {res.workload['prompt_tokens']} tokens, {res.workload['decode_tokens']} decode tokens, ctx "
+          f"{res.workload['n_ctx']}; prefetch {'on' if cfg['prefetch'] else 'off'}, {'warm' if cfg['warm'] else 'cold'}"
+          f" start, seed {cfg['seed']}, jitter {cfg['jitter']:g}")  # fmt: skip
+    hdr = (f"{'device':<14}{'compute':>9}{'disk':>9}{'recv':>9}{'send':>8}{'idle':>9}{'prefetch':>10}"
+           f"{'read MB':>9}{'pressure':>10}{'cache GiB':>11}")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    for name in res.devices:
+        d = s["per_device"].get(name, {})
+        st = res.device_stats[name]
+        print(f"{name:<14}{_ms(d.get('compute_s')):>9}{_ms(d.get('disk_wait_s')):>9}{_ms(d.get('recv_wait_s')):>9}"
+              f"{_ms(d.get('send_s')):>8}{_ms(d.get('idle_s')):>9}{_ms(d.get('prefetch_s')):>10}"
+              f"{d.get('disk_read_bytes', 0.0) / 1e6:>9.1f}{st['memory_pressure'] * 100:>9.1f}%"
+              f"{st['model_page_cache_peak_bytes'] / 2**30:>6.2f}/{st['page_cache_capacity_bytes'] / 2**30:<4.1f}")  # fmt: skip
+    print("(ms per decode token; read MB per decode token; pressure = pinned RAM / total RAM; cache = model pages peak/room)")
+    a = s["analytic"] or {}
+    print(f"TTFT {_ms(s['ttft_s'])} ms (analytic {_ms(a.get('ttft_s'))} ms); TPOT median {_ms(s['tpot_s'])} ms, mean "
+          f"{_ms(s['tpot_mean_s'])} ms, p90 {_ms(s['tpot_p90_s'])} ms (analytic {_ms(a.get('tpot_s'))} ms)")  # fmt: skip
+    a_t = a.get("tpot_s")
+    if a_t and s["tpot_s"] and abs(s["tpot_s"] / a_t - 1) > 0.02:
+        print("why the simulation differs from the cost model:")
+        for line in s["differences"]:
+            print(f"  - {line}")
+    print(f"{s['events']} events in {wall_s:.2f} s of wall time ({s['events'] / max(wall_s, 1e-9):,.0f} events/s)",
+          file=sys.stderr)
+    if paths:
+        print("wrote " + ", ".join(str(v) for v in paths.values()))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``prima-sim simulate``."""
+    cfg = config_from_args(args)
+    plan, cluster, model, wl = resolve(args)
+    t0 = time.perf_counter()
+    res = simulate(plan, cluster, model, wl, cfg)
+    wall = time.perf_counter() - t0
+    paths = res.write(args.out, gantt=not args.no_gantt) if args.out else None
+    if args.json:
+        obj = res.summary()
+        if paths:
+            obj["outputs"] = {k: str(v) for k, v in paths.items()}
+        print_json(obj)
+        return 0
+    print_report(res, wall, paths)
+    return 0

@@ -1,0 +1,1 @@
+"""Reports: timeline plots and predicted-versus-measured comparisons of runs."""

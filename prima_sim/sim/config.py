@@ -1,0 +1,96 @@
+"""Settings of one simulation run and the deterministic random streams of its components.
+
+A :class:`SimConfig` holds only what the simulator adds to the plan, the cluster, the model and the workload:
+whether devices prefetch, whether the page cache starts warm, how finely weights are cut into page-cache
+chunks, multiplicative jitter and the seed. Everything physical comes from the device profiles through the
+cost model (:mod:`prima_sim.halda.costmodel`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from prima_sim.units import MiB
+
+DEFAULT_CHUNK_BYTES = 32 * MiB
+"""Largest page-cache unit of layer weights. A layer's tensors are contiguous in the GGUF file, so a layer is
+one byte range cut into equal chunks of at most this size (a 70B Q4_K_M layer of 519 MiB -> 17 chunks). At
+32 MiB a chunk is under 1% of any cache the planner deals with (GiBs), so residency is exact to one chunk per
+window boundary, while a 70B token touches ~1,400 chunks instead of 130,000 4-KiB pages."""
+PAGE_BYTES = 4096
+"""The kernel's page size: small reads (an embedding row) are rounded out to whole pages."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to simulate (everything else comes from the plan, the profiles and the workload).
+
+    Attributes:
+        prefetch: after sending its activations a device advises the kernel to load its next window
+            (prima.cpp's ``--prefetch``); False = pages come in only by demand faults.
+        warm: the page cache starts as llama.cpp's mmap load leaves it (every device's weights read in load
+            order through its LRU cache, so the last-loaded bytes that fit stay resident); False = cold (all
+            weights on disk).
+        chunk_bytes: largest page-cache unit of a layer (see :data:`DEFAULT_CHUNK_BYTES`).
+        jitter: standard deviation of multiplicative log-normal noise on compute times and link latencies
+            (0 = deterministic physics; the mean factor is 1).
+        seed: root seed of every random stream.
+        readahead: Linux/Android page faults also queue an asynchronous read of the next chunk (the
+            kernel's sequential readahead); macOS and Windows never do.
+        record_spans: keep every span (needed for the per-token CSV's per-device columns, the trace and the
+            Gantt chart); sweeps turn it off and use only the steps' latencies.
+    """
+
+    prefetch: bool = True
+    warm: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    jitter: float = 0.0
+    seed: int = 0
+    readahead: bool = True
+    record_spans: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < PAGE_BYTES:
+            raise ValueError(f'"chunk_bytes" must be >= {PAGE_BYTES}, got {self.chunk_bytes}')
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f'"jitter" must be in [0, 1], got {self.jitter}')
+        if self.seed < 0:
+            raise ValueError(f'"seed" must be >= 0, got {self.seed}')
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary (for summaries)."""
+        return asdict(self)
+
+
+def component_rng(seed: int, component: str) -> np.random.Generator:
+    """The random stream of one named component (``"D1/cpu"``, ``"link D1->D2"``, ``"D1/sampler"``).
+
+    Every stream is a child of the root ``SeedSequence(seed)`` whose spawn key is the CRC-32 of the
+    component's name, so a component's stream depends only on the seed and its own name: adding a device or
+    a link never shifts the draws of the others.
+    """
+    key = zlib.crc32(component.encode("utf-8"))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(key,))))
+
+
+class Jitter:
+    """Multiplicative noise of one component: log-normal factors with mean 1 (none when ``sigma`` is 0)."""
+
+    __slots__ = ("_rng", "sigma")
+
+    def __init__(self, sigma: float, rng: np.random.Generator) -> None:
+        if sigma < 0:
+            raise ValueError(f'"sigma" must be >= 0, got {sigma}')
+        self.sigma = sigma
+        self._rng = rng
+
+    def factor(self) -> float:
+        """One factor (exactly 1.0 without jitter, so deterministic runs never touch the stream)."""
+        if self.sigma == 0.0:
+            return 1.0
+        s = self.sigma
+        return float(np.exp(s * self._rng.standard_normal() - 0.5 * s * s))

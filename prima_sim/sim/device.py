@@ -1,0 +1,441 @@
+"""One device of the ring: its compute units, page cache and disk, and the loop that runs its windows.
+
+A device waits for a hidden state, runs the window it is addressed to (and the next ones while they are its
+own), sends the result to the owner of the next window and then, as prima.cpp does right after
+``llama_send_tensors``, advises the kernel to load its *next own* window (``posix_madvise(WILLNEED)``,
+wrapping to the first window of the next token). Nothing is ever released explicitly: the prefetched
+chunks enter the page cache as most recently used and push out whatever is least recently used, which may
+be chunks the device needs before the prefetched ones (the prefetch-release conflict).
+
+While running a window, each chunk a layer touches is either resident (used, moved to the LRU's end) or
+faults: the compute thread stops, the disk reads the chunk (queued behind whatever the disk is already
+serving), and on Linux/Android the fault also queues the next chunk as readahead so the disk keeps reading
+while the thread computes.
+
+The head also embeds the input tokens (reading each new token's row of the embedding table), runs the
+output head after the last window, and samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import simpy
+
+from prima_sim.devices.profile import DeviceProfile
+from prima_sim.halda.costmodel import (
+    ACTIVATION_BYTES_PER_ELEMENT,
+    HEADER_BYTES,
+    DeviceCosts,
+    MemoryUse,
+)
+from prima_sim.metrics import SpanKind
+from prima_sim.plan import DeviceAssignment
+from prima_sim.sim.compute import ComputeUnit
+from prima_sim.sim.config import PAGE_BYTES, Jitter, component_rng
+from prima_sim.sim.disk import DONE, SERVING, Disk, Read
+from prima_sim.sim.layout import OUT, DeviceLayout, Work
+from prima_sim.sim.pagecache import PageCache
+
+if TYPE_CHECKING:
+    from prima_sim.sim.engine import Simulation
+
+Proc = Generator[simpy.Event, Any, None]
+DISK_WAIT, COMPUTE, HEAD, SEND = SpanKind.DISK_WAIT, SpanKind.COMPUTE, SpanKind.HEAD, SpanKind.SEND
+RECV_WAIT, PREFETCH, TRANSFER = SpanKind.RECV_WAIT, SpanKind.PREFETCH, SpanKind.TRANSFER
+
+
+class Message:
+    """A hidden state on its way to the owner of ``window``."""
+
+    __slots__ = ("n_kv", "n_tokens", "step", "window")
+
+    def __init__(self, step: int, window: int, n_tokens: int, n_kv: int) -> None:
+        self.step = step
+        self.window = window
+        self.n_tokens = n_tokens
+        self.n_kv = n_kv
+
+
+class _PrefetchBatch:
+    """The reads of one WILLNEED advice; its span lasts from the advice to the last read."""
+
+    __slots__ = ("device", "label", "left", "start", "token")
+
+    def __init__(self, device: SimDevice, token: int, label: str, start: float) -> None:
+        self.device = device
+        self.token = token
+        self.label = label
+        self.start = start
+        self.left = 0
+
+    def finish_one(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            d = self.device
+            d.sim.rec.add(d.name, PREFETCH, self.start, d.env.now, self.token, self.label)
+
+
+def cache_capacity(costs: DeviceCosts, use: MemoryUse) -> tuple[float, float]:
+    """(page-cache room for weights, extra room Android can make by swapping other apps out), in bytes.
+
+    The room is the cost model's RAM budget minus what the run pins: KV cache and compute buffers (on Metal
+    also the GPU's KV cache and buffers, which share the working set). Android's budget includes what it
+    would swap out of other apps; that part is made only when needed.
+    """
+    d = costs.device
+    if d.is_metal:
+        pinned = use.kv_cpu + use.kv_gpu + use.buffers_cpu + use.buffers_gpu
+        return max(0.0, costs.ram_budget_bytes - pinned), 0.0
+    if d.os == "android":
+        growth = float(min(d.swappable_bytes, d.swap_available_bytes))
+        base = d.ram_available_bytes - use.pinned_ram
+        if base < 0:  # the pinned memory itself already pushed apps out
+            growth = max(0.0, growth + base)
+            base = 0.0
+        return float(base), growth
+    return max(0.0, costs.ram_budget_bytes - use.pinned_ram), 0.0
+
+
+class SimDevice:
+    """A device of the ring in the simulation.
+
+    Args:
+        sim: the simulation it belongs to.
+        assignment: its windows.
+        profile: its device profile.
+        costs: its cost model.
+        use: its memory needs (cost model).
+        layout: its chunks and works.
+        is_head: whether it is the head.
+    """
+
+    def __init__(self, sim: Simulation, assignment: DeviceAssignment, profile: DeviceProfile, costs: DeviceCosts,
+                 use: MemoryUse, layout: DeviceLayout, is_head: bool) -> None:  # fmt: skip
+        self.sim = sim
+        self.env = sim.env
+        self.name = assignment.name
+        self.assignment = assignment
+        self.profile = profile
+        self.costs = costs
+        self.use = use
+        self.layout = layout
+        self.is_head = is_head
+        cfg = sim.cfg
+        cap, growth = cache_capacity(costs, use)
+        self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth)
+        self.swapped_at_start = max(0.0, use.pinned_ram - profile.ram_available_bytes) if profile.os == "android" else 0.0
+        self.disk = Disk(self.env, self.name, self._read_starts, self._read_done)
+        self.cpu = ComputeUnit(self.name, "cpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/cpu")))
+        self.gpu = (ComputeUnit(self.name, "gpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/gpu")))
+                    if profile.gpu is not None else None)  # fmt: skip
+        self.sampler = component_rng(cfg.seed, f"{self.name}/sampler")
+        self.fault_bps = costs.disk_bps  # sequential on Linux/Android, random on macOS/Windows (cost model)
+        self.prefetch_bps = self.fault_bps  # the same reads through the same mapping (see docs/sim.md)
+        self.readahead = cfg.readahead and profile.os in ("linux", "android") and not profile.is_metal
+        self._pending: dict[int, Read] = {}
+        self._ra_marks: set[int] = set()
+        self._box: deque[Message] = deque()
+        self._wake: simpy.Event | None = None
+        self._seen_rows: set[int] = set()
+        self.last_done = 0.0
+        self.faults = 0
+        self.fault_bytes = 0.0
+        self.prefetches = 0
+        if cfg.warm:
+            self.cache.fill(layout.load_order)
+        self._out_s: dict[int, tuple[float, float]] = {}
+        self.env.process(self._loop())
+
+    # --- the disk's callbacks ----------------------------------------------------------------------------------
+    def _read_starts(self, r: Read) -> bool:
+        return r.chunk < 0 or not self.cache.resident(r.chunk)
+
+    def _read_done(self, r: Read) -> None:
+        if r.chunk >= 0:
+            if self._pending.get(r.chunk) is r:
+                del self._pending[r.chunk]
+            if r.state == DONE and self.cache.insert(r.chunk, r.prefetch) and r.readahead:
+                self._ra_marks.add(r.chunk)
+        if r.state == DONE:
+            sim = self.sim
+            reads, key = sim.disk_read, (sim.step, self.name)
+            reads[key] = reads.get(key, 0.0) + r.nbytes
+        if r.batch is not None:
+            r.batch.finish_one()
+
+    # --- reads -------------------------------------------------------------------------------------------------
+    def _fault(self, chunk: int) -> Read:
+        """The read a touch of a missing chunk waits for (an in-flight one, or a new demand read)."""
+        r = self._pending.get(chunk)
+        if r is not None:
+            if r.state == SERVING or not r.prefetch:
+                return r
+            self._withdraw(r)  # queued prefetch: the fault reads it now
+        self.faults += 1
+        size = self.cache.size[chunk]
+        self.fault_bytes += size
+        r = Read(chunk, size, self.fault_bps)
+        self._pending[chunk] = r
+        return self.disk.submit(r)
+
+    def _withdraw(self, r: Read) -> None:
+        self.disk.cancel(r)
+        if self._pending.get(r.chunk) is r:
+            del self._pending[r.chunk]
+        if r.batch is not None:
+            r.batch.finish_one()
+            r.batch = None
+
+    def _readahead(self, chunk: int) -> None:
+        """Queue the chunk after ``chunk`` as asynchronous readahead (Linux's sequential readahead)."""
+        nxt = self.layout.next_chunk[chunk]
+        if nxt < 0 or self.cache.resident(nxt):
+            return
+        r = self._pending.get(nxt)
+        if r is not None:
+            if r.state == SERVING or not r.prefetch:
+                return
+            self._withdraw(r)
+        r = Read(nxt, self.cache.size[nxt], self.fault_bps, readahead=True)
+        self._pending[nxt] = r
+        self.disk.submit(r)
+
+    def prefetch(self, window: int, token: int) -> None:
+        """``posix_madvise(WILLNEED)`` over a window's chunks.
+
+        The kernel walks the range in order and skips pages that are cached *when it gets to them* (the call
+        submits reads as the device queue drains, so its walk is paced by the disk): every chunk not already
+        in flight is queued, and a chunk still resident when its turn comes is skipped without cost. A chunk
+        resident now may be evicted by the prefetch's own earlier reads before its turn, and is then read
+        again: with a window larger than the cache, the prefetch ends with the window's *last* bytes resident.
+        """
+        work = self.layout.works.get(window)
+        if work is None or not work.prefetch_chunks:
+            return
+        batch = _PrefetchBatch(self, token, f"w{window}", self.env.now)
+        cache, pending = self.cache, self._pending
+        if not cache.can_evict and all(cache.missing[g] == 0 for g in work.prefetch_groups):
+            return  # everything is resident and nothing can ever be evicted: the advice reads nothing
+        for c in work.prefetch_chunks:
+            if c in pending:
+                continue
+            r = Read(c, cache.size[c], self.prefetch_bps, prefetch=True, batch=batch)
+            pending[c] = r
+            batch.left += 1
+            self.disk.submit(r)
+        if batch.left:
+            self.prefetches += 1
+
+    # --- running work -----------------------------------------------------------------------------------------
+    def _run(self, work: Work, times: list[float], total: float, extra_s: float, token: int, label: str,
+             kind: SpanKind) -> Proc:  # fmt: skip
+        """Run a window (or the output head): ``times`` per slot, ``total`` for the whole, ``extra_s`` first."""
+        env, cache, disk, rec = self.env, self.cache, self.disk, self.sim.rec
+        name = self.name
+        t0 = env.now
+        pending = extra_s
+        if cache.missing[work.group] == 0 and (not disk.active or not cache.can_evict):
+            if cache.can_evict:
+                cache.touch_all(work.chunks)
+                if self._ra_marks:
+                    self._ra_marks.difference_update(work.chunks)
+            yield env.timeout(pending + total)
+            rec.add(name, kind, t0, env.now, token, label)
+            return
+        resident, touch = cache.resident, cache.touch
+        marks, inflight = self._ra_marks, self._pending
+        for chunk, slot, frac in zip(work.seg_chunk, work.seg_slot, work.seg_frac, strict=True):
+            dt = frac * (times[slot] if slot >= 0 else total)
+            if chunk < 0:
+                pending += dt
+                continue
+            if resident(chunk) and env.now + pending > disk.next_done_s:
+                # a read completes (and may evict) before this touch: let time reach the touch first
+                yield env.timeout(pending)
+                rec.add(name, kind, t0, env.now, token, label)
+                t0, pending = env.now, 0.0
+            if resident(chunk):
+                touch(chunk)
+                if chunk in marks:
+                    marks.discard(chunk)
+                    self._readahead(chunk)
+                pending += dt
+                continue
+            r = inflight.get(chunk)
+            t_touch = env.now + pending
+            if r is not None and r.state == SERVING and r.end_s >= t_touch:
+                # the chunk is being read and arrives after the compute before it ends: nothing else can
+                # happen on this device's disk meanwhile, so one wait covers both
+                if pending > 0:
+                    rec.add(name, kind, t0, t_touch, token, label)
+            else:
+                if pending > 0:
+                    yield env.timeout(pending)
+                    rec.add(name, kind, t0, env.now, token, label)
+                t_touch = env.now
+                r = self._fault(chunk)
+            pending = 0.0
+            if self.readahead:
+                self._readahead(chunk)
+            yield r.wait(env)
+            rec.add(name, DISK_WAIT, t_touch, env.now, token, label)
+            touch(chunk)
+            t0 = env.now
+            pending = dt
+        if pending > 0:
+            yield env.timeout(pending)
+            rec.add(name, kind, t0, env.now, token, label)
+
+    def run_window(self, j: int, msg: Message) -> Proc:
+        """Run window ``j`` for the message's batch (decode-call overhead, copies, layers)."""
+        work = self.layout.works[j]
+        cf = self.cpu.jitter.factor()
+        gf = self.gpu.jitter.factor() if self.gpu is not None else 1.0
+        n, n_kv = msg.n_tokens, msg.n_kv
+        cpu, gpu = self.cpu, self.gpu
+        times = []
+        for layer, on_gpu in work.slots:
+            if on_gpu:
+                times.append(gpu.layer_s(layer, n, n_kv) * gf)  # type: ignore[union-attr]
+            else:
+                times.append(cpu.layer_s(layer, n, n_kv) * cf)
+        total = sum(times)
+        extra = self.profile.decode_overhead_s
+        if work.gpu_copies and self.profile.gpu is not None and self.profile.gpu.host_link_bps > 0:
+            extra += 2 * ACTIVATION_BYTES_PER_ELEMENT * self.costs.model.arch.n_embd * n / self.profile.gpu.host_link_bps
+        extra *= cf
+        n_gpu = sum(1 for _, g in work.slots if g)
+        cpu.layers_run += len(work.slots) - n_gpu
+        cpu.busy_s += extra + sum(t for t, (_, g) in zip(times, work.slots, strict=True) if not g)
+        if gpu is not None and n_gpu:
+            gpu.layers_run += n_gpu
+            gpu.busy_s += sum(t for t, (_, g) in zip(times, work.slots, strict=True) if g)
+        yield from self._run(work, times, total, extra, msg.step, f"w{j}", COMPUTE)
+
+    def output_head(self, msg: Message) -> Proc:
+        """The output norm and head for the batch's last token (on the head's CPU)."""
+        key = msg.n_tokens
+        if key not in self._out_s:
+            full = self.costs.head_time(msg.n_tokens, 1).total_s
+            out = self.costs.head_time(0, 1).total_s
+            self._out_s[key] = (out, full - out)
+        t = self._out_s[key][0] * self.cpu.jitter.factor()
+        self.cpu.busy_s += t
+        yield from self._run(self.layout.works[OUT], [], t, 0.0, msg.step, "output head", HEAD)
+
+    def embed(self, token_ids: list[int], step: int) -> Proc:
+        """Look up the input embedding of ``token_ids``: read new rows from the mapped table, then copy them."""
+        env, lay, cache = self.env, self.layout, self.cache
+        emb = self.costs.model.tensor("token_embd.weight")
+        row = emb.n_bytes / emb.shape[-1] if emb is not None else 0.0
+        nbytes = 0
+        out = lay.works.get(OUT)
+        for tok in token_ids:
+            if row <= 0:
+                break
+            if lay.emb_row_chunk_offset is not None and out is not None:
+                c = lay.chunk_at(out.chunks, int(lay.emb_row_chunk_offset + tok * row))
+                if c >= 0 and cache.resident(c):
+                    continue  # the tied table is the resident output head
+            if tok in self._seen_rows:
+                continue
+            self._seen_rows.add(tok)
+            off = int(tok * row)
+            first, last = off // PAGE_BYTES, (off + max(1, int(row)) - 1) // PAGE_BYTES
+            nbytes += (last - first + 1) * PAGE_BYTES
+        if nbytes:
+            t0 = env.now
+            r = self.disk.submit(Read(-1, nbytes, self.fault_bps))
+            yield r.wait(env)
+            self.sim.rec.add(self.name, DISK_WAIT, t0, env.now, step, "embed")
+        n = len(token_ids)
+        if n not in self._out_s:
+            full = self.costs.head_time(n, 1).total_s
+            out_s = self.costs.head_time(0, 1).total_s
+            self._out_s[n] = (out_s, full - out_s)
+        t = self._out_s[n][1] * self.cpu.jitter.factor()
+        self.cpu.busy_s += t
+        t0 = env.now
+        yield env.timeout(t)
+        self.sim.rec.add(self.name, HEAD, t0, env.now, step, "embed")
+
+    def sample(self, step: int) -> Generator[simpy.Event, Any, int]:
+        """Pick the next token from the last logits (one pass over ``n_vocab`` floats); returns its id."""
+        m = self.costs.model
+        t = m.arch.n_vocab * 4 / self.profile.memory_bandwidth_bps * self.cpu.jitter.factor()
+        t0 = self.env.now
+        yield self.env.timeout(t)
+        self.sim.rec.add(self.name, HEAD, t0, self.env.now, step, "sample")
+        return int(self.sampler.integers(0, m.arch.n_vocab))
+
+    # --- the ring ---------------------------------------------------------------------------------------------
+    def deliver(self, msg: Message) -> None:
+        """A hidden state arrives."""
+        self._box.append(msg)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def send(self, dest: str, msg: Message) -> Proc:
+        """Send a hidden state to ``dest`` (the SEND span lasts until its last byte is on the link)."""
+        sim, env = self.sim, self.env
+        nbytes = ACTIVATION_BYTES_PER_ELEMENT * self.costs.model.arch.n_embd * msg.n_tokens + HEADER_BYTES
+        t0 = env.now
+        target = sim.devices[dest]
+        link_lane = f"{self.name}->{dest}"
+
+        def arrive(_sent: float) -> None:
+            sim.rec.add(link_lane, TRANSFER, t0, env.now, msg.step, f"w{msg.window}")
+            target.deliver(msg)
+
+        yield from sim.net.send(self.name, dest, nbytes, arrive)
+        sim.rec.add(self.name, SEND, t0, env.now, msg.step, f"to {dest}")
+
+    def _loop(self) -> Proc:
+        env = self.env
+        while True:
+            if not self._box:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                continue
+            yield from self._handle(self._box.popleft())
+
+    def _handle(self, msg: Message) -> Proc:
+        sim, env = self.sim, self.env
+        since = max(self.last_done, sim.step_start)
+        if env.now > since:
+            sim.rec.add(self.name, RECV_WAIT, since, env.now, msg.step)
+        j = msg.window
+        while True:
+            if j == sim.n_windows:
+                yield from self.output_head(msg)
+                self.last_done = env.now
+                sim.batch_done()
+                return
+            yield from self.run_window(j, msg)
+            dest = sim.owner(j + 1)
+            if dest == self.name:  # consecutive windows here: no hop
+                j += 1
+                continue
+            out = Message(msg.step, j + 1, msg.n_tokens, msg.n_kv)
+            yield from self.send(dest, out)
+            if sim.cfg.prefetch:
+                nxt = sim.next_own_window(self.name, j)
+                if nxt is not None:
+                    self.prefetch(nxt, msg.step)
+            self.last_done = env.now
+            return
+
+    # --- accounting -------------------------------------------------------------------------------------------
+    @property
+    def pinned_ram_bytes(self) -> float:
+        """Memory the run pins in this device's RAM (KV cache, compute buffers; GPU ones too with unified memory)."""
+        u = self.use
+        pinned = u.pinned_ram
+        if self.profile.is_metal or (self.profile.unified_memory and self.profile.gpu is not None):
+            pinned += u.kv_gpu + u.buffers_gpu
+        return pinned
+

@@ -1,0 +1,158 @@
+"""The disk of one device: one queue of reads, served one at a time at the read's bandwidth.
+
+Two kinds of reads share it, and therefore compete:
+
+* **demand** reads: a page fault of the compute thread (it waits) and the kernel's sequential readahead that
+  a fault triggers (nobody waits yet, the thread will need it next);
+* **prefetch** reads: ``posix_madvise(WILLNEED)`` issued after a device sends its activations; the kernel
+  queues the whole range and reads it in the background.
+
+Demand reads are served before queued prefetch reads (the block layer favours synchronous reads over
+asynchronous ones), but a read in service is never interrupted. Within a kind, reads are first come, first
+served. A read is a whole chunk (or a few pages); its time is ``bytes / bandwidth`` at the bandwidth its
+device gives it (the cost model's page-fault bandwidth: sequential on Linux/Android, random on macOS).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import simpy
+
+QUEUED, SERVING, DONE, CANCELLED = 0, 1, 2, 3
+
+
+class Read:
+    """One read request on a :class:`Disk`.
+
+    Attributes:
+        chunk: page-cache chunk it brings in (-1: a small read that is not cached, e.g. an embedding row).
+        nbytes: bytes to read.
+        bps: bandwidth it is served at.
+        prefetch: True for a WILLNEED prefetch (low priority), False for a fault or readahead.
+        readahead: brought in by readahead (the next touch triggers the next readahead).
+        state: QUEUED, SERVING, DONE or CANCELLED.
+        end_s: when its service ends (set when it starts).
+    """
+
+    __slots__ = ("batch", "bps", "chunk", "done", "end_ev", "end_s", "nbytes", "prefetch", "readahead", "state")
+
+    def __init__(self, chunk: int, nbytes: float, bps: float, prefetch: bool = False, readahead: bool = False,
+                 batch: object = None) -> None:  # fmt: skip
+        if nbytes < 0 or bps <= 0:
+            raise ValueError(f'"nbytes" must be >= 0 and "bps" > 0, got {nbytes} and {bps}')
+        self.chunk = chunk
+        self.nbytes = nbytes
+        self.bps = bps
+        self.prefetch = prefetch
+        self.readahead = readahead
+        self.batch = batch
+        self.state = QUEUED
+        self.done: simpy.Event | None = None
+        self.end_ev: simpy.Event | None = None
+        self.end_s = 0.0
+
+    def wait(self, env: simpy.Environment) -> simpy.Event:
+        """An event that fires when the read has finished (or at once if it already has).
+
+        For a read in service it is the disk's own timer: the disk registered first, so the chunk is in the
+        page cache before any waiter resumes (one event less per fault).
+        """
+        if self.state == SERVING and self.end_ev is not None:
+            return self.end_ev
+        if self.done is None:
+            self.done = env.event()
+            if self.state in (DONE, CANCELLED):
+                self.done.succeed()
+        return self.done
+
+
+class Disk:
+    """A device's storage, serving :class:`Read` requests one at a time.
+
+    Args:
+        env: the simulation environment.
+        name: device name.
+        on_start: called when a read is about to be served; returns False to skip it without cost (the chunk
+            became resident meanwhile: readahead skips cached pages).
+        on_done: called when a read has finished (puts the chunk in the page cache).
+    """
+
+    def __init__(self, env: simpy.Environment, name: str, on_start: Callable[[Read], bool],
+                 on_done: Callable[[Read], None]) -> None:  # fmt: skip
+        self.env = env
+        self.name = name
+        self._on_start = on_start
+        self._on_done = on_done
+        self._demand: deque[Read] = deque()
+        self._prefetch: deque[Read] = deque()
+        self._wake: simpy.Event | None = None
+        self.serving: Read | None = None
+        self.busy_s = 0.0
+        self.bytes_read = 0.0
+        self.prefetch_bytes = 0.0
+        self.reads = 0
+        env.process(self._serve())
+
+    @property
+    def active(self) -> bool:
+        """Whether a read is in service or queued."""
+        return self.serving is not None or bool(self._demand) or bool(self._prefetch)
+
+    @property
+    def next_done_s(self) -> float:
+        """When the read in service finishes (infinity when idle)."""
+        return self.serving.end_s if self.serving is not None else float("inf")
+
+    def submit(self, read: Read) -> Read:
+        """Queue a read (demand reads ahead of prefetch reads)."""
+        (self._prefetch if read.prefetch else self._demand).append(read)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+        return read
+
+    def cancel(self, read: Read) -> None:
+        """Withdraw a queued read (it will be skipped); a read in service cannot be cancelled."""
+        if read.state == QUEUED:
+            read.state = CANCELLED
+            if read.done is not None and not read.done.triggered:
+                read.done.succeed()
+
+    def _serve(self):  # type: ignore[no-untyped-def]
+        env = self.env
+        demand, prefetch = self._demand, self._prefetch
+        while True:
+            if demand:
+                r = demand.popleft()
+            elif prefetch:
+                r = prefetch.popleft()
+            else:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                continue
+            if r.state == CANCELLED:
+                continue
+            if not self._on_start(r):
+                r.state = CANCELLED
+                if r.done is not None and not r.done.triggered:
+                    r.done.succeed()
+                self._on_done(r)
+                continue
+            dt = r.nbytes / r.bps
+            r.state = SERVING
+            r.end_s = env.now + dt
+            self.serving = r
+            r.end_ev = env.timeout(dt)
+            yield r.end_ev
+            self.serving = None
+            self.busy_s += dt
+            self.bytes_read += r.nbytes
+            self.reads += 1
+            if r.prefetch:
+                self.prefetch_bytes += r.nbytes
+            r.state = DONE
+            self._on_done(r)
+            if r.done is not None and not r.done.triggered:
+                r.done.succeed()

@@ -1,0 +1,228 @@
+"""The simulation of one plan: builds the devices, the network and the head's token loop, and runs them.
+
+The head drives the run as the executor's head does: for every step (the prompt's prefill in micro-batches
+of ``n_ubatch`` tokens, then one step per decode token) it embeds the batch, sends it to the owner of the
+first window, waits until the output head has run on the last token, and samples. One batch is in flight at
+a time (prima.cpp's piped ring pipelines disk and compute across devices, never tokens). The KV cache grows
+with the context: a decode step at position ``P + s - 1`` attends to ``P + s`` cached tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+from simpy.core import NORMAL
+
+from prima_sim.devices.cluster import Cluster
+from prima_sim.devices.model import ModelProfile
+from prima_sim.errors import InfeasiblePlanError, InputError
+from prima_sim.halda.costmodel import DeviceCosts, Workload, check_memory, memory_use
+from prima_sim.plan import Plan, Prediction
+from prima_sim.sim.config import SimConfig
+from prima_sim.sim.device import Message, SimDevice
+from prima_sim.sim.layout import build_layout
+from prima_sim.sim.network import Network
+from prima_sim.sim.recorder import SpanRecorder
+from prima_sim.sim.result import SimResult
+
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that can say how many events it has scheduled (the benchmark's events per second).
+
+    SimPy numbers every scheduled event from one counter (``Environment._eid``, used to break ties in its
+    queue); reading it costs nothing during the run. Where a SimPy version lacks it, scheduling is counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counted = 0
+        if not hasattr(self, "_eid"):
+            self.schedule = self._counting_schedule  # type: ignore[method-assign]
+
+    def _counting_schedule(self, event: simpy.Event, priority: int = NORMAL, delay: float = 0) -> None:
+        self._counted += 1
+        simpy.Environment.schedule(self, event, priority, delay)
+
+    @property
+    def n_events(self) -> int:
+        """Events scheduled so far."""
+        eid = getattr(self, "_eid", None)
+        if eid is None:
+            return self._counted
+        n = next(eid)  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
+        return n
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the run: the prefill (index 0) or one decode token.
+
+    Attributes:
+        index: 0 for the prefill, s for the s-th decode token.
+        phase: "prefill" or "decode".
+        batches: (tokens, cached tokens attended to after it) of each micro-batch.
+    """
+
+    index: int
+    phase: str
+    batches: tuple[tuple[int, int], ...]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens processed in the step."""
+        return sum(n for n, _ in self.batches)
+
+
+def steps_for(workload: Workload) -> list[Step]:
+    """The prefill in micro-batches, then one step per decode token (KV cache growing by one each)."""
+    p, u = workload.prompt_tokens, workload.n_ubatch
+    batches, done = [], 0
+    while done < p:
+        n = min(u, p - done)
+        batches.append((n, done + n))
+        done += n
+    out = [Step(0, "prefill", tuple(batches))]
+    out += [Step(s, "decode", ((1, p + s),)) for s in range(1, workload.decode_tokens + 1)]
+    return out
+
+
+class Simulation:
+    """A plan running on a cluster, as a discrete-event model.
+
+    Args:
+        plan: which device runs which layers (ring order, head first).
+        cluster: the devices' profiles and the network.
+        model: the model's profile.
+        workload: prompt length, decode tokens, context (must be the plan's ``n_ctx``), micro-batch.
+        config: simulator settings.
+        analytic: the cost model's prediction of this plan for this workload, if already at hand (the
+            planner attaches it); otherwise it is computed for the summary.
+
+    Raises:
+        InputError: the plan does not match the cluster, the model or the workload.
+        InfeasiblePlanError: pinned memory (KV cache, buffers) or VRAM does not fit on some device.
+    """
+
+    def __init__(self, plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
+                 config: SimConfig | None = None, analytic: Prediction | None = None) -> None:  # fmt: skip
+        self.cfg = config or SimConfig()
+        self.analytic = analytic
+        _check_inputs(plan, cluster, model, workload)
+        problems = check_memory(plan, cluster, model, workload)
+        if problems:
+            raise InfeasiblePlanError("the plan cannot run: " + "; ".join(problems))
+        self.plan, self.cluster, self.model, self.workload = plan, cluster, model, workload
+        self.env = CountingEnvironment()
+        self.rec = SpanRecorder(self.cfg.record_spans)
+        self.net = Network(self.env, cluster, self.cfg.seed, self.cfg.jitter)
+        self.order = plan.execution_order()
+        self.n_windows = len(self.order)
+        self._owners = [name for name, _ in self.order] + [plan.head]
+        self._own: dict[str, list[int]] = {d.name: [] for d in plan.devices}
+        for j, (name, _) in enumerate(self.order):
+            self._own[name].append(j)
+        self.step = 0
+        self.step_start = 0.0
+        self.disk_read: dict[tuple[int, str], float] = {}
+        self.steps: list[tuple[int, str, int, float, float]] = []
+        self._batch_done: simpy.Event | None = None
+        self.devices: dict[str, SimDevice] = {}
+        for a in plan.devices:
+            profile = cluster.device(a.name)
+            costs = DeviceCosts(profile, model, workload)
+            is_head = a.name == plan.head
+            use = memory_use(costs, a, is_head)
+            index = {rng: j for j, (nm, rng) in enumerate(self.order) if nm == a.name}
+            layout = build_layout(a, profile, model, index, is_head, self.cfg.chunk_bytes)
+            self.devices[a.name] = SimDevice(self, a, profile, costs, use, layout, is_head)
+        self.head = self.devices[plan.head]
+
+    # --- routing (the executor's Route) ------------------------------------------------------------------------
+    def owner(self, window: int) -> str:
+        """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
+        return self._owners[window]
+
+    def next_own_window(self, device: str, after: int) -> int | None:
+        """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
+        mine = self._own[device]
+        if not mine:
+            return None
+        for j in mine:
+            if j > after:
+                return j
+        return mine[0]
+
+    # --- callbacks from the devices ------------------------------------------------------------------------------
+    def count_disk_read(self, device: str, nbytes: float) -> None:
+        """Attribute ``nbytes`` read by ``device`` to the step in progress (or the last one)."""
+        key = (self.step, device)
+        self.disk_read[key] = self.disk_read.get(key, 0.0) + nbytes
+
+    def batch_done(self) -> None:
+        """The output head has run on the batch's last token."""
+        if self._batch_done is not None and not self._batch_done.triggered:
+            self._batch_done.succeed()
+
+    # --- the head's token loop ------------------------------------------------------------------------------
+    def _driver(self) -> Generator[simpy.Event, Any, None]:
+        env, head, cfg = self.env, self.head, self.cfg
+        prompt = [int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, self.workload.prompt_tokens)]
+        next_token = 0
+        for st in steps_for(self.workload):
+            self.step, self.step_start = st.index, env.now
+            ids = prompt if st.phase == "prefill" else [next_token]
+            done = 0
+            for n, n_kv in st.batches:
+                yield from head.embed(ids[done:done + n], st.index)
+                done += n
+                msg = Message(st.index, 0, n, n_kv)
+                self._batch_done = env.event()
+                first = self.owner(0)
+                if first == head.name:
+                    head.last_done = env.now
+                    head.deliver(msg)
+                else:
+                    yield from head.send(first, msg)
+                    if cfg.prefetch:
+                        nxt = self.next_own_window(head.name, -1)
+                        if nxt is not None:
+                            head.prefetch(nxt, st.index)
+                    head.last_done = env.now
+                yield self._batch_done
+            self.steps.append((st.index, st.phase, st.n_tokens, self.step_start, env.now))
+            next_token = yield from head.sample(st.index)
+
+    def run(self) -> SimResult:
+        """Run every step and return what happened."""
+        proc = self.env.process(self._driver())
+        self.env.run(until=proc)
+        return SimResult.collect(self)
+
+
+def _check_inputs(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> None:
+    if plan.n_layers != model.arch.n_layer:
+        raise InputError("plan", "n_layers", f"the plan covers {plan.n_layers} layers but model {model.id} has "
+                         f"{model.arch.n_layer}: plan it for this model")  # fmt: skip
+    names = {d.name for d in cluster.devices}
+    missing = [d.name for d in plan.devices if d.name not in names]
+    if missing:
+        raise InputError("plan", "devices", f"devices {missing} are not in cluster {cluster.name} "
+                         f"(it has {sorted(names)}): plan it for this cluster")  # fmt: skip
+    if workload.n_ctx != plan.n_ctx:
+        raise InputError("plan", "n_ctx", f"the plan reserves KV cache for {plan.n_ctx} tokens but the workload asks "
+                         f"for a context of {workload.n_ctx}: use the plan's n_ctx")  # fmt: skip
+
+
+def simulate(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
+             config: SimConfig | None = None, analytic: Prediction | None = None) -> SimResult:  # fmt: skip
+    """Simulate ``plan`` for ``workload`` and return spans, per-token rows and a summary.
+
+    Raises:
+        InputError: the plan does not match the cluster, the model or the workload.
+        InfeasiblePlanError: the plan's pinned memory or VRAM does not fit.
+    """
+    return Simulation(plan, cluster, model, workload, config, analytic).run()
+

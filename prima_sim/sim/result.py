@@ -1,0 +1,262 @@
+"""What a simulation produced: spans, steps, per-token rows, a summary, and the files written from them.
+
+Outputs (``prima-sim simulate --out DIR``), all deterministic for the same inputs and seed:
+
+* ``tokens.csv`` - one row per (step, device) with :data:`prima_sim.metrics.TOKEN_COLUMNS`;
+* ``summary.json`` - TTFT, TPOT statistics, per-device means, memory pressure and page-cache occupancy,
+  disk and network counters, and the cost model's prediction of the same plan for comparison;
+* ``trace.json`` - Chrome/Perfetto trace: one thread per device, then one per link;
+* ``gantt.png`` (first decode tokens) and ``gantt_full.png`` (the whole run).
+
+Definitions are in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prima_sim.halda.costmodel import disk_bytes_per_step, predict
+from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
+from prima_sim.plan import Plan, Prediction
+from prima_sim.schema import atomic_write_text
+
+if TYPE_CHECKING:
+    from prima_sim.sim.engine import Simulation
+
+SUMMARY_SCHEMA = "prima-sim.simulation/1"
+
+
+def clean_json(obj: Any) -> Any:
+    """NaN and infinities become None (strict JSON); tuples become lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+@dataclass
+class SimResult:
+    """The outcome of one simulation.
+
+    Attributes:
+        plan: the simulated plan.
+        cluster_name, model_id: what it ran on.
+        workload: prompt, decode tokens, context and micro-batch (a dict).
+        config: simulator settings (a dict).
+        devices: device names in ring order (head first).
+        spans: every span, ordered by start time.
+        steps: (token, phase, batch_tokens, t_start_s, t_end_s) of every step.
+        disk_read: bytes read per (step, device).
+        device_stats: per-device memory, disk and compute counters.
+        network: per-link and per-medium counters.
+        events: SimPy events scheduled.
+        analytic: the cost model's prediction of the same plan and workload.
+    """
+
+    plan: Plan
+    cluster_name: str
+    model_id: str
+    workload: dict[str, int]
+    config: dict[str, Any]
+    devices: list[str]
+    spans: list[Span]
+    steps: list[tuple[int, str, int, float, float]]
+    disk_read: dict[tuple[int, str], float]
+    device_stats: dict[str, dict[str, float]]
+    network: dict[str, Any]
+    events: int
+    analytic: Prediction | None = None
+    lanes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, sim: Simulation) -> SimResult:
+        """Gather the results of a finished :class:`~prima_sim.sim.engine.Simulation`."""
+        wl = sim.workload
+        n_dec = max(1, wl.decode_tokens)
+        stats: dict[str, dict[str, float]] = {}
+        for name, d in sim.devices.items():
+            c, disk, p = d.cache, d.disk, d.profile
+            dec_bytes = sum(v for (tok, dev), v in sim.disk_read.items() if dev == name and tok >= 1)
+            analytic_disk = disk_bytes_per_step(d.costs, d.use)
+            if d.is_head:
+                analytic_disk += sim.model.embedding_row_bytes
+            stats[name] = {
+                "ram_total_bytes": float(p.ram_total_bytes),
+                "ram_available_bytes": float(p.ram_available_bytes),
+                "pinned_ram_bytes": d.pinned_ram_bytes,
+                "memory_pressure": d.pinned_ram_bytes / p.ram_total_bytes if p.ram_total_bytes else 0.0,
+                "swapped_out_bytes": d.swapped_at_start + c.swapped_out_bytes,
+                "mapped_weight_bytes": c.mapped_bytes,
+                "vram_weight_bytes": float(d.use.weights_gpu) if not p.is_metal else 0.0,
+                "page_cache_capacity_bytes": c.capacity,
+                "model_page_cache_peak_bytes": c.peak_used,
+                "model_page_cache_end_bytes": c.used,
+                "evictions": float(c.evictions),
+                "evicted_bytes": c.evicted_bytes,
+                "disk_read_bytes": disk.bytes_read,
+                "disk_prefetch_bytes": disk.prefetch_bytes,
+                "disk_busy_s": disk.busy_s,
+                "disk_read_bps": d.fault_bps,
+                "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+                "page_faults": float(d.faults),
+                "sim_disk_bytes_per_decode_token": dec_bytes / n_dec if wl.decode_tokens else math.nan,
+                "analytic_disk_bytes_per_token": analytic_disk,
+                "cpu_busy_s": d.cpu.busy_s,
+                "gpu_busy_s": d.gpu.busy_s if d.gpu is not None else 0.0,
+            }
+        links = {f"{lk.a}<->{lk.b}": {"messages": lk.messages, "bytes": lk.bytes_sent,
+                                       "medium": lk.medium.name if lk.medium else None} for lk in sim.net.links}  # fmt: skip
+        media = {m.name: {"bytes": m.bytes_sent, "max_concurrent_transfers": m.max_concurrent}
+                 for m in sim.net.media.values()}  # fmt: skip
+        spans = sim.rec.spans()
+        lanes = sorted({s.device for s in spans} - set(sim.devices))
+        return cls(
+            plan=sim.plan, cluster_name=sim.cluster.name, model_id=sim.model.id,
+            workload={"n_ctx": wl.n_ctx, "prompt_tokens": wl.prompt_tokens, "decode_tokens": wl.decode_tokens,
+                      "n_ubatch": wl.n_ubatch},
+            config=sim.cfg.to_dict(), devices=list(sim.devices), spans=spans, steps=list(sim.steps),
+            disk_read=dict(sim.disk_read), device_stats=stats, network={"links": links, "media": media},
+            events=sim.env.n_events, lanes=lanes,
+            analytic=sim.analytic if sim.analytic is not None else predict(sim.plan, sim.cluster, sim.model, wl),
+        )  # fmt: skip
+
+    # --- views ---------------------------------------------------------------------------------------------------
+    @cached_property
+    def rows(self) -> list[TokenRow]:
+        """Per-(step, device) rows (:data:`prima_sim.metrics.TOKEN_COLUMNS`)."""
+        return rows_from_spans(self.spans, self.steps, self.devices, self.disk_read)
+
+    @cached_property
+    def stats(self) -> dict[str, Any]:
+        """:func:`prima_sim.metrics.summarize` of the rows."""
+        return summarize(self.rows)
+
+    @property
+    def tpot_s(self) -> float:
+        """Median time per output token over the decode steps (as :func:`prima_sim.metrics.summarize`)."""
+        dec = [t1 - t0 for _, phase, _, t0, t1 in self.steps if phase == "decode"]
+        return statistics.median(dec) if dec else math.nan
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: the prefill step's latency (as :func:`prima_sim.metrics.summarize`)."""
+        pre = [t1 - t0 for _, phase, _, t0, t1 in self.steps if phase == "prefill"]
+        return sum(pre) if pre else math.nan
+
+    @property
+    def memory_pressure(self) -> dict[str, float]:
+        """Per device: the run's pinned RAM over total RAM (docs/metrics.md)."""
+        return {n: s["memory_pressure"] for n, s in self.device_stats.items()}
+
+    @property
+    def sim_time_s(self) -> float:
+        """Simulated time at the end of the last step."""
+        return self.steps[-1][4] if self.steps else 0.0
+
+    def differences(self) -> list[str]:
+        """Why the simulated TPOT differs from the cost model's, device by device (docs/sim.md)."""
+        out: list[str] = []
+        per = self.stats["per_device"]
+        for name in self.devices:
+            st = self.device_stats[name]
+            sim_b = st["sim_disk_bytes_per_decode_token"]
+            ana_b = st["analytic_disk_bytes_per_token"]
+            if not math.isfinite(sim_b):
+                continue
+            gb = 1e9
+            if sim_b > 1.05 * ana_b + 1e6:
+                out.append(
+                    f"{name}: reads {sim_b / gb:.2f} GB per decode token where the cost model re-reads "
+                    f"{ana_b / gb:.2f} GB: {st['mapped_weight_bytes'] / gb:.2f} GB of weights for "
+                    f"{st['page_cache_capacity_bytes'] / gb:.2f} GB of page cache, and an LRU cache under the ring's "
+                    "cyclic access evicts each chunk before its next use, so whole windows are re-read"
+                    + (" (prefetched bytes included)" if st["disk_prefetch_bytes"] > 0 else "")
+                )
+            elif sim_b < 0.95 * ana_b - 1e6:
+                out.append(f"{name}: reads {sim_b / gb:.2f} GB per decode token, less than the cost model's "
+                           f"{ana_b / gb:.2f} GB (part of the overflow stays resident)")  # fmt: skip
+            n_tok = self.workload["decode_tokens"] + 1
+            wasted = st["wasted_prefetch_bytes"] / n_tok
+            if wasted > 1e6:
+                out.append(f"{name}: {wasted / gb:.2f} GB per token of prefetched weights are evicted before use (the "
+                           "prefetch-release conflict: the window does not fit beside what the device still needs)")  # fmt: skip
+            read_s = sim_b / st["disk_read_bps"]
+            wait_s = per.get(name, {}).get("disk_wait_s", 0.0)
+            useful_s = max(0.0, sim_b - wasted) / st["disk_read_bps"]
+            if sim_b > 1e6 and wait_s < 0.9 * useful_s:
+                out.append(f"{name}: its disk reads {read_s * 1e3:.0f} ms per token but the device waits only "
+                           f"{wait_s * 1e3:.0f} ms: the rest overlaps other devices' work (prefetch) or its own compute "
+                           "(readahead)")  # fmt: skip
+        if not out:
+            out.append("every device holds its weights: the simulated step is the cost model's sum (remaining "
+                       "differences: each token's real KV context, page-rounded embedding rows)")  # fmt: skip
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The ``summary.json`` object (also what ``simulate --json`` prints)."""
+        s = self.stats
+        p = self.plan
+        tpot = s["tpot_s"]
+        return {
+            "schema": SUMMARY_SCHEMA,
+            "model": self.model_id,
+            "cluster": self.cluster_name,
+            "scheduler": p.scheduler,
+            "k": p.k,
+            "ring": list(self.devices),
+            "windows": list(p.windows),
+            "gpu_layers": [d.gpu_layers for d in p.devices],
+            "plan_fingerprint": p.fingerprint(),
+            "workload": dict(self.workload),
+            "config": dict(self.config),
+            "ttft_s": s["ttft_s"],
+            "tpot_s": tpot,
+            "tpot_mean_s": s["tpot_mean_s"],
+            "tpot_p90_s": s["tpot_p90_s"],
+            "tpot_min_s": s["tpot_min_s"],
+            "tpot_max_s": s["tpot_max_s"],
+            "n_decode": s["n_decode"],
+            "tokens_per_s": 1.0 / tpot if tpot and tpot > 0 else None,
+            "analytic": {"tpot_s": self.analytic.tpot_s, "ttft_s": self.analytic.ttft_s} if self.analytic else None,
+            "differences": self.differences() if self.spans else [],
+            "per_device": s["per_device"],
+            "memory_pressure": self.memory_pressure,
+            "devices": self.device_stats,
+            "network": self.network,
+            "sim_time_s": self.sim_time_s,
+            "events": self.events,
+        }
+
+    # --- files ---------------------------------------------------------------------------------------------------
+    def write(self, out_dir: str | Path, gantt: bool = True) -> dict[str, Path]:
+        """Write tokens.csv, summary.json, trace.json and (with ``gantt``) the Gantt PNGs into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "tokens": write_token_csv(self.rows, out / "tokens.csv"),
+            "summary": atomic_write_text(out / "summary.json", json.dumps(clean_json(self.summary()), indent=2) + "\n"),
+            "trace": write_chrome_trace(self.spans, [*self.devices, *self.lanes], out / "trace.json"),
+        }
+        if gantt:
+            from prima_sim.reports.plots import gantt as draw
+
+            title = f"{self.plan.scheduler} plan of {self.model_id} on {self.cluster_name} (simulated)"
+            decode = [st for st in self.steps if st[1] == "decode"]
+            if decode:
+                last = decode[min(2, len(decode) - 1)]
+                t_range = (decode[0][3], last[4])
+                paths["gantt"] = draw(self.spans, self.devices, out / "gantt.png",
+                                      f"{title}: decode tokens {decode[0][0]}-{last[0]}", t_range=t_range)  # fmt: skip
+            else:
+                paths["gantt"] = draw(self.spans, self.devices, out / "gantt.png", f"{title}: prefill")
+            paths["gantt_full"] = draw(self.spans, self.devices, out / "gantt_full.png", f"{title}: whole run")
+        return paths
