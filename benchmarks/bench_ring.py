@@ -1,0 +1,232 @@
+"""TPOT of a loopback ring of llama.cpp workers against one llama.cpp process, measured side by side.
+
+Usage::
+
+    python benchmarks/bench_ring.py                        # 1B-shape Q4_0 model (generated once), 4 devices
+    python benchmarks/bench_ring.py --model m.gguf --devices 4 --k 2 --tokens 64 --rounds 3
+    python benchmarks/bench_ring.py --omp-wait-policy default --threads 2
+
+Side by side in one run: this process is the ring's head (its workers are separate ``prima-sim worker``
+processes, spawned as ``run --local`` does) and also holds the whole model in one llama.cpp context; both
+decode greedily, token by token in alternation (ring, single, single, ring, ...), so both see the same load
+of a shared machine. TPOT is the median over decode tokens; the reported ratio is the median over rounds of
+``ring TPOT / single TPOT``. From the ring's spans it also reports the per-hop cost (from the end of one
+window's compute to the start of the next window's compute on the next device: serialisation, ZeroMQ over
+loopback, wake-up, parsing) and where the rest of the difference goes (the windows' compute against the
+whole model, head work, bookkeeping). Every process runs with the same threads and ``OMP_WAIT_POLICY``.
+
+Without ``--model`` it generates a random-weight model of Llama-3.2-1B's shape (16 layers, n_embd 2048,
+n_ff 8192, 32/8 heads, Q4_0, SmolLM2's tokenizer) with ``prima-sim synth-model`` into ``~/.cache/prima-sim``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "The history of the printing press begins in"
+SYNTH_ARGS = ["--layers", "16", "--embd", "2048", "--ff", "8192", "--heads", "32", "--kv-heads", "8", "--quant", "Q4_0"]
+
+
+def _env(policy: str | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    return env
+
+
+def hop_costs(spans: list[Any]) -> dict[str, Any]:
+    """Per-hop cost (us) and per-token head/compute totals from a ring's spans (decode steps only)."""
+    from prima_sim.metrics import SpanKind
+
+    by_step: dict[int, list[Any]] = {}
+    for s in spans:
+        by_step.setdefault(s.token, []).append(s)
+    hops: list[float] = []
+    compute: list[float] = []
+    head: list[float] = []
+    for step, ss in by_step.items():
+        if step == 0:
+            continue
+        comp = sorted((s for s in ss if s.kind == SpanKind.COMPUTE), key=lambda s: int(s.label[1:]))
+        emb = [s for s in ss if s.kind == SpanKind.HEAD and s.label == "embed"]
+        out = [s for s in ss if s.kind == SpanKind.HEAD and s.label == "output head"]
+        chain = emb + comp + out
+        for a, b in itertools.pairwise(chain):
+            if a.device != b.device:
+                hops.append((b.start_s - a.end_s) * 1e6)
+        compute.append(sum(s.duration_s for s in comp))
+        head.append(sum(s.duration_s for s in ss if s.kind == SpanKind.HEAD))
+    return {
+        "hop_us_median": statistics.median(hops) if hops else 0.0,
+        "hops_per_token": len(hops) / max(1, len(by_step) - 1),
+        "window_compute_s": statistics.median(compute) if compute else 0.0,
+        "head_s": statistics.median(head) if head else 0.0,
+    }
+
+
+def interleaved(args: argparse.Namespace, plan: Any, shards: Path, tmp: Path) -> dict[str, Any]:
+    """The ring and one llama.cpp process, decoding token by token in alternation in the same window of time.
+
+    This process is both the ring's head (its workers are separate processes) and the single process (a second,
+    unsplit llama.cpp model), so every ring token and every single-process token see the same machine load.
+    """
+    import tomli_w
+
+    from prima_sim.exec.head import Head
+    from prima_sim.exec.hosts import local_hosts, resolve
+    from prima_sim.exec.llamacpp import Reference, Sampler
+    from prima_sim.exec.local import LocalWorkers
+    from prima_sim.exec.ring import now
+    from prima_sim.exec.shard import load_manifest
+
+    hosts = local_hosts(plan)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "hosts.toml").write_text(tomli_w.dumps(hosts.model_dump(mode="json", exclude_none=True)))
+    names = [d.name for d in plan.devices]
+    policy = None if args.omp_wait_policy == "default" else args.omp_wait_policy
+    devs = [(d, shards / d, args.threads) for d in names[1:]]
+    ring_t: list[float] = []
+    single_t: list[float] = []
+    with LocalWorkers(devs, tmp / "hosts.toml", tmp / "logs", not args.no_prefetch, 512, policy) as workers:
+        head = Head(shards / names[0], load_manifest(shards / names[0], names[0]), resolve(hosts, plan), args.threads,
+                    prefetch=not args.no_prefetch, check_alive=workers.check_alive)  # fmt: skip
+        try:
+            head.load()
+            head.barrier()
+            with Reference(args.model, plan.n_ctx, 512, args.threads) as ref:
+                toks = head.tokenize(PROMPT)
+                sr, ss = Sampler(), Sampler()
+                t0 = now()
+                tok_r = sr.sample(head._step(toks, 0, 0, t0))
+                ref.logits(toks, 0)
+                tok_s = ss.sample(ref.window)
+                pos = len(toks)
+                for i in range(1, args.tokens):
+                    for what in (("ring", "single") if i % 2 else ("single", "ring")):
+                        t = time.perf_counter()
+                        if what == "ring":
+                            tok_r = sr.sample(head._step([tok_r], pos, i, now()))
+                            ring_t.append(time.perf_counter() - t)
+                        else:
+                            ref.logits([tok_s], pos)
+                            tok_s = ss.sample(ref.window)
+                            single_t.append(time.perf_counter() - t)
+                    pos += 1
+                sr.close()
+                ss.close()
+            head.close(graceful=True)
+            spans = head.all_spans(t0)
+        except BaseException:
+            head.close(graceful=False)
+            raise
+    res = {"ring_tpot_s": statistics.median(ring_t), "single_tpot_s": statistics.median(single_t)}
+    res.update(hop_costs(spans))
+    return res
+
+
+def _round(args: argparse.Namespace, plan: Any, tmp: Path, r: int) -> dict[str, Any]:
+    got = interleaved(args, plan, tmp / "shards", tmp / f"r{r}")
+    got["ratio"] = got["ring_tpot_s"] / got["single_tpot_s"]
+    print(f"round {r}: single {got['single_tpot_s'] * 1e3:.2f} ms  ring {got['ring_tpot_s'] * 1e3:.2f} ms  "
+          f"ratio {got['ratio']:.3f}  hop {got['hop_us_median']:.0f} us x {got['hops_per_token']:.0f}",
+          file=sys.stderr)  # fmt: skip
+    return got
+
+
+def main() -> int:
+    """Run the benchmark and print its numbers."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF model (default: generated 1B-shape Q4_0)")
+    ap.add_argument("--devices", type=int, default=4, help="devices in the ring, head included (default 4)")
+    ap.add_argument("--k", type=int, default=1, help="rounds of the ring per token (default 1)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    ap.add_argument("--rounds", type=int, default=3, help="single/ring pairs (default 3)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per process")
+    ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+                    help="OMP_WAIT_POLICY of every process, the single one included (default passive)")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args()
+    n_ctx = 512
+    os.environ.pop("OMP_WAIT_POLICY", None)  # before llama.cpp (libgomp) is loaded in this process
+    if args.omp_wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    from prima_sim.devices.gguf_file import read_gguf
+    from prima_sim.plan import Plan, make_assignments
+
+    if args.model is None:
+        args.model = str(Path.home() / ".cache" / "prima-sim" / "bench" / "synth-1b-q4_0.gguf")
+        if not Path(args.model).exists():
+            Path(args.model).parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "synth-model", *SYNTH_ARGS, "--out", args.model,
+                            "--quiet"], check=True, env=_env(None))  # fmt: skip
+    g = read_gguf(args.model)
+    n_layers = int(g.metadata[f"{g.architecture}.block_count"])
+    per_round = -(-n_layers // args.k)
+    base, extra = divmod(per_round, args.devices)
+    windows = [base + (1 if i < extra else 0) for i in range(args.devices)]
+    names = [f"D{i}" for i in range(args.devices)]
+    plan = Plan(model_id=Path(args.model).stem, n_layers=n_layers, cluster_name="loopback", k=args.k, n_ctx=n_ctx,
+                devices=make_assignments(names, windows, [0] * args.devices, n_layers), scheduler="manual")  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ring-"))
+    plan.save(tmp / "plan.json")
+    from prima_sim.exec.shard import write_shards
+
+    write_shards(args.model, plan, tmp / "shards")
+    rows = []
+    try:
+        for r in range(args.rounds):
+            rows.append(_round(args, plan, tmp, r))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = statistics.median
+    single_tpot = med([x["single_tpot_s"] for x in rows])
+    ring_tpot = med([x["ring_tpot_s"] for x in rows])
+    hop = med([x["hop_us_median"] for x in rows])
+    n_hops = rows[0]["hops_per_token"]
+    comp = med([x["window_compute_s"] for x in rows])
+    head = med([x["head_s"] for x in rows])
+    result = {
+        "model": args.model, "n_layers": n_layers, "windows": windows, "k": args.k, "threads": args.threads,
+        "omp_wait_policy": args.omp_wait_policy, "prefetch": not args.no_prefetch, "tokens": args.tokens,
+        "single_tpot_ms": single_tpot * 1e3, "ring_tpot_ms": ring_tpot * 1e3,
+        "ratio_median": med([x["ratio"] for x in rows]), "ratios": [x["ratio"] for x in rows],
+        "hop_us": hop, "hops_per_token": n_hops,
+        "breakdown_ms": {
+            "windows_compute": comp * 1e3, "head_embed_output_sample": head * 1e3,
+            "hops": hop * n_hops / 1e3, "rest": (ring_tpot - comp - head - hop * n_hops / 1e6) * 1e3,
+            "windows_compute_minus_single": (comp - single_tpot) * 1e3,
+        },
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        b = result["breakdown_ms"]
+        print(f"model {Path(args.model).name}: {n_layers} layers, windows {windows} x k={args.k}, "
+              f"{args.threads} threads, ring OMP_WAIT_POLICY={args.omp_wait_policy}")
+        print(f"TPOT single {single_tpot * 1e3:.2f} ms, ring {ring_tpot * 1e3:.2f} ms, ratio {result['ratio_median']:.3f} "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in result['ratios'])})")
+        print(f"per hop {hop:.0f} us ({n_hops:.0f} hops/token = {b['hops']:.2f} ms); windows' compute {b['windows_compute']:.2f} ms "
+              f"({b['windows_compute_minus_single']:+.2f} ms vs the whole model); head {b['head_embed_output_sample']:.2f} ms; "
+              f"rest {b['rest']:.2f} ms")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The head device: tokenizer, embedding, its own windows, output head, sampling, and the ring's clock.
+
+Per step (the prompt's prefill, in batches of ``n_batch`` tokens, or one generated token) the head embeds the
+tokens with its embedding shard, sends the hidden state to the owner of the first window, runs its own
+windows as the hidden state comes back (the last window of every round), and samples from the logits of its
+logits window (or, when the plan gives the head no window, from its output head). It watches the workers'
+heartbeats the whole time: a worker that dies or goes silent for ``timeout`` seconds ends the run with a
+:class:`~prima_sim.errors.WorkerError` naming the device.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from prima_sim.errors import WorkerError
+from prima_sim.exec import wire
+from prima_sim.exec.hosts import Endpoints
+from prima_sim.exec.llamacpp import Model, Sampler, Window
+from prima_sim.exec.ring import (
+    BYE_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    LINGER_MS,
+    POLL_SLICE_MS,
+    STARTUP_TIMEOUT_S,
+    STEP_TIMEOUT_S,
+    LinkLatency,
+    Prefetcher,
+    Route,
+    SpanLog,
+    now,
+    to_spans,
+)  # fmt: skip
+from prima_sim.exec.shard import DeviceManifest, shard_path
+from prima_sim.exec.worker import DEFAULT_BATCH, LoadedWindow, load_windows
+from prima_sim.metrics import Span, SpanKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen: greedy when ``temperature <= 0``."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    """What one prompt produced, and the measurements of the run so far."""
+
+    prompt_tokens: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "length"
+    logits: list[np.ndarray] = field(default_factory=list)
+    steps: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+    t0: float = 0.0
+
+
+@dataclass
+class _Peer:
+    """What the head knows about one worker from its heartbeats."""
+
+    last_seen: float = 0.0
+    state: str = ""
+    detail: str = ""
+    fp: str = ""
+    pid: int = 0
+    rejected: int = 0
+    n_batch: int = 0
+    bye: bool = False
+    spans: list[tuple[str, float, float, int, str]] = field(default_factory=list)
+
+
+class Head:
+    """The head of a ring.
+
+    Args:
+        shard_dir: the head's shard directory.
+        man: its manifest.
+        endpoints: addresses of every device and of the head's control socket.
+        n_threads: llama.cpp threads.
+        prefetch: advise readahead of the next own window after sending.
+        n_batch: prefill batch (tokens per message).
+        timeout: seconds of silence after which a worker is declared dead.
+        step_timeout: seconds one step may take while every worker is alive.
+        check_alive: called while waiting; raises :class:`WorkerError` when a local worker process is gone.
+    """
+
+    def __init__(
+        self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int, prefetch: bool = True,
+        n_batch: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT_S, step_timeout: float = STEP_TIMEOUT_S,
+        check_alive: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
+        self.plan = man.get_plan()
+        self.fp = man.plan_fingerprint
+        self.route = Route.of(self.plan)
+        self.device = self.plan.head
+        self.workers = [d for d in self.route.ring if d != self.device]
+        self.n_threads, self.n_batch = n_threads, min(n_batch, self.plan.n_ctx)
+        self.timeout, self.step_timeout = timeout, step_timeout
+        self.check_alive = check_alive or (lambda: None)
+        self.prefetcher = Prefetcher(prefetch)
+        self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
+        self.spans = SpanLog(self.device)
+        self.peers: dict[str, _Peer] = {w: _Peer() for w in self.workers}
+        self._stack = ExitStack()
+        self._seq = 0
+        self.windows: dict[int, LoadedWindow] = {}
+        self.started = False
+
+    # --- start-up ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the head's shards (embedding, own windows, output head) and open the sockets.
+
+        Raises:
+            InputError: a shard cannot be loaded.
+            WorkerError: a socket cannot be bound.
+        """
+        emb = self.man.shard_of_kind("embed")
+        assert emb is not None, "the head's manifest has no embedding shard"
+        path = shard_path(self.shard_dir, self.man, emb)
+        self.embed_model = self._stack.enter_context(Model(path))
+        self.embed = self._stack.enter_context(Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads))
+        self.out_ctx: Window | None = None
+        if emb.output_head:
+            self.out_ctx = self._stack.enter_context(
+                Window(self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True)
+            )
+        self.windows, wstack = load_windows(self.shard_dir, self.man, self.n_threads, self.n_batch)
+        self._stack.push(wstack)
+        for w in self.windows.values():
+            self.prefetcher.register(w.path, self.man.shard_for_window(w.index).data_offset)
+        self._stack.callback(self.prefetcher.close)
+        self.n_embd = self.embed_model.n_embd
+        if self.workers:
+            self._open_sockets()
+
+    def _open_sockets(self) -> None:
+        ctx = zmq.Context.instance()
+        self.pull = ctx.socket(zmq.PULL)
+        self.control = ctx.socket(zmq.PULL)
+        self._stack.callback(self.pull.close, 0)
+        self._stack.callback(self.control.close, 0)
+        for sock, (host, port), what in ((self.pull, self.endpoints.data[self.device], "data"),
+                                         (self.control, self.endpoints.control, "control")):  # fmt: skip
+            try:
+                sock.bind(f"tcp://{host}:{port}")
+            except zmq.ZMQError as exc:
+                raise WorkerError(f"head {self.device} cannot listen for {what} on {host}:{port}: {exc}") from None
+        self.push: dict[str, zmq.Socket] = {}
+        for dest in sorted(self.route.destinations(self.device)):
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, LINGER_MS)
+            s.connect(self.endpoints.url(dest))
+            self._stack.callback(s.close)
+            self.push[dest] = s
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
+
+    def barrier(self, startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until every worker is loaded and on this plan, then pass a ``hello`` round the ring.
+
+        Raises:
+            WorkerError: a worker runs another plan, failed, died, or did not answer in time.
+        """
+        if not self.workers:
+            self.started = True
+            return
+        deadline = now() + startup_timeout
+        while not all(p.state == "ready" for p in self.peers.values()):
+            self._wait(deadline, lambda: self._missing(f"did not report ready within {startup_timeout:g} s"))
+        for w, p in self.peers.items():
+            if p.n_batch < self.n_batch:
+                raise WorkerError(
+                    f"device {w} takes batches of up to {p.n_batch} tokens but the head sends {self.n_batch}: "
+                    f"start both with the same --batch"
+                )
+        seq = self._next_seq()
+        self.push[self.route.successor(self.device)].send_multipart(
+            wire.encode(wire.Header(type="hello", fp=self.fp, seq=seq, origin=self.device))
+        )
+        hdr = None
+        while hdr is None or hdr.type != "hello" or hdr.seq != seq:
+            hdr, _, _ = self._recv(deadline, lambda: "the start-up 'hello' did not come back round the ring")
+        self.started = True
+
+    def _missing(self, what: str) -> str:
+        late = [w for w, p in self.peers.items() if p.state != "ready"]
+        where = ", ".join(f"{w} at {self.endpoints.url(w)}" for w in late)
+        return f"device(s) {where} {what} (is 'prima-sim worker --device NAME' running there with these shards?)"
+
+    # --- waiting -----------------------------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _on_status(self, frame: object) -> None:
+        try:
+            st = wire.decode_status(frame)
+        except wire.WireError as exc:  # expected: stray traffic on the control port is ignored
+            log.warning("head: rejected a control message: %s", exc)
+            return
+        p = self.peers.get(st.device)
+        if p is None:
+            log.warning("head: status from unknown device %r ignored", st.device)
+            return
+        p.last_seen, p.state, p.detail, p.fp, p.pid = now(), st.state, st.detail, st.fp, st.pid
+        p.rejected, p.n_batch = st.rejected, st.n_batch
+        p.spans.extend(st.spans)
+        p.bye = p.bye or st.type == "bye"
+        if st.fp != self.fp:
+            raise WorkerError(
+                f"device {st.device} runs plan {st.fp} but the head runs plan {self.fp}: "
+                f"give it the shards of this plan ('prima-sim shard') and restart it"
+            )
+        if st.state == "failed":
+            raise WorkerError(f"device {st.device} failed: {st.detail}")
+        if st.type == "bye" and not getattr(self, "closing", False):
+            raise WorkerError(f"device {st.device} left the ring (it stopped before the head did)")
+
+    def _check_liveness(self) -> None:
+        self.check_alive()
+        t = now()
+        for w, p in self.peers.items():
+            if p.last_seen and t - p.last_seen > self.timeout and not p.bye:
+                raise WorkerError(
+                    f"device {w} ({self.endpoints.url(w)}) stopped answering: no heartbeat for "
+                    f"{t - p.last_seen:.1f} s (timeout {self.timeout:g} s; last state: {p.state} {p.detail})".rstrip()
+                )
+
+    def _wait(self, deadline: float, why: Callable[[], str]) -> zmq.Socket | None:
+        """Wait one poll slice; handle control messages; raise on death or deadline. Returns the data
+        socket when a data message is waiting."""
+        events = dict(self.poller.poll(POLL_SLICE_MS))
+        while self.control in events:
+            self._on_status(self.control.recv(copy=False))
+            events = dict(self.poller.poll(0))
+        self._check_liveness()
+        if self.pull in events:
+            return self.pull
+        if now() > deadline:
+            raise WorkerError(why())
+        return None
+
+    def _recv(self, deadline: float, why: Callable[[], str]) -> tuple[wire.Header, np.ndarray | None, np.ndarray | None]:
+        while True:
+            if self._wait(deadline, why) is None:
+                continue
+            frames = self.pull.recv_multipart(copy=False)
+            t_arrived = now()
+            try:
+                msg = wire.decode(frames, self.fp, self.n_embd)
+                self.latency.hold(msg[0].origin, t_arrived)  # emulated link latency (prima_sim.emulate)
+                return msg
+            except wire.WireError as exc:  # expected: stray or foreign traffic on the data port
+                log.warning("head: rejected a message: %s", exc)
+
+    def _holder(self) -> str:
+        busy = [w for w, p in self.peers.items() if p.state == "running"]
+        return f"; device {busy[0]} is still computing ({self.peers[busy[0]].detail})" if busy else ""
+
+    # --- one step ---------------------------------------------------------------------------------------------
+    def _step(self, tokens: list[int], pos0: int, step: int, t_step: float) -> Window:
+        """Run ``tokens`` at ``pos0`` through the whole model; returns the window holding the logits."""
+        n = len(tokens)
+        t0 = now()
+        h: np.ndarray = self.embed.run_tokens(tokens, pos0)
+        self.spans.add(SpanKind.HEAD, t0, now(), step, "embed")
+        positions = np.arange(pos0, pos0 + n, dtype=np.int32)
+        j, seq = 0, self._next_seq()
+        deadline = now() + self.step_timeout
+        while True:
+            owner = self.route.owner(j)
+            if j == self.route.n_windows:  # the head runs only the output head
+                assert self.out_ctx is not None
+                t0 = now()
+                self.out_ctx.run_hidden(h, pos0)
+                self.spans.add(SpanKind.HEAD, t0, now(), step, "output head")
+                return self.out_ctx
+            if owner == self.device:
+                win = self.windows[j]
+                t0 = now()
+                h = win.ctx.run_hidden(h, pos0)
+                self.spans.add(SpanKind.COMPUTE, t0, now(), step, f"w{j}")
+                if win.ctx.mode == "logits":
+                    return win.ctx
+                j += 1
+                continue
+            t1 = now()
+            hdr = wire.Header(type="data", fp=self.fp, seq=seq, step=step, window=j, n_tokens=n,
+                              shape=(n, self.n_embd), origin=self.device, t_step=t_step)  # fmt: skip
+            self.push[owner].send_multipart(wire.encode(hdr, positions, h))
+            t2 = now()
+            self.spans.add(SpanKind.SEND, t1, t2, step, f"to {owner}")
+            nxt = self.route.next_own_window(self.device, j - 1)
+            if nxt is not None and self.prefetcher.enabled:
+                self.prefetcher.advise(self.windows[nxt].path)
+                self.spans.add(SpanKind.PREFETCH, t2, now(), step, f"w{nxt}")
+            t_wait = now()
+            while True:
+                rh, _, hidden = self._recv(deadline, lambda: f"step {step} took longer than {self.step_timeout:g} s"
+                                           + self._holder())  # fmt: skip
+                if rh.type == "data" and rh.seq == seq and (rh.window == self.route.n_windows or rh.window in self.windows):
+                    break
+                log.warning("head: dropped a stale %s message (seq %d, expected %d)", rh.type, rh.seq, seq)
+            self.spans.add(SpanKind.RECV_WAIT, t_wait, now(), step)
+            assert hidden is not None
+            h, j = hidden, rh.window
+
+    # --- generation ------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of a prompt (through the model's chat template with ``chat``)."""
+        if chat:
+            return self.embed_model.tokenize(self.embed_model.chat_prompt(text), add_special=True, parse_special=True)
+        return self.embed_model.tokenize(text)
+
+    def generate(
+        self, prompt_tokens: list[int], n_predict: int, sampling: SamplingParams = SamplingParams(),
+        on_text: Callable[[str], None] | None = None, keep_logits: bool = False, ignore_eos: bool = False,
+    ) -> Generation:  # fmt: skip
+        """Generate up to ``n_predict`` tokens after ``prompt_tokens`` (the KV caches start empty).
+
+        The result is filled in as the run goes, so a caller that catches a :class:`WorkerError` still finds
+        what was measured in :attr:`last`.
+
+        Raises:
+            WorkerError: a worker died or stopped answering.
+            ValueError: the prompt is empty or does not fit the context.
+        """
+        if not prompt_tokens:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_tokens) + n_predict > self.plan.n_ctx:
+            raise ValueError(f"{len(prompt_tokens)} prompt + {n_predict} new tokens exceed n_ctx {self.plan.n_ctx}")
+        if not self.started:
+            self.barrier()
+        gen = Generation(list(prompt_tokens), t0=now())
+        self.last = gen
+        sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            t_step = now()
+            for i in range(0, len(prompt_tokens), self.n_batch):  # pos 0: every window clears its KV cache
+                ctx = self._step(prompt_tokens[i : i + self.n_batch], i, 0, t_step)
+            gen.steps.append((0, "prefill", len(prompt_tokens), t_step - gen.t0, now() - gen.t0))
+            pos = len(prompt_tokens)
+            while True:
+                if keep_logits:
+                    gen.logits.append(ctx.last_logits())
+                t0 = now()
+                tok = sampler.sample(ctx)
+                self.spans.add(SpanKind.HEAD, t0, now(), len(gen.token_ids), "sample")
+                if not ignore_eos and self.embed_model.is_eog(tok):
+                    gen.stop_reason = "eos"
+                    break
+                gen.token_ids.append(tok)
+                piece = utf8.decode(self.embed_model.piece(tok))
+                gen.text += piece
+                if on_text and piece:
+                    on_text(piece)
+                if len(gen.token_ids) >= n_predict:
+                    break
+                step = len(gen.token_ids)
+                t_step = now()
+                ctx = self._step([tok], pos, step, t_step)
+                gen.steps.append((step, "decode", 1, t_step - gen.t0, now() - gen.t0))
+                pos += 1
+            tail = utf8.decode(b"", final=True)
+            gen.text += tail
+            if on_text and tail:
+                on_text(tail)
+        finally:
+            sampler.close()
+        return gen
+
+    # --- measurements and shutdown ------------------------------------------------------------------------------
+    def all_spans(self, t0: float) -> list[Span]:
+        """Every span measured so far (head and workers), relative to ``t0``."""
+        out = to_spans(self.device, self.spans.drain(), t0)
+        for w, p in self.peers.items():
+            out += to_spans(w, p.spans, t0)
+            p.spans = []
+        self._kept = getattr(self, "_kept", []) + out
+        return list(self._kept)
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the ring (``stop`` round the ring, then wait for every worker's last report) and free all."""
+        self.closing = True
+        try:
+            if graceful and self.workers and self.started:
+                self.push[self.route.successor(self.device)].send_multipart(
+                    wire.encode(wire.Header(type="stop", fp=self.fp, seq=self._next_seq(), origin=self.device))
+                )
+                deadline = now() + BYE_TIMEOUT_S
+                while not all(p.bye for p in self.peers.values()) and now() < deadline:
+                    events = dict(self.poller.poll(POLL_SLICE_MS))
+                    if self.control in events:
+                        self._on_status(self.control.recv(copy=False))
+                    if self.pull in events:
+                        self.pull.recv_multipart()  # the stop coming back round the ring
+        except WorkerError as exc:  # the run is over; a worker failing on the way out only loses measurements
+            log.warning("head: during shutdown: %s", exc)
+        finally:
+            self._stack.close()

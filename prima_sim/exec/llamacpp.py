@@ -1,0 +1,445 @@
+"""Resource-owning wrappers around llama.cpp (through llama-cpp-python's raw ctypes bindings).
+
+Stock llama.cpp cannot run "layers [a, b) of a model", so every window is its own GGUF shard (see
+:mod:`prima_sim.exec.shard`) loaded as a model of its own. Three things make a window behave like a slice of
+the whole model, bit for bit:
+
+* **Input.** A window that starts mid-model takes the previous window's hidden states as an embedding batch
+  (``llama_batch.embd``), with absolute positions; each window keeps its own KV cache in its own context.
+* **Output.** llama.cpp applies the final norm before returning anything, so the residual stream is taken
+  with the graph's eval callback: it asks only for ``l_out-<last local layer>``, copies it with
+  ``ggml_backend_tensor_get``, and then answers ``False``, which makes the scheduler skip the rest of the
+  split (the output norm and the vocabulary-free output head never run).
+* **Embedding.** The head's 0-layer embedding shard runs on token ids; its graph is ``get_rows`` (plus the
+  architecture's scaling) followed directly by the output norm. The callback copies the norm's input, the
+  exact layer-0 input, when the norm is about to run, and stops there (the output head never runs).
+
+Models are always loaded with ``use_extra_bufts = False`` and ``load_mode = MMAP``: weights stay file-backed
+page cache (what prefetch and eviction rely on) and AMX repacking, which dies with SIGILL on some CPUs, is off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prima_sim.errors import InputError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+LOAD_MODE_MMAP = 1
+FLASH_ATTN_DISABLED = 0
+LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR: llama.cpp's chatter below this is dropped
+_NORM_OPS = (b"RMS_NORM", b"NORM")
+
+
+def _llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:  # expected on installs without the [real] extra
+        raise MissingDependencyError("llama-cpp-python is not installed: pip install 'prima-sim[real]'") from None
+    return llama_cpp
+
+
+class GgmlTensor(ctypes.Structure):
+    """Prefix of ``struct ggml_tensor`` (ggml 0.25): the fields the eval callback reads."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+_NAME_OFFSET = GgmlTensor.name.offset
+_OP_OFFSET = GgmlTensor.op.offset
+_SRC0_OFFSET = GgmlTensor.src.offset
+
+
+class _Runtime:
+    """The loaded libraries and the few ggml functions llama-cpp-python does not bind."""
+
+    _instance: _Runtime | None = None
+
+    def __init__(self) -> None:
+        lc = _llama()
+        self.lc = lc
+        libdir = Path(lc.__file__).parent / "lib"
+        self.ggml = ctypes.CDLL(str(libdir / "libggml-base.so"))
+        self.ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self.ggml.ggml_backend_tensor_get.restype = None
+        self.ggml.ggml_op_name.argtypes = [ctypes.c_int]
+        self.ggml.ggml_op_name.restype = ctypes.c_char_p
+        self.ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        self.ggml.ggml_nbytes.restype = ctypes.c_size_t
+        self.norm_ops = {i for i in range(128) if (self.ggml.ggml_op_name(i) or b"") in _NORM_OPS}
+        self._log_cb = lc.llama_log_callback(_log_sink)
+        lc.llama_log_set(self._log_cb, None)
+        lc.llama_backend_init()
+
+    @classmethod
+    def get(cls) -> _Runtime:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+def _log_sink(level: int, text: bytes, _user: Any) -> None:
+    if level == LOG_LEVEL_ERROR and text:
+        log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend (``llama_supports_gpu_offload``)."""
+    return bool(_Runtime.get().lc.llama_supports_gpu_offload())
+
+
+class Model:
+    """A GGUF model (one shard) loaded with mmap and without repacked buffers.
+
+    Args:
+        path: the shard file.
+        n_gpu_layers: how many of its last layers to offload to the GPU.
+
+    Raises:
+        InputError: llama.cpp could not load the file.
+    """
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+        rt = _Runtime.get()
+        self._lc = rt.lc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(str(path), "", "file not found")
+        params = self._lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = False
+        params.load_mode = LOAD_MODE_MMAP
+        self.ptr = self._lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise InputError(str(path), "", "llama.cpp could not load this GGUF (see the log above)")
+        self.vocab = self._lc.llama_model_get_vocab(self.ptr)
+        self.n_embd = int(self._lc.llama_model_n_embd(self.ptr))
+        self.n_layer = int(self._lc.llama_model_n_layer(self.ptr))
+        self.n_vocab = int(self._lc.llama_vocab_n_tokens(self.vocab))
+
+    def close(self) -> None:
+        """Free the model."""
+        if getattr(self, "ptr", None):
+            self._lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- tokenizer ----------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (with BOS when the model asks for it)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (self._lc.llama_token * cap)()
+        n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self._lc.llama_token * cap)()
+            n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens rendered as empty)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_prompt(self, user_text: str) -> str:
+        """``user_text`` as one user turn in the model's chat template, ending with the assistant's turn.
+
+        Raises:
+            InputError: the model has no chat template llama.cpp recognises.
+        """
+        tmpl = self._lc.llama_model_chat_template(self.ptr, None)
+        if not tmpl:
+            raise InputError(str(self.path), "tokenizer.chat_template", "the model has no chat template; drop --chat")
+        msgs = (self._lc.llama_chat_message * 1)(self._lc.llama_chat_message(b"user", user_text.encode("utf-8")))
+        size = 4 * len(user_text.encode("utf-8")) + 1024
+        buf = ctypes.create_string_buffer(size)
+        n = self._lc.llama_chat_apply_template(tmpl, msgs, 1, True, buf, size)
+        if n < 0:
+            raise InputError(str(self.path), "tokenizer.chat_template", "llama.cpp does not support this chat template")
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = self._lc.llama_chat_apply_template(tmpl, msgs, 1, True, buf, n)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+
+class Window:
+    """One llama.cpp context over one shard, with its own KV cache, batch and output capture.
+
+    ``mode`` says what the window returns: ``"hidden"`` (the residual stream after its last layer, for a
+    window that feeds another), ``"embed"`` (the layer-0 input, for the 0-layer embedding shard) or
+    ``"logits"`` (llama.cpp's logits of the last token, for the logits window).
+
+    Args:
+        model: the loaded shard.
+        mode: see above.
+        n_ctx: context length (KV cache size).
+        n_batch: the largest batch one call may carry.
+        n_threads: CPU threads for this context.
+        token_input: the batch carries token ids (default: only in ``"embed"`` mode).
+        stateless: clear the KV cache before every call (default: only in ``"embed"`` mode); for the
+            embedding shard's zero layer, whose cache content never matters.
+
+    Raises:
+        RuntimeError: llama.cpp could not create the context.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        mode: str,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+        token_input: bool | None = None,
+        stateless: bool | None = None,
+    ) -> None:
+        self._rt = _Runtime.get()
+        lc = self._lc = self._rt.lc
+        self.model, self.mode, self.n_batch = model, mode, n_batch
+        self.stateless = mode == "embed" if stateless is None else stateless
+        self.n_embd = model.n_embd
+        self._stack = ExitStack()
+        self._out = np.zeros((n_batch, self.n_embd), dtype=np.float32)
+        self._rows = 0
+        self._captured = False
+        self._target = f"l_out-{model.n_layer - 1}".encode()
+        self._norm_ops = self._rt.norm_ops
+        self._tensor_get = self._rt.ggml.ggml_backend_tensor_get
+        self._nbytes = self._rt.ggml.ggml_nbytes
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, 1
+        p.n_threads = p.n_threads_batch = n_threads
+        p.no_perf = True
+        p.flash_attn_type = FLASH_ATTN_DISABLED
+        if mode in ("hidden", "embed"):
+            cb = self._cb_embed if mode == "embed" else self._cb_hidden
+            self._cb = lc.ggml_backend_sched_eval_callback(cb)
+            p.cb_eval = self._cb
+        self.ptr = lc.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise RuntimeError(f"llama.cpp could not create a context for {model.path}")
+        self._stack.callback(lc.llama_free, self.ptr)
+        self.mem = lc.llama_get_memory(self.ptr)
+        token_batch = mode == "embed" if token_input is None else token_input
+        self.batch = lc.llama_batch_init(n_batch, 0 if token_batch else self.n_embd, 1)
+        self._stack.callback(lc.llama_batch_free, self.batch)
+        for i in range(n_batch):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self.next_pos = 0
+
+    def close(self) -> None:
+        """Free the batch and the context."""
+        self._stack.close()
+        self.ptr = None
+
+    def __enter__(self) -> Window:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- eval callbacks (called by ggml's scheduler for every graph node) ----------------------------------
+    def _cb_hidden(self, t: int, ask: bool, _user: Any) -> bool:
+        if ask:
+            return ctypes.string_at(t + _NAME_OFFSET) == self._target
+        self._copy_out(t)
+        return False  # stop this split: the output norm and head are not needed
+
+    def _cb_embed(self, t: int, ask: bool, _user: Any) -> bool:
+        if ask:
+            if not self._captured and ctypes.c_int.from_address(t + _OP_OFFSET).value in self._norm_ops:
+                self._copy_out(ctypes.c_void_p.from_address(t + _SRC0_OFFSET).value or 0)
+                self._captured = True
+            return True  # a 0-layer graph has a handful of nodes: compute them one by one
+        return not self._captured
+
+    def _copy_out(self, t: int) -> None:
+        nbytes = self._nbytes(t)
+        self._rows = nbytes // (4 * self.n_embd)
+        self._tensor_get(t, self._out.ctypes.data, 0, min(nbytes, self._out.nbytes))
+        self._captured = True
+
+    # --- running -------------------------------------------------------------------------------------------
+    def _prepare(self, pos0: int, n: int) -> None:
+        if n > self.n_batch or n <= 0:
+            raise ValueError(f"batch of {n} tokens; this window takes 1..{self.n_batch}")
+        if self.stateless:
+            self._lc.llama_memory_clear(self.mem, True)
+            pos0 = 0
+        elif pos0 != self.next_pos:  # a new prompt or a rewind: drop what the cache holds from pos0 on
+            self._lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
+        b = self.batch
+        b.n_tokens = n
+        last_only = self.mode == "logits"
+        for i in range(n):
+            b.pos[i] = pos0 + i
+            b.logits[i] = 0 if (last_only and i < n - 1) else 1
+        self._captured = False
+        self._rows = 0
+
+    def _decode(self, pos0: int, n: int) -> None:
+        rc = self._lc.llama_decode(self.ptr, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} on {self.model.path.name} at position {pos0}")
+        self.next_pos = pos0 + n
+
+    def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> np.ndarray:
+        """Embed ``tokens`` (an ``"embed"`` window): returns the layer-0 input, shape [n, n_embd]."""
+        n = len(tokens)
+        self._prepare(pos0, n)
+        for i, tok in enumerate(tokens):
+            self.batch.token[i] = int(tok)
+        self._decode(pos0, n)
+        if not self._captured or self._rows != n:
+            raise RuntimeError(f"embedding capture failed on {self.model.path.name} ({self._rows} rows for {n} tokens)")
+        return self._out[:n]
+
+    def run_hidden(self, hidden: np.ndarray, pos0: int) -> np.ndarray:
+        """Run the window on hidden states [n, n_embd] at positions pos0..pos0+n-1.
+
+        Returns:
+            The hidden states after the last layer (a ``"hidden"`` window; a view valid until the next call),
+            or the logits of the last token (a ``"logits"`` window; a copy).
+        """
+        n = int(hidden.shape[0])
+        self._prepare(pos0, n)
+        src = np.ascontiguousarray(hidden, dtype=np.float32)
+        ctypes.memmove(self.batch.embd, src.ctypes.data, src.nbytes)
+        self._decode(pos0, n)
+        if self.mode == "logits":
+            return self.last_logits()
+        if not self._captured or self._rows != n:
+            raise RuntimeError(f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})")
+        return self._out[:n]
+
+    def run_tokens_logits(self, tokens: list[int], pos0: int) -> np.ndarray:
+        """Run a whole model (a ``"logits"`` window over an unsplit GGUF) on token ids: the reference path."""
+        if self.batch.embd:
+            raise ValueError("run_tokens_logits needs a token batch (mode 'embed' layout)")
+        n = len(tokens)
+        self._prepare(pos0, n)
+        for i, tok in enumerate(tokens):
+            self.batch.token[i] = int(tok)
+        self._decode(pos0, n)
+        return self.last_logits()
+
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last token of the last batch (a copy)."""
+        ptr = self._lc.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+
+class Reference:
+    """The whole model in one llama.cpp context: the single-process baseline the ring is compared with.
+
+    Args:
+        path: the unsplit GGUF.
+        n_ctx, n_batch, n_threads: as for :class:`Window`.
+    """
+
+    def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int) -> None:
+        self.model = Model(path)
+        try:
+            self.window = Window(self.model, "logits", n_ctx, n_batch, n_threads, token_input=True)
+        except BaseException:
+            self.model.close()
+            raise
+
+    def logits(self, tokens: list[int], pos0: int) -> np.ndarray:
+        """Decode ``tokens`` at ``pos0`` (in batches of ``n_batch``) and return the logits of the last one."""
+        out = None
+        for i in range(0, len(tokens), self.window.n_batch):
+            out = self.window.run_tokens_logits(tokens[i : i + self.window.n_batch], pos0 + i)
+        assert out is not None
+        return out
+
+    def close(self) -> None:
+        """Free the context and the model."""
+        self.window.close()
+        self.model.close()
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sampler:
+    """llama.cpp's sampler chain: greedy, or top-k -> top-p -> temperature -> seeded draw.
+
+    Args:
+        temperature: 0 (or less) for greedy decoding.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: keep the smallest set of tokens whose probability reaches p (1.0 = all).
+        seed: seed of the random draw.
+    """
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int = 0) -> None:
+        lc = self._lc = _Runtime.get().lc
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_top_k(top_k))
+            if top_p < 1.0:
+                lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_top_p(top_p, 1))
+            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_temp(temperature))
+            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, window: Window) -> int:
+        """Sample from the logits of ``window``'s last output (and accept the token)."""
+        return int(self._lc.llama_sampler_sample(self.ptr, window.ptr, -1))
+
+    def close(self) -> None:
+        """Free the chain."""
+        if self.ptr:
+            self._lc.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def default_threads() -> int:
+    """Threads when neither a flag nor a device profile says: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

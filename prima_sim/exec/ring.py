@@ -1,0 +1,247 @@
+"""Pieces shared by the head and the workers: routing, lifecycle states, prefetch, span logging, sockets.
+
+Routing is a pure function of the plan: windows run in the plan's execution order; after window ``j`` the
+hidden state goes to the owner of window ``j + 1``, or to the head after the last window (then the head runs
+only the output head). Control messages (``hello``, ``stop``) go round the ring in ring order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prima_sim.metrics import Span, SpanKind
+from prima_sim.plan import LayerRange, Plan
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.25  # how often a worker reports on the control channel
+DEFAULT_TIMEOUT_S = 5.0  # a worker silent for this long is declared dead
+STARTUP_TIMEOUT_S = 120.0  # every worker must be loaded and on the plan within this time
+STEP_TIMEOUT_S = 600.0  # one step (prefill or one token) may take this long while every worker is alive
+POLL_SLICE_MS = 20  # granularity of waits: bounds how late a failure is noticed
+BYE_TIMEOUT_S = 5.0  # how long the head waits for workers' final measurements at shutdown
+LINGER_MS = 1000  # how long a closing socket may keep trying to deliver queued messages
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who runs which window, and where each message goes next."""
+
+    head: str
+    ring: tuple[str, ...]
+    order: tuple[tuple[str, LayerRange], ...]
+
+    @classmethod
+    def of(cls, plan: Plan) -> Route:
+        """The route of ``plan``."""
+        return cls(plan.head, tuple(d.name for d in plan.devices), tuple(plan.execution_order()))
+
+    @property
+    def n_windows(self) -> int:
+        """Windows per token."""
+        return len(self.order)
+
+    def owner(self, window: int) -> str:
+        """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
+        return self.head if window >= self.n_windows else self.order[window][0]
+
+    def windows_of(self, device: str) -> list[int]:
+        """Indices of the windows ``device`` runs, in execution order."""
+        return [j for j, (d, _) in enumerate(self.order) if d == device]
+
+    def successor(self, device: str) -> str:
+        """Next device in ring order (the head after the last)."""
+        i = self.ring.index(device)
+        return self.ring[(i + 1) % len(self.ring)]
+
+    def destinations(self, device: str) -> set[str]:
+        """Every device ``device`` ever sends to: owners of the windows after its own, and its successor."""
+        out = {self.owner(j + 1) for j in self.windows_of(device)}
+        out.add(self.successor(device))
+        out.discard(device)
+        return out
+
+    def next_own_window(self, device: str, after: int) -> int | None:
+        """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
+        mine = self.windows_of(device)
+        if not mine:
+            return None
+        later = [j for j in mine if j > after]
+        return later[0] if later else mine[0]
+
+
+# --- lifecycle -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerIdle:
+    """Started, nothing loaded yet."""
+
+    name: str = "idle"
+
+
+@dataclass(frozen=True)
+class WorkerLoading:
+    """Loading its shards."""
+
+    loaded: int
+    total: int
+    name: str = "loading"
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """Shards loaded, waiting for messages."""
+
+    name: str = "ready"
+
+
+@dataclass(frozen=True)
+class WorkerRunning:
+    """Computing a window."""
+
+    step: int
+    window: int
+    name: str = "running"
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """Cannot go on; ``reason`` says why."""
+
+    reason: str
+    name: str = "failed"
+
+
+WorkerState = WorkerIdle | WorkerLoading | WorkerReady | WorkerRunning | WorkerFailed
+
+
+def describe(state: WorkerState) -> str:
+    """One-word state and its detail, for status messages."""
+    if isinstance(state, WorkerLoading):
+        return f"{state.loaded}/{state.total}"
+    if isinstance(state, WorkerRunning):
+        return f"step {state.step} window {state.window}"
+    if isinstance(state, WorkerFailed):
+        return state.reason
+    return ""
+
+
+# --- prefetch ----------------------------------------------------------------------------------------------
+class Prefetcher:
+    """Advises the kernel to read a shard's tensor data ahead (``posix_fadvise(WILLNEED)``).
+
+    prima.cpp calls ``posix_madvise(WILLNEED)`` on the page-aligned ranges of the next sub-graph's weights in
+    its mapping. On Linux ``madvise(MADV_WILLNEED)`` on a file mapping is implemented by the same readahead as
+    ``posix_fadvise(POSIX_FADV_WILLNEED)`` on the file (mm/madvise.c -> vfs_fadvise), and llama.cpp does not
+    expose its mapping's address, so the file range is advised: the tensor data of the shard the device runs
+    next, which is exactly the bytes its mmap will touch. The call is asynchronous (it queues reads).
+
+    Args:
+        enabled: False turns every call into a no-op (``--no-prefetch``).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and hasattr(os, "posix_fadvise")
+        self._fds: dict[Path, tuple[int, int, int]] = {}
+
+    def register(self, path: Path, data_offset: int) -> None:
+        """Open ``path`` once so later advice costs one system call."""
+        if self.enabled and path not in self._fds:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = (fd, data_offset, os.fstat(fd).st_size - data_offset)
+
+    def advise(self, path: Path) -> None:
+        """Queue readahead of ``path``'s tensor data."""
+        if not self.enabled or path not in self._fds:
+            return
+        fd, off, length = self._fds[path]
+        os.posix_fadvise(fd, off, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        """Close the files."""
+        for fd, _, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+class SpanLog:
+    """Spans of one device in wall-clock seconds, appended by the compute thread, drained by the reporter."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._items: list[tuple[str, float, float, int, str]] = []
+
+    def add(self, kind: SpanKind, start: float, end: float, step: int, label: str = "") -> None:
+        """Record one span."""
+        with self._lock:
+            self._items.append((kind.value, start, end, step, label))
+
+    def drain(self) -> list[tuple[str, float, float, int, str]]:
+        """Take every span recorded so far."""
+        with self._lock:
+            out, self._items = self._items, []
+        return out
+
+
+def to_spans(device: str, items: list[Any] | tuple[Any, ...], t0: float) -> list[Span]:
+    """Spans from wire tuples, with times made relative to ``t0``."""
+    return [Span(device, SpanKind(k), s - t0, e - t0, int(tok), lab) for k, s, e, tok, lab in items]
+
+
+def now() -> float:
+    """Wall-clock seconds (comparable across processes on one host, and across NTP-synced hosts)."""
+    return time.time()
+
+
+# --- user-space link latency (added for one-host emulation, prima_sim.emulate; owner: emulation) ---------------
+LINK_LATENCY_ENV = "PRIMA_SIM_LINK_LATENCY"
+"""Environment variable: JSON ``{receiver: {sender: seconds}}`` of link latencies to add in user space."""
+
+
+class LinkLatency:
+    """Latency of emulated links, added by the receiver (``prima-sim emulate``; a no-op otherwise).
+
+    On one host the kernel shapes bandwidth, but ``netem`` (which would delay packets) is not always
+    available, so the emulation sets :data:`LINK_LATENCY_ENV` and every receiver holds a message from
+    ``sender`` until ``latency`` seconds after it arrived, before processing it. In the ring one message is in
+    flight at a time and its receiver is idle waiting for it, so this is the same as a link with that latency.
+
+    Raises:
+        InputError: the variable is set but is not a JSON object of objects of numbers.
+    """
+
+    def __init__(self, device: str, table: dict[str, dict[str, float]] | None = None) -> None:
+        if table is None:
+            raw = os.environ.get(LINK_LATENCY_ENV, "")
+            table = {}
+            if raw:
+                import json
+
+                from prima_sim.errors import InputError
+
+                try:
+                    table = json.loads(raw)
+                    assert isinstance(table, dict) and all(
+                        isinstance(v, dict) and all(isinstance(x, (int, float)) and x >= 0 for x in v.values())
+                        for v in table.values()
+                    )
+                except (ValueError, AssertionError):
+                    raise InputError(LINK_LATENCY_ENV, "", "must be a JSON object {receiver: {sender: seconds}}") from None
+        self.delay: dict[str, float] = {k: float(v) for k, v in table.get(device, {}).items()}
+
+    def hold(self, sender: str, t_arrived: float) -> float:
+        """Sleep until ``t_arrived`` + the latency of the link from ``sender``; returns the time it ends."""
+        d = self.delay.get(sender, 0.0)
+        if d <= 0.0:
+            return t_arrived
+        until = t_arrived + d
+        while (left := until - now()) > 0:
+            time.sleep(left)
+        return now()

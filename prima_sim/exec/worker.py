@@ -1,0 +1,251 @@
+"""``prima-sim worker``: one device of the ring.
+
+A worker loads its shards (one llama.cpp context, with its own KV cache, per window), binds its PULL socket,
+and then, for every message: checks it (a malformed or foreign message is logged and dropped), runs the
+window the message names, sends the result to the owner of the next window, and right after sending advises
+the kernel to read ahead the weights of the window it will run next, so that loading overlaps the other
+devices' compute (prima.cpp's prefetch). A background thread reports its state, the number of rejected
+messages and its measurements to the head every :data:`~prima_sim.exec.ring.HEARTBEAT_INTERVAL_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from prima_sim.errors import InputError, WorkerError
+from prima_sim.exec import wire
+from prima_sim.exec.hosts import Endpoints
+from prima_sim.exec.llamacpp import Model, Window
+from prima_sim.exec.ring import (
+    HEARTBEAT_INTERVAL_S,
+    LINGER_MS,
+    POLL_SLICE_MS,
+    LinkLatency,
+    Prefetcher,
+    Route,
+    SpanLog,
+    WorkerFailed,
+    WorkerIdle,
+    WorkerLoading,
+    WorkerReady,
+    WorkerRunning,
+    WorkerState,
+    describe,
+    now,
+)  # fmt: skip
+from prima_sim.exec.shard import DeviceManifest, shard_path
+from prima_sim.metrics import SpanKind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 512  # tokens per prefill message (llama.cpp's n_batch); head and workers must agree
+
+
+@dataclass
+class LoadedWindow:
+    """One window of this device: its shard, model and context."""
+
+    index: int
+    path: Path
+    model: Model
+    ctx: Window
+
+
+def load_windows(
+    shard_dir: Path, man: DeviceManifest, n_threads: int, n_batch: int, on_progress: object = None
+) -> tuple[dict[int, LoadedWindow], ExitStack]:
+    """Load every window shard of ``man`` (not the embedding shard).
+
+    Returns:
+        The windows by execution-order index, and the stack that frees them.
+
+    Raises:
+        InputError: a shard cannot be loaded.
+    """
+    plan = man.get_plan()
+    stack = ExitStack()
+    out: dict[int, LoadedWindow] = {}
+    shards = [s for s in man.shards if s.window >= 0]
+    try:
+        for i, s in enumerate(shards):
+            if callable(on_progress):
+                on_progress(i, len(shards))
+            path = shard_path(shard_dir, man, s)
+            model = stack.enter_context(Model(path, n_gpu_layers=s.gpu_layers))
+            mode = "logits" if s.kind == "logits" else "hidden"
+            ctx = stack.enter_context(Window(model, mode, plan.n_ctx, n_batch, n_threads))
+            out[s.window] = LoadedWindow(s.window, path, model, ctx)
+    except BaseException:
+        stack.close()
+        raise
+    return out, stack
+
+
+class Worker:
+    """One non-head device of the ring.
+
+    Args:
+        shard_dir: the device's shard directory (holding ``manifest.json``).
+        man: its manifest.
+        endpoints: where every device listens.
+        n_threads: llama.cpp threads for every window.
+        prefetch: advise readahead of the next window after sending.
+        n_batch: the largest batch a message may carry.
+        persist: keep serving after a ``stop`` (for the next head) instead of exiting.
+    """
+
+    def __init__(
+        self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int,
+        prefetch: bool = True, n_batch: int = DEFAULT_BATCH, persist: bool = False,
+    ) -> None:  # fmt: skip
+        self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
+        self.plan = man.get_plan()
+        self.device = man.device
+        self.fp = man.plan_fingerprint
+        if self.plan.fingerprint() != self.fp:
+            raise InputError(str(shard_dir), "plan_fingerprint", "does not match the plan stored in the manifest")
+        if self.device == self.plan.head:
+            raise InputError("--device", "", f"{self.device} is the head: run it with 'prima-sim run --real'")
+        self.route = Route.of(self.plan)
+        self.n_threads, self.n_batch, self.persist = n_threads, min(n_batch, self.plan.n_ctx), persist
+        self.prefetcher = Prefetcher(prefetch)
+        self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
+        self.spans = SpanLog(self.device)
+        self.state: WorkerState = WorkerIdle()
+        self.rejected = 0
+        self.stopping = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self.n_embd = 0
+
+    # --- control channel -------------------------------------------------------------------------------------
+    def _status(self, kind: str = "status") -> wire.Status:
+        return wire.Status(
+            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state.name,  # type: ignore[arg-type]
+            detail=describe(self.state), rejected=self.rejected, n_batch=self.n_batch, spans=tuple(self.spans.drain()),
+        )  # fmt: skip
+
+    def _reporter(self, done: threading.Event) -> None:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.connect(self.endpoints.control_url)
+        try:
+            while not done.wait(HEARTBEAT_INTERVAL_S):
+                sock.send(wire.encode_status(self._status()))
+            sock.send(wire.encode_status(self._status("bye")))
+        finally:
+            sock.close()
+
+    # --- main loop -------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until a ``stop`` message or :meth:`stop`; returns the exit status.
+
+        Raises:
+            WorkerError: the shards could not be loaded or the socket could not be bound.
+        """
+        done = threading.Event()
+        reporter = threading.Thread(target=self._reporter, args=(done,), name="reporter", daemon=True)
+        reporter.start()
+        stack = ExitStack()
+        try:
+            self.state = WorkerLoading(0, len(self.route.windows_of(self.device)))
+            windows, wstack = load_windows(
+                self.shard_dir, self.man, self.n_threads, self.n_batch,
+                lambda i, n: setattr(self, "state", WorkerLoading(i, n)),
+            )  # fmt: skip
+            stack.push(wstack)
+            for w in windows.values():
+                self.prefetcher.register(w.path, self.man.shard_for_window(w.index).data_offset)
+            stack.callback(self.prefetcher.close)
+            self.n_embd = next(iter(windows.values())).model.n_embd
+            pull = self._ctx.socket(zmq.PULL)
+            stack.callback(pull.close, 0)
+            host, port = self.endpoints.data[self.device]
+            try:
+                pull.bind(f"tcp://{host}:{port}")
+            except zmq.ZMQError as exc:
+                raise WorkerError(f"device {self.device} cannot listen on {host}:{port}: {exc}") from None
+            push = {}
+            for dest in sorted(self.route.destinations(self.device)):
+                s = self._ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, LINGER_MS)
+                s.connect(self.endpoints.url(dest))
+                stack.callback(s.close)
+                push[dest] = s
+            self.state = WorkerReady()
+            log.info("%s ready: windows %s on %s:%d", self.device, sorted(windows), host, port)
+            self._serve(pull, push, windows)
+            return 0
+        except (InputError, WorkerError, RuntimeError) as exc:
+            self.state = WorkerFailed(str(exc))
+            raise
+        finally:
+            stack.close()
+            done.set()
+            reporter.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
+
+    def stop(self) -> None:
+        """Ask the main loop to return (from a signal handler or another thread)."""
+        self.stopping.set()
+
+    def _serve(self, pull: zmq.Socket, push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow]) -> None:
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        last_done = now()
+        while not self.stopping.is_set():
+            if not poller.poll(POLL_SLICE_MS * 10):
+                continue
+            frames = pull.recv_multipart(copy=False)
+            t_arrive = now()
+            try:
+                hdr, positions, hidden = wire.decode(frames, self.fp, self.n_embd)
+                if hdr.type == "data" and hdr.window not in windows:
+                    raise wire.WireError(f"window {hdr.window} is not run by {self.device}")
+                if hdr.type == "data" and hdr.n_tokens > self.n_batch:
+                    raise wire.WireError(f"{hdr.n_tokens} tokens exceed this worker's batch of {self.n_batch}")
+            except wire.WireError as exc:  # expected: garbage or a foreign ring must not kill the worker
+                self.rejected += 1
+                log.warning("%s: rejected a message: %s", self.device, exc)
+                continue
+            if hdr.type != "data":
+                push[self.route.successor(self.device)].send_multipart(frames, copy=False)
+                if hdr.type == "stop":
+                    log.info("%s: stop received", self.device)
+                    if not self.persist:
+                        return
+                continue
+            assert positions is not None and hidden is not None
+            t_arrive = self.latency.hold(hdr.origin, t_arrive)  # emulated link latency (prima_sim.emulate)
+            self.spans.add(SpanKind.RECV_WAIT, max(last_done, hdr.t_step), t_arrive, hdr.step)
+            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows)
+            last_done = now()
+            self.state = WorkerReady()
+
+    def _run_data(self, hdr: wire.Header, pos0: int, hidden: object, positions: object,
+                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow]) -> None:  # fmt: skip
+        j, h = hdr.window, hidden
+        while True:
+            self.state = WorkerRunning(hdr.step, j)
+            t0 = now()
+            out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
+            t1 = now()
+            self.spans.add(SpanKind.COMPUTE, t0, t1, hdr.step, f"w{j}")
+            dest = self.route.owner(j + 1)
+            if dest == self.device:  # consecutive windows on this device: no hop
+                h, j = out.copy(), j + 1
+                continue
+            nh = hdr.model_copy(update={"window": j + 1, "origin": self.device})
+            push[dest].send_multipart(wire.encode(nh, positions, out))  # type: ignore[arg-type]
+            t2 = now()
+            self.spans.add(SpanKind.SEND, t1, t2, hdr.step, f"to {dest}")
+            nxt = self.route.next_own_window(self.device, j)
+            if nxt is not None and self.prefetcher.enabled:
+                self.prefetcher.advise(windows[nxt].path)
+                self.spans.add(SpanKind.PREFETCH, t2, now(), hdr.step, f"w{nxt}")
+            return

@@ -1,0 +1,141 @@
+"""The wire protocol, hosts.toml and ring routing (no llama.cpp, no sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prima_sim.errors import InputError
+from prima_sim.exec import wire
+from prima_sim.exec.hosts import HostsFile, load_hosts, resolve
+from prima_sim.exec.ring import Route
+from prima_sim.plan import Plan, make_assignments
+
+FP = "0123456789abcdef"
+
+
+def make_plan(windows: tuple[int, ...], n_layers: int = 30) -> Plan:
+    names = [f"D{i}" for i in range(len(windows))]
+    return Plan(model_id="m", n_layers=n_layers, cluster_name="c", k=-(-n_layers // sum(windows)), n_ctx=256,
+                devices=make_assignments(names, windows, [0] * len(windows), n_layers), scheduler="manual")  # fmt: skip
+
+
+def data_msg(n: int = 3, width: int = 8, **kw: object) -> list[object]:
+    h = wire.Header(type="data", fp=FP, seq=5, step=2, window=1, n_tokens=n, shape=(n, width), **kw)  # type: ignore[arg-type]
+    return wire.encode(h, np.arange(10, 10 + n, dtype=np.int32), np.arange(n * width, dtype=np.float32).reshape(n, width))
+
+
+def test_data_round_trip() -> None:
+    frames = [bytes(memoryview(f)) for f in data_msg()]
+    h, pos, hid = wire.decode(frames, FP, 8)
+    assert (h.type, h.seq, h.step, h.window, h.n_tokens, h.shape, h.dtype) == ("data", 5, 2, 1, 3, (3, 8), "f32")
+    assert pos.tolist() == [10, 11, 12]
+    assert hid.shape == (3, 8) and hid[2, 7] == 23.0
+
+
+def test_control_messages_round_trip() -> None:
+    h, pos, hid = wire.decode(wire.encode(wire.Header(type="stop", fp=FP, seq=9)), FP, 8)
+    assert h.type == "stop" and pos is None and hid is None
+    st = wire.Status(type="status", device="D1", pid=1, fp=FP, state="ready", spans=(("compute", 1.0, 2.0, 0, "w0"),))
+    assert wire.decode_status(wire.encode_status(st)) == st
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([], "empty message"),
+        ([b"hello"], "not a prima-sim message"),
+        ([wire.MAGIC + b"{oops"], "not JSON"),
+        ([wire.MAGIC + b'{"v": 2, "type": "data"}'], "protocol version 2"),
+        ([wire.MAGIC + b'{"v": 1, "type": "dance", "fp": "x", "seq": 1}'], "bad header field type"),
+        ([wire.MAGIC + b'{"v": 1, "type": "data", "fp": "x", "seq": 1, "extra": 1}'], "bad header field extra"),
+        ([wire.MAGIC + b"x" * 5000], "exceeds"),
+    ],
+)
+def test_malformed_messages_are_rejected_with_a_reason(frames: list[bytes], reason: str) -> None:
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode(frames, FP, 8)
+
+
+def test_foreign_and_inconsistent_data_is_rejected() -> None:
+    with pytest.raises(wire.WireError, match="for plan"):
+        wire.decode(data_msg(), "ffffffffffffffff", 8)
+    with pytest.raises(wire.WireError, match=r"expected \[n_tokens >= 1, 16\]"):
+        wire.decode(data_msg(), FP, 16)
+    frames = data_msg()
+    with pytest.raises(wire.WireError, match="payload has"):
+        wire.decode([frames[0], frames[1], b"\0" * 12], FP, 8)
+    with pytest.raises(wire.WireError, match="expected 3"):
+        wire.decode(frames[:2], FP, 8)
+    with pytest.raises(wire.WireError, match="positions frame"):
+        wire.decode([frames[0], b"\0\0", frames[2]], FP, 8)
+    with pytest.raises(wire.WireError, match="not consecutive"):
+        wire.decode([frames[0], np.array([1, 5, 6], np.int32), frames[2]], FP, 8)
+    with pytest.raises(wire.WireError, match="expected 1"):
+        wire.decode([wire.encode(wire.Header(type="hello", fp=FP, seq=1))[0], b"x"], FP, 8)
+
+
+def test_hosts_defaults_are_loopback_and_consecutive_ports() -> None:
+    ep = resolve(HostsFile(), make_plan((10, 10, 10)))
+    assert ep.data == {"D0": ("127.0.0.1", 29500), "D1": ("127.0.0.1", 29501), "D2": ("127.0.0.1", 29502)}
+    assert ep.control == ("127.0.0.1", 29503) and ep.url("D1") == "tcp://127.0.0.1:29501"
+
+
+def test_hosts_file_overrides_and_errors(tmp_path) -> None:
+    p = tmp_path / "hosts.toml"
+    p.write_text('base_port = 7000\n[devices.D1]\nhost = "10.0.0.2"\n[devices.D2]\nhost = "10.0.0.3"\nport = 9000\n')
+    ep = resolve(load_hosts(p), make_plan((10, 10, 10)), str(p))
+    assert ep.data["D1"] == ("10.0.0.2", 7001) and ep.data["D2"] == ("10.0.0.3", 9000)
+    p.write_text("[devices.D9]\nport = 1\n")
+    with pytest.raises(InputError, match=r"field 'devices.D9': is not a device of the plan"):
+        resolve(load_hosts(p), make_plan((10, 10, 10)), str(p))
+    p.write_text("[devices.D1]\nport = 70000\n")
+    with pytest.raises(InputError, match=r"hosts.toml: field 'devices.D1.port'"):
+        load_hosts(p)
+    p.write_text("[devices.D1]\nportt = 1\n")
+    with pytest.raises(InputError, match="not a known field"):
+        load_hosts(p)
+    p.write_text("[devices.D2]\nport = 29501\n")
+    with pytest.raises(InputError, match="already used by D1"):
+        resolve(load_hosts(p), make_plan((10, 10, 10)), str(p))
+
+
+def test_route_follows_the_plan_order() -> None:
+    r = Route.of(make_plan((2, 3, 5)))  # rounds: D1 [0,3), D2 [3,8), D0 [8,10), D1 [10,13) ...
+    assert r.order[:3] == (("D1", (0, 3)), ("D2", (3, 8)), ("D0", (8, 10)))
+    assert r.n_windows == 9 and r.owner(9) == "D0"
+    assert r.windows_of("D0") == [2, 5, 8]
+    assert r.destinations("D0") == {"D1"} and r.destinations("D2") == {"D0"}
+    assert r.next_own_window("D1", 0) == 3 and r.next_own_window("D1", 6) == 0 and r.next_own_window("D0", -1) == 2
+
+
+def test_route_with_head_window_zero_and_partial_round() -> None:
+    r = Route.of(make_plan((0, 6, 4)))  # D1 [0,6), D2 [6,10), D1 [10,16), ... D1 [20,26), D2 [26,30)
+    assert "D0" not in {d for d, _ in r.order}
+    assert r.destinations("D2") == {"D1", "D0"}  # next round's window, and the head after the last window
+    r = Route.of(make_plan((4, 3, 5, 2)))  # 14 per round; the 3rd round ends on D1's [28, 30)
+    assert r.order[-1] == ("D1", (28, 30)) and r.owner(r.n_windows) == "D0"
+    assert "D0" in r.destinations("D1")
+    solo = Route.of(make_plan((30,)))
+    assert solo.destinations("D0") == set() and solo.owner(0) == "D0"
+
+
+def test_prefetch_advises_the_tensor_data_of_the_shard(tmp_path, monkeypatch) -> None:
+    import os
+
+    from prima_sim.exec.ring import Prefetcher
+
+    f = tmp_path / "w.gguf"
+    f.write_bytes(b"\0" * 10000)
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n, adv)))
+    p = Prefetcher(True)
+    p.register(f, 4096)
+    p.advise(f)
+    p.advise(tmp_path / "unknown.gguf")  # not registered: nothing
+    assert calls == [(4096, 10000 - 4096, os.POSIX_FADV_WILLNEED)]
+    p.close()
+    off = Prefetcher(False)  # --no-prefetch
+    off.register(f, 0)
+    off.advise(f)
+    assert len(calls) == 1
