@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)")
     p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
+    p.add_argument("--sim-k", action="store_true",
+                   help="plan every valid k with Halda and keep the plan that simulates fastest (prefetch-aware)")
     p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
     p.add_argument("--gpu-layers", help="manual GPU layers per window in ring order, e.g. 0,4,0")
     p.add_argument("--out", help="write the plan (JSON) to this file")
@@ -120,6 +122,26 @@ def print_table(plan: Plan) -> None:
           + (f" ({plan.solver.details.get('ilp_solves')} integer programs)" if plan.solver.details else ""))  # fmt: skip
 
 
+def _plan_by_simulation(cluster: object, model: object, wl: Workload, quiet: bool) -> Plan:
+    import sys
+
+    from prima_sim.sim.refine import plan_by_simulated_k
+
+    def progress(i: int, n: int) -> None:
+        if not quiet:
+            print(f"\rsimulating k candidates: {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    plan, candidates = plan_by_simulated_k(cluster, model, wl, progress=progress)
+    if not quiet:
+        print(f"{'k':>4}{'windows':>24}{'analytic ms':>13}{'simulated ms':>14}")
+        for c in candidates:
+            if c.plan is not None:
+                print(f"{c.k:>4}{','.join(map(str, c.plan.windows)):>24}{_ms(c.analytic_tpot_s):>13}"
+                      f"{_ms(c.simulated_tpot_s):>14}" + ("  <- chosen" if c.plan.k == plan.k else ""))  # fmt: skip
+        print()
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``prima-sim plan``."""
     cluster = load_cluster_arg(args.cluster)
@@ -155,7 +177,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.k is not None and args.k <= 0:
             raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
-        plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
+        if args.sim_k:
+            if args.scheduler != "halda" or args.k is not None or args.no_drop:
+                raise InputError("--sim-k", "", "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop")
+            plan = _plan_by_simulation(cluster, model, wl, quiet=args.json)
+        else:
+            plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
     if args.out:
         plan.save(args.out)
     if args.json:
