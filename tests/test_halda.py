@@ -214,3 +214,17 @@ def test_set_search_never_worsens_the_published_loop(c: object) -> None:
     assert (plain is None) == (refined is None)
     if plain is not None:
         assert refined.solution.objective_s <= plain.solution.objective_s * (1 + 1e-9) + 1e-12
+
+
+def test_paper_testbed_halda_beats_every_baseline() -> None:
+    """D1-D4 with Llama 3 70B Q4_K_M (the paper's headline setting): Halda's predicted TPOT is the lowest."""
+    from prima_sim.devices.catalog import catalog_model
+    from prima_sim.devices.cluster import load_cluster
+
+    c = load_cluster("paper-d1-d4")
+    m = catalog_model("llama3-70b-q4_k_m")
+    wl = Workload(n_ctx=1024, prompt_tokens=64, decode_tokens=128)
+    tpot = {s: make_plan(c, m, wl, s).prediction.tpot_s for s in SCHEDULERS}
+    for s in SCHEDULERS:
+        if s != "halda":
+            assert tpot["halda"] < tpot[s], tpot
