@@ -19,12 +19,12 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 
-class SpanKind(str, Enum):
+class SpanKind(StrEnum):
     """What a device is doing during a span."""
 
     COMPUTE = "compute"  # running layers (measured: inside llama_decode, page-fault stalls included)
@@ -132,7 +132,7 @@ def rows_from_spans(
                     compute_s=comp, disk_wait_s=math.nan if measured else disk, recv_wait_s=recv, send_s=send,
                     prefetch_s=d.get("prefetch_s", 0.0), idle_s=idle,
                     disk_read_bytes=(disk_read or {}).get((token, dev), math.nan if measured else 0.0),
-                )  # fmt: skip
+                )
             )
     return rows
 
@@ -201,7 +201,7 @@ def summarize(rows: Sequence[TokenRow]) -> dict[str, Any]:
     for r in rows:
         if r.phase != "decode":
             continue
-        d = per_device.setdefault(r.device, {c: 0.0 for c in TOKEN_COLUMNS[6:]})
+        d = per_device.setdefault(r.device, dict.fromkeys(TOKEN_COLUMNS[6:], 0.0))
         for c in TOKEN_COLUMNS[6:]:
             v = getattr(r, c)
             if not math.isnan(v):

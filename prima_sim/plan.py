@@ -230,7 +230,7 @@ def layer_ranges(windows: list[int] | tuple[int, ...], n_layers: int) -> list[li
     if any(w < 0 for w in windows) or sum(windows) == 0:
         raise ValueError(f"windows must be >= 0 and not all zero, got {list(windows)}")
     m = len(windows)
-    order = list(range(1, m)) + [0]
+    order = [*list(range(1, m)), 0]
     out: list[list[LayerRange]] = [[] for _ in range(m)]
     pos = 0
     while pos < n_layers:
@@ -260,5 +260,5 @@ def make_assignments(
     ranges = layer_ranges(windows, n_layers)
     return tuple(
         DeviceAssignment(name=n, window=w, gpu_layers=min(g, w), layers=tuple(r))
-        for n, w, g, r in zip(names, windows, gpu_layers, ranges)
+        for n, w, g, r in zip(names, windows, gpu_layers, ranges, strict=True)
     )

@@ -76,7 +76,7 @@ def _parse(value: object, units: dict[str, float], dimension: str, example: str)
 
 def parse_bytes(value: object) -> int:
     """Read a size ("8 GiB", "512 MB", 1234) as a whole number of bytes."""
-    return int(round(_parse(value, _BYTE_UNITS, "a size", "8 GiB")))
+    return round(_parse(value, _BYTE_UNITS, "a size", "8 GiB"))
 
 
 def parse_bandwidth(value: object) -> float:

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomllib
 import zmq
 
 from prima_sim.devices.cluster import Link

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from prima_sim.devices.gguf_file import ArrayInfo, GGUFFile, read_gguf
 from prima_sim.devices.ggml_types import TYPE_BY_NAME, tensor_nbytes
+from prima_sim.devices.gguf_file import ArrayInfo, GGUFFile, read_gguf
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel
 

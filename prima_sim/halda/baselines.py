@@ -138,4 +138,4 @@ def baseline_windows(name: str, cluster: Cluster, ring: list[str], model: ModelP
     """Windows and GPU layers (ring order, head first) chosen by baseline ``name``."""
     costs = [DeviceCosts(cluster.device(n), model, workload) for n in ring]
     w = BASELINES[name](costs, model.arch.n_layer)
-    return w, [gpu_fit(c, wi) for c, wi in zip(costs, w)]
+    return w, [gpu_fit(c, wi) for c, wi in zip(costs, w, strict=True)]

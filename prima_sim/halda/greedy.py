@@ -69,7 +69,7 @@ def solve_k_greedy(
     cpu = [b.lo_c for b in boxes]
     gpu = [0] * len(coefs)
     segments: list[tuple[float, int, str, int]] = []  # (marginal cost, device, arc, capacity)
-    for i, (c, b) in enumerate(zip(coefs, boxes)):
+    for i, (c, b) in enumerate(zip(coefs, boxes, strict=True)):
         p = k * c.a / (master_priority if i == 0 else 1.0)
         q = p + k * c.b
         arcs = sorted([(p, "c", b.hi_c - b.lo_c), (q, "g", b.gpu)], key=lambda x: (x[0], x[1]))
@@ -86,7 +86,7 @@ def solve_k_greedy(
         assert need == 0  # guaranteed by lo_w <= hi_c + gpu
     remaining = W - sum(cpu) - sum(gpu)
     room = [b.hi_w - (cpu[i] + gpu[i]) for i, b in enumerate(boxes)]
-    for cost, i, arc, cap in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
+    for _cost, i, arc, cap in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
         if remaining == 0:
             break
         take = min(cap, room[i], remaining)
@@ -100,6 +100,6 @@ def solve_k_greedy(
         remaining -= take
     if remaining:
         return None
-    w = tuple(ci + gi for ci, gi in zip(cpu, gpu))
+    w = tuple(ci + gi for ci, gi in zip(cpu, gpu, strict=True))
     n = tuple(gpu)
     return objective(coefs, k, w, n, master_priority), w, n

@@ -153,7 +153,7 @@ def halda(
         return None
     progs = _Programs(cluster, ring, model, ks, costs, master_priority)
     w = initial_windows([costs[n] for n in ring], L)
-    n = [w_i if costs[name].device.gpu is not None else 0 for name, w_i in zip(ring, w)]
+    n = [w_i if costs[name].device.gpu is not None else 0 for name, w_i in zip(ring, w, strict=True)]
     forced: set[str] = set()
     overloaded: set[str] = set()
     prev_sets: dict[str, DeviceSet] | None = None
@@ -165,7 +165,7 @@ def halda(
         W = sum(w)
         k_cur = max(1, L // W)
         sets = {name: assign_set(costs[name], w_i, n_i, k_cur, idx == 0, name in forced, name in overloaded)
-                for idx, (name, w_i, n_i) in enumerate(zip(ring, w, n))}  # fmt: skip
+                for idx, (name, w_i, n_i) in enumerate(zip(ring, w, n, strict=True))}  # fmt: skip
         if sets == prev_sets:
             break
         prev_sets = sets
@@ -193,9 +193,9 @@ def halda(
         # its CPU, force the slowest-disk overloaded device into M4 and solve again. Only a GPU whose layers
         # are cheaper than CPU layers counts as unused (an Apple GPU on the same memory bus may not be).
         gpu_free = any(c.gpu_max_layers >= 1 and c.beta < 0 and ni < math.floor(c.gpu_max_layers + 1e-9)
-                       for c, ni in zip(coefs, sol.n))  # fmt: skip
-        weak = any(wi == 1 and ni == 0 for wi, ni in zip(sol.w, sol.n))
-        gpu_over = any(costs[c.name].device.gpu is not None and wi > ni for c, wi, ni in zip(coefs, sol.w, sol.n))
+                       for c, ni in zip(coefs, sol.n, strict=True))  # fmt: skip
+        weak = any(wi == 1 and ni == 0 for wi, ni in zip(sol.w, sol.n, strict=True))
+        gpu_over = any(costs[c.name].device.gpu is not None and wi > ni for c, wi, ni in zip(coefs, sol.w, sol.n, strict=True))
         cpu_over = any(costs[c.name].device.gpu is None and sets[c.name] is not DeviceSet.M4 for c in coefs)
         candidates = [c for c in coefs if sets[c.name] is not DeviceSet.M4 and c.name not in forced]
         if not weak and gpu_free and (gpu_over or cpu_over) and candidates:
@@ -310,7 +310,7 @@ def select_devices(
         raise _diagnose(cluster, ring, model, workload, k_user)
     rounds = 1
     while allow_drop:
-        drop = [name for name, wi in zip(res.ring, res.solution.w) if wi <= 1 and name != res.ring[0]]
+        drop = [name for name, wi in zip(res.ring, res.solution.w, strict=True) if wi <= 1 and name != res.ring[0]]
         if not drop:
             break
         trial_ring = [name for name in res.ring if name not in drop]
@@ -356,7 +356,7 @@ def _preselect(
         if res is not None and (best is None or res.solution.objective_s < best[0]):
             best = (res.solution.objective_s, trial_ring)
     if best is None:  # nothing smaller works: fall back to every device that fits the layer count
-        keep_ring = [head] + ranked[: L - 1]
+        keep_ring = [head, *ranked[:L - 1]]
         return keep_ring, [(nm, f"more devices than the model's {L} layers; slower per layer than those kept")
                            for nm in others if nm not in keep_ring]  # fmt: skip
     kept = best[1]

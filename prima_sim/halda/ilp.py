@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import pulp
 
@@ -46,7 +46,7 @@ SOLVER_TIME_LIMIT_S = 10.0
 _EPS = 1e-9
 
 
-class DeviceSet(str, Enum):
+class DeviceSet(StrEnum):
     """Halda's device sets (paper §3.2, Cases 1-4)."""
 
     M1 = "M1"  # macOS, no Metal, overloaded: weights page in at random-read bandwidth
@@ -104,15 +104,15 @@ def assign_set(
     if force_overloaded:
         return overloaded_set(costs)
     b_prime = mean_layer_bytes(costs.model) + costs.kv_bytes_per_layer
-    l, l_gpu = k * w, k * min(n, w)
+    layers, layers_gpu = k * w, k * min(n, w)
     bio0 = head_extra_bytes(costs.model) if is_head else 0.0
     c_cpu, c_gpu = costs.buffers(k, is_head, d.gpu is not None)
     budget = costs.ram_budget_bytes
     if d.os == "macos" and not d.is_metal:
-        return DeviceSet.M1 if l * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond1
+        return DeviceSet.M1 if layers * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond1
     if d.is_metal:
-        return DeviceSet.M2 if l * b_prime + bio0 + c_cpu + c_gpu > budget else DeviceSet.M4  # cond2
-    return DeviceSet.M3 if (l - l_gpu) * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond3
+        return DeviceSet.M2 if layers * b_prime + bio0 + c_cpu + c_gpu > budget else DeviceSet.M4  # cond2
+    return DeviceSet.M3 if (layers - layers_gpu) * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond3
 
 
 def coefficients(
@@ -251,8 +251,8 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
     status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         return None
-    wv = tuple(int(round(w[c.name].value())) for c in coefs)
-    nv = tuple(int(round(n[c.name].value())) for c in coefs)
+    wv = tuple(round(w[c.name].value()) for c in coefs)
+    nv = tuple(round(n[c.name].value()) for c in coefs)
     obj = objective(coefs, k, wv, nv)
     binding: dict[str, list[str]] = {c.name: [] for c in coefs}
     for con in prob.constraints():
@@ -261,7 +261,7 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
             dev = next((c.name for c in coefs if cname.endswith("_" + c.name)), None)
             if dev:
                 binding[dev].append(cname[: -len(dev) - 1])
-    for c, wi, ni in zip(coefs, wv, nv):
+    for c, wi, ni in zip(coefs, wv, nv, strict=True):
         if wi == 1:
             binding[c.name].append("eq7_window_at_least_1")
         if ni == 0 and c.gpu_max_layers >= 1 and c.b >= 0:
@@ -275,14 +275,14 @@ def objective(
     """Objective (6): Halda's predicted TPOT for this k and sets (``master_priority`` 1 = without the head
     preference; pass :data:`MASTER_PRIORITY` for the exact function the solver minimizes)."""
     return sum(k * (c.a / (master_priority if i == 0 else 1.0) * wi + c.b * ni) + k * c.xi + c.kappa
-               for i, (c, wi, ni) in enumerate(zip(coefs, w, n)))  # fmt: skip
+               for i, (c, wi, ni) in enumerate(zip(coefs, w, n, strict=True)))  # fmt: skip
 
 
 def feasible(coefs: list[Coefficients], W: int, w: tuple[int, ...], n: tuple[int, ...]) -> bool:
     """Whether (w, n) satisfies every constraint of the program (used by tests and exhaustive search)."""
     if sum(w) != W:
         return False
-    for c, wi, ni in zip(coefs, w, n):
+    for c, wi, ni in zip(coefs, w, n, strict=True):
         if not (1 <= wi <= W and 0 <= ni <= wi):
             return False
         cpu = wi - ni if c.ram_counts_gpu else wi

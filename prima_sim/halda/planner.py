@@ -65,7 +65,7 @@ def make_plan(
                 c.name: {"a": c.a * 1e3, "b": c.b * 1e3, "xi": c.xi * 1e3, "alpha": c.alpha * 1e3,
                          "beta": c.beta * 1e3, "disk_GBps": c.disk_bps / 1e9}
                 for c in res.coefs
-            },  # fmt: skip
+            },
             "iterations": res.iterations,
             "ilp_solves": res.solves,
             "selection_rounds": sel.rounds,

@@ -342,7 +342,7 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         provenance=Provenance(
             kind="measured",
             host=host,
-            date=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            date=_dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
             tool=f"prima-sim {__version__} profile",
             notes=(
                 f"CPU: {system.cpu_model()}; ggml from {lib.folder}; {n_threads} thread(s); "
