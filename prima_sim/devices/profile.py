@@ -99,6 +99,13 @@ class DeviceProfile(FrozenModel):
     )
     disk_seq_read_bps: PositiveBandwidth
     disk_rand_read_bps: PositiveBandwidth
+    # Added for prima_sim.emulate (owner: emulation): optional, empty = memory_bandwidth_bps for every type.
+    matvec_bps: dict[str, PositiveBandwidth] = Field(
+        default_factory=dict,
+        description="decode (matrix-vector) streaming rate of weights of a given ggml type, where it differs from "
+        "memory_bandwidth_bps: on a CPU with few threads dequantization makes some types compute-bound "
+        "(one thread here: q4_0 ~10 GB/s, q6_k ~20 GB/s); measured by prima-sim emulate",
+    )
     gpu: GpuProfile | None = None
     provenance: Provenance
     sources: dict[str, str] = Field(default_factory=dict, description="per-field source notes")
@@ -114,6 +121,14 @@ class DeviceProfile(FrozenModel):
     @classmethod
     def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_types(v)
+
+    @field_validator("matvec_bps")
+    @classmethod
+    def _known_matvec_types(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k not in TYPE_BY_NAME]
+        if bad:
+            raise ValueError(f"unknown ggml type(s) {bad}; use names like q4_0, q6_k, q8_0")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
@@ -150,6 +165,11 @@ class DeviceProfile(FrozenModel):
         """The disk bandwidth that page faults see: sequential on Linux and Android (llama.cpp advises
         ``POSIX_FADV_SEQUENTIAL`` and the kernel reads ahead), random on macOS and Windows."""
         return self.disk_seq_read_bps if self.os in ("linux", "android") else self.disk_rand_read_bps
+
+    def stream_bps(self, ggml_type: str) -> float:
+        """Rate at which decode streams weights of ``ggml_type`` on the CPU (``matvec_bps``, else the memory
+        bandwidth)."""
+        return self.matvec_bps.get(ggml_type, self.memory_bandwidth_bps)
 
     def cpu_rate(self, ggml_type: str) -> float:
         """CPU throughput for a weight type; a missing type falls back to the closest profiled one."""

@@ -125,6 +125,9 @@ class DeviceCosts:
             out = LayerTime(c, mem, d.gpu.kv_copy_s_per_layer * n_tokens)
         else:
             c, mem = roofline(flops, d.cpu_rate, nbytes, d.memory_bandwidth_bps)
+            if d.matvec_bps:  # per-type streaming rates (added for prima_sim.emulate; empty = the line above)
+                kv = m.layer_kv_tokens(layer, n_kv) * m.kv_bytes_per_token_per_layer
+                mem = _typed_stream_s(m.layer_tensors(layer), d) + kv / d.memory_bandwidth_bps
             out = LayerTime(c, mem, d.kv_copy_s_per_layer * n_tokens)
         self._cache[key] = out
         return out
@@ -147,6 +150,8 @@ class DeviceCosts:
         flops = sum_flops([m.output_flops(n_logits)])
         nbytes = m.output_bytes + m.embedding_row_bytes * n_tokens
         c, mem = roofline(flops, d.cpu_rate, nbytes, d.memory_bandwidth_bps)
+        if d.matvec_bps:  # per-type streaming rates (added for prima_sim.emulate; empty = the line above)
+            mem = _typed_stream_s(output_tensors(m), d) + m.embedding_row_bytes * n_tokens / d.memory_bandwidth_bps
         return LayerTime(c, mem)
 
     # --- memory ---------------------------------------------------------------------------------------
@@ -212,6 +217,20 @@ class DeviceCosts:
     def disk_bps(self) -> float:
         """Read bandwidth of page faults (sequential on Linux/Android, random on macOS/Windows)."""
         return self.device.disk_read_bps
+
+
+def output_tensors(model: ModelProfile) -> list:
+    """The output head's tensors: final norm and ``output.weight`` (the embedding table when tied)."""
+    out = [t for t in model.tensors if t.name in ("output_norm.weight", "output_norm.bias", "output.weight", "output.bias")]
+    if model.tensor("output.weight") is None and (emb := model.tensor("token_embd.weight")) is not None:
+        out.append(emb)
+    return out
+
+
+def _typed_stream_s(tensors: list, device: DeviceProfile) -> float:
+    """Seconds to stream ``tensors`` at their types' decode rates (``DeviceProfile.stream_bps``); added for
+    prima_sim.emulate, used only when the profile gives ``matvec_bps``."""
+    return sum(t.n_bytes / device.stream_bps(t.ggml_type) for t in tensors)
 
 
 def head_extra_bytes(model: ModelProfile) -> float:
