@@ -1,0 +1,78 @@
+"""The scenario's model: generated once with ``prima-sim synth-model`` and cached, or an existing GGUF."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prima_sim.emulate.scenario import ModelSpec
+from prima_sim.errors import EmulationError, InputError
+
+
+def cache_dir() -> Path:
+    """Where generated models and reused profiles are kept (``PRIMA_SIM_CACHE``, else ~/.cache/prima-sim)."""
+    env = os.environ.get("PRIMA_SIM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "prima-sim"
+
+
+def ensure_model(spec: ModelSpec, models_dir: Path | None = None, log: object = None) -> Path:
+    """The GGUF of ``spec``: its path, or a generated model (``synth-<label>-<hash>.gguf``, made on first use).
+
+    Raises:
+        InputError: the GGUF does not exist.
+        EmulationError: ``prima-sim synth-model`` failed.
+    """
+    if spec.gguf:
+        p = Path(spec.gguf)
+        if not p.is_file():
+            raise InputError(str(p), "", "model file not found")
+        return p
+    d = models_dir or cache_dir() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / f"synth-{spec.label()}-{spec.key()}.gguf"
+    if out.is_file():
+        return out
+    cmd = [
+        sys.executable,
+        "-m",
+        "prima_sim.cli.main",
+        "synth-model",
+        *spec.synth_args(),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    if callable(log):
+        log(f"generating the model: prima-sim synth-model {' '.join(spec.synth_args())}")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EmulationError(f"prima-sim synth-model failed: {(r.stderr or r.stdout).strip()[-600:]}")
+    return out
+
+
+def count_prompt_tokens(gguf: Path, text: str) -> int:
+    """Tokens ``prima-sim run`` will prefill for ``text`` (the head tokenizes with BOS, special tokens parsed).
+
+    Loads only the vocabulary (``vocab_only``), in a child process so that this process never maps llama.cpp.
+
+    Raises:
+        EmulationError: llama.cpp could not read the vocabulary.
+    """
+    code = (
+        "import sys, llama_cpp as lc\n"
+        "lc.llama_backend_init()\n"
+        "p = lc.llama_model_default_params(); p.vocab_only = True\n"
+        "m = lc.llama_model_load_from_file(sys.argv[1].encode(), p)\n"
+        "assert m, 'cannot load'\n"
+        "v = lc.llama_model_get_vocab(m)\n"
+        "raw = sys.stdin.buffer.read()\n"
+        "n = lc.llama_tokenize(v, raw, len(raw), None, 0, True, True)\n"
+        "print(-n if n < 0 else n)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(gguf)], input=text.encode(), capture_output=True)
+    try:
+        return int(r.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EmulationError(f"cannot tokenize the prompt with {gguf}: {r.stderr.decode()[-400:]}") from None
