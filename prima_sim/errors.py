@@ -14,6 +14,12 @@ class PrimaSimError(Exception):
     exit_code = 2
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (a key or value read from a file may hold a newline; an error
+    message stays one line)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class InputError(PrimaSimError):
     """A file or argument is malformed or inconsistent.
 
@@ -28,7 +34,7 @@ class InputError(PrimaSimError):
         self.field = field
         self.problem = problem
         where = f"{self.source}: field '{field}'" if field else self.source
-        super().__init__(f"{where}: {problem}")
+        super().__init__(one_line(f"{where}: {problem}"))
 
 
 class InfeasiblePlanError(PrimaSimError):

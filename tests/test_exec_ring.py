@@ -149,7 +149,7 @@ def test_seeded_sampling_matches_single_process(smollm2, smol_prompt, tmp_path):
 def test_cli_run_local_json_and_measurements(smollm2, tmp_path, capsys):
     from prima_sim.cli.main import main
 
-    plan = make_plan(30, (10, 10, 10))
+    plan = make_plan(30, (5, 5, 5))  # k = 2: every device has two windows and prefetches the other one
     plan.save(tmp_path / "plan.json")
     out = tmp_path / "out"
     rc = main(["run", "--local", "--plan", str(tmp_path / "plan.json"), "--model", str(smollm2), "--prompt", PROMPT,
@@ -172,7 +172,7 @@ def test_cli_run_local_json_and_measurements(smollm2, tmp_path, capsys):
     kinds = {(s.device, s.kind.value) for s in spans_from_chrome_trace(out / "trace.json")}
     for dev in ("D1", "D2"):
         assert {(dev, "compute"), (dev, "send"), (dev, "recv_wait"), (dev, "prefetch")} <= kinds
-    assert ("D0", "head") in kinds
+    assert ("D0", "head") in kinds and ("D0", "prefetch") in kinds
     summary = json.loads((out / "summary.json").read_text())
     assert summary["token_ids"] == res["token_ids"]
 

@@ -107,6 +107,15 @@ def test_route_follows_the_plan_order() -> None:
     assert r.windows_of("D0") == [2, 5, 8]
     assert r.destinations("D0") == {"D1"} and r.destinations("D2") == {"D0"}
     assert r.next_own_window("D1", 0) == 3 and r.next_own_window("D1", 6) == 0 and r.next_own_window("D0", -1) == 2
+    assert r.prefetch_window("D1", 0, {0}) == 3 and r.prefetch_window("D1", 6, {0, 3, 6}) == 0
+
+
+def test_a_device_with_one_window_does_not_prefetch_it_again() -> None:
+    r = Route.of(make_plan((4, 3, 3), n_layers=10))  # k = 1: every device has one window
+    assert all(len(r.windows_of(d)) == 1 for d in ("D0", "D1", "D2"))
+    assert [r.next_own_window(d, r.windows_of(d)[0]) == r.windows_of(d)[0] for d in ("D0", "D1", "D2")] == [True] * 3
+    assert [r.prefetch_window(d, r.windows_of(d)[0], set(r.windows_of(d))) for d in ("D0", "D1", "D2")] == [None] * 3
+    assert r.prefetch_window("D0", -1, set()) == r.windows_of("D0")[0], "before its first run (cold) it does"
 
 
 def test_route_with_head_window_zero_and_partial_round() -> None:

@@ -75,6 +75,22 @@ def test_prefetch_gives_almost_nothing_with_one_round(prefetch_tpots):
     assert on >= 0.95 * off
 
 
+def test_a_device_with_one_window_prefetches_it_only_before_its_first_run(llama70):
+    """k = 1: every device runs one window per token; advising it again would only fight its own reads."""
+    c = load_cluster("prefetch-4x8g")
+    wl = Workload(n_ctx=1024, prompt_tokens=8, decode_tokens=2)
+    plan = manual_plan(c, llama70, wl, [20] * 4)
+    res = simulate(plan, c, llama70, wl, SimConfig(prefetch=True))
+    for name, st in res.device_stats.items():
+        if name == plan.head:  # it sends the first token's embeddings before its window's first run
+            assert 0 < st["disk_prefetch_bytes"] <= st["mapped_weight_bytes"]
+        else:
+            assert st["disk_prefetch_bytes"] == 0
+    assert all(st["disk_read_bytes"] > 0 for st in res.device_stats.values()), "yet they page"
+    res2 = simulate(manual_plan(c, llama70, wl, [10] * 4), c, llama70, wl, SimConfig(prefetch=True))
+    assert all(st["disk_prefetch_bytes"] > 0 for st in res2.device_stats.values()), "k = 2 prefetches"
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_prefetch_cuts_tpot_with_several_rounds(prefetch_tpots, k):
     off, on = prefetch_tpots[k]

@@ -113,6 +113,7 @@ class Head:
         self.timeout, self.step_timeout = timeout, step_timeout
         self.check_alive = check_alive or (lambda: None)
         self.prefetcher = Prefetcher(prefetch)
+        self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
         self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.peers: dict[str, _Peer] = {w: _Peer() for w in self.workers}
@@ -295,6 +296,7 @@ class Head:
                 win = self.windows[j]
                 t0 = now()
                 h = win.ctx.run_hidden(h, pos0)
+                self._ran.add(j)
                 self.spans.add(SpanKind.COMPUTE, t0, now(), step, f"w{j}")
                 if win.ctx.mode == "logits":
                     return win.ctx
@@ -306,7 +308,7 @@ class Head:
             self.push[owner].send_multipart(wire.encode(hdr, positions, h))
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, step, f"to {owner}")
-            nxt = self.route.next_own_window(self.device, j - 1)
+            nxt = self.route.prefetch_window(self.device, j - 1, self._ran)
             if nxt is not None and self.prefetcher.enabled:
                 self.prefetcher.advise(self.windows[nxt].path)
                 self.spans.add(SpanKind.PREFETCH, t2, now(), step, f"w{nxt}")

@@ -116,6 +116,7 @@ class Worker:
         self.route = Route.of(self.plan)
         self.n_threads, self.n_batch, self.persist = n_threads, min(n_batch, self.plan.n_ctx), persist
         self.prefetcher = Prefetcher(prefetch)
+        self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
         self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.state: WorkerState = WorkerIdle()
@@ -235,6 +236,7 @@ class Worker:
             t0 = now()
             out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
             t1 = now()
+            self._ran.add(j)
             self.spans.add(SpanKind.COMPUTE, t0, t1, hdr.step, f"w{j}")
             dest = self.route.owner(j + 1)
             if dest == self.device:  # consecutive windows on this device: no hop
@@ -244,7 +246,7 @@ class Worker:
             push[dest].send_multipart(wire.encode(nh, positions, out))  # type: ignore[arg-type]
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, hdr.step, f"to {dest}")
-            nxt = self.route.next_own_window(self.device, j)
+            nxt = self.route.prefetch_window(self.device, j, self._ran)
             if nxt is not None and self.prefetcher.enabled:
                 self.prefetcher.advise(windows[nxt].path)
                 self.spans.add(SpanKind.PREFETCH, t2, now(), hdr.step, f"w{nxt}")

@@ -144,6 +144,7 @@ class SimDevice:
         self.faults = 0
         self.fault_bytes = 0.0
         self.prefetches = 0
+        self.ran: set[int] = set()  # windows run so far (the prefetch rule)
         if cfg.warm:
             self.cache.fill(layout.load_order)
         self._out_s: dict[int, tuple[float, float]] = {}
@@ -291,6 +292,7 @@ class SimDevice:
 
     def run_window(self, j: int, msg: Message) -> Proc:
         """Run window ``j`` for the message's batch (decode-call overhead, copies, layers)."""
+        self.ran.add(j)
         work = self.layout.works[j]
         cf = self.cpu.jitter.factor()
         gf = self.gpu.jitter.factor() if self.gpu is not None else 1.0
@@ -423,7 +425,7 @@ class SimDevice:
             out = Message(msg.step, j + 1, msg.n_tokens, msg.n_kv)
             yield from self.send(dest, out)
             if sim.cfg.prefetch:
-                nxt = sim.next_own_window(self.name, j)
+                nxt = sim.prefetch_window(self.name, j, self.ran)
                 if nxt is not None:
                     self.prefetch(nxt, msg.step)
             self.last_done = env.now

@@ -155,6 +155,15 @@ class Simulation:
                 return j
         return mine[0]
 
+    def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
+        """The window ``device`` prefetches after sending the output of window ``after``: its next own window,
+        except for a device with one window that has run it already (``ran``): the executor's rule,
+        ``prima_sim.exec.ring.Route.prefetch_window``."""
+        mine = self._own[device]
+        if len(mine) == 1 and mine[0] in ran:
+            return None
+        return self.next_own_window(device, after)
+
     # --- callbacks from the devices ------------------------------------------------------------------------------
     def count_disk_read(self, device: str, nbytes: float) -> None:
         """Attribute ``nbytes`` read by ``device`` to the step in progress (or the last one)."""
@@ -187,7 +196,7 @@ class Simulation:
                 else:
                     yield from head.send(first, msg)
                     if cfg.prefetch:
-                        nxt = self.next_own_window(head.name, -1)
+                        nxt = self.prefetch_window(head.name, -1, head.ran)
                         if nxt is not None:
                             head.prefetch(nxt, st.index)
                     head.last_done = env.now
