@@ -72,6 +72,22 @@ def test_one_round_does_not_prefetch_the_window_it_runs_again(m8):
     assert on.device_stats["B"]["disk_prefetch_bytes"] == 0
 
 
+def test_prima_cpp_prefetch_conflict_with_one_round(m8):
+    """The same k = 1 plan prefetching as prima.cpp does (``prefetch_own_window``): the advice reads the whole
+    window while H computes, ends with its last layers resident, and B's compute faults on every layer anyway
+    (paper Fig. 3): every byte is read twice and TPOT does not improve."""
+    c = prefetch_toy(m8, [26, 6])
+    plan = manual_plan(c, m8, WL, [26, 6])
+    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True, prefetch_own_window=True))
+    window = sum(m8.layer_bytes[0:6])
+    assert per_token(on, "B", "disk_read_bytes") == pytest.approx(2 * window, rel=0.01)
+    assert on.tpot_s == pytest.approx(off.tpot_s, rel=0.02)
+    steps = WL.decode_tokens + 1
+    assert on.device_stats["B"]["wasted_prefetch_bytes"] / steps == pytest.approx(window, rel=0.2), "all of it wasted"
+    assert any("prefetch-release conflict" in line for line in on.differences())
+
+
 def test_prefetch_release_conflict_with_windows_larger_than_the_cache(m8):
     """k = 2 with B's two windows of 6 layers each, room for 3.5: the prefetch reads the whole next window
     while H computes, ends with its last layers resident, and B's compute faults on every layer anyway

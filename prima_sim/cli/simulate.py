@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--jitter", type=float, default=0.0,
                     help="log-normal sigma of noise on compute times and link latencies (default: 0 = none)")
     sm.add_argument("--no-prefetch", action="store_true", help="devices do not advise the kernel to load their next window")
+    sm.add_argument("--prima-prefetch", action="store_true",
+                    help="prefetch exactly as prima.cpp does: also a device's only window after it has run it "
+                         "(this project's executor skips that advice; see docs/sim.md)")  # fmt: skip
     start = sm.add_mutually_exclusive_group()
     start.add_argument("--warm", dest="warm", action="store_true", default=True,
                        help="page cache as llama.cpp's mmap load leaves it (default; what the executor measures)")
@@ -78,7 +81,7 @@ def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The simulator settings the flags describe (validated)."""
     try:
-        return SimConfig(prefetch=not args.no_prefetch, warm=args.warm, chunk_bytes=int(args.chunk_mib * MiB),
+        return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=args.prima_prefetch, warm=args.warm, chunk_bytes=int(args.chunk_mib * MiB),
                          jitter=args.jitter, seed=args.seed)  # fmt: skip
     except ValueError as exc:
         raise InputError("--seed/--jitter/--chunk-mib", "", str(exc).replace('"', "")) from None

@@ -32,6 +32,9 @@ class SimConfig:
     Attributes:
         prefetch: after sending its activations a device advises the kernel to load its next window
             (prima.cpp's ``--prefetch``); False = pages come in only by demand faults.
+        prefetch_own_window: also advise a device's only window after it has run it (prima.cpp does; this
+            project's executor does not, see ``prima_sim.exec.ring.Route.prefetch_window``): True predicts
+            prima.cpp itself, with its k = 1 prefetch-release conflict.
         warm: the page cache starts as llama.cpp's mmap load leaves it (every device's weights read in load
             order through its LRU cache, so the last-loaded bytes that fit stay resident); False = cold (all
             weights on disk).
@@ -46,6 +49,7 @@ class SimConfig:
     """
 
     prefetch: bool = True
+    prefetch_own_window: bool = False
     warm: bool = True
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     jitter: float = 0.0

@@ -160,7 +160,7 @@ class Simulation:
         except for a device with one window that has run it already (``ran``): the executor's rule,
         ``prima_sim.exec.ring.Route.prefetch_window``."""
         mine = self._own[device]
-        if len(mine) == 1 and mine[0] in ran:
+        if len(mine) == 1 and mine[0] in ran and not self.cfg.prefetch_own_window:
             return None
         return self.next_own_window(device, after)
 
