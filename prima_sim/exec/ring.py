@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prima_sim.metrics import Span, SpanKind
-from prima_sim.plan import LayerRange, Plan
+from prima_sim.plan import LayerRange, Plan, next_own_window, prefetch_window
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +69,12 @@ class Route:
 
     def next_own_window(self, device: str, after: int) -> int | None:
         """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
-        mine = self.windows_of(device)
-        if not mine:
-            return None
-        later = [j for j in mine if j > after]
-        return later[0] if later else mine[0]
+        return next_own_window(self.windows_of(device), after)
 
     def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
-        """The window ``device`` prefetches after sending the output of window ``after``: its next own window,
-        except for a device with one window that has run it already (``ran``: the windows it has run).
-
-        prima.cpp prefetches sub-graph (i+1) mod n even then. Advising the window a device runs again reads
-        nothing when that window is resident, and when it is not, re-reads the evicted tail at once and so evicts
-        the head before the next token needs it (the prefetch-release conflict inside one window). Measured in
-        the emulation (fits-in-memory, a near-fit head): 88 ms per token without that self-prefetch, 1.6 s with
-        it. Before its first run (a cold start) the window is read once either way and prefetching it overlaps
-        the read with the other devices' work, so it is kept."""
-        mine = self.windows_of(device)
-        if len(mine) == 1 and mine[0] in ran:
-            return None
-        return self.next_own_window(device, after)
+        """The window ``device`` advises after sending the output of window ``after``
+        (:func:`prima_sim.plan.prefetch_window`: not its only window once it has run it)."""
+        return prefetch_window(self.windows_of(device), after, ran)
 
 
 # --- lifecycle -------------------------------------------------------------------------------------------

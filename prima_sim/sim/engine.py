@@ -20,7 +20,7 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.costmodel import DeviceCosts, Workload, check_memory, memory_use
-from prima_sim.plan import Plan, Prediction
+from prima_sim.plan import Plan, Prediction, next_own_window, prefetch_window
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.device import Message, SimDevice
 from prima_sim.sim.layout import build_layout
@@ -147,22 +147,12 @@ class Simulation:
 
     def next_own_window(self, device: str, after: int) -> int | None:
         """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
-        mine = self._own[device]
-        if not mine:
-            return None
-        for j in mine:
-            if j > after:
-                return j
-        return mine[0]
+        return next_own_window(self._own[device], after)
 
     def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
-        """The window ``device`` prefetches after sending the output of window ``after``: its next own window,
-        except for a device with one window that has run it already (``ran``): the executor's rule,
-        ``prima_sim.exec.ring.Route.prefetch_window``."""
-        mine = self._own[device]
-        if len(mine) == 1 and mine[0] in ran and not self.cfg.prefetch_own_window:
-            return None
-        return self.next_own_window(device, after)
+        """The window ``device`` advises after sending the output of window ``after``: the executor's rule,
+        :func:`prima_sim.plan.prefetch_window` (``SimConfig.prefetch_own_window``: prima.cpp's)."""
+        return prefetch_window(self._own[device], after, ran, self.cfg.prefetch_own_window)
 
     # --- callbacks from the devices ------------------------------------------------------------------------------
     def count_disk_read(self, device: str, nbytes: float) -> None:
