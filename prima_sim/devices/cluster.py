@@ -47,6 +47,19 @@ class Medium(FrozenModel):
     capacity_bps: PositiveBandwidth
 
 
+def check_device_names(names: list[str], head: str) -> None:
+    """Device names are unique and the head (if named) is one of them (clusters and emulation scenarios).
+
+    Raises:
+        ValueError: naming the repeated names or the unknown head.
+    """
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"device names must be unique, repeated: {dup}")
+    if head and head not in names:
+        raise ValueError(f"head {head!r} is not one of the devices {names}")
+
+
 class Cluster(FrozenModel):
     """Devices in ring order, the head device, and the network."""
 
@@ -62,11 +75,7 @@ class Cluster(FrozenModel):
     @model_validator(mode="after")
     def _consistent(self) -> Cluster:
         names = [d.name for d in self.devices]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"device names must be unique, repeated: {dup}")
-        if self.head and self.head not in names:
-            raise ValueError(f"head {self.head!r} is not one of the devices {names}")
+        check_device_names(names, self.head)
         media = {m.name for m in self.media}
         for i, link in enumerate(self.links):
             for end in (link.a, link.b):

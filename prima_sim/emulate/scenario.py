@@ -52,6 +52,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from prima_sim.devices.cluster import check_device_names
 from prima_sim.devices.profile import NAME_PATTERN, OSFamily
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, load_model
@@ -256,11 +257,7 @@ class Scenario(FrozenModel):
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         names = [d.name for d in self.devices]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"device names must be unique, repeated: {dup}")
-        if self.head and self.head not in names:
-            raise ValueError(f"head {self.head!r} is not one of the devices {names}")
+        check_device_names(names, self.head)
         for i, lk in enumerate(self.network.links):
             for end in (lk.a, lk.b):
                 if end not in names:
