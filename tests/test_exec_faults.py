@@ -26,6 +26,7 @@ from prima_sim.exec.local import LocalWorkers  # noqa: E402
 from prima_sim.exec.runner import RunOptions, run_ring  # noqa: E402
 from prima_sim.exec.shard import load_manifest, write_shards  # noqa: E402
 from prima_sim.plan import Plan, make_assignments  # noqa: E402
+from prima_sim.testing import interruptible  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -182,7 +183,7 @@ def _cli(tmp_path: Path, smollm2: Path, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "prima_sim.cli.main", "run", "--local", "--plan", str(tmp_path / "plan.json"),
            "--model", str(smollm2), "--shards", str(tmp_path / "s"), "--prompt", PROMPT, "-n", "200",
            "--ignore-eos", "--threads", "1", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=interruptible)
 
 
 def test_cli_exits_3_naming_the_dead_worker(smollm2, tmp_path):

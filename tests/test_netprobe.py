@@ -21,6 +21,7 @@ import zmq
 from prima_sim.devices.cluster import Link
 from prima_sim.errors import InputError
 from prima_sim.exec import netprobe as npb
+from prima_sim.testing import interruptible
 
 pytestmark = pytest.mark.real
 REPO = Path(__file__).resolve().parents[1]
@@ -235,6 +236,7 @@ def test_cli_serve_subprocess_until_interrupted() -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=interruptible,
     )
     try:
         line = proc.stdout.readline() if proc.stdout else ""

@@ -46,3 +46,14 @@ def gemma3_path(cache_dir: str | Path | None = None) -> Path:
     if not target.exists():
         pkg.assemble(target)
     return Path(target)
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test will stop with SIGINT: restore SIGINT's default action.
+
+    A shell that starts a job in the background without job control (``cmd &``, ``nohup``, some CI runners)
+    makes it ignore SIGINT, every descendant inherits that, and Python then installs no KeyboardInterrupt
+    handler, so the child would never see the test's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
