@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -294,14 +295,22 @@ def test_disk_rejects_a_missing_folder(tmp_path: Path) -> None:
         diskmod.measure_disk(tmp_path / "nope", 16 * MiB, 0.1)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_disk_rejects_a_read_only_folder(tmp_path: Path) -> None:  # pragma: no cover - CI runs as root
-    tmp_path.chmod(0o555)
+def test_disk_rejects_a_read_only_folder(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits (CI runs as root): a read-only mount stops it
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+            pytest.skip("root without permission to mount a read-only tmpfs")
+    else:
+        ro.chmod(0o555)
     try:
         with pytest.raises(InputError, match="not writable"):
-            diskmod.measure_disk(tmp_path, 16 * MiB, 0.1)
+            diskmod.measure_disk(ro, 16 * MiB, 0.1)
     finally:
-        tmp_path.chmod(0o755)
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
+        else:
+            ro.chmod(0o755)
 
 
 def test_readahead_from_a_fake_sysfs(tmp_path: Path) -> None:
