@@ -26,6 +26,13 @@ GpuKind = Literal["cuda", "metal", "vulkan", "rocm", "sycl"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
+def check_name(v: str) -> str:
+    """``v`` if it is a valid device or scenario name (:data:`NAME_PATTERN`), else ValueError saying what is."""
+    if not NAME_PATTERN.match(v):
+        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return v
+
+
 def _check_types(rates: dict[str, float]) -> dict[str, float]:
     bad = [k for k in rates if k not in TYPE_BY_NAME]
     if bad:
@@ -113,9 +120,7 @@ class DeviceProfile(FrozenModel):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return v
+        return check_name(v)
 
     @field_validator("cpu_flops")
     @classmethod

@@ -53,7 +53,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from prima_sim.devices.cluster import check_device_names
-from prima_sim.devices.profile import NAME_PATTERN, OSFamily
+from prima_sim.devices.profile import NAME_PATTERN, OSFamily, check_name
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, load_model
 from prima_sim.units import Bandwidth, Bytes, MiB, Seconds
@@ -250,9 +250,7 @@ class Scenario(FrozenModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return v
+        return check_name(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
