@@ -75,7 +75,11 @@ class Dropped(FrozenModel):
 
 
 class DeviceTimes(FrozenModel):
-    """Predicted per-token time of one device, split by cause (seconds)."""
+    """Predicted per-token time of one device, split by cause (seconds).
+
+    ``disk_s`` is the part of the device's disk reads the ring waits for *in this device's windows* (a page
+    fault stalls its compute); reads hidden behind other devices' work by prefetch are in ``read_s`` only.
+    """
 
     name: str
     compute_s: float = 0.0
@@ -83,10 +87,13 @@ class DeviceTimes(FrozenModel):
     disk_s: float = 0.0
     comm_s: float = 0.0
     overhead_s: float = 0.0
+    read_bytes: float = Field(default=0.0, ge=0, description="weight bytes re-read from disk per token")
+    read_s: float = Field(default=0.0, ge=0, description="disk time of those reads, hidden or not")
+    prefetch: bool = Field(default=False, description="reads of its next window overlap other devices' work")
 
     @property
     def total_s(self) -> float:
-        """Sum of the components."""
+        """Sum of the components on the ring's critical path."""
         return self.compute_s + self.memory_s + self.disk_s + self.comm_s + self.overhead_s
 
 
@@ -99,6 +106,12 @@ class Prediction(FrozenModel):
     prompt_tokens: int = Field(ge=0)
     per_device: tuple[DeviceTimes, ...] = ()
     head_s: float = Field(default=0.0, ge=0, description="per-token work of the head outside windows")
+    disk_wait_s: float = Field(
+        default=0.0, ge=0,
+        description="time per token the ring waits, beyond its compute chain, for the slowest prefetching disk",
+    )
+    bound: str = Field(default="", description="what limits TPOT: 'ring' (compute and hops) or 'disk of <device>'")
+    prefetch: bool = Field(default=True, description="devices prefetch their next window (the executor's default)")
 
 
 class SolverInfo(FrozenModel):

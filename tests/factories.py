@@ -18,9 +18,7 @@ def smollm2_model(n_layer: int | None = None) -> ModelProfile:
     m = model_profile_from_gguf(smollm2_path())
     if n_layer is None or n_layer == m.arch.n_layer:
         return m
-    keep = tuple(t for t in m.tensors if not (x := _LAYER.match(t.name)) or int(x.group(1)) < n_layer)
-    return m.model_copy(update={"id": f"smollm2-{n_layer}l", "arch": m.arch.model_copy(update={"n_layer": n_layer}),
-                                "tensors": keep})  # fmt: skip
+    return cut_model(m, n_layer).model_copy(update={"id": f"smollm2-{n_layer}l"})
 
 
 def device(name: str, **over: Any) -> DeviceProfile:
@@ -39,3 +37,10 @@ def cluster(devices: list[DeviceProfile], bandwidth: float = 50e6, latency: floa
     """A cluster of ``devices`` (head first) joined by one kind of link."""
     return Cluster.model_validate({"name": "test", "devices": devices,
                                    "default_link": {"bandwidth_bps": bandwidth, "latency_s": latency}, **over})  # fmt: skip
+
+
+def cut_model(m: ModelProfile, n_layer: int) -> ModelProfile:
+    """``m`` with only its first ``n_layer`` layers (embedding and output head kept)."""
+    keep = tuple(t for t in m.tensors if not (x := _LAYER.match(t.name)) or int(x.group(1)) < n_layer)
+    return m.model_copy(update={"id": f"{m.id}-{n_layer}l", "arch": m.arch.model_copy(update={"n_layer": n_layer}),
+                                "tensors": keep})  # fmt: skip

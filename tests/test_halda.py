@@ -1,230 +1,354 @@
-"""Halda: property tests over random heterogeneous clusters, and the ILP optimum against exhaustive search."""
+"""Halda returns the best plan its own model knows (issue 10).
+
+Properties over random heterogeneous clusters of 2-8 devices mixing Linux, macOS and Android, CUDA, Metal,
+other unified-memory GPUs and none, with models of 8B-72B:
+
+* Halda's predicted TPOT is at most every baseline's (prima.cpp's published Halda included) and at most
+  what a local search around it finds;
+* the search's objective equals ``predict()`` of the returned plan (within 1%: they are one model);
+* more RAM, VRAM, disk or CPU speed on any device never raises it (beyond 0.1%);
+* on small instances of every OS and GPU kind it equals exhaustive search over every plan;
+* and the generated clusters are mostly feasible, so the properties are not vacuous.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+from functools import cache
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from prima_sim.devices.catalog import catalog_model
+from prima_sim.devices.cluster import Cluster, bundled_names, load_cluster
+from prima_sim.devices.model import ModelProfile
+from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import DeviceCosts, Workload, predict
-from prima_sim.halda.halda import halda, select_devices, valid_ks
-from prima_sim.halda.ilp import MASTER_PRIORITY, coefficients, feasible, objective, solve_k
-from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
-from prima_sim.plan import Plan
-from tests.factories import cluster, device, smollm2_model
+from prima_sim.halda.costmodel import Workload, predict
+from prima_sim.halda.halda import valid_ks
+from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, polish
+from prima_sim.plan import Plan, make_assignments
+from tests.factories import cluster, cut_model, device, smollm2_model
 
-MODEL16 = smollm2_model(16)
-MODEL30 = smollm2_model()
-WL = Workload(n_ctx=256, prompt_tokens=16, decode_tokens=16, n_ubatch=256)
-MB = 2**20
+GiB, MB = 2**30, 2**20
+EXAMPLES = int(os.environ.get("PRIMA_SIM_EXAMPLES", "30"))
+"""Examples per property (raise it, e.g. PRIMA_SIM_EXAMPLES=300, to search harder for counterexamples)."""
+WL = Workload(n_ctx=512, prompt_tokens=16, decode_tokens=16)
+KINDS = ("linux", "linux-cuda", "linux-igpu", "mac-metal", "mac-intel", "android")
+MODELS = ("llama3-8b", "llama3-14b", "llama1-30b", "qwen2.5-32b", "llama3-70b", "qwen2.5-72b")
 
 
-@st.composite
-def devices(draw: st.DrawFn, name: str) -> object:
-    """A random device: Linux (maybe CUDA), macOS (maybe Metal) or Android; memory around the model's size."""
-    os_ = draw(st.sampled_from(["linux", "linux", "macos", "android"]))
-    avail = draw(st.integers(12, 90)) * MB
+@cache
+def _model(name: str) -> ModelProfile:
+    return catalog_model(name)
+
+
+@cache
+def _small_model() -> ModelProfile:
+    """A real Q4_K_M recipe (Q4_K and Q6_K layers), cut to 8 layers: small enough to enumerate every plan."""
+    return cut_model(catalog_model("deepseek-r1-distill-qwen-1.5b"), 8)
+
+
+def random_device(name: str, kind: str, rng: np.random.Generator, share_bytes: float) -> DeviceProfile:
+    """A random home device of ``kind`` whose memory is around ``share_bytes`` (its fair share of a model)."""
+    cpu = float(rng.uniform(0.3, 3.0)) * 1e11
+    avail = int(share_bytes * float(rng.uniform(0.3, 1.6))) + 256 * MB
     over: dict = {
-        "os": os_,
-        "ram_available_bytes": avail,
-        "ram_total_bytes": avail + draw(st.integers(0, 64)) * MB,
-        "disk_seq_read_bps": draw(st.sampled_from([0.05e9, 0.5e9, 2e9, 3.5e9])),
-        "disk_rand_read_bps": draw(st.sampled_from([0.05e9, 0.2e9, 0.8e9])),
-        "memory_bandwidth_bps": draw(st.sampled_from([8e9, 30e9, 100e9])),
-        "cpu_flops": {"f32": draw(st.sampled_from([5e10, 2e11])), "f16": 2e11, "q4_1": draw(st.sampled_from([1e11, 6e11])),
-                      "q8_0": 3e11},
-        "decode_overhead_s": draw(st.sampled_from([0.0, 2e-4])),
+        "cores": 8, "memory_bandwidth_bps": float(rng.uniform(10, 90)) * 1e9,
+        "cpu_flops": {"f32": cpu / 3, "f16": cpu / 2, "q4_k": cpu, "q6_k": cpu * 0.8, "q8_0": cpu, "q5_0": cpu * 0.9},
+        "ram_available_bytes": avail, "ram_total_bytes": avail + int(rng.integers(0, 4)) * GiB,
+        "disk_seq_read_bps": float(rng.choice([0.05, 0.4, 1.5, 3.0])) * 1e9,
+        "disk_rand_read_bps": float(rng.choice([0.05, 0.2, 0.7])) * 1e9,
+        "decode_overhead_s": float(rng.choice([0.0, 3e-4])),
     }  # fmt: skip
-    if os_ == "android":
-        over["swap_total_bytes"] = over["swap_available_bytes"] = 32 * MB
-        over["swappable_bytes"] = draw(st.integers(0, 32)) * MB
-    gpu = draw(st.booleans())
-    if gpu and os_ == "linux":
-        free = draw(st.integers(0, 60)) * MB + 700 * MB
-        over["gpu"] = {"kind": "cuda", "flops": {"f32": 5e12, "f16": 2e13, "q4_1": 1e13, "q8_0": 1e13},
-                       "vram_total_bytes": free + 100 * MB, "vram_free_bytes": free, "memory_bandwidth_bps": 4e11}  # fmt: skip
-    elif gpu and os_ == "macos":
-        over["unified_memory"] = True
-        over["gpu"] = {"kind": "metal", "flops": {"f32": 2e12, "f16": 4e12, "q4_1": 3e12, "q8_0": 3e12},
-                       "vram_total_bytes": avail, "vram_free_bytes": avail, "memory_bandwidth_bps": 6e10}  # fmt: skip
+    g = float(rng.uniform(2, 30)) * 1e12
+    gflops = {"f32": g / 4, "f16": g, "q4_k": g / 2, "q6_k": g / 2, "q8_0": g / 2, "q5_0": g / 2}
+    if kind == "linux-cuda":
+        vram = int(share_bytes * float(rng.uniform(0.2, 1.2))) + 800 * MB
+        over.update(os="linux", gpu={"kind": "cuda", "flops": gflops, "vram_total_bytes": vram, "vram_free_bytes": vram,
+                                     "memory_bandwidth_bps": float(rng.uniform(200, 900)) * 1e9,
+                                     "host_link_bps": 16e9})  # fmt: skip
+    elif kind == "linux-igpu":
+        over.update(os="linux", unified_memory=True, gpu={"kind": "vulkan", "flops": gflops, "vram_total_bytes": avail,
+                    "vram_free_bytes": avail, "memory_bandwidth_bps": float(rng.uniform(20, 90)) * 1e9})  # fmt: skip
+    elif kind == "mac-metal":
+        over.update(os="macos", unified_memory=True, gpu={"kind": "metal", "flops": gflops,
+                    "vram_total_bytes": int(avail * 1.5), "vram_free_bytes": int(avail * float(rng.uniform(0.8, 1.5))),
+                    "memory_bandwidth_bps": float(rng.uniform(50, 200)) * 1e9})  # fmt: skip
+    elif kind == "mac-intel":
+        over.update(os="macos")
+    elif kind == "android":
+        swap = int(rng.integers(0, 3)) * GiB
+        over.update(os="android", swap_total_bytes=swap, swap_available_bytes=swap,
+                    swappable_bytes=int(rng.integers(0, 2)) * GiB)  # fmt: skip
+    else:
+        over.update(os="linux")
     return device(name, **over)
 
 
-@st.composite
-def clusters(draw: st.DrawFn, max_devices: int = 5) -> object:
-    n = draw(st.integers(1, max_devices))
-    devs = [draw(devices(f"d{i}")) for i in range(n)]
-    return cluster(devs, bandwidth=draw(st.sampled_from([40e6, 80e6, 1e9])), latency=draw(st.sampled_from([0.0, 0.003])))
+def random_cluster(seed: int, model: ModelProfile, n_min: int = 2, n_max: int = 8,
+                   kinds: tuple[str, ...] = KINDS) -> Cluster:  # fmt: skip
+    """A deterministic random heterogeneous cluster whose total memory is around the model's size."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(n_min, n_max + 1))
+    share = model.total_bytes / n * float(rng.uniform(0.6, 1.8))
+    devs = [random_device(f"d{i}", str(rng.choice(kinds)), rng, share) for i in range(n)]
+    return cluster(devs, bandwidth=float(rng.choice([40e6, 300e6, 1e9])), latency=float(rng.choice([2e-4, 3e-3])))
 
 
-def _check_plan(plan: Plan, c: object, model: object) -> None:
-    # every layer exactly once (the Plan validator checks tiling; check it again from the windows and k)
-    covered = sorted(i for d in plan.devices for a, b in d.layers for i in range(a, b))
-    assert covered == list(range(model.arch.n_layer))
-    assert sum(d.window for d in plan.devices) * plan.k == model.arch.n_layer
-    for d in plan.devices:
-        assert 0 <= d.gpu_layers <= d.window
-        assert d.window >= 1
-    assert plan.head == c.ring_order[0]
-    assert plan.head not in {dr.name for dr in plan.dropped}
-    assert {d.name for d in plan.devices} | {dr.name for dr in plan.dropped} == set(c.ring_order)
+def _tpot(plan: Plan) -> float:
+    assert plan.prediction is not None
+    return plan.prediction.tpot_s
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(clusters())
-def test_halda_plans_are_valid_and_respect_every_constraint(c: object) -> None:
+def _halda_or_none(c: Cluster, m: ModelProfile, **kw: object) -> Plan | None:
     try:
-        sel = select_devices(c, MODEL30, WL)
-    except InfeasiblePlanError as exc:
-        assert str(exc)
-        return
-    res = sel.result
-    sol = res.solution
-    W = MODEL30.arch.n_layer // sol.k
-    assert feasible(res.coefs, W, sol.w, sol.n), "the solution violates a constraint of its own program"
-    plan = make_plan(c, MODEL30, WL)
-    _check_plan(plan, c, MODEL30)
-    # the planner's memory rows keep pinned memory and VRAM within limits, so the plan is runnable
-    assert math.isfinite(plan.prediction.tpot_s)
-    # the objective it minimised is the analytic prediction of its plan (identical layers: exact)
-    assert plan.solver.objective_s == pytest.approx(plan.prediction.tpot_s, rel=1e-9)
+        return make_plan(c, m, WL, "halda", **kw)  # type: ignore[arg-type]
+    except InfeasiblePlanError:
+        return None
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(clusters(max_devices=3))
-def test_ilp_optimum_equals_exhaustive_search(c: object) -> None:
-    ring = list(c.ring_order)
-    res = halda(c, ring, MODEL16, WL)
-    if res is None:
-        return
-    costs = {n: DeviceCosts(c.device(n), MODEL16, WL) for n in ring}
-    L = MODEL16.arch.n_layer
-    best_ilp, best_enum = math.inf, math.inf
-    for k in valid_ks(L, len(ring)):
-        W = L // k
-        coefs = coefficients(c, ring, MODEL16, WL, k, res.sets, costs)
-        sol = solve_k(coefs, k, W)
-        enum = math.inf
-        for w in itertools.product(range(1, W + 1), repeat=len(ring)):
-            if sum(w) != W:
-                continue
-            for n in itertools.product(*(range(wi + 1) for wi in w)):
-                if feasible(coefs, W, w, n):
-                    enum = min(enum, objective(coefs, k, w, n, MASTER_PRIORITY))
-        if sol is None:
-            assert enum == math.inf, f"k={k}: solver found no solution but exhaustive search did"
+# --- never worse than what it knows ---------------------------------------------------------------------------
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.integers(0, 10**6), st.sampled_from(MODELS))
+def test_halda_is_at_most_every_baseline_and_every_local_move(seed: int, model_name: str) -> None:
+    m = _model(model_name)
+    c = random_cluster(seed, m)
+    plan = _halda_or_none(c, m)
+    assume(plan is not None)
+    assert plan is not None
+    t = _tpot(plan)
+    assert math.isfinite(t)
+    for s in SCHEDULERS[1:]:
+        try:
+            other = make_plan(c, m, WL, s)
+        except InfeasiblePlanError:
             continue
-        got = objective(coefs, k, sol.w, sol.n, MASTER_PRIORITY)
-        assert got == pytest.approx(enum, rel=1e-9, abs=1e-12), f"k={k}"
-        best_ilp, best_enum = min(best_ilp, got), min(best_enum, enum)
-    assert best_ilp == pytest.approx(best_enum, rel=1e-9, abs=1e-12)
+        assert t <= _tpot(other) * (1 + 1e-9), f"{s} predicts {_tpot(other)} against Halda's {t}"
+    better, _ = polish(plan, c, m, WL, layer_moves=True, max_evaluations=400)
+    assert better is plan, f"a local move improves Halda's plan: {_tpot(better)} < {t}"
+    # the search's objective is predict() of the plan it returns (up to the local search's polish, which
+    # only runs for devices whose GPU layer counts the search approximates)
+    details = plan.solver.details
+    assert details["fallback"] is None
+    if details["polish"] is None:
+        assert details["search_objective_s"] == pytest.approx(t, rel=0.01)
+    else:
+        from prima_sim.halda.costmodel import DeviceCosts
+        from prima_sim.halda.search import gpu_counts_approximate
+
+        assert any(gpu_counts_approximate(DeviceCosts(c.device(d.name), m, WL)) for d in plan.devices)
+        assert details["search_objective_s"] == pytest.approx(details["polish"]["before_s"], rel=0.01)
 
 
+def test_generated_clusters_are_mostly_feasible() -> None:
+    """The random clusters of these properties give a plan in most cases (else the properties prove little)."""
+    cases = [(seed, MODELS[seed % len(MODELS)]) for seed in range(60)]
+    infeasible = sum(_halda_or_none(random_cluster(seed, _model(mn)), _model(mn)) is None for seed, mn in cases)
+    assert infeasible <= 0.1 * len(cases), f"{infeasible} of {len(cases)} generated clusters have no plan"
+
+
+# --- monotone in every resource --------------------------------------------------------------------------------
+def _more(d: DeviceProfile, resource: str) -> DeviceProfile:
+    data = d.model_dump()
+    if resource == "ram":
+        data["ram_available_bytes"] = int(d.ram_available_bytes * 1.5)
+        data["ram_total_bytes"] = max(d.ram_total_bytes, data["ram_available_bytes"])
+        if d.gpu is not None and d.gpu.kind == "metal":  # the Metal working set is this RAM
+            data["gpu"]["vram_free_bytes"] = int(d.gpu.vram_free_bytes * 1.5)
+            data["gpu"]["vram_total_bytes"] = max(d.gpu.vram_total_bytes, data["gpu"]["vram_free_bytes"])
+    elif resource == "vram" and d.gpu is not None:
+        data["gpu"]["vram_free_bytes"] = int(d.gpu.vram_free_bytes * 1.5)
+        data["gpu"]["vram_total_bytes"] = max(d.gpu.vram_total_bytes, data["gpu"]["vram_free_bytes"])
+    elif resource == "disk":
+        data["disk_seq_read_bps"] *= 2
+        data["disk_rand_read_bps"] *= 2
+    elif resource == "cpu":
+        data["cpu_flops"] = {t: f * 2 for t, f in d.cpu_flops.items()}
+        data["memory_bandwidth_bps"] *= 1.5
+    return DeviceProfile.model_validate(data)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.integers(0, 10**6), st.sampled_from(MODELS), st.sampled_from(["ram", "vram", "disk", "cpu"]),
+       st.integers(0, 7))  # fmt: skip
+def test_more_of_any_resource_never_slows_halda_down(seed: int, model_name: str, resource: str, which: int) -> None:
+    m = _model(model_name)
+    c = random_cluster(seed, m)
+    before = _halda_or_none(c, m)
+    assume(before is not None)
+    i = which % len(c.devices)
+    devs = list(c.devices)
+    devs[i] = _more(devs[i], resource)
+    after = _halda_or_none(c.model_copy(update={"devices": tuple(devs)}), m)
+    assert after is not None, "a plan that existed disappeared with more resources"
+    assert _tpot(after) <= _tpot(before) * 1.001 + 1e-12, (resource, devs[i].name, _tpot(before), _tpot(after))
+
+
+def test_more_ram_on_the_paper_testbed_never_slows_halda_down() -> None:
+    """Issue 10: D1-D4 with every device's RAM x 1.25 took Llama 1 30B from 141 ms to 3472 ms."""
+    c = load_cluster("paper-d1-d4")
+    m = catalog_model("llama1-30b")
+    bigger = c.model_copy(update={"devices": tuple(_more(d, "ram") for d in c.devices)})
+    assert _tpot(make_plan(bigger, m, WL)) <= _tpot(make_plan(c, m, WL)) * 1.001
+
+
+# --- exact on small instances -------------------------------------------------------------------------------
+def _every_plan(c: Cluster, m: ModelProfile) -> float:
+    """The lowest predicted TPOT over every plan Halda may return: every k dividing L, every set of devices
+    keeping the head, every window and every GPU layer count."""
+    L = m.arch.n_layer
+    ring = list(c.ring_order)
+    best = math.inf
+    for k in valid_ks(L, 1):
+        W = L // k
+        for keep in itertools.product([True, False], repeat=len(ring) - 1):
+            names = [ring[0]] + [nm for nm, kp in zip(ring[1:], keep, strict=True) if kp]
+            if k > 1 and len(names) == 1:
+                continue  # alone, more rounds only add calls (and Halda never proposes it)
+            for w in itertools.product(range(1, W + 1), repeat=len(names)):
+                if sum(w) != W:
+                    continue
+                gpu_ranges = [range(wi + 1) if c.device(nm).gpu is not None else range(1)
+                              for nm, wi in zip(names, w, strict=True)]  # fmt: skip
+                for n in itertools.product(*gpu_ranges):
+                    plan = Plan(model_id=m.id, n_layers=L, cluster_name=c.name, k=k, n_ctx=WL.n_ctx,
+                                devices=make_assignments(names, w, n, L), scheduler="manual")  # fmt: skip
+                    best = min(best, predict(plan, c, m, WL).tpot_s)
+    return best
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10**6), st.sampled_from(KINDS), st.sampled_from(KINDS), st.sampled_from(KINDS))
+def test_halda_equals_exhaustive_search_on_small_instances(seed: int, k0: str, k1: str, k2: str) -> None:
+    m = _small_model()
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 4))
+    share = m.total_bytes / n * float(rng.uniform(0.5, 1.5))
+    devs = [random_device(f"d{i}", kind, rng, share) for i, kind in enumerate((k0, k1, k2)[:n])]
+    c = cluster(devs, bandwidth=float(rng.choice([40e6, 1e9])), latency=float(rng.choice([2e-4, 3e-3])))
+    plan = _halda_or_none(c, m)
+    best = _every_plan(c, m)
+    if plan is None:
+        assert best == math.inf, "Halda found no plan but one exists"
+        return
+    assert _tpot(plan) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+# --- the bundled datasets ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cluster_name", [c for c in bundled_names("clusters") if c != "default"])
+def test_halda_beats_or_ties_every_baseline_on_every_bundled_cluster_and_catalog_model(cluster_name: str) -> None:
+    from prima_sim.devices.catalog import catalog_ids
+
+    c = load_cluster(cluster_name)
+    wl = Workload(n_ctx=1024, prompt_tokens=64, decode_tokens=128)
+    for model_id in catalog_ids():
+        m = catalog_model(model_id)
+        h = make_plan(c, m, wl)
+        for s in SCHEDULERS[1:]:
+            try:
+                other = make_plan(c, m, wl, s)
+            except InfeasiblePlanError:
+                continue
+            assert _tpot(h) <= _tpot(other) * (1 + 1e-9), (cluster_name, model_id, s, _tpot(h), _tpot(other))
+        assert h.solver.details["fallback"] is None, (cluster_name, model_id, h.solver.details["fallback"])
+
+
+def test_metal_share_near_its_budget_is_never_planned_over_the_cliff() -> None:
+    """Issue 10: on paper-hetero2, Halda gave the Mac mini a share 0.3% over its budget (every window then
+    reloads every token: 13.9 s) because its program used mean layer bytes; memsched planned 688 ms."""
+    c = load_cluster("paper-hetero2")
+    m = catalog_model("llama3-70b")
+    wl = Workload(n_ctx=1024)
+    h = make_plan(c, m, wl)
+    assert _tpot(h) <= _tpot(make_plan(c, m, wl, "memsched"))
+    mac = next(t for t in h.prediction.per_device if t.name == "hetero2-macmini") if h.prediction else None
+    assert mac is None or mac.read_bytes == 0
+
+
+# --- the rest of the planner's contract ------------------------------------------------------------------------
 def test_every_scheduler_gives_a_valid_plan_of_the_same_type() -> None:
+    m = smollm2_model()
+    wl = Workload(n_ctx=256, prompt_tokens=16, decode_tokens=16, n_ubatch=256)
     devs = [device("h"), device("g", ram_available_bytes=30 * MB, gpu={
         "kind": "cuda", "flops": {"f32": 5e12, "q4_1": 1e13, "f16": 1e13}, "vram_total_bytes": 2**30,
         "vram_free_bytes": 730 * MB, "memory_bandwidth_bps": 4e11}), device("m", os="macos", ram_available_bytes=20 * MB)]  # fmt: skip
     c = cluster(devs)
     for s in SCHEDULERS:
-        p = make_plan(c, MODEL30, WL, s)
-        _check_plan(p, c, MODEL30)
+        p = make_plan(c, m, wl, s)
+        covered = sorted(i for d in p.devices for a, b in d.layers for i in range(a, b))
+        assert covered == list(range(m.arch.n_layer))
+        assert {d.name for d in p.devices} | {dr.name for dr in p.dropped} == set(c.ring_order)
+        assert p.head == c.ring_order[0]
         assert Plan.from_json(p.to_json()) == p
         assert p.prediction is not None and p.prediction.tpot_s > 0
 
 
 def test_manual_windows_follow_prima_ring_order_and_allow_a_partial_last_round() -> None:
+    m = smollm2_model()
     c = cluster([device("h"), device("a"), device("b")])
-    p = manual_plan(c, MODEL30, WL, [4, 3, 4])
+    p = manual_plan(c, m, WL, [4, 3, 4])
     assert p.execution_order()[:3] == [("a", (0, 3)), ("b", (3, 7)), ("h", (7, 11))]
     assert p.device("h").layers[-1] == (29, 30)
     assert p.k == 3
 
 
 def test_slow_device_is_dropped_when_that_lowers_predicted_tpot() -> None:
-    # h and f together just hold the model; s is slow and its memory is not needed
+    m = smollm2_model()
     fast = [device("h", ram_available_bytes=80 * MB), device("f", ram_available_bytes=60 * MB)]
     slow = device("s", cpu_flops={"f32": 1e9, "q4_1": 1e9, "f16": 1e9, "q8_0": 1e9}, memory_bandwidth_bps=1e8)
     c = cluster([*fast, slow])
-    p = make_plan(c, MODEL30, WL)
+    p = make_plan(c, m, WL)
     assert [d.name for d in p.dropped] == ["s"]
-    kept = make_plan(c, MODEL30, WL, allow_drop=False)
+    assert "predicts" in p.dropped[0].reason
+    kept = make_plan(c, m, WL, allow_drop=False)
     assert "s" in [d.name for d in kept.devices]
-    assert p.prediction.tpot_s < kept.prediction.tpot_s
+    assert _tpot(p) < _tpot(kept)
 
 
 def test_k_that_does_not_divide_the_layers_is_refused() -> None:
     c = cluster([device("h"), device("a")])
     with pytest.raises(InfeasiblePlanError, match="does not divide"):
-        make_plan(c, MODEL30, WL, k=4)
+        make_plan(c, smollm2_model(), WL, k=4)
 
 
 def test_kv_cache_that_fits_nowhere_names_the_resource_and_shortfall() -> None:
     c = cluster([device("h", ram_available_bytes=64 * MB, ram_total_bytes=64 * MB)])
     wl = Workload(n_ctx=200_000, prompt_tokens=16, decode_tokens=16, n_ubatch=16)
     with pytest.raises(InfeasiblePlanError) as info:
-        make_plan(c, MODEL30, wl)
+        make_plan(c, smollm2_model(), wl)
     assert info.value.resource == "RAM+VRAM of all devices"
     assert info.value.shortfall_bytes and info.value.shortfall_bytes > 0
     assert "short by" in str(info.value)
 
 
 def test_prediction_breaks_down_per_device_and_scores_every_plan_the_same_way() -> None:
+    m = smollm2_model()
     c = cluster([device("h"), device("a", disk_seq_read_bps=0.5e9, ram_available_bytes=20 * MB)])
-    plans = [make_plan(c, MODEL30, WL, s) for s in SCHEDULERS]
+    plans = [make_plan(c, m, WL, s) for s in SCHEDULERS]
     for p in plans:
-        again = predict(p, c, MODEL30, WL)
-        assert again.tpot_s == pytest.approx(p.prediction.tpot_s)
-        total = sum(t.total_s for t in again.per_device) + again.head_s
+        again = predict(p, c, m, WL)
+        assert again.tpot_s == pytest.approx(_tpot(p))
+        if not math.isfinite(again.tpot_s):
+            continue  # a baseline whose pinned memory does not fit
+        total = sum(t.total_s for t in again.per_device) + again.head_s + again.disk_wait_s
         assert total == pytest.approx(again.tpot_s)
-    assert min(plans, key=lambda p: p.prediction.tpot_s).scheduler == "halda"
+    assert min(plans, key=_tpot).scheduler == "halda"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(clusters(max_devices=5), st.sampled_from(["M1M3", "M4", "mixed"]))
-def test_greedy_solver_matches_highs_on_every_k(c: object, mode: str) -> None:
-    """The combinatorial solver used to bound the k loop finds the same optimum as HiGHS."""
-    from prima_sim.halda.greedy import solve_k_greedy
-    from prima_sim.halda.ilp import DeviceSet, overloaded_set
-
-    ring = list(c.ring_order)
-    costs = {n: DeviceCosts(c.device(n), MODEL30, WL) for n in ring}
-    L = MODEL30.arch.n_layer
-    pick = {n: {"M1M3": True, "M4": False, "mixed": i % 2 == 0}[mode] for i, n in enumerate(ring)}
-    sets = {n: (overloaded_set(costs[n]) if pick[n] else DeviceSet.M4) for n in ring}
-    for k in valid_ks(L, len(ring)):
-        coefs = coefficients(c, ring, MODEL30, WL, k, sets, costs)
-        g = solve_k_greedy(coefs, k, L // k, MASTER_PRIORITY)
-        h = solve_k(coefs, k, L // k, MASTER_PRIORITY)
-        assert (g is None) == (h is None), f"k={k}: feasibility differs"
-        if g is not None:
-            assert feasible(coefs, L // k, g[1], g[2])
-            assert g[0] == pytest.approx(objective(coefs, k, h.w, h.n, MASTER_PRIORITY), rel=1e-9, abs=1e-12)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(clusters())
-def test_set_search_never_worsens_the_published_loop(c: object) -> None:
-    ring = list(c.ring_order)
-    plain = halda(c, ring, MODEL30, WL, refine=False)
-    refined = halda(c, ring, MODEL30, WL)
-    assert (plain is None) == (refined is None)
-    if plain is not None:
-        assert refined.solution.objective_s <= plain.solution.objective_s * (1 + 1e-9) + 1e-12
-
-
-def test_paper_testbed_halda_beats_every_baseline() -> None:
-    """D1-D4 with Llama 3 70B Q4_K_M (the paper's headline setting): Halda's predicted TPOT is the lowest."""
-    from prima_sim.devices.catalog import catalog_model
-    from prima_sim.devices.cluster import load_cluster
-
-    c = load_cluster("paper-d1-d4")
-    m = catalog_model("llama3-70b-q4_k_m")
-    wl = Workload(n_ctx=1024, prompt_tokens=64, decode_tokens=128)
-    tpot = {s: make_plan(c, m, wl, s).prediction.tpot_s for s in SCHEDULERS}
-    for s in SCHEDULERS:
-        if s != "halda":
-            assert tpot["halda"] < tpot[s], tpot
+def test_prefetch_lets_the_ring_hide_reads_that_a_single_window_cannot() -> None:
+    """Four equal paging devices (the paper's prefetch study): k = 1 pays every read on the ring's chain, k >= 2
+    with prefetch hides them behind the others' work, so Halda picks k >= 2 with prefetch and k = 1 without."""
+    c = load_cluster("prefetch-4x8g")
+    m = catalog_model("llama3-70b")
+    wl = Workload(n_ctx=1024)
+    with_pf = make_plan(c, m, wl)
+    without = make_plan(c, m, wl, prefetch=False)
+    assert with_pf.k >= 2 and _tpot(with_pf) < 0.6 * _tpot(without)
+    assert with_pf.prediction is not None and with_pf.prediction.bound.startswith("disk of")
+    one = manual_plan(c, m, wl, [20, 20, 20, 20])
+    assert _tpot(one) > 2 * _tpot(with_pf)

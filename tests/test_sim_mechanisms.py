@@ -29,7 +29,7 @@ def with_room(cluster: Cluster, model, windows, gpu, name: str, room_bytes: floa
     a = plan.device(name)
     d = cluster.device(name)
     use = memory_use(DeviceCosts(d, model, wl), a, name == plan.head)
-    pinned = use.pinned_ram + (use.kv_gpu + use.buffers_gpu if d.is_metal else 0)
+    pinned = use.pinned_ram  # on Metal the GPU's KV cache and buffers included: its memory is this RAM
     upd: dict = {"ram_available_bytes": int(pinned + room_bytes)}
     if d.is_metal:
         upd["gpu"] = d.gpu.model_copy(update={"vram_free_bytes": int(pinned + room_bytes)})
@@ -141,15 +141,16 @@ def test_prefetch_can_be_too_late_on_a_slow_disk(m8):
 # --- page cache behaviour ------------------------------------------------------------------------------------------
 def test_lru_rereads_a_whole_window_that_barely_overflows(m8):
     """A window 5% larger than its cache, one round, no prefetch: an LRU cache under a cyclic scan hits nothing,
-    so the whole window is read every token, where the cost model re-reads only the 5% overflow."""
+    so the whole window is read every token, as the cost model says (prima.cpp's model re-reads only the 5%
+    overflow)."""
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), toy_device("B")])
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], None, "B", window / 1.05)
     plan = manual_plan(c, m8, WL, [24, 8])
     res = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
     assert per_token(res, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
-    assert res.device_stats["B"]["analytic_disk_bytes_per_token"] == pytest.approx(window - window / 1.05, rel=0.05)
-    assert res.tpot_s > res.analytic.tpot_s
+    assert res.device_stats["B"]["analytic_disk_bytes_per_token"] == pytest.approx(window, rel=0.01)
+    assert res.tpot_s == pytest.approx(res.analytic.tpot_s, rel=0.03)
 
 
 def test_cold_start_reads_everything_warm_start_nothing(m8):

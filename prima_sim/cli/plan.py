@@ -9,7 +9,7 @@ from typing import Any
 from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.costmodel import Workload
-from prima_sim.halda.explain import explain
+from prima_sim.halda.explain import GLOSSARY, explain
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
 
@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)")
     p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="plan for a run without prefetch (reads then always stall the device that needs them)")
     p.add_argument("--sim-k", action="store_true",
                    help="plan every valid k with Halda and keep the plan that simulates fastest (prefetch-aware)")
     p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for s in SCHEDULERS:
             try:
-                p = make_plan(cluster, model, wl, s, args.k if s == "halda" else None)
+                p = make_plan(cluster, model, wl, s, args.k if s in ("halda", "prima") else None,
+                              prefetch=not args.no_prefetch)
                 rows.append((s, p, None))
             except InfeasiblePlanError as exc:
                 rows.append((s, None, str(exc)))
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if args.windows:
         windows = _int_list(args.windows, "--windows")
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
-        plan = manual_plan(cluster, model, wl, windows, gpu)
+        plan = manual_plan(cluster, model, wl, windows, gpu, prefetch=not args.no_prefetch)
     else:
         if args.k is not None and args.k <= 0:
             raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
@@ -182,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError("--sim-k", "", "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop")
             plan = _plan_by_simulation(cluster, model, wl, quiet=args.json)
         else:
-            plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
+            plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop,
+                             prefetch=not args.no_prefetch)
     if args.out:
         plan.save(args.out)
     if args.json:
@@ -198,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}:")
             for line in lines:
                 print(f"  - {line}")
+        print(f"\n({GLOSSARY})")
     if args.out:
         print(f"plan written to {args.out}")
     return 0

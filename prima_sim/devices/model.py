@@ -192,6 +192,27 @@ class ModelProfile(FrozenModel):
         """KV-cache bytes of ``layer`` for a context of ``n_ctx`` tokens."""
         return self.layer_kv_tokens(layer, n_ctx) * self.kv_bytes_per_token_per_layer
 
+    @cached_property
+    def _groups_cache(self) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+        return {}
+
+    def layer_groups(self, n_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Layers whose costs are equal when attending to ``n_kv`` cached tokens (same signature, same KV
+        tokens): (group of each layer, one representative layer per group). Cached."""
+        hit = self._groups_cache.get(n_kv)
+        if hit is None:
+            ids: dict[tuple[int, int], int] = {}
+            reps: list[int] = []
+            group = []
+            for i in range(self.arch.n_layer):
+                key = (self.layer_signatures[i], self.layer_kv_tokens(i, n_kv))
+                if key not in ids:
+                    ids[key] = len(reps)
+                    reps.append(i)
+                group.append(ids[key])
+            hit = self._groups_cache[n_kv] = (tuple(group), tuple(reps))
+        return hit
+
     # --- FLOPs -------------------------------------------------------------------------------------------
     @cached_property
     def layer_signatures(self) -> tuple[int, ...]:
@@ -252,6 +273,14 @@ class ModelProfile(FrozenModel):
         head = self.tensor("output.weight") or self.tensor("token_embd.weight")
         t = head.ggml_type if head else "f32"
         return {t: 2.0 * a.n_embd * a.n_vocab * n_tokens, "f32": (5.0 * a.n_embd + 1 + 5.0 * a.n_vocab) * n_tokens}
+
+    @cached_property
+    def dominant_type(self) -> str:
+        """The ggml type holding most of the model's bytes (what throughput-proportional splits rate)."""
+        by_type: dict[str, int] = {}
+        for t in self.tensors:
+            by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_bytes
+        return max(by_type, key=lambda k: by_type[k])
 
     def weight_types(self) -> set[str]:
         """ggml types whose throughput a device needs to run this model (weights, KV cache, f32)."""

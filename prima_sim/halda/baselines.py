@@ -47,28 +47,25 @@ def largest_remainder(weights: list[float], total: int, minimum: int = 1) -> lis
 
 
 def usable_memory(c: DeviceCosts) -> float:
-    """Memory a device can hold weights in: available RAM, plus free VRAM on a discrete GPU."""
-    d = c.device
-    extra = d.gpu.vram_free_bytes if (d.gpu is not None and not d.unified_memory and not d.is_metal) else 0
-    return float(d.ram_available_bytes + extra)
+    """Memory a device can hold weights in: its RAM budget, plus free VRAM on a discrete GPU."""
+    return float(c.memory.ram_budget_bytes + c.memory.vram_bytes)
 
 
 def effective_flops(c: DeviceCosts, model: ModelProfile) -> float:
     """Throughput for the model's dominant weight type: the GPU's if it has one, else the CPU's."""
-    by_type: dict[str, int] = {}
-    for t in model.tensors:
-        by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_bytes
-    main = max(by_type, key=by_type.get)
+    main = model.dominant_type
     return c.device.gpu_rate(main) if c.device.gpu is not None else c.device.cpu_rate(main)
 
 
 def gpu_fit(c: DeviceCosts, window: int, k: int = 1) -> int:
     """GPU layers of a window that fit in free VRAM (llama.cpp-style ``-ngl`` fitting)."""
-    d = c.device
-    if d.gpu is None or window == 0:
+    mem = c.memory
+    if not mem.has_gpu or window == 0:
         return 0
+    if mem.gpu_memory_is_ram:  # unified memory: the GPU takes the whole window (llama.cpp's -ngl 99)
+        return window
     b_prime = c.largest_layer_bytes
-    free = d.gpu.vram_free_bytes - c.buffers(k, False, True)[1]
+    free = mem.vram_bytes - c.buffers(k, False)[1]
     return max(0, min(window, int(free // (k * b_prime))))
 
 
@@ -85,8 +82,7 @@ def even(costs: list[DeviceCosts], L: int) -> list[int]:
 
 def freemem(costs: list[DeviceCosts], L: int) -> list[int]:
     """llama.cpp RPC default split: proportional to free memory, cumulative mapping of layers to devices."""
-    free = [float(c.device.gpu.vram_free_bytes if c.device.gpu is not None else c.device.ram_available_bytes)
-            for c in costs]  # fmt: skip
+    free = [float(c.memory.vram_bytes or c.memory.ram_budget_bytes) for c in costs]
     total = sum(free)
     cum, acc = [], 0.0
     for f in free:
@@ -133,9 +129,11 @@ BASELINES: dict[str, Callable[[list[DeviceCosts], int], list[int]]] = {
 """Baseline window rules by scheduler name."""
 
 
-def baseline_windows(name: str, cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload
-                     ) -> tuple[list[int], list[int]]:
-    """Windows and GPU layers (ring order, head first) chosen by baseline ``name``."""
-    costs = [DeviceCosts(cluster.device(n), model, workload) for n in ring]
+def baseline_windows(name: str, cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload,
+                     shared: dict[str, DeviceCosts] | None = None) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Windows and GPU layers (ring order, head first) chosen by baseline ``name`` (``shared``: cost models
+    already built for these devices, reused)."""
+    shared = {} if shared is None else shared
+    costs = [shared.get(n) or DeviceCosts(cluster.device(n), model, workload) for n in ring]
     w = BASELINES[name](costs, model.arch.n_layer)
     return w, [gpu_fit(c, wi) for c, wi in zip(costs, w, strict=True)]

@@ -1,9 +1,9 @@
-"""The analytic cost model: per-layer, per-hop and per-device times, memory needs, and a plan's TPOT/TTFT.
+"""The analytic cost model: per-layer, per-hop and per-device times, memory and paging, a plan's TPOT/TTFT.
 
-This module is the single description of what one step of the piped ring costs. The Halda solver builds its
-coefficients from it, :func:`predict` scores any plan with it (so every scheduler is judged by the same
-function), and the simulator takes its per-layer compute times and per-hop costs from it, adding the dynamic
-mechanisms (page cache, prefetch, contention) that a formula cannot express.
+This module is the single description of what one step of the piped ring costs. Halda's exact search and
+its integer program take their numbers from it, :func:`predict` scores any plan with it (so every scheduler
+is judged by the same function), and the simulator takes its per-layer compute times and per-hop costs from
+it, adding the dynamic mechanisms (page cache contents, queueing, contention) that a formula cannot express.
 
 Per layer, on a device's CPU or GPU, for a batch of ``n`` tokens attending to ``n_kv`` cached tokens::
 
@@ -13,8 +13,22 @@ a roofline: matmul work at the profiled throughput for each weight type, or stre
 cache through memory, whichever is slower (prima.cpp's paper sums the two; its code drops the memory term;
 see docs/halda.md for why we take the maximum). Per window (one ``llama_decode`` call) a fixed overhead; per
 window boundary one hop: ``latency + (4 * n_embd * n + header) / bandwidth``. The head adds the embedding
-lookup and the output head. Memory that does not fit in a device's budget is re-read from disk every step
-(prima.cpp's linear model); KV cache and compute buffers are pinned and must fit.
+lookup and the output head.
+
+Memory and paging come from the device's :class:`~prima_sim.devices.behaviour.MemoryBehaviour`: what is
+pinned (KV cache, buffers), what is mapped in the page cache (weights), how much room the cache has, and
+how many bytes are re-read per token when the mapped weights do not fit. How those reads cost time depends
+on prefetch (docs/halda.md, "Paging"):
+
+* a device that runs one window per token (k = 1) cannot prefetch (the next window it needs is the one it
+  just ran): its page faults stall its own compute, which overlaps the disk through readahead, so its
+  window takes ``max(compute, read)``;
+* a device with several windows (k >= 2) advises the kernel to load its next window right after sending
+  its activations, so the read overlaps the other devices' work. In steady state the ring cannot turn
+  faster than any such device's disk can read its share, so a token takes
+  ``max(compute chain, max over prefetching devices of their reads per token / disk bandwidth)``;
+* a window that does not fit in the room left for it cannot be prefetched (the advice evicts its own
+  start: prima.cpp's prefetch-release conflict): it is charged as faults.
 
 All times in seconds, sizes in bytes.
 """
@@ -22,23 +36,23 @@ All times in seconds, sizes in bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
+
+from prima_sim.devices.behaviour import MemoryBehaviour, behaviour_of
 from prima_sim.devices.cluster import Cluster
-from prima_sim.devices.model import ModelProfile, sum_flops
+from prima_sim.devices.model import ModelProfile, TensorEntry, sum_flops
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.plan import DeviceAssignment, DeviceTimes, Plan, Prediction
-from prima_sim.units import MiB
+from prima_sim.units import fmt_bytes
 
 HEADER_BYTES = 96
 """Per-hop message overhead beyond the activations (header frame with positions, shape, fingerprint)."""
 ACTIVATION_BYTES_PER_ELEMENT = 4
 """Hidden states travel as float32, as in prima.cpp (``n_embd * n_tokens * 4`` bytes per hop)."""
-CUDA_RESERVE_BYTES = 700 * MiB
-"""VRAM prima.cpp keeps free for the CUDA context and compute scratch (common.cpp, after several OOM fixes)."""
-METAL_RESERVE_BYTES = 300 * MiB
-"""The same reserve on Metal."""
 DEFAULT_UBATCH = 512
 """llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens."""
 
@@ -75,7 +89,8 @@ class Workload:
         return max(1, min(self.n_ctx, self.prompt_tokens + self.decode_tokens // 2))
 
 
-def roofline(flops: dict[str, float], rate: callable, nbytes: float, bandwidth: float) -> tuple[float, float]:
+def roofline(flops: dict[str, float], rate: Callable[[str], float], nbytes: float, bandwidth: float
+             ) -> tuple[float, float]:  # fmt: skip
     """(compute seconds, memory seconds) of a piece of work; its time is the larger of the two."""
     compute = sum(f / rate(t) for t, f in flops.items())
     memory = nbytes / bandwidth if bandwidth > 0 else 0.0
@@ -101,6 +116,34 @@ class LayerTime:
         return (t, 0.0) if self.compute_s >= self.memory_s else (0.0, t)
 
 
+@dataclass(frozen=True)
+class LayerSums:
+    """Per-layer times of one device for one batch shape, as prefix sums (so any range costs O(1)).
+
+    ``cpu[i]`` is the sum of layers ``[0, i)`` run on the CPU; ``cpu_compute[i]`` the part of it that is
+    compute-bound (the rest is memory-bound); likewise on the GPU (equal to the CPU's without a GPU).
+    """
+
+    cpu: np.ndarray
+    cpu_compute: np.ndarray
+    gpu: np.ndarray
+    gpu_compute: np.ndarray
+
+    def window(self, start: int, end: int, gpu_layers: int) -> tuple[float, float]:
+        """(compute-bound, memory-bound) seconds of layers ``[start, end)`` whose last ``gpu_layers`` run on
+        the GPU."""
+        split = end - gpu_layers
+        total = self.cpu[split] - self.cpu[start] + self.gpu[end] - self.gpu[split]
+        comp = self.cpu_compute[split] - self.cpu_compute[start] + self.gpu_compute[end] - self.gpu_compute[split]
+        return float(comp), float(total - comp)
+
+
+def _prefix(values: list[float] | np.ndarray) -> np.ndarray:
+    out = np.zeros(len(values) + 1)
+    np.cumsum(values, out=out[1:])
+    return out
+
+
 @dataclass
 class DeviceCosts:
     """Everything the cost model knows about one device for one model and workload."""
@@ -109,6 +152,11 @@ class DeviceCosts:
     model: ModelProfile
     workload: Workload
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def memory(self) -> MemoryBehaviour:
+        """The device's memory rules (budgets, paging, GPU memory)."""
+        return behaviour_of(self.device)
 
     # --- per layer ------------------------------------------------------------------------------------
     def layer_time(self, layer: int, on_gpu: bool, n_tokens: int = 1, n_kv: int | None = None) -> LayerTime:
@@ -132,20 +180,66 @@ class DeviceCosts:
         self._cache[key] = out
         return out
 
+    def layer_sums(self, n_tokens: int = 1, n_kv: int | None = None) -> LayerSums:
+        """Prefix sums of every layer's time on the CPU and on the GPU for this batch shape (cached)."""
+        n_kv = self.workload.decode_kv_tokens if n_kv is None else max(1, n_kv)
+        key = ("sums", n_tokens, n_kv)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        group, reps = self.model.layer_groups(n_kv)
+        on_gpu = self.device.gpu is not None
+        vals = np.array([[t.total_s, t.split()[0]] for i in reps
+                         for t in (self.layer_time(i, False, n_tokens, n_kv), self.layer_time(i, on_gpu, n_tokens, n_kv))
+                         ]).reshape(len(reps), 2, 2)  # fmt: skip
+        per = vals[np.asarray(group)]  # (L, cpu/gpu, total/compute)
+        out = LayerSums(_prefix(per[:, 0, 0]), _prefix(per[:, 0, 1]), _prefix(per[:, 1, 0]), _prefix(per[:, 1, 1]))
+        self._cache[key] = out
+        return out
+
+    @cached_property
+    def gpu_never_slower(self) -> bool:
+        """No layer decodes slower on the GPU than on the CPU (False without a GPU)."""
+        if self.device.gpu is None:
+            return False
+        sums = self.layer_sums()
+        return bool(np.all(np.diff(sums.gpu) <= np.diff(sums.cpu) + 1e-15))
+
+    @cached_property
+    def gpu_never_faster(self) -> bool:
+        """No layer decodes faster on the GPU than on the CPU (True without a GPU)."""
+        sums = self.layer_sums()
+        return bool(np.all(np.diff(sums.gpu) >= np.diff(sums.cpu) - 1e-15))
+
+    @cached_property
+    def layer_bytes_prefix(self) -> np.ndarray:
+        """Prefix sums of the layers' weight bytes (``[i]`` = bytes of layers ``[0, i)``)."""
+        return _prefix(self.model.layer_bytes)
+
+    @cached_property
+    def layer_kv_prefix(self) -> np.ndarray:
+        """Prefix sums of the layers' KV-cache bytes for the workload's context."""
+        return _prefix(self.layer_kv_bytes)
+
     @cached_property
     def mean_cpu_layer_s(self) -> float:
-        """Average decode time of one layer on the CPU (Halda's alpha without disk)."""
-        return sum(self.layer_time(i, False).total_s for i in range(self.model.arch.n_layer)) / self.model.arch.n_layer
+        """Average decode time of one layer on the CPU."""
+        return float(self.layer_sums().cpu[-1]) / self.model.arch.n_layer
 
     @cached_property
     def mean_gpu_layer_s(self) -> float:
         """Average decode time of one layer on the GPU (CPU time if there is no GPU)."""
-        if self.device.gpu is None:
-            return self.mean_cpu_layer_s
-        return sum(self.layer_time(i, True).total_s for i in range(self.model.arch.n_layer)) / self.model.arch.n_layer
+        return float(self.layer_sums().gpu[-1]) / self.model.arch.n_layer
 
     def head_time(self, n_tokens: int = 1, n_logits: int = 1) -> LayerTime:
         """Head work per step: embedding lookup for ``n_tokens`` and the output head for ``n_logits`` rows."""
+        key = ("head", n_tokens, n_logits)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._head_time(n_tokens, n_logits)
+        return hit
+
+    def _head_time(self, n_tokens: int, n_logits: int) -> LayerTime:
         m, d = self.model, self.device
         flops = sum_flops([m.output_flops(n_logits)])
         nbytes = m.output_bytes + m.embedding_row_bytes * n_tokens
@@ -154,72 +248,72 @@ class DeviceCosts:
             mem = _typed_stream_s(output_tensors(m), d) + m.embedding_row_bytes * n_tokens / d.memory_bandwidth_bps
         return LayerTime(c, mem)
 
+    def window_overhead_s(self, n_tokens: int, gpu_layers: int) -> float:
+        """Fixed cost of running one window: the ``llama_decode`` call, and the hidden state's copies to a
+        discrete GPU and back when the window has GPU layers."""
+        t = self.device.decode_overhead_s
+        if gpu_layers and self.memory.host_copy_bps > 0:
+            t += 2 * ACTIVATION_BYTES_PER_ELEMENT * self.model.arch.n_embd * n_tokens / self.memory.host_copy_bps
+        return t
+
     # --- memory ---------------------------------------------------------------------------------------
+    @cached_property
+    def layer_kv_bytes(self) -> tuple[int, ...]:
+        """KV-cache bytes every layer reserves for the workload's context."""
+        return _layer_kv_bytes(self.model, self.workload.n_ctx)
+
     @cached_property
     def kv_bytes_per_layer(self) -> float:
         """Mean KV-cache bytes one layer reserves for the workload's context."""
-        m = self.model
-        return sum(m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer)) / m.arch.n_layer
+        return sum(self.layer_kv_bytes) / self.model.arch.n_layer
 
     @cached_property
     def max_layer_kv_bytes(self) -> float:
         """KV-cache bytes of the layer with the largest cache (full-attention layers)."""
-        m = self.model
-        return max(m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer))
+        return max(self.layer_kv_bytes)
 
     @cached_property
     def largest_layer_bytes(self) -> float:
         """Weights plus KV cache of the largest layer: what VRAM rows are sized by (VRAM cannot page)."""
         m = self.model
-        return max(m.layer_bytes[i] + m.layer_kv_bytes(i, self.workload.n_ctx) for i in range(m.arch.n_layer))
+        return max(b + kv for b, kv in zip(m.layer_bytes, self.layer_kv_bytes, strict=True))
 
     def compute_buffer_bytes(self, with_logits: bool = False) -> int:
         """Scratch memory of one llama.cpp context (one window) on this device's CPU backend."""
         n_ubatch = min(self.workload.n_ubatch, self.workload.n_ctx)
         return self.model.compute_buffer_bytes(self.workload.n_ctx, n_ubatch, n_logit_rows=1 if with_logits else 0)
 
-    def buffers(self, n_windows: int, is_head: bool, uses_gpu: bool) -> tuple[float, float]:
+    def buffers(self, n_windows: int, is_head: bool) -> tuple[float, float]:
         """(CPU bytes, GPU bytes) of compute buffers for a device running ``n_windows`` windows.
 
         Every window is its own llama.cpp context with its own compute buffer; the head's last window also
-        holds one row of logits. A device with GPU layers also keeps the backend's reserve free in VRAM.
+        holds one row of logits. A device with a GPU backend also has GPU compute buffers and the backend's
+        reserve, even without offloaded layers (llama.cpp initializes a present backend).
         """
         n_ctx_windows = max(n_windows, 1 if is_head else 0)
         cpu = n_ctx_windows * self.compute_buffer_bytes() + (self.model.arch.n_vocab * 4 if is_head else 0)
-        gpu = (n_ctx_windows * self.compute_buffer_bytes() + self.gpu_reserve_bytes) if uses_gpu else 0.0
+        mem = self.memory
+        gpu = (n_ctx_windows * self.compute_buffer_bytes() + mem.gpu_reserve_bytes) if mem.has_gpu else 0.0
         return float(cpu), float(gpu)
 
     @property
-    def gpu_reserve_bytes(self) -> int:
-        """VRAM kept free for the GPU backend (context, scratch)."""
-        if self.device.gpu is None:
-            return 0
-        return METAL_RESERVE_BYTES if self.device.gpu.kind == "metal" else CUDA_RESERVE_BYTES
-
-    @property
     def ram_budget_bytes(self) -> int:
-        """Memory the model may use on this device (prima.cpp's mem_budget, §3.3).
-
-        Linux and macOS without Metal: available RAM. macOS with Metal: the GPU's free working set, but (our
-        decision, docs/halda.md) no more than the RAM that is really available plus what macOS would swap
-        out: on Apple Silicon the working set and RAM are the same memory, and the working-set limit (2/3
-        of RAM) can be twice what is free. Android: available RAM plus what the OS would swap out of other
-        apps first.
-        """
-        d = self.device
-        if d.is_metal and d.gpu is not None:
-            return min(d.gpu.vram_free_bytes, d.ram_available_bytes + d.swappable_bytes)
-        if d.os == "android":
-            return d.ram_available_bytes + min(d.swappable_bytes, d.swap_available_bytes)
-        return d.ram_available_bytes
+        """Memory the model may use on this device (:attr:`MemoryBehaviour.ram_budget_bytes`)."""
+        return self.memory.ram_budget_bytes
 
     @property
     def disk_bps(self) -> float:
-        """Read bandwidth of page faults (sequential on Linux/Android, random on macOS/Windows)."""
-        return self.device.disk_read_bps
+        """Read bandwidth of page faults and prefetch (:attr:`MemoryBehaviour.fault_bps`)."""
+        return self.memory.fault_bps
 
 
-def output_tensors(model: ModelProfile) -> list:
+def _layer_kv_bytes(model: ModelProfile, n_ctx: int) -> tuple[int, ...]:
+    group, reps = model.layer_groups(n_ctx)
+    per = [model.layer_kv_bytes(i, n_ctx) for i in reps]
+    return tuple(per[g] for g in group)
+
+
+def output_tensors(model: ModelProfile) -> list[TensorEntry]:
     """The output head's tensors: final norm and ``output.weight`` (the embedding table when tied)."""
     out = [t for t in model.tensors if t.name in ("output_norm.weight", "output_norm.bias", "output.weight", "output.bias")]
     if model.tensor("output.weight") is None and (emb := model.tensor("token_embd.weight")) is not None:
@@ -227,7 +321,7 @@ def output_tensors(model: ModelProfile) -> list:
     return out
 
 
-def _typed_stream_s(tensors: list, device: DeviceProfile) -> float:
+def _typed_stream_s(tensors: list[TensorEntry], device: DeviceProfile) -> float:
     """Seconds to stream ``tensors`` at their types' decode rates (``DeviceProfile.stream_bps``); added for
     prima_sim.emulate, used only when the profile gives ``matvec_bps``."""
     return sum(t.n_bytes / device.stream_bps(t.ggml_type) for t in tensors)
@@ -250,163 +344,220 @@ def hop_time(cluster: Cluster, src: str, dst: str, n_embd: int, n_tokens: int = 
 # --- memory of an assignment -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MemoryUse:
-    """Bytes one device needs for its part of a plan."""
+    """Bytes one device needs for its part of a plan, and what its memory rules make of them.
 
-    weights_cpu: float  # layer weights served from RAM (page cache)
-    weights_gpu: float  # layer weights copied into VRAM (CUDA) or resident in the GPU's working set
+    The first seven fields are what the plan asks for; the rest are derived by the device's
+    :class:`~prima_sim.devices.behaviour.MemoryBehaviour`.
+    """
+
+    weights_cpu: float  # layer weights run by the CPU (page cache)
+    weights_gpu: float  # layer weights run by the GPU (VRAM copy on a discrete GPU; mapped pages on Metal)
     kv_cpu: float  # KV cache of CPU layers (pinned)
     kv_gpu: float  # KV cache of GPU layers
     buffers_cpu: float  # compute buffers of the device's contexts (pinned)
     buffers_gpu: float  # GPU compute buffers and backend reserve
     head: float  # output head + embedding row, on the head only
-
-    @property
-    def pinned_ram(self) -> float:
-        """Anonymous memory that cannot be paged out: KV cache and compute buffers."""
-        return self.kv_cpu + self.buffers_cpu
+    pinned_ram: float = 0.0  # anonymous RAM the run pins
+    mapped_ram: float = 0.0  # weight bytes in the page cache
+    vram_need: float = 0.0  # bytes a discrete GPU must hold
+    room: float = 0.0  # page cache the weights can have (Android: swap-out included)
+    reread: float = 0.0  # bytes re-read from disk per token
 
     @property
     def ram_total(self) -> float:
         """Everything that wants to live in RAM (weights in the page cache included)."""
-        return self.weights_cpu + self.kv_cpu + self.buffers_cpu + self.head
+        return self.mapped_ram + self.pinned_ram
 
 
 def memory_use(costs: DeviceCosts, a: DeviceAssignment, is_head: bool) -> MemoryUse:
-    """Memory a device needs for assignment ``a`` (exact per layer)."""
-    m, n_ctx = costs.model, costs.workload.n_ctx
+    """Memory a device needs for assignment ``a`` (exact per layer), and its paging."""
+    m = costs.model
+    kv = costs.layer_kv_bytes
     w_cpu = w_gpu = kv_cpu = kv_gpu = 0.0
     for start, end in a.layers:
-        g = a.gpu_layers_in((start, end))
-        for i in range(start, end):
-            on_gpu = i >= end - g and costs.device.gpu is not None
-            if on_gpu:
-                w_gpu += m.layer_bytes[i]
-                kv_gpu += m.layer_kv_bytes(i, n_ctx)
-            else:
-                w_cpu += m.layer_bytes[i]
-                kv_cpu += m.layer_kv_bytes(i, n_ctx)
-    # llama.cpp initialises a present GPU backend (and its compute buffers) even without offloaded layers
-    buffers_cpu, buffers_gpu = costs.buffers(len(a.layers), is_head, costs.device.gpu is not None)
-    return MemoryUse(w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head_extra_bytes(m) if is_head else 0.0)
+        split = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
+        w_cpu += sum(m.layer_bytes[start:split])
+        kv_cpu += sum(kv[start:split])
+        w_gpu += sum(m.layer_bytes[split:end])
+        kv_gpu += sum(kv[split:end])
+    buffers_cpu, buffers_gpu = costs.buffers(len(a.layers), is_head)
+    head = head_extra_bytes(m) if is_head else 0.0
+    return derive_memory(costs.memory, w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head)
+
+
+def derive_memory(mem: MemoryBehaviour, w_cpu: float, w_gpu: float, kv_cpu: float, kv_gpu: float,
+                  buffers_cpu: float, buffers_gpu: float, head: float) -> MemoryUse:  # fmt: skip
+    """A :class:`MemoryUse` from raw needs, with pinned, mapped, VRAM, room and re-reads per the device's
+    memory rules."""
+    pinned = mem.pinned_ram_bytes(kv_cpu, buffers_cpu, w_gpu, kv_gpu, buffers_gpu)
+    mapped = mem.mapped_ram_bytes(w_cpu, w_gpu, head)
+    room = mem.weights_room(pinned)
+    return MemoryUse(w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head, pinned_ram=pinned,
+                     mapped_ram=mapped, vram_need=mem.vram_need_bytes(w_gpu, kv_gpu, buffers_gpu), room=room,
+                     reread=mem.reread_bytes(mapped, room))  # fmt: skip
 
 
 def disk_bytes_per_step(costs: DeviceCosts, use: MemoryUse) -> float:
-    """Bytes re-read from disk every step because they do not fit (prima.cpp's T_disk cases, App. A.3).
-
-    Linux/Android/Windows and macOS without Metal: what exceeds the RAM budget once the pinned KV cache and
-    buffers are placed (the overflow), re-read each step. macOS with Metal: if everything does not fit in
-    Metal's working set, *all* weights reload every step. CUDA layers never reload.
-    """
-    d = costs.device
-    budget = costs.ram_budget_bytes
-    if d.is_metal:
-        need = use.weights_cpu + use.weights_gpu + use.kv_cpu + use.kv_gpu + use.buffers_cpu + use.buffers_gpu + use.head
-        return use.weights_cpu + use.weights_gpu + use.head if need > budget else 0.0
-    return max(0.0, use.ram_total - budget)
+    """Bytes re-read from disk every step because the device's mapped weights do not fit
+    (:meth:`MemoryBehaviour.reread_bytes`)."""
+    return use.reread
 
 
 # --- prediction of a plan -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepBreakdown:
-    """Per-device seconds of one ring step, and problems that make the plan impossible."""
+    """Per-device seconds of one ring step, the ring's wait for prefetching disks, and problems that make
+    the plan impossible."""
 
     per_device: tuple[DeviceTimes, ...]
     head_s: float
+    disk_wait_s: float = 0.0
+    bound: str = "ring"
     infeasible: tuple[str, ...] = ()
 
     @property
     def total_s(self) -> float:
-        """The step's latency: the sum over devices (one token passes through them in turn) plus the head."""
-        return sum(t.total_s for t in self.per_device) + self.head_s
+        """The step's latency: the ring's chain (devices in turn, plus the head) or, when a prefetching
+        disk is slower, that disk's reads."""
+        return sum(t.total_s for t in self.per_device) + self.head_s + self.disk_wait_s
 
 
-def check_memory(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> list[str]:
+def check_memory(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
+                 costs: dict[str, DeviceCosts] | None = None) -> list[str]:  # fmt: skip
     """Problems that make a plan impossible (memory that cannot be paged), as readable sentences."""
+    costs = _costs_for(plan, cluster, model, workload, costs)
     problems: list[str] = []
     for a in plan.devices:
-        d = cluster.device(a.name)
-        costs = DeviceCosts(d, model, workload)
-        use = memory_use(costs, a, a.name == plan.head)
-        pinned_budget = d.ram_available_bytes + d.swap_available_bytes
-        if use.pinned_ram > pinned_budget:
-            problems.append(
-                f"{a.name}: KV cache and compute buffers need {use.pinned_ram / 2**30:.2f} GiB of RAM but "
-                f"{pinned_budget / 2**30:.2f} GiB is available (short by {int(use.pinned_ram - pinned_budget)} bytes)"
-            )
-        if a.gpu_layers and d.gpu is None:
-            problems.append(f"{a.name}: the plan puts {a.gpu_layers} layers per window on a GPU it does not have")
-        elif a.gpu_layers and d.gpu is not None and not d.is_metal:
-            vram_need = use.weights_gpu + use.kv_gpu + use.buffers_gpu
-            if vram_need > d.gpu.vram_free_bytes:
-                problems.append(
-                    f"{a.name}: GPU layers need {vram_need / 2**30:.2f} GiB of VRAM but {d.gpu.vram_free_bytes / 2**30:.2f}"
-                    f" GiB is free (short by {int(vram_need - d.gpu.vram_free_bytes)} bytes)"
-                )
+        c = costs[a.name]
+        problems += memory_problems(c, a.name, memory_use(c, a, a.name == plan.head), a.gpu_layers)
     return problems
 
 
+def memory_problems(costs: DeviceCosts, name: str, use: MemoryUse, gpu_layers: int) -> list[str]:
+    """Why one device's share cannot run: pinned memory over RAM + swap, VRAM over the free VRAM, GPU layers
+    on a device without a GPU."""
+    out = []
+    mem = costs.memory
+    if use.pinned_ram > mem.pinned_budget_bytes:
+        out.append(f"{name}: KV cache and compute buffers need {fmt_bytes(use.pinned_ram)} of RAM but "
+                   f"{fmt_bytes(mem.pinned_budget_bytes)} is available (short by "
+                   f"{fmt_bytes(use.pinned_ram - mem.pinned_budget_bytes)})")  # fmt: skip
+    if gpu_layers and not mem.has_gpu:
+        out.append(f"{name}: the plan puts {gpu_layers} layers per window on a GPU it does not have")
+    elif use.vram_need > 0 and gpu_layers and use.vram_need > mem.vram_bytes:
+        out.append(f"{name}: GPU layers need {fmt_bytes(use.vram_need)} of VRAM but {fmt_bytes(mem.vram_bytes)} "
+                   f"is free (short by {fmt_bytes(use.vram_need - mem.vram_bytes)})")  # fmt: skip
+    return out
+
+
+def prefetches(use: MemoryUse, n_windows: int, largest_window_bytes: float, prefetch: bool, n_devices: int) -> bool:
+    """Whether a device's reads overlap the other devices' work: it prefetches (several windows per token,
+    and other devices to hand its activations to: the advice follows each send) and every window fits in its
+    room (else the advice evicts the window's own start)."""
+    return (prefetch and n_windows >= 2 and n_devices >= 2 and use.reread > 0
+            and largest_window_bytes <= use.room)  # fmt: skip
+
+
 def step_breakdown(
-    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_tokens: int = 1, n_kv: int | None = None
+    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_tokens: int = 1, n_kv: int | None = None,
+    prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None,
 ) -> StepBreakdown:
-    """Per-device time of one step (``n_tokens`` tokens through every window, then the head's output head)."""
+    """Per-device time of one step (``n_tokens`` tokens through every window, then the head's output head).
+
+    ``costs`` may carry :class:`DeviceCosts` already built for these devices, model and workload (reused).
+    """
     e = model.arch.n_embd
     order = plan.execution_order()
+    costs = _costs_for(plan, cluster, model, workload, costs)
     per: dict[str, dict[str, float]] = {a.name: dict.fromkeys(("compute", "memory", "disk", "comm", "overhead"), 0.0)
                                          for a in plan.devices}  # fmt: skip
-    # windows: compute and memory per layer, one decode overhead per window, one hop to the next window
+    work: dict[str, float] = dict.fromkeys(per, 0.0)  # compute + memory + overhead of each device's windows
     for idx, (name, (start, end)) in enumerate(order):
-        a = plan.device(name)
-        d = cluster.device(name)
-        costs = DeviceCosts(d, model, workload)
-        g = a.gpu_layers_in((start, end))
-        for i in range(start, end):
-            c, mem = costs.layer_time(i, on_gpu=i >= end - g and d.gpu is not None, n_tokens=n_tokens, n_kv=n_kv).split()
-            per[name]["compute"] += c
-            per[name]["memory"] += mem
-        per[name]["overhead"] += d.decode_overhead_s
-        if g and d.gpu is not None and d.gpu.host_link_bps > 0 and not d.unified_memory:
-            per[name]["overhead"] += 2 * ACTIVATION_BYTES_PER_ELEMENT * e * n_tokens / d.gpu.host_link_bps
+        a, c = plan.device(name), costs[name]
+        g = a.gpu_layers_in((start, end)) if c.device.gpu is not None else 0
+        comp, mem_s = c.layer_sums(n_tokens, n_kv).window(start, end, g)
+        ovh = c.window_overhead_s(n_tokens, g)
+        per[name]["compute"] += comp
+        per[name]["memory"] += mem_s
+        per[name]["overhead"] += ovh
+        work[name] += comp + mem_s + ovh
         nxt = order[idx + 1][0] if idx + 1 < len(order) else plan.head
         per[name]["comm"] += hop_time(cluster, name, nxt, e, n_tokens)
-    # the head sends the embedded tokens to the first window's device
-    if order and order[0][0] != plan.head:
+    if order and order[0][0] != plan.head:  # the head sends the embedded tokens to the first window's device
         per[plan.head]["comm"] += hop_time(cluster, plan.head, order[0][0], e, n_tokens)
-    # disk: bytes that do not fit are re-read every step; the head also reads one embedding row per token
-    infeasible = check_memory(plan, cluster, model, workload)
-    for a in plan.devices:
-        costs = DeviceCosts(cluster.device(a.name), model, workload)
-        use = memory_use(costs, a, a.name == plan.head)
-        disk = disk_bytes_per_step(costs, use)
-        if a.name == plan.head:
-            disk += model.embedding_row_bytes * n_tokens
-        per[a.name]["disk"] += disk / costs.disk_bps
-    head_costs = DeviceCosts(cluster.device(plan.head), model, workload)
+    head_costs = costs[plan.head]
     head_s = head_costs.head_time(n_tokens, n_logits=1).total_s
+    work[plan.head] += head_s
+    infeasible: list[str] = []
+    reads: dict[str, tuple[float, float, bool]] = {}
+    load_bound, bound = 0.0, "ring"
+    for a in plan.devices:
+        c = costs[a.name]
+        use = memory_use(c, a, a.name == plan.head)
+        infeasible += memory_problems(c, a.name, use, a.gpu_layers)
+        read_b = use.reread + (model.embedding_row_bytes * n_tokens if a.name == plan.head else 0.0)
+        read_s = c.memory.read_seconds(read_b)
+        largest = max((_window_bytes(c, a, r) for r in a.layers), default=0.0)
+        pf = prefetches(use, len(a.layers), largest, prefetch, len(plan.devices))
+        reads[a.name] = (read_b, read_s, pf)
+        if pf:
+            if read_s > load_bound:
+                load_bound, bound = read_s, f"disk of {a.name}"
+        else:  # faults stall the device's own compute, which overlaps the disk through readahead
+            per[a.name]["disk"] += max(0.0, read_s - work[a.name])
+    chain = sum(sum(v.values()) for v in per.values()) + head_s
     times = tuple(
         DeviceTimes(name=a.name, compute_s=per[a.name]["compute"], memory_s=per[a.name]["memory"],
-                    disk_s=per[a.name]["disk"], comm_s=per[a.name]["comm"], overhead_s=per[a.name]["overhead"])
+                    disk_s=per[a.name]["disk"], comm_s=per[a.name]["comm"], overhead_s=per[a.name]["overhead"],
+                    read_bytes=reads[a.name][0], read_s=reads[a.name][1], prefetch=reads[a.name][2])
         for a in plan.devices
     )  # fmt: skip
-    return StepBreakdown(times, head_s, tuple(infeasible))
+    wait = max(0.0, load_bound - chain)
+    return StepBreakdown(times, head_s, wait, bound if wait > 0 else "ring", tuple(infeasible))
 
 
-def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> Prediction:
+def _window_bytes(c: DeviceCosts, a: DeviceAssignment, rng: tuple[int, int]) -> float:
+    """Mapped bytes one prefetch must hold at once: a window's paged layers, and for the head's last window
+    also the output head, which is advised with it (the logits window of docs/emulation.md finding 9)."""
+    start, end = rng
+    split = end - (a.gpu_layers_in(rng) if c.device.gpu is not None else 0)
+    lb = c.model.layer_bytes
+    nbytes = float(sum(lb[start:split]) + (sum(lb[split:end]) if c.memory.gpu_layers_page else 0))
+    if end == c.model.arch.n_layer:
+        nbytes += head_extra_bytes(c.model)
+    return nbytes
+
+
+def _costs_for(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
+               costs: dict[str, DeviceCosts] | None) -> dict[str, DeviceCosts]:  # fmt: skip
+    costs = {} if costs is None else costs
+    for a in plan.devices:
+        if a.name not in costs:
+            costs[a.name] = DeviceCosts(cluster.device(a.name), model, workload)
+    return costs
+
+
+def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool = True,
+            costs: dict[str, DeviceCosts] | None = None) -> Prediction:  # fmt: skip
     """Analytic TPOT and TTFT of any plan, with a per-device breakdown of one decode step.
 
     TPOT is one decode step at the middle of generation. TTFT is the prompt prefilled in micro-batches of
     ``n_ubatch`` tokens, each passing through the whole ring in turn (one batch in flight, as in
-    prima.cpp), plus the output head for the last token. A plan that cannot run (pinned memory or VRAM
-    exceeded) gets infinite times.
+    prima.cpp), plus the output head for the last token. ``prefetch`` says whether devices advise the kernel
+    to load their next window (the executor's default). A plan that cannot run (pinned memory or VRAM
+    exceeded) gets infinite times. ``costs`` may carry :class:`DeviceCosts` already built (reused).
     """
-    decode = step_breakdown(plan, cluster, model, workload, 1)
+    costs = _costs_for(plan, cluster, model, workload, costs)
+    decode = step_breakdown(plan, cluster, model, workload, 1, prefetch=prefetch, costs=costs)
     if decode.infeasible:
         return Prediction(method="halda-analytic", tpot_s=math.inf, ttft_s=math.inf,
-                          prompt_tokens=workload.prompt_tokens, per_device=decode.per_device, head_s=decode.head_s)  # fmt: skip
+                          prompt_tokens=workload.prompt_tokens, per_device=decode.per_device, head_s=decode.head_s,
+                          prefetch=prefetch)  # fmt: skip
     ttft = 0.0
     done = 0
     while done < workload.prompt_tokens:
         n = min(workload.n_ubatch, workload.prompt_tokens - done)
-        ttft += step_breakdown(plan, cluster, model, workload, n, n_kv=done + n).total_s
+        ttft += step_breakdown(plan, cluster, model, workload, n, n_kv=done + n, prefetch=prefetch, costs=costs).total_s
         done += n
     return Prediction(
         method="halda-analytic",
@@ -415,4 +566,7 @@ def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
         prompt_tokens=workload.prompt_tokens,
         per_device=decode.per_device,
         head_s=decode.head_s,
+        disk_wait_s=decode.disk_wait_s,
+        bound=decode.bound,
+        prefetch=prefetch,
     )

@@ -1,73 +1,93 @@
-"""Why each device got what it got: readable reasons from the solver's sets, coefficients and tight rows."""
+"""Why each device got what it got: readable reasons from the cost model's breakdown of a plan.
+
+:func:`explain` speaks in plain terms (what a device holds, what it re-reads from disk and whether that read
+is hidden by prefetch, what limits the token's time); :data:`GLOSSARY` explains the few words it needs.
+"""
 
 from __future__ import annotations
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload, disk_bytes_per_step, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, Workload, memory_use
 from prima_sim.plan import Plan
 from prima_sim.units import fmt_bandwidth, fmt_bytes
 
-_SET_MEANING = {
-    "M1": "macOS without Metal, overloaded: weights it cannot hold are re-read at random-read bandwidth",
-    "M2": "macOS with Metal, over its working set: all its weights reload every token",
-    "M3": "overloaded: the part of its share that does not fit is re-read from disk every token",
-    "M4": "its share fits in memory: no disk reads while decoding",
-}
-_ROW_MEANING = {
-    "eq9_ram_fits": "its memory is full (RAM row, Eq. 9: one more layer would not fit)",
-    "eq9_ram_overloaded": "the overloaded regime's lower bound (Eq. 9) holds it at the smallest overloaded window",
-    "eq10_vram": "its VRAM is full (Eq. 10)",
-    "eq7_gpu_within_window": "all of its window runs on the GPU (Eq. 7: n <= w)",
-    "eq7_window_at_least_1": "it is held at the minimum window of 1 layer (Eq. 7): each layer costs it more than elsewhere",
-    "kv_pinned": "its RAM cannot pin the KV cache of more CPU layers",
-    "gpu_not_worth_it": "its GPU has room but GPU layers cost more than CPU layers there",
-}
+GLOSSARY = (
+    "window: the consecutive layers a device runs each time the hidden state comes round; k: rounds of the ring "
+    "per token (each device runs k windows); room: page cache left for weights once KV cache and buffers are "
+    "placed; re-read: weight bytes read from disk again every token because they do not fit; prefetch: a device "
+    "asks the OS to load its next window while the others compute, hiding the read."
+)
+"""One line that explains the words of :func:`explain`."""
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.1f} ms"
 
 
 def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> dict[str, list[str]]:
-    """Per device (and per dropped device), sentences saying which cost or constraint shaped its share."""
+    """Sentences per device (and per dropped device), plus ``"overall"``: what limits the plan's TPOT, how
+    the other k compared, and whether Halda fell back to another plan."""
     out: dict[str, list[str]] = {}
+    pred = plan.prediction
+    per = {t.name: t for t in (pred.per_device if pred else ())}
     details = plan.solver.details or {}
-    sets = details.get("sets", {})
-    binding = details.get("binding", {})
-    coefs = details.get("coefficients_ms", {})
-    pred = {t.name: t for t in (plan.prediction.per_device if plan.prediction else ())}
+    overall: list[str] = []
+    if pred is not None:
+        if pred.disk_wait_s > 0:
+            overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the {pred.bound}: it reads its share faster than it can "
+                           f"be hidden, and the ring waits {_ms(pred.disk_wait_s)} per token for it beyond its "
+                           "compute and network time")  # fmt: skip
+        else:
+            overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the ring: the sum of every device's compute, disk "
+                           f"stalls and hops, plus the head's output head ({_ms(pred.head_s)})")  # fmt: skip
+    cands = details.get("k_candidates")
+    if cands:
+        parts = [f"k={c['k']}: {_ms(c['objective_s'])}" for c in sorted(cands, key=lambda c: c["k"])]
+        overall.append("best plan found for each k: " + ", ".join(parts))
+    fb = details.get("fallback")
+    if fb:
+        overall.append(f"WARNING: the {fb['source']} plan predicts {_ms(fb['tpot_s'])}, faster than the exact search's "
+                       f"{_ms(fb['search_tpot_s'])}, and was returned instead: a bug in the search, please report it")  # fmt: skip
+    pol = details.get("polish")
+    if pol:
+        overall.append(f"a local search over GPU layer counts (devices whose best count the exact search only "
+                       f"approximates) took the plan from {_ms(pol['before_s'])} to {_ms(pol['tpot_s'])}")  # fmt: skip
+    overall += [n for n in details.get("notes", []) if n.startswith("warning")]
+    if "sets" in details:
+        overall.append("prima.cpp's published algorithm: sets " + ", ".join(f"{k}={v}" for k, v in details["sets"].items()))
+    if overall:
+        out["overall"] = overall
     for a in plan.devices:
-        d = cluster.device(a.name)
-        costs = DeviceCosts(d, model, workload)
-        use = memory_use(costs, a, a.name == plan.head)
-        lines = [
-            f"window {a.window} x {plan.k} round(s) = {a.n_layers} layers per token, {a.n_gpu_layers_total} on its GPU"
-        ]
-        if a.name in sets:
-            lines.append(f"set {sets[a.name]}: {_SET_MEANING[sets[a.name]]}")
-        if a.name in coefs:
-            c = coefs[a.name]
-            lines.append(
-                f"cost per layer per round: a = {c['a']:.3f} ms (CPU layer {c['alpha']:.3f} ms"
-                + (f", disk {c['a'] - c['alpha']:.3f} ms" if c["a"] - c["alpha"] > 1e-9 else "")
-                + (f"), GPU saves {-c['b']:.3f} ms per GPU layer" if d.gpu is not None else ")")
-                + f"; fixed per round {c['xi']:.3f} ms (decode call + hop)"
-            )
-        for row in binding.get(a.name, []):
-            if row in ("eq10_vram", "eq7_gpu_within_window") and d.gpu is None:
-                continue  # n = 0 is trivially tight on a device without a GPU
-            if row in _ROW_MEANING:
-                lines.append(_ROW_MEANING[row])
-        disk = disk_bytes_per_step(costs, use)
-        lines.append(
-            f"memory: {fmt_bytes(use.ram_total)} wanted in RAM (weights {fmt_bytes(use.weights_cpu)}, KV "
-            f"{fmt_bytes(use.kv_cpu)}, buffers {fmt_bytes(use.buffers_cpu)}) against a budget of "
-            f"{fmt_bytes(costs.ram_budget_bytes)}"
-            + (f"; re-reads {fmt_bytes(disk)} per token at {fmt_bandwidth(costs.disk_bps)}" if disk > 0 else "")
-        )
-        if a.name in pred:
-            t = pred[a.name]
-            lines.append(
-                f"predicted per token: compute {t.compute_s * 1e3:.1f} ms, memory {t.memory_s * 1e3:.1f} ms, disk "
-                f"{t.disk_s * 1e3:.1f} ms, network {t.comm_s * 1e3:.1f} ms, overhead {t.overhead_s * 1e3:.1f} ms"
-            )
+        c = DeviceCosts(cluster.device(a.name), model, workload)
+        mem = c.memory
+        use = memory_use(c, a, a.name == plan.head)
+        role = "head, " if a.name == plan.head else ""
+        gpu = cluster.device(a.name).gpu
+        lines = [f"{role}window {a.window} x {plan.k} round(s) = {a.n_layers} layers per token"
+                 + (f", {a.n_gpu_layers_total} of them on its {gpu.kind} GPU" if gpu is not None else "")]  # fmt: skip
+        lines.append(f"memory: pins {fmt_bytes(use.pinned_ram)} (KV cache and buffers); its weights take "
+                     f"{fmt_bytes(use.mapped_ram)} of page cache and the room left is {fmt_bytes(use.room)}"
+                     + (f"; its GPU holds {fmt_bytes(use.vram_need)} of {fmt_bytes(mem.vram_bytes)}" if use.vram_need else ""))  # fmt: skip
+        t = per.get(a.name)
+        if use.reread > 0 and t is not None:
+            how = "sequential" if mem.readahead else "random"
+            lines.append(f"it does not fit: re-reads {fmt_bytes(use.reread)} per token at {fmt_bandwidth(mem.fault_bps)} "
+                         f"({how} reads), {_ms(t.read_s)} of disk")  # fmt: skip
+            if t.prefetch:
+                lines.append("prefetch hides that read behind the other devices' work (it has several windows, each "
+                             "fits its room)")
+            elif len(a.layers) >= 2 and pred is not None and pred.prefetch:
+                lines.append("its windows do not fit its room one at a time, so prefetch cannot hold them: page faults "
+                             f"stall its compute for {_ms(t.disk_s)} per token")  # fmt: skip
+            else:
+                lines.append(f"with one window per token it cannot prefetch: page faults stall its compute for "
+                             f"{_ms(t.disk_s)} per token (readahead overlaps the rest)")  # fmt: skip
+        elif use.mapped_ram:
+            lines.append("its weights fit: nothing is read from disk while decoding")
+        if t is not None:
+            lines.append(f"per token: compute {_ms(t.compute_s)}, memory traffic {_ms(t.memory_s)}, disk stalls "
+                         f"{_ms(t.disk_s)}, network {_ms(t.comm_s)}, call overhead {_ms(t.overhead_s)}")  # fmt: skip
         out[a.name] = lines
     for dr in plan.dropped:
         out[dr.name] = [f"dropped: {dr.reason}"]

@@ -1,58 +1,33 @@
-"""Halda: the outer iteration (set assignment, one program per k, calibration) and device selection.
+"""Halda: the plan of lowest predicted TPOT for a cluster, with device selection, over every valid k.
 
-:func:`halda` follows prima.cpp's ``assign_layers_to_device`` (common.cpp L860-1590; paper Alg. 1):
-initialise windows in proportion to memory, assign every device to a set M1-M4, solve one integer program
-per valid k and keep the best, force slow-disk devices into M4 while GPU memory is left unused
-(calibration), and repeat until the sets no longer change. :func:`select_devices` wraps it in prima.cpp's
-device selection (``assign_layers_and_select_devices``): devices left with a window of one layer are
-dropped and the rest re-planned; the head always stays. Unlike prima.cpp we keep a drop only if it does
-not make the predicted TPOT worse (prima.cpp drops unconditionally; see docs/halda.md).
+:func:`select_devices` runs the exact search of :mod:`prima_sim.halda.search` over every k that divides the
+model's layers, every window and GPU layer count, and (device selection) every set of devices that keeps
+the head. The objective is the cost model's TPOT (:func:`prima_sim.halda.costmodel.predict`), memory and
+paging included, so the plan Halda returns is the best its own model knows; the planner then checks it
+against the baselines and a local search (:mod:`prima_sim.halda.planner`).
+
+Above :data:`LARGE_CLUSTER` devices the search with device selection (quadratic in the devices) runs on
+rings made of the head and the best-ranked others (:func:`_preselect`), as the previous implementation did.
+prima.cpp's published algorithm (sets M1-M4, one integer program per k) is kept in
+:mod:`prima_sim.halda.published` as the ``prima`` scheduler.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import DeviceCosts, Workload, head_extra_bytes
-from prima_sim.halda.greedy import solve_k_greedy
-from prima_sim.halda.ilp import (
-    MASTER_PRIORITY,
-    MIN_DISK_READ_BPS,
-    Coefficients,
-    DeviceSet,
-    KSolution,
-    assign_set,
-    device_coefficients,
-    overloaded_set,
-    solve_k,
-)
+from prima_sim.halda.costmodel import DeviceCosts, Workload
+from prima_sim.halda.search import KResult, search
+from prima_sim.units import fmt_bytes
 
-MAX_ITERATIONS = 64
-"""Guard on the outer loop; prima.cpp's loop ends in O(M) iterations, this only stops oscillation."""
 LARGE_CLUSTER = 16
-"""Above this many devices, selection starts from a ranked pre-selection (:func:`_preselect`): prima.cpp's
-rule (drop every device left with one layer) is made for a handful of devices and overshoots at scale."""
-PREFIX_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+"""Above this many devices, device selection starts from a ranked pre-selection (:func:`_preselect`)."""
+PREFIX_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 """Ring sizes (besides the head) the large-cluster pre-selection tries."""
-
-
-@dataclass
-class HaldaResult:
-    """Outcome of one :func:`halda` run on a fixed ring."""
-
-    ring: list[str]
-    solution: KSolution
-    sets: dict[str, DeviceSet]
-    coefs: list[Coefficients]
-    forced_m4: set[str]
-    iterations: int
-    solves: int
-    log: list[str] = field(default_factory=list)
 
 
 def valid_ks(n_layer: int, n_devices: int, k_user: int | None = None) -> list[int]:
@@ -62,212 +37,17 @@ def valid_ks(n_layer: int, n_devices: int, k_user: int | None = None) -> list[in
     return [k for k in range(1, n_layer + 1) if n_layer % k == 0 and n_layer // k >= n_devices]
 
 
-def initial_windows(costs: list[DeviceCosts], n_layer: int) -> list[int]:
-    """prima.cpp's start point: windows in proportion to memory budgets, each at least 1, summing to L."""
-    budget = [max(c.ram_budget_bytes + (c.device.gpu.vram_free_bytes if c.device.gpu and not c.device.is_metal else 0), 1)
-              for c in costs]  # fmt: skip
-    total = sum(budget)
-    w = [max(1, round(b / total * n_layer)) for b in budget]
-    while sum(w) > n_layer:  # fix the rounding by taking from the largest
-        w[w.index(max(w))] -= 1
-    if sum(w) < n_layer:
-        w[budget.index(max(budget))] += n_layer - sum(w)
-    return w
-
-
-class _Programs:
-    """The per-k programs of one ring: cached coefficients, exact greedy optima, HiGHS solves of record."""
-
-    def __init__(self, cluster: Cluster, ring: list[str], model: ModelProfile, ks: list[int],
-                 costs: dict[str, DeviceCosts], master_priority: float) -> None:
-        self.cluster, self.ring, self.model, self.ks = cluster, ring, model, ks
-        self.costs, self.priority = costs, master_priority
-        self._coef: dict[tuple[str, DeviceSet, int], Coefficients] = {}
-        self.highs_solves = 0
-        self.greedy_solves = 0
-
-    def coefs(self, sets: dict[str, DeviceSet], k: int) -> list[Coefficients]:
-        out = []
-        for idx, name in enumerate(self.ring):
-            key = (name, sets[name], k)
-            if key not in self._coef:
-                self._coef[key] = device_coefficients(self.cluster, self.ring, idx, self.model, k, sets[name],
-                                                      self.costs[name])  # fmt: skip
-            out.append(self._coef[key])
-        return out
-
-    def bound(self, sets: dict[str, DeviceSet]) -> list[tuple[float, int]]:
-        """Exact optimum (with the master priority) of every feasible k, in k order."""
-        out = []
-        L = self.model.arch.n_layer
-        for k in self.ks:
-            self.greedy_solves += 1
-            g = solve_k_greedy(self.coefs(sets, k), k, L // k, self.priority)
-            if g is not None:
-                out.append((g[0], k))
-        return out
-
-    def solve(self, sets: dict[str, DeviceSet]) -> tuple[KSolution, list[Coefficients]] | None:
-        """The best k for these sets: HiGHS solves only the k values whose exact optimum can win."""
-        bounds = self.bound(sets)
-        if not bounds:
-            return None
-        best_value = min(v for v, _ in bounds)
-        best: tuple[KSolution, list[Coefficients]] | None = None
-        L = self.model.arch.n_layer
-        for value, k in bounds:
-            if value > best_value + 1e-9 * abs(best_value) + 1e-12:
-                continue  # cannot beat the best k: skip its HiGHS solve
-            coefs = self.coefs(sets, k)
-            sol = solve_k(coefs, k, L // k, self.priority)
-            self.highs_solves += 1
-            if sol is not None and (best is None or sol.objective_s < best[0].objective_s - 1e-12):
-                best = (sol, coefs)
-        return best
-
-
-def halda(
-    cluster: Cluster,
-    ring: list[str],
-    model: ModelProfile,
-    workload: Workload,
-    k_user: int | None = None,
-    master_priority: float = MASTER_PRIORITY,
-    costs: dict[str, DeviceCosts] | None = None,
-    refine: bool = True,
-) -> HaldaResult | None:
-    """Run Halda on a fixed ring (head first). None when no k admits a feasible assignment.
-
-    ``costs`` may carry :class:`DeviceCosts` already built for these devices (their caches are reused).
-    With ``refine`` (default), the published loop is followed by a local search over the devices' sets
-    (:func:`_refine_sets`), which can only lower the objective.
-    """
-    L = model.arch.n_layer
-    if costs is None:
-        costs = {}
-    for name in ring:
-        if name not in costs:
-            costs[name] = DeviceCosts(cluster.device(name), model, workload)
-    ks = [k for k in valid_ks(L, len(ring), k_user) if L // k >= len(ring)]
-    if not ks:
-        return None
-    progs = _Programs(cluster, ring, model, ks, costs, master_priority)
-    w = initial_windows([costs[n] for n in ring], L)
-    n = [w_i if costs[name].device.gpu is not None else 0 for name, w_i in zip(ring, w, strict=True)]
-    forced: set[str] = set()
-    overloaded: set[str] = set()
-    prev_sets: dict[str, DeviceSet] | None = None
-    final: HaldaResult | None = None
-    rollback: HaldaResult | None = None
-    best_seen: HaldaResult | None = None
-    log: list[str] = []
-    for it in range(1, MAX_ITERATIONS + 1):
-        W = sum(w)
-        k_cur = max(1, L // W)
-        sets = {name: assign_set(costs[name], w_i, n_i, k_cur, idx == 0, name in forced, name in overloaded)
-                for idx, (name, w_i, n_i) in enumerate(zip(ring, w, n, strict=True))}  # fmt: skip
-        if sets == prev_sets:
-            break
-        prev_sets = sets
-        best = progs.solve(sets)
-        log.append(f"iteration {it}: sets {_fmt_sets(sets)}; best k={best[0].k} objective "
-                   f"{best[0].objective_s * 1e3:.2f} ms" if best else f"iteration {it}: sets {_fmt_sets(sets)}; infeasible")  # fmt: skip
-        if best is None:
-            # Beyond prima.cpp (which gives up here): the sets say every device fits, but together they
-            # cannot hold the model. Let the device that pages most cheaply (fastest disk) overload, and retry.
-            cands = [nm for nm in ring if sets[nm] is DeviceSet.M4 and nm not in forced and nm not in overloaded
-                     and costs[nm].disk_bps >= MIN_DISK_READ_BPS]  # fmt: skip
-            if cands and final is None:
-                pick = max(cands, key=lambda nm: costs[nm].disk_bps)
-                overloaded.add(pick)
-                log.append(f"no k is feasible with these sets: let {pick} (fastest disk) page weights")
-                continue
-            final = rollback
-            break
-        sol, coefs = best
-        result = HaldaResult(ring, sol, sets, coefs, set(forced), it, 0, [])
-        rollback = result
-        if best_seen is None or sol.objective_s < best_seen.solution.objective_s - 1e-12:
-            best_seen = result
-        # calibration (prima.cpp): while GPU memory is left unused and some device still pages weights on
-        # its CPU, force the slowest-disk overloaded device into M4 and solve again. Only a GPU whose layers
-        # are cheaper than CPU layers counts as unused (an Apple GPU on the same memory bus may not be).
-        gpu_free = any(c.gpu_max_layers >= 1 and c.beta < 0 and ni < math.floor(c.gpu_max_layers + 1e-9)
-                       for c, ni in zip(coefs, sol.n, strict=True))  # fmt: skip
-        weak = any(wi == 1 and ni == 0 for wi, ni in zip(sol.w, sol.n, strict=True))
-        gpu_over = any(costs[c.name].device.gpu is not None and wi > ni for c, wi, ni in zip(coefs, sol.w, sol.n, strict=True))
-        cpu_over = any(costs[c.name].device.gpu is None and sets[c.name] is not DeviceSet.M4 for c in coefs)
-        candidates = [c for c in coefs if sets[c.name] is not DeviceSet.M4 and c.name not in forced]
-        if not weak and gpu_free and (gpu_over or cpu_over) and candidates:
-            slowest = min(candidates, key=lambda c: c.disk_bps)
-            forced.add(slowest.name)
-            log.append(f"calibration: GPU memory unused while {slowest.name} pages weights; force it into M4")
-            continue
-        w, n = list(sol.w), list(sol.n)
-        if final is not None and final.solution.w == sol.w and final.solution.n == sol.n and final.solution.k == sol.k:
-            break
-        final = result
-    # prima.cpp returns the last feasible iterate; every iterate is a valid plan for its sets, so we return
-    # the one with the lowest objective (the same one whenever the loop ends normally)
-    if final is not None and best_seen is not None and best_seen.solution.objective_s < final.solution.objective_s:
-        log.append(f"returning the best iterate (iteration {best_seen.iterations}) rather than the last")
-        final = best_seen
-    if final is not None and refine:
-        final = _refine_sets(final, progs, costs, log)
-    if final is not None:
-        final.log = log
-        final.solves = progs.highs_solves
-    return final
-
-
-def _refine_sets(res: HaldaResult, progs: _Programs, costs: dict[str, DeviceCosts], log: list[str]) -> HaldaResult:
-    """Local search over set assignments after the published loop (beyond prima.cpp).
-
-    A set's RAM row pins its device in one regime (an overloaded device must stay overloaded), so the
-    fixed-point iteration can stop at a poor assignment. Flip one device at a time between M4 and its
-    overloaded set (slow disks stay in M4), keep a flip when the exact optimum over k improves, repeat until
-    no flip helps, then solve the final program with HiGHS. The objective can only go down.
-    """
-    sets = dict(res.sets)
-    current = min(v for v, _ in progs.bound(sets))
-    improved = True
-    while improved:
-        improved = False
-        for name in progs.ring:
-            c = costs[name]
-            if c.disk_bps < MIN_DISK_READ_BPS:
-                continue
-            alt = DeviceSet.M4 if sets[name] is not DeviceSet.M4 else overloaded_set(c)
-            trial = {**sets, name: alt}
-            bounds = progs.bound(trial)
-            if bounds and (value := min(v for v, _ in bounds)) < current - 1e-9 * abs(current) - 1e-12:
-                log.append(f"set search: {name} {sets[name].value} -> {alt.value} lowers the objective to "
-                           f"{value * 1e3:.2f} ms")  # fmt: skip
-                sets, current, improved = trial, value, True
-    if sets == res.sets:
-        return res
-    best = progs.solve(sets)
-    if best is None or best[0].objective_s >= res.solution.objective_s:
-        return res
-    sol, coefs = best
-    return HaldaResult(res.ring, sol, sets, coefs, res.forced_m4, res.iterations, 0, [])
-
-
-def _fmt_sets(sets: dict[str, DeviceSet]) -> str:
-    groups: dict[str, list[str]] = {}
-    for name, s in sets.items():
-        groups.setdefault(s.value, []).append(name)
-    return " ".join(f"{k}={{{','.join(v)}}}" for k, v in sorted(groups.items()))
-
-
 @dataclass
 class Selection:
-    """Outcome of device selection: the final Halda result and the devices left out, with reasons."""
+    """Outcome of Halda: the best plan found, the best plan of every k searched, devices left out (with
+    reasons), and what the search cost."""
 
-    result: HaldaResult
+    result: KResult
+    per_k: list[KResult]
     dropped: list[tuple[str, str]]
     solve_time_s: float
-    rounds: int
+    searches: int = 1
+    log: list[str] = field(default_factory=list)
 
 
 def select_devices(
@@ -275,126 +55,126 @@ def select_devices(
     model: ModelProfile,
     workload: Workload,
     k_user: int | None = None,
-    master_priority: float = MASTER_PRIORITY,
     allow_drop: bool = True,
+    prefetch: bool = True,
+    costs: dict[str, DeviceCosts] | None = None,
 ) -> Selection:
-    """Halda with device selection (prima.cpp's ``assign_layers_and_select_devices``).
+    """Halda with device selection: the plan of lowest predicted TPOT.
 
-    With ``allow_drop=False`` every device keeps at least one layer (Halda without device selection).
+    With ``allow_drop=False`` every device keeps at least one layer. ``prefetch`` says whether devices will
+    prefetch their next window (the executor's default), which decides how reads cost time. ``costs`` may
+    carry cost models already built for the cluster's devices (reused, and filled in).
 
     Raises:
-        InfeasiblePlanError: no assignment fits, with the binding resource and the shortfall in bytes.
+        InfeasiblePlanError: no assignment fits, with the binding resource and the shortfall.
     """
     t0 = time.perf_counter()
     L = model.arch.n_layer
     ring = list(cluster.ring_order)
-    dropped: list[tuple[str, str]] = []
-    if k_user is not None and L % k_user:
+    if k_user is not None and (k_user <= 0 or L % k_user):
         raise InfeasiblePlanError(
             f"k={k_user} does not divide the model's {L} layers; valid k: "
             f"{', '.join(str(k) for k in range(1, L + 1) if L % k == 0)}",
             resource="layers",
         )
-    costs = {name: DeviceCosts(cluster.device(name), model, workload) for name in ring}
+    costs = {} if costs is None else costs
+    for name in ring:
+        if name not in costs:
+            costs[name] = DeviceCosts(cluster.device(name), model, workload)
+    dropped: list[tuple[str, str]] = []
+    log: list[str] = []
+    searches = 1
     if allow_drop and len(ring) > LARGE_CLUSTER:
-        ring, pre = _preselect(cluster, ring, model, workload, k_user, master_priority, costs)
+        ring, pre, searches = _preselect(cluster, ring, model, workload, k_user, prefetch, costs)
         dropped += pre
-    elif len(ring) > L:  # more devices than layers: keep the head and the fastest per layer
-        ranked = sorted(ring[1:], key=lambda nm: min(costs[nm].mean_cpu_layer_s, costs[nm].mean_gpu_layer_s))
-        keep = set(ranked[: L - 1])
-        dropped += [(nm, f"more devices than the model's {L} layers; slower per layer than those kept")
-                    for nm in ring[1:] if nm not in keep]  # fmt: skip
-        ring = [ring[0]] + [nm for nm in ring[1:] if nm in keep]
-    res = halda(cluster, ring, model, workload, k_user, master_priority, costs)
-    if res is None:
-        raise _diagnose(cluster, ring, model, workload, k_user)
-    rounds = 1
-    while allow_drop:
-        drop = [name for name, wi in zip(res.ring, res.solution.w, strict=True) if wi <= 1 and name != res.ring[0]]
-        if not drop:
-            break
-        trial_ring = [name for name in res.ring if name not in drop]
-        trial = halda(cluster, trial_ring, model, workload, k_user, master_priority, costs)
-        rounds += 1
-        if trial is None or trial.solution.objective_s > res.solution.objective_s * (1 + 1e-9):
-            res.log.append(f"selection: dropping {', '.join(drop)} would not lower the predicted TPOT; kept")
-            break
-        for name in drop:
-            dropped.append((name, f"Halda gave it a window of 1 layer; without it the predicted TPOT is "
-                                  f"{trial.solution.objective_s * 1e3:.1f} ms instead of {res.solution.objective_s * 1e3:.1f} ms"))  # fmt: skip
-        res = trial
-    return Selection(res, dropped, time.perf_counter() - t0, rounds)
+        log.append(f"large cluster: searched rings of the head and the best-ranked devices; kept {len(ring)}")
+    elif not allow_drop and len(ring) > L:
+        raise InfeasiblePlanError(f"{len(ring)} devices cannot each get one of the model's {L} layers; allow "
+                                  "device selection (drop --no-drop)", resource="layers")  # fmt: skip
+    ks = valid_ks(L, 1 if allow_drop else len(ring), k_user)
+    best, per_k = search(cluster, ring, model, workload, ks, prefetch, allow_drop, costs)
+    if best is None:
+        raise _diagnose(cluster, ring, model, workload, k_user, allow_drop)
+    by_k = {r.k: r for r in per_k}
+    for name in best.dropped:
+        alt = min((r for r in per_k if name in r.ring), key=lambda r: r.objective_s, default=None)
+        why = (f"the fastest plan with it predicts {alt.objective_s * 1e3:.1f} ms per token (k={alt.k}) against "
+               f"{best.objective_s * 1e3:.1f} ms without it" if alt is not None else
+               "no plan that keeps it is faster than the plan without it")  # fmt: skip
+        dropped.append((name, why))
+    log.append("best plan per k: " + ", ".join(f"k={k} {by_k[k].objective_s * 1e3:.1f} ms" for k in sorted(by_k)))
+    return Selection(best, per_k, dropped, time.perf_counter() - t0, searches, log)
 
 
 def _preselect(
     cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None,
-    master_priority: float, costs: dict[str, DeviceCosts],
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Large-cluster path: rank devices, try rings made of the head and the best n others, keep the best.
+    prefetch: bool, costs: dict[str, DeviceCosts],
+) -> tuple[list[str], list[tuple[str, str]], int]:
+    """Large-cluster path: rank devices, search rings made of the head and the best n others, keep the best.
 
     Devices are ranked by their cost per layer when holding a full share in memory (the faster of CPU and
-    GPU), ties broken by memory. Only a few ring sizes are tried (:data:`PREFIX_SIZES`), each one a full
-    Halda run, so the cost stays near that of a 16-device cluster whatever the cluster's size; the normal
-    device selection then continues from the best ring. Clusters of at most :data:`LARGE_CLUSTER` devices
-    never take this path, so their answers are those of the exact algorithm.
+    GPU), ties broken by memory. Each ring of :data:`PREFIX_SIZES` is searched without device selection
+    (linear in the devices); the best ring is then searched again with selection.
     """
     L = model.arch.n_layer
     head, others = ring[0], ring[1:]
 
     def score(name: str) -> tuple[float, float]:
         c = costs[name]
-        return (min(c.mean_cpu_layer_s, c.mean_gpu_layer_s), -c.ram_budget_bytes)
+        return (min(c.mean_cpu_layer_s, c.mean_gpu_layer_s), -c.memory.ram_budget_bytes - c.memory.vram_bytes)
 
     ranked = sorted(others, key=score)
     best: tuple[float, list[str]] | None = None
+    searches = 0
     for n in PREFIX_SIZES:
         if n > len(ranked) or n + 1 > L:
             break
         keep = set(ranked[:n])
         trial_ring = [head] + [nm for nm in others if nm in keep]  # keep the cluster's ring order
-        res = halda(cluster, trial_ring, model, workload, k_user, master_priority, costs)
-        if res is not None and (best is None or res.solution.objective_s < best[0]):
-            best = (res.solution.objective_s, trial_ring)
-    if best is None:  # nothing smaller works: fall back to every device that fits the layer count
-        keep_ring = [head, *ranked[:L - 1]]
-        return keep_ring, [(nm, f"more devices than the model's {L} layers; slower per layer than those kept")
-                           for nm in others if nm not in keep_ring]  # fmt: skip
+        res, _ = search(cluster, trial_ring, model, workload, valid_ks(L, len(trial_ring), k_user), prefetch,
+                        False, costs)  # fmt: skip
+        searches += 1
+        if res is not None and (best is None or res.objective_s < best[0]):
+            best = (res.objective_s, trial_ring)
+    if best is None:  # nothing smaller works: the head and the fastest devices that fit the layer count
+        keep_ring = [head, *ranked[: min(LARGE_CLUSTER, L) - 1]]
+        return keep_ring, [(nm, f"large cluster: ranked below the {len(keep_ring) - 1} fastest devices")
+                           for nm in others if nm not in keep_ring], searches  # fmt: skip
     kept = best[1]
     return kept, [(nm, f"large cluster: ranked below the {len(kept) - 1} fastest devices, whose ring has the lowest "
-                       f"predicted TPOT ({best[0] * 1e3:.1f} ms)") for nm in others if nm not in kept]  # fmt: skip
+                       f"predicted TPOT ({best[0] * 1e3:.1f} ms)") for nm in others if nm not in kept], searches  # fmt: skip
 
 
-def _diagnose(cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None
-              ) -> InfeasiblePlanError:
-    """Explain why no assignment exists: the binding resource and the shortfall in bytes."""
+def _diagnose(cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None,
+              allow_drop: bool) -> InfeasiblePlanError:  # fmt: skip
+    """Explain why no assignment exists: the binding resource and the shortfall."""
     L = model.arch.n_layer
     costs = [DeviceCosts(cluster.device(n), model, workload) for n in ring]
-    kv_total = sum(model.layer_kv_bytes(i, workload.n_ctx) for i in range(L))
+    kv_total = sum(costs[0].layer_kv_bytes)
     buffers = sum(c.compute_buffer_bytes() for c in costs)
-    pinnable = sum(c.device.ram_available_bytes + c.device.swap_available_bytes for c in costs)
-    vram = sum(max(0, c.device.gpu.vram_free_bytes - c.gpu_reserve_bytes) for c in costs
-               if c.device.gpu is not None and not c.device.is_metal)  # fmt: skip
-    need = kv_total + buffers + head_extra_bytes(model) * 0
+    pinnable = sum(c.memory.pinned_budget_bytes for c in costs)
+    vram = sum(max(0, c.memory.vram_bytes - c.memory.gpu_reserve_bytes) for c in costs)
+    need = kv_total + buffers
     if need > pinnable + vram:
         return InfeasiblePlanError(
-            f"the KV cache for a context of {workload.n_ctx} tokens ({kv_total} bytes) plus compute buffers "
-            f"({buffers} bytes) cannot fit in the RAM+swap+VRAM of all devices ({pinnable + vram} bytes): short by "
-            f"{need - pinnable - vram} bytes; lower --ctx or add memory",
+            f"the KV cache for a context of {workload.n_ctx} tokens ({fmt_bytes(kv_total)}) plus compute buffers "
+            f"({fmt_bytes(buffers)}) cannot fit in the RAM+swap+VRAM of all devices ({fmt_bytes(pinnable + vram)}): "
+            f"short by {fmt_bytes(need - pinnable - vram)}; lower --ctx or add memory",
             resource="RAM+VRAM of all devices",
             shortfall_bytes=int(need - pinnable - vram),
         )
-    if k_user is not None and L // k_user < len(ring):
+    if k_user is not None and L // k_user < (1 if allow_drop else len(ring)):
         return InfeasiblePlanError(
             f"k={k_user} leaves a window total of {L // k_user} layers for {len(ring)} devices; every device needs"
             " at least one layer per round: choose a smaller k",
             resource="layers",
         )
-    worst = min(costs, key=lambda c: c.ram_budget_bytes - c.compute_buffer_bytes())
-    short = worst.compute_buffer_bytes() + model.mean_layer_bytes - worst.ram_budget_bytes
+    head = costs[0]
+    need_head = head.compute_buffer_bytes(with_logits=True) + head.max_layer_kv_bytes
     return InfeasiblePlanError(
-        f"no assignment satisfies every device's memory rows; the tightest device is {worst.device.name} "
-        f"(budget {worst.ram_budget_bytes} bytes, one layer plus buffers need "
-        f"{int(worst.compute_buffer_bytes() + model.mean_layer_bytes)} bytes)",
-        resource=f"RAM of {worst.device.name}",
-        shortfall_bytes=int(max(short, 0)),
+        f"no assignment satisfies every device's pinned-memory and VRAM limits; the head {ring[0]} needs at least "
+        f"{fmt_bytes(need_head)} of pinned RAM for one layer's KV cache and its buffers and has "
+        f"{fmt_bytes(head.memory.pinned_budget_bytes)}; lower --ctx or add memory",
+        resource=f"RAM of {ring[0]}",
+        shortfall_bytes=int(max(0, need_head - head.memory.pinned_budget_bytes)),
     )

@@ -20,7 +20,11 @@ disk term assumes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -36,9 +40,6 @@ from prima_sim.halda.costmodel import (
     hop_time,
 )
 
-MIN_DISK_READ_BPS = 0.1e9
-"""Devices whose disk reads slower than this are kept in M4 (never planned to page weights): prima.cpp's
-``min_disk_read_speed`` (0.1 GB/s)."""
 MASTER_PRIORITY = 1.01
 """prima.cpp divides the head's window cost by this: a slight preference to keep layers on the head."""
 SOLVER_TIME_LIMIT_S = 10.0
@@ -83,11 +84,12 @@ def mean_layer_bytes(model: ModelProfile) -> float:
 
 
 def overloaded_set(costs: DeviceCosts) -> DeviceSet:
-    """The set a device is in when its share does not fit: M1 (macOS), M2 (Metal) or M3 (Linux/Android)."""
-    d = costs.device
-    if d.is_metal:
+    """The set a device is in when its share does not fit: M2 (a Metal working set, reloaded whole), M1
+    (faults at random-read bandwidth: macOS without Metal) or M3 (sequential faults: Linux/Android)."""
+    mem = costs.memory
+    if mem.whole_window_residency:
         return DeviceSet.M2
-    return DeviceSet.M1 if d.os == "macos" else DeviceSet.M3
+    return DeviceSet.M3 if mem.readahead else DeviceSet.M1
 
 
 def assign_set(
@@ -98,19 +100,19 @@ def assign_set(
     ``forced_m4`` (calibration, or a slow disk) keeps it in M4; ``force_overloaded`` (our escape when every
     device fitting its memory admits no solution) puts it in its overloaded set.
     """
-    d = costs.device
-    if forced_m4 or costs.disk_bps < MIN_DISK_READ_BPS:
+    if forced_m4 or not costs.memory.pages_weights:
         return DeviceSet.M4
     if force_overloaded:
         return overloaded_set(costs)
     b_prime = mean_layer_bytes(costs.model) + costs.kv_bytes_per_layer
     layers, layers_gpu = k * w, k * min(n, w)
     bio0 = head_extra_bytes(costs.model) if is_head else 0.0
-    c_cpu, c_gpu = costs.buffers(k, is_head, d.gpu is not None)
+    c_cpu, c_gpu = costs.buffers(k, is_head)
     budget = costs.ram_budget_bytes
-    if d.os == "macos" and not d.is_metal:
+    s = overloaded_set(costs)
+    if s is DeviceSet.M1:
         return DeviceSet.M1 if layers * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond1
-    if d.is_metal:
+    if s is DeviceSet.M2:
         return DeviceSet.M2 if layers * b_prime + bio0 + c_cpu + c_gpu > budget else DeviceSet.M4  # cond2
     return DeviceSet.M3 if (layers - layers_gpu) * b_prime + bio0 + c_cpu > budget else DeviceSet.M4  # cond3
 
@@ -134,6 +136,7 @@ def device_coefficients(
     """Coefficients of the device at ring position ``idx`` (0 = head) for k rounds in set ``s``."""
     name = ring[idx]
     d = c.device
+    mem = c.memory
     is_head = idx == 0
     b = mean_layer_bytes(model)
     kv = c.kv_bytes_per_layer
@@ -144,10 +147,10 @@ def device_coefficients(
     # xi: one llama_decode call per window, the hop to the next device, RAM<->VRAM copies of a window
     nxt = ring[(idx + 1) % len(ring)]
     xi = d.decode_overhead_s + hop_time(cluster, name, nxt, model.arch.n_embd)
-    if d.gpu is not None and d.gpu.host_link_bps > 0 and not d.unified_memory:
-        xi += 2 * ACTIVATION_BYTES_PER_ELEMENT * model.arch.n_embd / d.gpu.host_link_bps
+    if mem.host_copy_bps > 0:
+        xi += 2 * ACTIVATION_BYTES_PER_ELEMENT * model.arch.n_embd / mem.host_copy_bps
     bio0 = head_extra_bytes(model) if is_head else 0.0
-    c_cpu, c_gpu = c.buffers(k, is_head, d.gpu is not None)
+    c_cpu, c_gpu = c.buffers(k, is_head)
     budget = c.ram_budget_bytes
     # objective vectors by set (common.cpp L1193-1207)
     if s is DeviceSet.M1:
@@ -168,22 +171,23 @@ def device_coefficients(
     if is_head:
         kappa += c.head_time().total_s + model.embedding_row_bytes / disk
     # RAM rows (common.cpp L1211-1250): z = (budget - b_cio) / (L b'), right-hand side W z in layers
-    b_cio = bio0 + c_cpu + (c_gpu if d.is_metal else 0.0)
+    b_cio = bio0 + c_cpu + (c_gpu if mem.gpu_memory_is_ram else 0.0)
     rhs = (budget - b_cio) / (k * b_prime)  # = W * z_m
     if s in (DeviceSet.M1, DeviceSet.M2):
         row, counts_gpu = ">=", False
     elif s is DeviceSet.M3:
         row, counts_gpu = ">=", d.gpu is not None
     else:
-        row, counts_gpu = "<=", d.gpu is not None and d.os != "macos"
+        row, counts_gpu = "<=", d.gpu is not None and not mem.gpu_memory_is_ram
     # VRAM row (10): z_gpu = (free - c_gpu) / (L b') (minus the output head for a Metal head). Unlike RAM,
     # VRAM cannot overflow to disk: size it by the largest layer so no assignment of layers can OOM.
-    if d.gpu is not None:
-        free = d.gpu.vram_free_bytes - c_gpu - (bio0 if (d.is_metal and is_head) else 0.0)
+    if mem.has_gpu:
+        vram = mem.ram_budget_bytes if mem.gpu_memory_is_ram else mem.vram_bytes
+        free = vram - c_gpu - (bio0 if (mem.gpu_memory_is_ram and is_head) else 0.0)
         gpu_max = max(0.0, free / (k * c.largest_layer_bytes))
     else:
         gpu_max = 0.0
-    pinned_budget = d.ram_available_bytes + d.swap_available_bytes - c_cpu
+    pinned_budget = mem.pinned_budget_bytes - c_cpu
     kv_max = c.max_layer_kv_bytes
     pinned_max = pinned_budget / (k * kv_max) if kv_max > 0 else math.inf
     return Coefficients(
@@ -231,6 +235,36 @@ def build_problem(coefs: list[Coefficients], k: int, W: int, master_priority: fl
     return prob, w, n
 
 
+@contextlib.contextmanager
+def quiet_solver() -> Iterator[None]:
+    """Keep a solver's own printing off stdout and stderr, whatever its version.
+
+    HiGHS prints a banner when a ``Highs`` object is constructed (highspy 1.16: "Running HiGHS ...",
+    before any option can turn output off), and PuLP constructs one per solve. The banner is written by C
+    code straight to file descriptors 1 and 2, so Python-level redirection cannot catch it: the descriptors
+    themselves point at /dev/null while the solver runs. ``prima-sim ... --json`` then prints exactly one
+    JSON object.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[tuple[int, int]] = []
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+            except OSError:
+                continue
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY) -> KSolution | None:
     """Solve the program for one k with HiGHS (in-process, through PuLP). None when infeasible.
 
@@ -244,10 +278,12 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
         if c.ram_row == "<=" and math.floor(c.ram_rhs_layers + _EPS) < (0 if c.ram_counts_gpu else 1):
             return None
     prob, w, n = build_problem(coefs, k, W, master_priority)
-    prob.solve(pulp.HiGHS(msg=False, mip=False, timeLimit=SOLVER_TIME_LIMIT_S, solver="simplex"))
+    with quiet_solver():
+        prob.solve(pulp.HiGHS(msg=False, mip=False, timeLimit=SOLVER_TIME_LIMIT_S, solver="simplex"))
     values = [v.value() for v in (*w.values(), *n.values())]
     if pulp.LpStatus[prob.status] == "Optimal" and any(abs(x - round(x)) > 1e-7 for x in values if x is not None):
-        prob.solve(pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S))  # integrality lost: branch and bound
+        with quiet_solver():
+            prob.solve(pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S))  # integrality lost: branch and bound
     status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         return None

@@ -1,12 +1,22 @@
-"""Making plans: Halda, the baselines and manual windows, all scored by the same analytic model.
+"""Making plans: Halda, prima.cpp's published Halda, the baselines and manual windows, all scored alike.
 
 :func:`make_plan` is the library entry point behind ``prima-sim plan``. Whatever the scheduler, the result
 is a :class:`~prima_sim.plan.Plan` whose ``prediction`` comes from :func:`prima_sim.halda.costmodel.predict`,
 so comparisons between schedulers are fair.
+
+Halda's plan is the exact search's best (:mod:`prima_sim.halda.search`). Where the search only tries
+candidate GPU layer counts that may miss a device's best (layers faster on the GPU for some layer types and
+slower for others, or GPU layers that are copies in unified RAM), a local search (a GPU layer more or less
+on any device) polishes it (``solver.details["polish"]``). Then it is checked against the baselines' plans,
+which the search covers: if one of them predicts a lower TPOT it is returned instead and the plan says so
+(``solver.details["fallback"]``; ``--explain`` prints it): that is a bug of the search, never expected.
+The plan also records how its search objective compares with ``predict()`` (they are the same function, so
+any difference beyond 1% is a warning).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -14,13 +24,18 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.baselines import BASELINES, baseline_windows
-from prima_sim.halda.costmodel import Workload, check_memory, predict
-from prima_sim.halda.halda import select_devices
+from prima_sim.halda.costmodel import DeviceCosts, Workload, check_memory, predict, step_breakdown
+from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
+from prima_sim.halda.search import gpu_counts_approximate
 from prima_sim.plan import Dropped, Plan, SolverInfo, make_assignments, rounds_for
 
-SCHEDULERS: tuple[str, ...] = ("halda", *BASELINES)
-"""Scheduler names accepted by :func:`make_plan`."""
+SCHEDULERS: tuple[str, ...] = ("halda", "prima", *BASELINES)
+"""Scheduler names accepted by :func:`make_plan` (``prima``: prima.cpp's Halda as published)."""
+AGREEMENT_TOLERANCE = 0.01
+"""Halda's search objective and ``predict()`` must agree within this fraction (they are one model)."""
+POLISH_MAX_EVALUATIONS = 200
+"""Bound on the predictions the local search around Halda's plan may make."""
 
 
 def model_fingerprint(model: ModelProfile) -> str:
@@ -28,8 +43,9 @@ def model_fingerprint(model: ModelProfile) -> str:
     return model.fingerprint
 
 
-def _finish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> Plan:
-    return plan.model_copy(update={"prediction": predict(plan, cluster, model, workload)})
+def _finish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool = True,
+            costs: dict[str, DeviceCosts] | None = None) -> Plan:  # fmt: skip
+    return plan.model_copy(update={"prediction": predict(plan, cluster, model, workload, prefetch, costs)})
 
 
 def make_plan(
@@ -40,10 +56,13 @@ def make_plan(
     k: int | None = None,
     master_priority: float = MASTER_PRIORITY,
     allow_drop: bool = True,
+    prefetch: bool = True,
 ) -> Plan:
     """Plan ``model`` on ``cluster`` with ``scheduler`` (one of :data:`SCHEDULERS`).
 
-    ``allow_drop=False`` turns Halda's device selection off (every device keeps a window).
+    ``allow_drop=False`` turns Halda's device selection off (every device keeps a window). ``prefetch``
+    says whether the run will prefetch (the executor's default); it changes what paging costs.
+    ``master_priority`` is prima.cpp's preference for the head (the ``prima`` scheduler only).
 
     Raises:
         InfeasiblePlanError: nothing fits (names the binding resource and the shortfall).
@@ -51,43 +70,183 @@ def make_plan(
     """
     if scheduler not in SCHEDULERS:
         raise InputError("--scheduler", "", f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    L = model.arch.n_layer
     if scheduler == "halda":
-        sel = select_devices(cluster, model, workload, k, master_priority, allow_drop)
-        res = sel.result
-        sol = res.solution
-        details: dict[str, Any] = {
-            "k_candidates": sorted({int(x) for x in (sol.k,)}),
-            "sets": {name: s.value for name, s in res.sets.items()},
-            "forced_m4": sorted(res.forced_m4),
-            "binding": sol.binding,
-            "coefficients_ms": {
-                c.name: {"a": c.a * 1e3, "b": c.b * 1e3, "xi": c.xi * 1e3, "alpha": c.alpha * 1e3,
-                         "beta": c.beta * 1e3, "disk_GBps": c.disk_bps / 1e9}
-                for c in res.coefs
-            },
-            "iterations": res.iterations,
-            "ilp_solves": res.solves,
-            "selection_rounds": sel.rounds,
-            "log": res.log,
-        }
-        plan = Plan(
-            model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L,
-            cluster_name=cluster.name, cluster_fingerprint=cluster.fingerprint(), k=sol.k, n_ctx=workload.n_ctx,
-            devices=make_assignments(res.ring, sol.w, sol.n, L),
-            dropped=tuple(Dropped(name=n, reason=r) for n, r in sel.dropped),
-            scheduler="halda",
-            solver=SolverInfo(status=sol.status.lower(), objective_s=sol.objective_s, solve_time_s=sel.solve_time_s,
-                              details=details),
-        )  # fmt: skip
-        return _finish(plan, cluster, model, workload)
+        return _halda_plan(cluster, model, workload, k, allow_drop, prefetch)
+    if scheduler == "prima":
+        return _published_plan(cluster, model, workload, k, master_priority, allow_drop, prefetch)
     t0 = time.perf_counter()
     ring = list(cluster.ring_order)
+    L = model.arch.n_layer
     if len(ring) > L:
         raise InfeasiblePlanError(f"{scheduler} needs at least one layer per device: {len(ring)} devices, {L} layers",
                                   resource="layers")  # fmt: skip
     w, n = baseline_windows(scheduler, cluster, ring, model, workload)
-    return _plan_from_windows(cluster, model, workload, ring, w, n, scheduler, time.perf_counter() - t0)
+    return _plan_from_windows(cluster, model, workload, ring, w, n, scheduler, time.perf_counter() - t0, prefetch)
+
+
+def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k: int | None, allow_drop: bool,
+                prefetch: bool) -> Plan:  # fmt: skip
+    t0 = time.perf_counter()
+    costs: dict[str, DeviceCosts] = {}
+    sel = select_devices(cluster, model, workload, k, allow_drop, prefetch, costs)
+    res = sel.result
+    L = model.arch.n_layer
+    plan = _finish(_halda_plan_of(cluster, model, workload, res.ring, res.w, res.n, sel), cluster, model, workload,
+                   prefetch, costs)  # fmt: skip
+    assert plan.prediction is not None
+    searched = plan.prediction.tpot_s
+    notes: list[str] = []
+    fallback: dict[str, Any] | None = None
+    # local search where the search restricts GPU layer counts to candidates that may miss the best
+    polished_info: dict[str, Any] | None = None
+    if any(gpu_counts_approximate(costs[a.name]) for a in plan.devices):
+        polished, evals = polish(plan, cluster, model, workload, prefetch, costs)
+        if polished is not plan:
+            assert polished.prediction is not None and plan.prediction is not None
+            polished_info = {"tpot_s": polished.prediction.tpot_s, "before_s": plan.prediction.tpot_s,
+                             "evaluations": evals}  # fmt: skip
+            plan = polished
+    # the baselines (k = 1, every device kept): the search covers their plans, so none may be faster
+    ring = list(cluster.ring_order)
+    if (k is None or k == 1) and len(ring) <= L:
+        for name in BASELINES:
+            w, n = baseline_windows(name, cluster, ring, model, workload, costs)
+            keep = [i for i, wi in enumerate(w) if wi > 0 or i == 0]
+            other = plan.model_copy(update={
+                "devices": make_assignments([ring[i] for i in keep], [w[i] for i in keep], [n[i] for i in keep], L),
+                "k": 1, "dropped": tuple(Dropped(name=ring[i], reason=f"{name} gave it no layers")
+                                         for i in range(len(ring)) if i not in keep)})  # fmt: skip
+            if check_memory(other, cluster, model, workload, costs):
+                continue
+            t = step_breakdown(other, cluster, model, workload, prefetch=prefetch, costs=costs).total_s
+            if t < plan.prediction.tpot_s * (1 - 1e-9):
+                fallback = {"source": name, "tpot_s": t, "search_tpot_s": searched}
+                plan = _finish(other, cluster, model, workload, prefetch, costs)
+                assert plan.prediction is not None
+    assert plan.prediction is not None
+    agreement = (res.objective_s - searched) / searched if math.isfinite(searched) and searched > 0 else 0.0
+    if abs(agreement) > AGREEMENT_TOLERANCE:
+        notes.append(f"warning: the search's objective ({res.objective_s * 1e3:.1f} ms) and predict() "
+                     f"({searched * 1e3:.1f} ms) differ by {agreement:+.1%}")  # fmt: skip
+    details = dict(plan.solver.details)
+    details.update({
+        "search_objective_s": res.objective_s,
+        "search_vs_predict": agreement,
+        "fallback": fallback,
+        "polish": polished_info,
+        "notes": notes,
+    })
+    solver = plan.solver.model_copy(update={"details": details, "solve_time_s": time.perf_counter() - t0})
+    return plan.model_copy(update={"solver": solver})
+
+
+def _halda_plan_of(cluster: Cluster, model: ModelProfile, workload: Workload, ring: list[str],
+                   w: tuple[int, ...], n: tuple[int, ...], sel: Selection) -> Plan:  # fmt: skip
+    L = model.arch.n_layer
+    res = sel.result
+    details: dict[str, Any] = {
+        "search": "exact: every k, window, GPU layer count and device set (prima_sim.halda.search)",
+        "bound": "disk" if res.load_s > res.chain_s else "ring",
+        "chain_s": res.chain_s,
+        "load_s": res.load_s,
+        "k_candidates": [{"k": r.k, "objective_s": r.objective_s, "devices": r.ring, "windows": list(r.w),
+                          "gpu_layers": list(r.n)} for r in sel.per_k],
+        "dynamic_programs": sum(r.dps for r in sel.per_k),
+        "searches": sel.searches,
+        "log": sel.log,
+    }
+    return Plan(
+        model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L, cluster_name=cluster.name,
+        cluster_fingerprint=cluster.fingerprint(), k=res.k, n_ctx=workload.n_ctx,
+        devices=make_assignments(ring, w, n, L),
+        dropped=tuple(Dropped(name=nm, reason=r) for nm, r in sel.dropped),
+        scheduler="halda",
+        solver=SolverInfo(status="optimal", objective_s=res.objective_s, solve_time_s=sel.solve_time_s,
+                          details=details),
+    )  # fmt: skip
+
+
+def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool = True,
+           costs: dict[str, DeviceCosts] | None = None, max_evaluations: int = POLISH_MAX_EVALUATIONS,
+           layer_moves: bool = False) -> tuple[Plan, int]:  # fmt: skip
+    """Local search around a plan by ``predict()``: one GPU layer more or less on one device (and, with
+    ``layer_moves``, one layer moved between two devices), first improvement, until nothing improves or
+    ``max_evaluations`` predictions are spent. Returns the best plan (``plan`` itself if nothing improved)
+    and the number of predictions made."""
+    assert plan.prediction is not None
+    best, best_t = plan, plan.prediction.tpot_s
+    evals = 0
+    L = plan.n_layers
+    improved = True
+    while improved and evals < max_evaluations:
+        improved = False
+        names = [d.name for d in best.devices]
+        w = [d.window for d in best.devices]
+        n = [d.gpu_layers for d in best.devices]
+        moves: list[tuple[list[int], list[int]]] = []
+        for i, name in enumerate(names):
+            if cluster.device(name).gpu is None:
+                continue
+            for dn in (1, -1):
+                if 0 <= n[i] + dn <= w[i]:
+                    moves.append((w, [*n[:i], n[i] + dn, *n[i + 1:]]))
+        if layer_moves:
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    if i != j and w[i] > 1:
+                        w2 = list(w)
+                        w2[i] -= 1
+                        w2[j] += 1
+                        moves.append((w2, [min(a, b) for a, b in zip(n, w2, strict=True)]))
+        for w2, n2 in moves:
+            if evals >= max_evaluations:
+                break
+            if L % sum(w2):
+                continue
+            trial = best.model_copy(update={"devices": make_assignments(names, w2, n2, L), "prediction": None})
+            p = predict(trial, cluster, model, workload, prefetch, costs)
+            evals += 1
+            if p.tpot_s < best_t * (1 - 1e-9):
+                best, best_t = trial.model_copy(update={"prediction": p}), p.tpot_s
+                improved = True
+                break
+    return best, evals
+
+
+def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k: int | None, master_priority: float,
+                    allow_drop: bool, prefetch: bool) -> Plan:  # fmt: skip
+    from prima_sim.halda.published import select_devices_published
+
+    L = model.arch.n_layer
+    sel = select_devices_published(cluster, model, workload, k, master_priority, allow_drop)
+    res = sel.result
+    sol = res.solution
+    details: dict[str, Any] = {
+        "algorithm": "prima.cpp's Halda as published: sets M1-M4, fixed-point iteration, one integer program per k "
+                     "(HiGHS through PuLP), device selection",
+        "sets": {name: s.value for name, s in res.sets.items()},
+        "forced_m4": sorted(res.forced_m4),
+        "binding": sol.binding,
+        "coefficients_ms": {
+            c.name: {"a": c.a * 1e3, "b": c.b * 1e3, "xi": c.xi * 1e3, "alpha": c.alpha * 1e3,
+                     "beta": c.beta * 1e3, "disk_GBps": c.disk_bps / 1e9}
+            for c in res.coefs
+        },
+        "iterations": res.iterations,
+        "ilp_solves": res.solves,
+        "selection_rounds": sel.rounds,
+        "log": res.log,
+    }  # fmt: skip
+    plan = Plan(
+        model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L,
+        cluster_name=cluster.name, cluster_fingerprint=cluster.fingerprint(), k=sol.k, n_ctx=workload.n_ctx,
+        devices=make_assignments(res.ring, sol.w, sol.n, L),
+        dropped=tuple(Dropped(name=n, reason=r) for n, r in sel.dropped),
+        scheduler="prima",
+        solver=SolverInfo(status=sol.status.lower(), objective_s=sol.objective_s, solve_time_s=sel.solve_time_s,
+                          details=details),
+    )  # fmt: skip
+    return _finish(plan, cluster, model, workload, prefetch)
 
 
 def manual_plan(
@@ -96,6 +255,7 @@ def manual_plan(
     workload: Workload,
     windows: list[int],
     gpu_layers: list[int] | None = None,
+    prefetch: bool = True,
 ) -> Plan:
     """A plan from explicit windows in ring order (prima.cpp's ``-lw``), without solving.
 
@@ -114,11 +274,11 @@ def manual_plan(
     gl = list(gpu_layers) if gpu_layers is not None else [0] * len(ring)
     if len(gl) != len(ring) or any(x < 0 for x in gl):
         raise InputError("--gpu-layers", "", f"give one non-negative value per device ({len(ring)}), got {gl}")
-    return _plan_from_windows(cluster, model, workload, ring, list(windows), gl, "manual", 0.0)
+    return _plan_from_windows(cluster, model, workload, ring, list(windows), gl, "manual", 0.0, prefetch)
 
 
 def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload, ring: list[str], w: list[int],
-                       n: list[int], scheduler: str, solve_time: float) -> Plan:
+                       n: list[int], scheduler: str, solve_time: float, prefetch: bool = True) -> Plan:  # fmt: skip
     L = model.arch.n_layer
     keep = [i for i, wi in enumerate(w) if wi > 0 or i == 0]
     dropped = tuple(Dropped(name=ring[i], reason=f"{scheduler} gave it no layers") for i in range(len(ring)) if i not in keep)
@@ -131,7 +291,7 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
         devices=make_assignments(names, ws, ns, L), dropped=dropped, scheduler=scheduler,
         solver=SolverInfo(status="heuristic" if scheduler != "manual" else "manual", solve_time_s=solve_time),
     )  # fmt: skip
-    return _finish(plan, cluster, model, workload)
+    return _finish(plan, cluster, model, workload, prefetch)
 
 
 def plan_problems(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> list[str]:

@@ -79,24 +79,10 @@ class _PrefetchBatch:
 
 
 def cache_capacity(costs: DeviceCosts, use: MemoryUse) -> tuple[float, float]:
-    """(page-cache room for weights, extra room Android can make by swapping other apps out), in bytes.
-
-    The room is the cost model's RAM budget minus what the run pins: KV cache and compute buffers (on Metal
-    also the GPU's KV cache and buffers, which share the working set). Android's budget includes what it
-    would swap out of other apps; that part is made only when needed.
-    """
-    d = costs.device
-    if d.is_metal:
-        pinned = use.kv_cpu + use.kv_gpu + use.buffers_cpu + use.buffers_gpu
-        return max(0.0, costs.ram_budget_bytes - pinned), 0.0
-    if d.os == "android":
-        growth = float(min(d.swappable_bytes, d.swap_available_bytes))
-        base = d.ram_available_bytes - use.pinned_ram
-        if base < 0:  # the pinned memory itself already pushed apps out
-            growth = max(0.0, growth + base)
-            base = 0.0
-        return float(base), growth
-    return max(0.0, costs.ram_budget_bytes - use.pinned_ram), 0.0
+    """(page-cache room for weights, extra room Android can make by swapping other apps out), in bytes:
+    the device's :meth:`~prima_sim.devices.behaviour.MemoryBehaviour.cache_room` once the run's pinned memory
+    (KV cache, compute buffers; on unified memory the GPU's too) is placed."""
+    return costs.memory.cache_room(use.pinned_ram)
 
 
 class SimDevice:
@@ -126,15 +112,17 @@ class SimDevice:
         cfg = sim.cfg
         cap, growth = cache_capacity(costs, use)
         self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth)
-        self.swapped_at_start = max(0.0, use.pinned_ram - profile.ram_available_bytes) if profile.os == "android" else 0.0
+        mem = costs.memory
+        self.swapped_at_start = (max(0.0, use.pinned_ram - (mem.ram_budget_bytes - mem.swap_out_first_bytes))
+                                 if mem.swap_out_first_bytes > 0 else 0.0)  # fmt: skip
         self.disk = Disk(self.env, self.name, self._read_starts, self._read_done)
         self.cpu = ComputeUnit(self.name, "cpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/cpu")))
         self.gpu = (ComputeUnit(self.name, "gpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/gpu")))
                     if profile.gpu is not None else None)  # fmt: skip
         self.sampler = component_rng(cfg.seed, f"{self.name}/sampler")
-        self.fault_bps = costs.disk_bps  # sequential on Linux/Android, random on macOS/Windows (cost model)
+        self.fault_bps = mem.fault_bps  # sequential on Linux/Android, random on macOS/Windows
         self.prefetch_bps = self.fault_bps  # the same reads through the same mapping (see docs/sim.md)
-        self.readahead = cfg.readahead and profile.os in ("linux", "android") and not profile.is_metal
+        self.readahead = cfg.readahead and mem.readahead
         self._pending: dict[int, Read] = {}
         self._ra_marks: set[int] = set()
         self._box: deque[Message] = deque()
@@ -435,9 +423,5 @@ class SimDevice:
     @property
     def pinned_ram_bytes(self) -> float:
         """Memory the run pins in this device's RAM (KV cache, compute buffers; GPU ones too with unified memory)."""
-        u = self.use
-        pinned = u.pinned_ram
-        if self.profile.is_metal or (self.profile.unified_memory and self.profile.gpu is not None):
-            pinned += u.kv_gpu + u.buffers_gpu
-        return pinned
+        return self.use.pinned_ram
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from prima_sim.devices.behaviour import behaviour_of
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.plan import DeviceAssignment, LayerRange
@@ -130,8 +131,9 @@ def build_layout(
         chunk_bytes: largest chunk of a CPU layer (see :data:`~prima_sim.sim.config.DEFAULT_CHUNK_BYTES`).
     """
     lay = DeviceLayout()
-    whole_buffers = device.is_metal
-    has_gpu = device.gpu is not None
+    mem = behaviour_of(device)
+    whole_buffers = mem.whole_window_residency
+    has_gpu = mem.has_gpu
     n_layer = model.arch.n_layer
     group = 0
     last_window: int | None = None
@@ -141,7 +143,7 @@ def build_layout(
         g = assignment.gpu_layers_in(rng)
         w = Work(window=j, layers=rng, group=group)
         w.slots = [(i, i >= end - g and has_gpu) for i in range(start, end)]
-        w.gpu_copies = g > 0 and has_gpu and not device.unified_memory
+        w.gpu_copies = g > 0 and has_gpu and mem.host_copy_bps > 0
         if whole_buffers:
             ids = lay._new_chunks([sum(model.layer_bytes[i] for i in range(start, end))], group)
             w.seg_chunk, w.seg_slot, w.seg_frac = [ids[0]], [-1], [1.0]

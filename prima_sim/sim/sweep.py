@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prima_sim.devices.behaviour import behaviour_of
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
@@ -83,7 +84,7 @@ def _scale_device(d: DeviceProfile, ram: float, disk: float) -> DeviceProfile:
             swap_available_bytes=int(d.swap_available_bytes * ram),
             swappable_bytes=int(d.swappable_bytes * ram),
         )
-        if d.gpu is not None and (d.unified_memory or d.is_metal):  # the GPU's memory is this RAM
+        if d.gpu is not None and behaviour_of(d).gpu_memory_is_ram:  # the GPU's memory is this RAM
             g = d.gpu
             gu: dict[str, Any] = {"vram_total_bytes": int(g.vram_total_bytes * ram), "vram_free_bytes": int(g.vram_free_bytes * ram)}
             if g.working_set_limit_bytes is not None:
