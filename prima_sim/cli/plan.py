@@ -118,10 +118,14 @@ def print_table(plan: Plan) -> None:
     for dr in plan.dropped:
         print(f"dropped {dr.name}: {dr.reason}")
     if pred:
-        print(f"predicted TPOT {_ms(pred.tpot_s)} ms (head output head {_ms(pred.head_s)} ms), "
+        wait = (f"; the ring waits {_ms(pred.disk_wait_s)} ms more for the {pred.bound}, which reads faster than it "
+                "can be hidden" if pred.disk_wait_s > 0 else "")  # fmt: skip
+        print(f"predicted TPOT {_ms(pred.tpot_s)} ms (head output head {_ms(pred.head_s)} ms{wait}), "
               f"TTFT {_ms(pred.ttft_s)} ms for {pred.prompt_tokens} prompt tokens")  # fmt: skip
-    print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms"
-          + (f" ({plan.solver.details.get('ilp_solves')} integer programs)" if plan.solver.details else ""))  # fmt: skip
+    d = plan.solver.details or {}
+    how = (f" ({d['dynamic_programs']} dynamic programs)" if "dynamic_programs" in d else
+           f" ({d['ilp_solves']} integer programs)" if "ilp_solves" in d else "")  # fmt: skip
+    print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms{how}")
 
 
 def _plan_by_simulation(cluster: object, model: object, wl: Workload, quiet: bool) -> Plan:
