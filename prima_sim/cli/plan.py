@@ -118,8 +118,8 @@ def print_table(plan: Plan) -> None:
     for dr in plan.dropped:
         print(f"dropped {dr.name}: {dr.reason}")
     if pred:
-        wait = (f"; the ring waits {_ms(pred.disk_wait_s)} ms more for the {pred.bound}, which reads faster than it "
-                "can be hidden" if pred.disk_wait_s > 0 else "")  # fmt: skip
+        wait = (f"; the ring waits {_ms(pred.disk_wait_s)} ms more for the {pred.bound}, whose reads take longer than "
+                "the rest of the ring" if pred.disk_wait_s > 0 else "")  # fmt: skip
         print(f"predicted TPOT {_ms(pred.tpot_s)} ms (head output head {_ms(pred.head_s)} ms{wait}), "
               f"TTFT {_ms(pred.ttft_s)} ms for {pred.prompt_tokens} prompt tokens")  # fmt: skip
     d = plan.solver.details or {}

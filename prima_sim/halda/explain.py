@@ -35,9 +35,9 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
     overall: list[str] = []
     if pred is not None:
         if pred.disk_wait_s > 0:
-            overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the {pred.bound}: it reads its share faster than it can "
-                           f"be hidden, and the ring waits {_ms(pred.disk_wait_s)} per token for it beyond its "
-                           "compute and network time")  # fmt: skip
+            overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the {pred.bound}: its reads per token take longer than "
+                           f"the rest of the ring's work, so the ring waits {_ms(pred.disk_wait_s)} per token for it "
+                           "beyond its compute and network time")  # fmt: skip
         else:
             overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the ring: the sum of every device's compute, disk "
                            f"stalls and hops, plus the head's output head ({_ms(pred.head_s)})")  # fmt: skip
