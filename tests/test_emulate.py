@@ -269,11 +269,30 @@ def test_emulate_bad_scenario_is_one_line(tmp_path: Path, capsys: pytest.Capture
 
 
 # --- as root: real cgroups and namespaces -------------------------------------------------------------------
-def _ours() -> tuple[set[str], set[str]]:
+def _foreign_runs(mine: frozenset[int]) -> set[str]:
+    """Run ids of live emulations started by other processes (someone else emulating on this host)."""
+    from prima_sim.emulate.resources import STATE_DIR
+
+    out: set[str] = set()
+    for f in STATE_DIR.glob("*.pid") if STATE_DIR.is_dir() else ():
+        try:
+            pid = int(f.read_text().strip())
+            if pid in mine or pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        out.add(f.stem)
+    return out
+
+
+def _ours(mine: frozenset[int] = frozenset()) -> tuple[set[str], set[str]]:
+    """The emulation objects (namespaces, cgroups) on this host, except those of other processes' live runs."""
     from prima_sim.emulate.resources import list_netns
 
-    ns = {n for n in list_netns() if n.startswith("prima-")}
-    cg = {str(p) for p in cgroups.leftover_dirs("prima-")}
+    foreign = _foreign_runs(mine)
+    ns = {n for n in list_netns() if n.startswith("prima-") and not any(n.startswith(f"prima-{r}") for r in foreign)}
+    cg = {str(p) for p in cgroups.leftover_dirs("prima-") if not any(f"prima-{r}" in str(p) for r in foreign)}
     return ns, cg
 
 
@@ -324,10 +343,11 @@ def test_sigterm_mid_run_leaves_nothing(tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-m", "prima_sim.cli.main", "emulate", "--scenario", str(f), "--out",
                           str(tmp_path / "out"), "--reports", str(tmp_path / "rep"), "--quick-profile", "--profile-repeats", "1"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    child = frozenset({p.pid})
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(_ours()[0]) < len(before[0]) + 3:
+    while time.monotonic() < deadline and len(_ours(child)[0]) < len(before[0]) + 3:
         time.sleep(0.1)
-    assert len(_ours()[0]) >= len(before[0]) + 3, "the emulation did not create its namespaces"
+    assert len(_ours(child)[0]) >= len(before[0]) + 3, "the emulation did not create its namespaces"
     time.sleep(1.0)  # into the profiling of the first device
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)

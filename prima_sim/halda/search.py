@@ -172,7 +172,7 @@ def _sum_rounds_all(prefix: np.ndarray, k: int, W: int) -> np.ndarray:
 
 def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     """Every (s, e, n) option of every device of the ring for k rounds, with its chain and load (see the
-    module text). All devices and candidates are computed at once, as arrays of shape
+    module text). All devices, candidates and windows are computed at once, then laid out as arrays of shape
     (devices, candidates, W + 1, W + 1)."""
     costs, col = ra.costs, ra.col
     L = ra.cpu.shape[1] - 1
@@ -197,23 +197,27 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
             cands.append(_gpu_candidates(c, Q["b"][p], Q["kv"][p], s, e, w, k, float(buf_cpu[p, 0, 0, 0]),
                                          float(buf_gpu[p, 0, 0, 0]), float(col["head_b"][p, 0, 0, 0]),
                                          prefetch and k >= 2))  # fmt: skip
+    # work on the windows that exist (s < e) only: pairs P, arrays of shape (devices, candidates, P)
+    si, ei = np.triu_indices(W + 1, 1)
     C = max(len(x) for x in cands)
-    n = np.stack([np.stack([np.clip(np.broadcast_to(x, shape), 0, w) for x in (cs + [cs[0]] * (C - len(cs)))])
+    n = np.stack([np.stack([np.broadcast_to(x, shape)[si, ei] for x in (cs + [cs[0]] * (C - len(cs)))])
                   for cs in cands])  # fmt: skip
-    dev = np.arange(M)[:, None, None, None]
-    s4 = np.broadcast_to(s, shape)[None, None]
-    e4 = np.broadcast_to(e, shape)[None, None]
-    m = e4 - n
+    n = np.clip(n, 0, (ei - si)[None, None])
+    col = {key: v.reshape(M, 1, 1) for key, v in col.items()}
+    buf_cpu, buf_gpu = buf_cpu.reshape(M, 1, 1), buf_gpu.reshape(M, 1, 1)
+    dev = np.arange(M)[:, None, None]
+    s3, e3 = si[None, None], ei[None, None]
+    m = e3 - n
     flat = (dev * (W + 1) + m).ravel()
 
-    def at_m(q: np.ndarray) -> np.ndarray:  # q[p, m[p, c, s, e]]
+    def at_m(q: np.ndarray) -> np.ndarray:  # q[p, m[p, c, i]]
         return np.take(q.ravel(), flat).reshape(m.shape)
 
-    def at_s(q: np.ndarray) -> np.ndarray:  # q[p, s]
-        return q[:, None, :, None]
+    def at_s(q: np.ndarray) -> np.ndarray:  # q[p, s_i]
+        return q[:, si][:, None, :]
 
-    def at_e(q: np.ndarray) -> np.ndarray:  # q[p, e]
-        return q[:, None, None, :]
+    def at_e(q: np.ndarray) -> np.ndarray:  # q[p, e_i]
+        return q[:, ei][:, None, :]
 
     Qb, Qkv = Q["b"], Q["kv"]
     b_m, kv_m = at_m(Qb), at_m(Qkv)
@@ -226,19 +230,25 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     base = col["budget"] - swap_first - pinned
     room = np.maximum(base, 0.0) + np.clip(swap_first + np.minimum(base, 0.0), 0.0, None)
     reread = np.where(mapped > room + 0.5, mapped, 0.0)
-    ok = (e4 > s4) & (pinned <= col["pinned_budget"])
+    ok = pinned <= col["pinned_budget"]
     ok &= ram_gpu | (n == 0) | (w_gpu + kv_gpu + buf_gpu <= col["vram"])
     Qc, Qg = Q["c"], Q["g"]
     work = (at_m(Qc) - at_s(Qc)) + (at_e(Qg) - at_m(Qg)) + k * np.where(n > 0, col["ovh_gpu"], col["ovh"])
     work += col["head_s"]
     read_s = (reread + col["emb"]) / col["bps"]
     if prefetch and k >= 2:
-        largest = _largest_window_bytes(ra.nbytes, dev, s4, e4, np.where(pages, e4, m), k, W, col["head_b"])
+        largest = _largest_window_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"])
         pf = (reread > 0) & (largest <= room)
     else:
         pf = np.zeros(n.shape, dtype=bool)
     chain = work + np.where(pf, 0.0, np.maximum(0.0, read_s - work))
-    return KTables(ra.names, n, np.where(ok, chain, INF), np.where(ok & pf, read_s, 0.0))
+    full_chain = np.full((M, C, W + 1, W + 1), INF)
+    full_chain[:, :, si, ei] = np.where(ok, chain, INF)
+    full_load = np.zeros((M, C, W + 1, W + 1))
+    full_load[:, :, si, ei] = np.where(ok & pf, read_s, 0.0)
+    full_n = np.zeros((M, C, W + 1, W + 1), dtype=int)
+    full_n[:, :, si, ei] = n
+    return KTables(ra.names, full_n, full_chain, full_load)
 
 
 def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.ndarray, m: np.ndarray, k: int,
