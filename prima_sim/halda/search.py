@@ -130,7 +130,7 @@ class RingArrays:
     gpu: np.ndarray  # (M, L + 1) of GPU layer times (CPU ones without a GPU)
     nbytes: np.ndarray  # (M, L + 1) of layer weight bytes
     kv: np.ndarray  # (M, L + 1) of layer KV-cache bytes
-    col: dict[str, np.ndarray]  # per-device constants, shape (M, 1, 1, 1)
+    col: dict[str, np.ndarray]  # per-device constants, shape (M, 1, 1)
 
     @classmethod
     def of(cls, costs: list[DeviceCosts], names: list[str]) -> RingArrays:
@@ -140,7 +140,7 @@ class RingArrays:
         mems = [c.memory for c in costs]
 
         def v(values: list[float]) -> np.ndarray:
-            return np.asarray(values, dtype=float).reshape(M, 1, 1, 1)
+            return np.asarray(values, dtype=float).reshape(M, 1, 1)
 
         col = {
             "head_b": v([head_extra_bytes(model) if p == head else 0.0 for p in range(M)]),
@@ -153,8 +153,8 @@ class RingArrays:
             "pinned_budget": v([m.pinned_budget_bytes for m in mems]),
             "vram": v([m.vram_bytes for m in mems]),
             "bps": v([m.fault_bps for m in mems]),
-            "ram_gpu": np.array([m.gpu_memory_is_ram for m in mems]).reshape(M, 1, 1, 1),
-            "pages": np.array([m.gpu_layers_page for m in mems]).reshape(M, 1, 1, 1),
+            "ram_gpu": np.array([m.gpu_memory_is_ram for m in mems]).reshape(M, 1, 1),
+            "pages": np.array([m.gpu_layers_page for m in mems]).reshape(M, 1, 1),
         }
         return cls(costs, names, np.stack([c.layer_sums().cpu for c in costs]),
                    np.stack([c.layer_sums().gpu for c in costs]), np.stack([c.layer_bytes_prefix for c in costs]),
@@ -178,33 +178,25 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     L = ra.cpu.shape[1] - 1
     W = L // k
     M = len(costs)
-    s = np.arange(W + 1)[:, None]
-    e = np.arange(W + 1)[None, :]
-    w = np.maximum(e - s, 0)
-    shape = (W + 1, W + 1)
+    # the windows that exist (s < e) only: P pairs, arrays of shape (devices, candidates, P)
+    si, ei = np.triu_indices(W + 1, 1)
+    wi = ei - si
     Q = {"c": _sum_rounds_all(ra.cpu, k, W), "g": _sum_rounds_all(ra.gpu, k, W),
          "b": _sum_rounds_all(ra.nbytes, k, W), "kv": _sum_rounds_all(ra.kv, k, W)}  # fmt: skip
     bufs = np.array([c.buffers(k, p == M - 1) for p, c in enumerate(costs)])
-    buf_cpu, buf_gpu = bufs[:, 0].reshape(M, 1, 1, 1), bufs[:, 1].reshape(M, 1, 1, 1)
+    buf_cpu, buf_gpu = bufs[:, 0].reshape(M, 1, 1), bufs[:, 1].reshape(M, 1, 1)
     cands: list[list[np.ndarray]] = []
     for p, c in enumerate(costs):
         mem = c.memory
         if not mem.has_gpu:
-            cands.append([np.zeros(shape, dtype=int)])
+            cands.append([np.zeros_like(wi)])
         elif W <= SMALL_WINDOW_TOTAL and gpu_counts_approximate(c):
-            cands.append([np.minimum(np.full(shape, x), w) for x in range(W + 1)])
+            cands.append([np.minimum(x, wi) for x in range(W + 1)])
         else:
-            cands.append(_gpu_candidates(c, Q["b"][p], Q["kv"][p], s, e, w, k, float(buf_cpu[p, 0, 0, 0]),
-                                         float(buf_gpu[p, 0, 0, 0]), float(col["head_b"][p, 0, 0, 0]),
-                                         prefetch and k >= 2))  # fmt: skip
-    # work on the windows that exist (s < e) only: pairs P, arrays of shape (devices, candidates, P)
-    si, ei = np.triu_indices(W + 1, 1)
+            cands.append(_gpu_candidates(c, Q["b"][p], Q["kv"][p], si, ei, k, float(bufs[p, 0]), float(bufs[p, 1]),
+                                         float(col["head_b"][p, 0, 0]), prefetch and k >= 2))  # fmt: skip
     C = max(len(x) for x in cands)
-    n = np.stack([np.stack([np.broadcast_to(x, shape)[si, ei] for x in (cs + [cs[0]] * (C - len(cs)))])
-                  for cs in cands])  # fmt: skip
-    n = np.clip(n, 0, (ei - si)[None, None])
-    col = {key: v.reshape(M, 1, 1) for key, v in col.items()}
-    buf_cpu, buf_gpu = buf_cpu.reshape(M, 1, 1), buf_gpu.reshape(M, 1, 1)
+    n = np.clip(np.array([cs + [cs[0]] * (C - len(cs)) for cs in cands]), 0, wi)
     dev = np.arange(M)[:, None, None]
     s3, e3 = si[None, None], ei[None, None]
     m = e3 - n
@@ -265,10 +257,10 @@ def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.
     return per_round.max(axis=0)
 
 
-def _gpu_candidates(costs: DeviceCosts, Qb: np.ndarray, Qkv: np.ndarray, s: np.ndarray, e: np.ndarray,
-                    w: np.ndarray, k: int, buf_cpu: float, buf_gpu: float, head_b: float, prefetch: bool
-                    ) -> list[np.ndarray]:  # fmt: skip
-    """GPU layer counts worth trying for every window [s, e), where a device's regime can change.
+def _gpu_candidates(costs: DeviceCosts, Qb: np.ndarray, Qkv: np.ndarray, s: np.ndarray, e: np.ndarray, k: int,
+                    buf_cpu: float, buf_gpu: float, head_b: float, prefetch: bool) -> list[np.ndarray]:
+    """GPU layer counts worth trying for every window [s, e) (1-D arrays of window starts and ends), where a
+    device's regime can change.
 
     * Metal (GPU layers stay mapped pages): the GPU changes only compute, so all of the window on the
       faster unit (both counts when layers differ).
@@ -282,26 +274,25 @@ def _gpu_candidates(costs: DeviceCosts, Qb: np.ndarray, Qkv: np.ndarray, s: np.n
       these counts its regime is constant and each GPU layer only costs, so these are the best of each.
     """
     mem = costs.memory
-    shape = np.broadcast(s, e).shape
-    s_full, e_full = np.broadcast_to(s, shape), np.broadcast_to(e, shape)
-    zero, full = np.zeros(shape, dtype=int), np.broadcast_to(w, shape)
+    w = e - s
+    zero = np.zeros_like(w)
     if mem.gpu_layers_page:
-        return [full] if costs.gpu_never_slower else [zero] if costs.gpu_never_faster else [zero, full]
+        return [w] if costs.gpu_never_slower else [zero] if costs.gpu_never_faster else [zero, w]
     Qbk = Qb + Qkv
     if mem.gpu_memory_is_ram:
         # GPU layers are copies in RAM: each one moves its weights from the page cache to pinned memory, so it
         # shortens the reads of a device that pages; none, or the most the pinned RAM holds (approximate)
         # pinned(n) = KV of the window + buffers + the GPU layers' weights <= pinned budget
-        cap = mem.pinned_budget_bytes - buf_cpu - buf_gpu - (Qkv[e_full] - Qkv[s_full])
-        return [zero, e_full - np.searchsorted(Qb, Qb[e_full] - cap, side="left")]
-    n_max = e_full - np.searchsorted(Qbk, Qbk[e_full] - (mem.vram_bytes - buf_gpu), side="left")
+        cap = mem.pinned_budget_bytes - buf_cpu - buf_gpu - (Qkv[e] - Qkv[s])
+        return [zero, e - np.searchsorted(Qb, Qb[e] - cap, side="left")]
+    n_max = e - np.searchsorted(Qbk, Qbk[e] - (mem.vram_bytes - buf_gpu), side="left")
     if costs.gpu_never_slower:
         return [zero, n_max]
     cap = mem.ram_budget_bytes - buf_cpu - head_b
-    n_fit = e_full - (np.searchsorted(Qbk, Qbk[s_full] + cap, side="right") - 1)
+    n_fit = e - (np.searchsorted(Qbk, Qbk[s] + cap, side="right") - 1)
     out = [zero, n_max, n_fit]
     if prefetch:
-        out.append(_fewest_for_prefetch(costs, s_full, e_full, np.broadcast_to(w, shape), k, buf_cpu, head_b))
+        out.append(_fewest_for_prefetch(costs, s, e, k, buf_cpu, head_b, len(Qb) - 1))
     return out
 
 
@@ -315,15 +306,15 @@ def gpu_counts_approximate(costs: DeviceCosts) -> bool:
     return (mem.gpu_memory_is_ram and not mem.gpu_layers_page) or not (costs.gpu_never_slower or costs.gpu_never_faster)
 
 
-def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, w: np.ndarray, k: int, buf_cpu: float,
-                         head_b: float) -> np.ndarray:  # fmt: skip
+def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: int, buf_cpu: float,
+                         head_b: float, W: int) -> np.ndarray:  # fmt: skip
     """Per window [s, e) of a discrete-GPU device: the fewest GPU layers with which every one of its k windows
     fits the page cache left for it (bisection: both sides only improve as layers move to the GPU)."""
     mem = costs.memory
-    W = e.shape[-1] - 1
+    w = e - s
     lb, lkv = costs.layer_bytes_prefix, costs.layer_kv_prefix
     Qkv = _sum_rounds(lkv, k, W)
-    offs = (np.arange(k) * W)[:, None, None]
+    offs = (np.arange(k) * W)[:, None]
     head_last = np.where(e == W, head_b, 0.0)
 
     def fits(n: np.ndarray) -> np.ndarray:
