@@ -193,6 +193,8 @@ def test_v2_group_writes_limits(tmp_path: Path) -> None:
     (d / "io.stat").write_text("254:0 rbytes=4096 wbytes=0\n")
     st = g.memory_stat()
     assert (st["anon"], st["file"], st["usage"], st["limit"]) == (1000, 2000, 3000, 512 << 20)
+    light = g.memory_light()  # no process in the fake group: all of the charge is page cache or kernel memory
+    assert (light["anon"], light["file"], light["usage"], light["limit"]) == (0, 3000, 3000, 512 << 20)
     assert g.oom_kills() == 2 and g.io_read_bytes() == 4096 and g.io_read_bytes("254:0") == 4096
     assert g.io_read_bytes("8:0") == 0
     assert g.procs_files() == [d / "cgroup.procs"]
@@ -429,8 +431,13 @@ def test_memory_sampler_peaks_and_windows() -> None:
     class FakeGroup:
         def __init__(self) -> None:
             self.n = 0
+            self.full = 0
 
         def memory_stat(self) -> dict:
+            self.full += 1
+            return self.memory_light()
+
+        def memory_light(self) -> dict:
             self.n += 1
             return {"anon": 100 * self.n, "file": 7, "usage": 0, "peak": 0, "limit": 1000}
 
@@ -446,9 +453,11 @@ def test_memory_sampler_peaks_and_windows() -> None:
         def cpu_throttled_s(self) -> float:
             return 0.0
 
-    s = MemorySampler({"A": FakeGroup()}, interval_s=0.01).start()  # type: ignore[dict-item]
+    g = FakeGroup()
+    s = MemorySampler({"A": g}, interval_s=0.01).start()  # type: ignore[dict-item]
     time.sleep(0.1)
     peaks = s.stop()
+    assert g.full == 2, "memory.stat (which flushes the kernel's statistics) is read only at start and stop"
     assert peaks["A"].anon >= 300 and peaks["A"].file == 7 and peaks["A"].limit == 1000
     assert peaks["A"].pressure == peaks["A"].anon / 1000
     tl = s.timeline["A"]

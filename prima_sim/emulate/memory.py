@@ -7,7 +7,11 @@ KV cache and compute buffers are pinned). So for an emulated device::
 
     memory pressure = peak anonymous memory of the device's processes / the device's memory limit
 
-and the page cache it used (``file`` in ``memory.stat``) is reported beside it.
+and the page cache it used is reported beside it.
+
+The sampler reads the cgroups' charge and their processes' anonymous memory every ``SAMPLE_INTERVAL_S``, and
+``memory.stat`` only when it starts and stops: reading ``memory.stat`` flushes the cgroup's statistics, which the
+kernel's reclaim decides on, and frequent reads change what it keeps (docs/pagecache.md; Group.memory_light).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class MemoryPeak:
 
 @dataclass
 class MemorySampler:
-    """Samples every group's ``memory.stat`` in a background thread between :meth:`start` and :meth:`stop`."""
+    """Samples every group's memory (:meth:`Group.memory_light`) in a background thread between :meth:`start`
+    and :meth:`stop`; ``memory.stat`` is read only at those two moments."""
 
     groups: dict[str, Group]
     interval_s: float = SAMPLE_INTERVAL_S
@@ -78,14 +83,15 @@ class MemorySampler:
             self._io0[n] = g.io_read_bytes(self.device)
             self._oom0[n] = g.oom_kills()
             self._thr0[n] = g.cpu_throttled_s()
+        self._sample(full=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
         self._thread.start()
         return self
 
-    def _sample(self) -> None:
+    def _sample(self, full: bool = False) -> None:
         for n, g in self.groups.items():
-            st = g.memory_stat()
+            st = g.memory_stat() if full else g.memory_light()
             self.timeline[n].append(
                 (time.time(), st.get("anon", 0), st.get("file", 0), g.io_read_bytes(self.device))
             )
@@ -107,7 +113,7 @@ class MemorySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._sample()
+        self._sample(full=True)
         for n, g in self.groups.items():
             self.peaks[n].io_read = g.io_read_bytes(self.device) - self._io0.get(n, 0)
             self.peaks[n].oom_kills = g.oom_kills() - self._oom0.get(n, 0)
