@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from prima_sim import __version__
-from prima_sim.errors import PrimaSimError
+from prima_sim.errors import PrimaSimError, one_line
+
+# Subcommands that solve integer programs (HiGHS prints a banner on stdout the first time).
+SOLVING_COMMANDS = frozenset({"plan", "simulate", "sweep", "emulate"})
 
 # Subcommand modules, in the order `prima-sim --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -54,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoteHandler(logging.Handler):
+    """Prints the library's notes (``prima_sim.notes``) as ``prima-sim COMMAND: note: ...`` on stderr."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.INFO)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"prima-sim {self.command}: note: {one_line(record.getMessage())}", file=sys.stderr)
+
+
+def _show_notes(command: str) -> None:
+    log = logging.getLogger("prima_sim.notes")
+    log.handlers[:] = [_NoteHandler(command)]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prima-sim`` console script."""
     parser = build_parser()
@@ -61,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _show_notes(args.command)
     try:
+        if args.command in SOLVING_COMMANDS:
+            from prima_sim.cli.common import quiet_solver_banner
+
+            quiet_solver_banner()
         return int(args.func(args) or 0)
     except PrimaSimError as exc:
         print(f"prima-sim {args.command}: error: {exc}", file=sys.stderr)

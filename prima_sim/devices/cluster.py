@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,29 +24,32 @@ from pydantic import Field, model_validator
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, read_structured, validate_model
-from prima_sim.units import PositiveBandwidth, Seconds
+from prima_sim.units import PositiveBandwidth, Seconds, fmt_bitrate, fmt_seconds
+
+notes = logging.getLogger("prima_sim.notes")
+"""Things a user should know about how an input was read (defaults used); the CLI prints them on stderr."""
 
 
 class LinkSpec(FrozenModel):
     """Bandwidth and latency of a network path."""
 
-    bandwidth_bps: PositiveBandwidth
-    latency_s: Seconds
+    bandwidth_bps: PositiveBandwidth = Field(description="throughput of one transfer, bytes/s ('450 Mbps' works)")
+    latency_s: Seconds = Field(description="one-way latency ('5 ms' works)")
     medium: str | None = Field(default=None, description="shared medium (e.g. 'wifi') whose airtime it uses")
 
 
 class Link(LinkSpec):
     """A link between two named devices (symmetric)."""
 
-    a: str
-    b: str
+    a: str = Field(description="one end: a device name")
+    b: str = Field(description="the other end: a device name")
 
 
 class Medium(FrozenModel):
     """A shared medium (one Wi-Fi network): transfers on it at the same time share its capacity."""
 
-    name: str
-    capacity_bps: PositiveBandwidth
+    name: str = Field(description="the name links give as their medium")
+    capacity_bps: PositiveBandwidth = Field(description="total throughput shared by concurrent transfers")
 
 
 def check_device_names(names: list[str], head: str) -> None:
@@ -64,13 +69,21 @@ class Cluster(FrozenModel):
     """Devices in ring order, the head device, and the network."""
 
     schema_version: Literal[1] = 1
-    name: str
+    name: str = Field(description="the cluster's name (default: the file name without .toml)")
     description: str = ""
-    devices: tuple[DeviceProfile, ...] = Field(min_length=1)
+    devices: tuple[DeviceProfile, ...] = Field(
+        min_length=1,
+        description="ring order; in a file each entry is a device name (a file beside the cluster file or a "
+        "bundled profile), a path, or an inline table",
+    )
     head: str = Field(default="", description="device that tokenizes, embeds, runs the output head; default first")
-    default_link: LinkSpec = LinkSpec(bandwidth_bps=1.25e8, latency_s=0.0002)
-    links: tuple[Link, ...] = ()
-    media: tuple[Medium, ...] = ()
+    default_link: LinkSpec = Field(
+        default=LinkSpec(bandwidth_bps=1.25e8, latency_s=0.0002),
+        description="link of every pair not listed in links (default: wired gigabit Ethernet, 1 Gbit/s and "
+        "0.2 ms, noted on stderr when used; Wi-Fi is slower, e.g. 400 Mbps and 5 ms)",
+    )
+    links: tuple[Link, ...] = Field(default=(), description="per-pair links (override default_link)")
+    media: tuple[Medium, ...] = Field(default=(), description="shared media (a Wi-Fi network's airtime)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Cluster:
@@ -135,17 +148,26 @@ class Cluster(FrozenModel):
 
 # --- loading ---------------------------------------------------------------------------------------------
 def datasets_root() -> Path:
-    """The bundled ``datasets/`` directory (override with the PRIMA_SIM_DATASETS environment variable)."""
+    """The bundled ``datasets/`` directory (override with the PRIMA_SIM_DATASETS environment variable).
+
+    An installed package carries it as ``prima_sim/_datasets`` (setup.py maps the repository's ``datasets/``
+    there); a source checkout (editable install, PYTHONPATH) uses the repository's ``datasets/`` itself. The
+    checkout is recognised by its pyproject.toml, so an unrelated ``datasets`` folder beside an installed
+    package (site-packages/datasets of another distribution) is never taken for ours.
+    """
     import os
 
     env = os.environ.get("PRIMA_SIM_DATASETS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parents[1] / "datasets", here.parent / "_datasets"):
-        if cand.is_dir():
-            return cand
-    return here.parents[1] / "datasets"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "_datasets"
+    if installed.is_dir():
+        return installed
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "datasets").is_dir():
+        return checkout / "datasets"
+    return installed
 
 
 def _is_path_like(ref: str) -> bool:
@@ -158,23 +180,46 @@ def bundled_names(kind: str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
 
 
+def example_clusters() -> list[str]:
+    """The bundled example clusters, as ``--cluster`` takes them (``examples/home``)."""
+    out = []
+    for p in sorted((datasets_root() / "examples").glob("*.toml")):
+        try:
+            if isinstance(tomllib.loads(p.read_text(encoding="utf-8")).get("devices"), list):
+                out.append(f"examples/{p.stem}")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def resolve_dataset(kind: str, ref: str, relative_to: Path | None = None) -> Path:
     """Turn a bundled name or a path into a file path.
+
+    A path is taken as given, then relative to ``relative_to`` (a cluster file's folder), then inside the bundled
+    datasets (``examples/home.toml`` works from any folder, also without its ``.toml``). A name without a folder or
+    suffix is a bundled entry of ``datasets/<kind>/``.
 
     Raises:
         InputError: neither a file nor a bundled name.
     """
     if _is_path_like(ref) or Path(ref).exists():
         p = Path(ref)
-        if not p.is_absolute() and relative_to is not None and not p.exists():
-            p = relative_to / p
-        if not p.exists():
-            raise InputError(ref, "", f"file not found (and not a bundled {kind[:-1]} name)")
-        return p
+        candidates = [p]
+        if not p.is_absolute():
+            if relative_to is not None:
+                candidates.append(relative_to / p)
+            root = datasets_root()
+            candidates += [root / p, root / f"{ref}.toml"]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise InputError(ref, "", f"file not found (and not a bundled {kind[:-1]} name)")
     p = datasets_root() / kind / f"{ref}.toml"
     if not p.exists():
         known = ", ".join(bundled_names(kind)) or "none"
-        raise InputError(ref, "", f"no such file and no bundled {kind[:-1]} of that name; bundled: {known}")
+        examples = example_clusters() if kind == "clusters" else []
+        hint = f"; examples: {', '.join(examples)}" if examples else ""
+        raise InputError(ref, "", f"no such file and no bundled {kind[:-1]} of that name; bundled: {known}{hint}")
     return p
 
 
@@ -212,4 +257,18 @@ def load_cluster(ref: str) -> Cluster:
             raise InputError(str(path), f"devices[{i}]", "must be a device name, a path, or an inline table")
     data["devices"] = resolved
     data.setdefault("name", path.stem)
-    return validate_model(Cluster, data, str(path))
+    cluster = validate_model(Cluster, data, str(path))
+    if "default_link" not in data:
+        names = [d.name for d in cluster.devices]
+        listed = {frozenset((lk.a, lk.b)) for lk in cluster.links}
+        missing = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if frozenset((a, b)) not in listed]
+        if missing:
+            dl = cluster.default_link
+            notes.info(
+                "%s has no [default_link]: %d device pair(s) without a [[links]] entry (%s) get %s and %s "
+                "(wired gigabit Ethernet); for Wi-Fi give e.g. [default_link] bandwidth_bps = \"400 Mbps\", "
+                "latency_s = \"5 ms\", or measure with 'prima-sim netprobe'",
+                path, len(missing), ", ".join(f"{a}-{b}" for a, b in missing[:3]) + (", ..." if len(missing) > 3 else ""),
+                fmt_bitrate(dl.bandwidth_bps), fmt_seconds(dl.latency_s),
+            )  # fmt: skip
+    return cluster
