@@ -9,10 +9,12 @@ what was expected.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,10 +45,41 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
-def validation_to_input_error(source: str, exc: ValidationError) -> InputError:
-    """Turn the first problem of a pydantic ValidationError into a one-line InputError."""
-    err = exc.errors(include_url=False)[0]
-    field = _loc_to_path(tuple(err.get("loc", ())))
+def _fields_at(cls: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """Names of the fields a model accepts at ``loc`` (the location of an unknown key, key included)."""
+    cur: Any = cls
+    for item in loc[:-1]:
+        if isinstance(item, int) or str(item).startswith(("function-", "constrained-", "lax-or-strict")):
+            continue
+        fields = getattr(cur, "model_fields", None)
+        if not fields or item not in fields:
+            return []
+        cur = _model_in(fields[item].annotation)
+    fields = getattr(cur, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``tuple[X, ...]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validation_to_input_error(source: str, exc: ValidationError, cls: type[BaseModel] | None = None) -> InputError:
+    """Turn the first problem of a pydantic ValidationError into a one-line InputError.
+
+    An unknown key is reported before anything else (a misspelled required field is first of all an unknown
+    key), with the closest known field name when there is one (``cls`` gives the names).
+    """
+    errors = exc.errors(include_url=False)
+    err = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+    loc = tuple(err.get("loc", ()))
+    field = _loc_to_path(loc)
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
@@ -54,7 +87,13 @@ def validation_to_input_error(source: str, exc: ValidationError) -> InputError:
     if kind == "missing":
         msg = "is required but missing"
     elif kind == "extra_forbidden":
-        msg = "is not a known field (check its spelling against the schema in docs/)"
+        known = _fields_at(cls, loc) if loc else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+        msg = "is not a known field" + (
+            f": did you mean '{close[0]}'?" if close else
+            (f" (known fields here: {', '.join(known)}; 'prima-sim schema' prints them all)" if known else
+             " ('prima-sim schema' lists the known fields)")
+        )  # fmt: skip
     elif "input" in err and kind != "model_type" and "got " not in msg and not isinstance(err["input"], (dict, list)):
         shown = repr(err["input"])
         if len(shown) > 60:
@@ -70,7 +109,7 @@ def validate_model(cls: type[M], data: Any, source: str) -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise validation_to_input_error(source, exc) from None
+        raise validation_to_input_error(source, exc, cls) from None
 
 
 def read_structured(path: str | Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 KiB = 1024
 MiB = 1024**2
@@ -110,6 +110,15 @@ def fmt_bandwidth(bps: float) -> str:
     return f"{bps:.0f} B/s"
 
 
+def fmt_bitrate(bps: float) -> str:
+    """Format bytes per second as a link rate in bits per second, as network links are quoted."""
+    bits = bps * 8
+    for unit, size in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if abs(bits) >= size:
+            return f"{bits / size:.4g} {unit}"
+    return f"{bits:.0f} bit/s"
+
+
 def fmt_seconds(s: float) -> str:
     """Format a duration for people."""
     if abs(s) >= 1:
@@ -137,13 +146,25 @@ def _wrap(parser):  # type: ignore[no-untyped-def]
     return validate
 
 
-Bytes = Annotated[int, BeforeValidator(_wrap(parse_bytes)), Field(ge=0)]
+def _schema(unit: str, minimum: str, example: str, number: str = "number") -> WithJsonSchema:
+    """JSON Schema of a quantity: a plain number in the SI unit, or a string with a unit."""
+    bound = {"exclusiveMinimum": 0} if minimum == "> 0" else {"minimum": 0}
+    return WithJsonSchema({
+        "anyOf": [{"type": number, **bound}, {"type": "string", "pattern": _QUANTITY.pattern}],
+        "x-unit": unit,
+        "examples": [example],
+    })  # fmt: skip
+
+
+Bytes = Annotated[int, BeforeValidator(_wrap(parse_bytes)), Field(ge=0), _schema("bytes", ">= 0", "8 GiB", "integer")]
 """A size in bytes; files may write "8 GiB"."""
-Bandwidth = Annotated[float, BeforeValidator(_wrap(parse_bandwidth)), Field(ge=0)]
+Bandwidth = Annotated[float, BeforeValidator(_wrap(parse_bandwidth)), Field(ge=0), _schema("bytes/s", ">= 0", "2 GB/s")]
 """Bytes per second; files may write "2 GB/s" or "610 Mbps"."""
-PositiveBandwidth = Annotated[float, BeforeValidator(_wrap(parse_bandwidth)), Field(gt=0)]
+PositiveBandwidth = Annotated[
+    float, BeforeValidator(_wrap(parse_bandwidth)), Field(gt=0), _schema("bytes/s", "> 0", "610 Mbps")
+]
 """A bandwidth that must be above zero (a disk or link that moves no data cannot be planned with)."""
-Seconds = Annotated[float, BeforeValidator(_wrap(parse_seconds)), Field(ge=0)]
+Seconds = Annotated[float, BeforeValidator(_wrap(parse_seconds)), Field(ge=0), _schema("s", ">= 0", "5 ms")]
 """A duration in seconds; files may write "5 ms"."""
-FlopRate = Annotated[float, BeforeValidator(_wrap(parse_flop_rate)), Field(gt=0)]
+FlopRate = Annotated[float, BeforeValidator(_wrap(parse_flop_rate)), Field(gt=0), _schema("FLOP/s", "> 0", "350 GFLOPS")]
 """FLOP per second; files may write "350 GFLOPS"."""

@@ -13,16 +13,25 @@ Files may write quantities with units ("8 GiB", "2.98 GB/s", "350 GFLOPS", "0.05
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from prima_sim.devices.ggml_types import TYPE_BY_NAME
 from prima_sim.schema import FrozenModel
 from prima_sim.units import Bandwidth, Bytes, FlopRate, PositiveBandwidth, Seconds
 
-OSFamily = Literal["linux", "macos", "android", "windows"]
-GpuKind = Literal["cuda", "metal", "vulkan", "rocm", "sycl"]
+
+def lower_name(v: object) -> object:
+    """A name from a closed set as written in a file, lower-cased (``"Linux"``, ``"CUDA"``, ``"Q4_K"`` are
+    accepted as their lower-case forms; anything that is not a string is left for the type check)."""
+    return v.lower() if isinstance(v, str) else v
+
+
+OSFamily = Annotated[Literal["linux", "macos", "android", "windows"], BeforeValidator(lower_name)]
+"""Operating system family (case-insensitive in files)."""
+GpuKind = Annotated[Literal["cuda", "metal", "vulkan", "rocm", "sycl"], BeforeValidator(lower_name)]
+"""GPU backend of llama.cpp (case-insensitive in files)."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -31,6 +40,20 @@ def check_name(v: str) -> str:
     if not NAME_PATTERN.match(v):
         raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
     return v
+
+
+def lower_keys(v: object) -> object:
+    """A table keyed by ggml type names, with the names lower-cased (``Q4_K`` = ``q4_k``).
+
+    Raises:
+        ValueError: two keys differ only in case.
+    """
+    if not isinstance(v, dict):
+        return v
+    out = {lower_name(k): x for k, x in v.items()}
+    if len(out) != len(v):
+        raise ValueError(f"type names repeat when case is ignored: {sorted(v)}")
+    return out
 
 
 def _check_types(rates: dict[str, float]) -> dict[str, float]:
@@ -45,8 +68,9 @@ def _check_types(rates: dict[str, float]) -> dict[str, float]:
 class Provenance(FrozenModel):
     """Where a profile's figures came from."""
 
-    kind: Literal["measured", "spec", "derived"] = Field(
-        description="measured by prima-sim profile, taken from spec sheets/benchmarks, or derived from others"
+    kind: Annotated[Literal["measured", "spec", "derived", "manual"], BeforeValidator(lower_name)] = Field(
+        description="measured by prima-sim profile, taken from spec sheets/benchmarks, derived from others, or "
+        "written by hand without stated sources (the default of a file without [provenance])"
     )
     host: str = ""
     date: str = Field(default="", description="ISO date of the measurement or of the sources")
@@ -60,7 +84,9 @@ class GpuProfile(FrozenModel):
 
     kind: GpuKind
     name: str = ""
-    flops: dict[str, FlopRate] = Field(description="matmul throughput per weight ggml type, FLOP/s")
+    flops: Annotated[dict[str, FlopRate], BeforeValidator(lower_keys)] = Field(
+        description="matmul throughput per weight ggml type, FLOP/s (must include f32)"
+    )
     vram_total_bytes: Bytes
     vram_free_bytes: Bytes
     memory_bandwidth_bps: PositiveBandwidth = Field(description="VRAM read bandwidth")
@@ -91,7 +117,10 @@ class DeviceProfile(FrozenModel):
     unified_memory: bool = Field(default=False, description="CPU and GPU share RAM (Apple Silicon)")
     cores: int = Field(gt=0)
     threads: int | None = Field(default=None, gt=0, description="threads llama.cpp uses; default = cores")
-    cpu_flops: dict[str, FlopRate] = Field(description="CPU matmul throughput per weight ggml type, FLOP/s")
+    cpu_flops: Annotated[dict[str, FlopRate], BeforeValidator(lower_keys)] = Field(
+        description="CPU matmul throughput per weight ggml type, FLOP/s (must include f32; a type not listed "
+        "falls back to a similar one)"
+    )
     memory_bandwidth_bps: PositiveBandwidth = Field(description="CPU read bandwidth from RAM")
     ram_total_bytes: Bytes
     ram_available_bytes: Bytes = Field(description="memory the model may use (page cache included)")
@@ -107,14 +136,16 @@ class DeviceProfile(FrozenModel):
     disk_seq_read_bps: PositiveBandwidth
     disk_rand_read_bps: PositiveBandwidth
     # Added for prima_sim.emulate (owner: emulation): optional, empty = memory_bandwidth_bps for every type.
-    matvec_bps: dict[str, PositiveBandwidth] = Field(
+    matvec_bps: Annotated[dict[str, PositiveBandwidth], BeforeValidator(lower_keys)] = Field(
         default_factory=dict,
         description="decode (matrix-vector) streaming rate of weights of a given ggml type, where it differs from "
         "memory_bandwidth_bps: on a CPU with few threads dequantization makes some types compute-bound "
         "(one thread here: q4_0 ~10 GB/s, q6_k ~20 GB/s); measured by prima-sim emulate",
     )
     gpu: GpuProfile | None = None
-    provenance: Provenance
+    provenance: Provenance = Field(
+        default=Provenance(kind="manual"), description="where the figures came from (default: written by hand)"
+    )
     sources: dict[str, str] = Field(default_factory=dict, description="per-field source notes")
 
     @field_validator("name")

@@ -48,15 +48,24 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from prima_sim.devices.cluster import check_device_names
-from prima_sim.devices.profile import NAME_PATTERN, OSFamily, check_name
+from prima_sim.devices.profile import NAME_PATTERN, OSFamily, check_name, lower_name
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, load_model
 from prima_sim.units import Bandwidth, Bytes, MiB, Seconds
+
+
+def _upper(v: object) -> object:
+    return v.upper() if isinstance(v, str) else v
+
+
+def _lower_all(v: object) -> object:
+    return [lower_name(x) for x in v] if isinstance(v, (list, tuple)) else v
+
 
 _CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 MIN_MEMORY_BYTES = 128 * MiB
@@ -145,14 +154,14 @@ class ModelSpec(FrozenModel):
 
     gguf: str | None = Field(default=None, description="path of a GGUF (relative to the scenario file)")
     like: str | None = Field(default=None, description="catalog id whose shape to generate")
-    arch: Literal["llama", "qwen2", "gemma3"] | None = None
+    arch: Annotated[Literal["llama", "qwen2", "gemma3"] | None, BeforeValidator(lower_name)] = None
     layers: int | None = Field(default=None, gt=0)
     embd: int | None = Field(default=None, gt=0)
     ff: int | None = Field(default=None, gt=0)
     heads: int | None = Field(default=None, gt=0)
     kv_heads: int | None = Field(default=None, gt=0)
     head_dim: int | None = Field(default=None, gt=0)
-    quant: Literal["Q4_0", "Q4_K", "Q8_0", "F16"] = "Q4_0"
+    quant: Annotated[Literal["Q4_0", "Q4_K", "Q8_0", "F16"], BeforeValidator(_upper)] = "Q4_0"
     seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
@@ -220,14 +229,14 @@ class ManualPlan(FrozenModel):
 class RunSpec(FrozenModel):
     """What to plan and run."""
 
-    schedulers: tuple[str, ...] = ("halda",)
+    schedulers: Annotated[tuple[str, ...], BeforeValidator(_lower_all)] = ("halda",)
     k: int | None = Field(default=None, gt=0, description="force Halda's number of rounds")
     allow_drop: bool = Field(default=True, description="Halda may drop devices")
     manual: tuple[ManualPlan, ...] = ()
     single: tuple[str, ...] = Field(default=(), description="devices that also run the whole model alone")
     prefetch: bool = True
     cold: bool = Field(default=True, description="drop the page cache before every run")
-    omp_wait_policy: Literal["passive", "active", "default"] = "passive"
+    omp_wait_policy: Annotated[Literal["passive", "active", "default"], BeforeValidator(lower_name)] = "passive"
 
 
 class Scenario(FrozenModel):
