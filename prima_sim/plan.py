@@ -20,14 +20,17 @@ import hashlib
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, model_validator
 
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION: Final = 2
+"""Version of the plan format this prima-sim writes. Version 2 added ``cluster_source``, ``model_source`` and
+``cpu_only``; version 1 plans are read as version 2 with those at their defaults."""
+READABLE_PLAN_VERSIONS: Final = (1, 2)
 
 LayerRange = tuple[int, int]
 """A half-open range of layer indices ``[start, end)``."""
@@ -36,7 +39,7 @@ LayerRange = tuple[int, int]
 class DeviceAssignment(FrozenModel):
     """What one device runs."""
 
-    name: str
+    name: str = Field(description="device name, as in the cluster")
     window: int = Field(ge=0, description="layers per round (w_m)")
     gpu_layers: int = Field(ge=0, description="of each window, how many of its last layers run on the GPU (n_m)")
     layers: tuple[LayerRange, ...] = Field(description="half-open layer ranges, in execution order")
@@ -70,8 +73,8 @@ class DeviceAssignment(FrozenModel):
 class Dropped(FrozenModel):
     """A device of the cluster that the plan does not use, and why."""
 
-    name: str
-    reason: str
+    name: str = Field(description="device name, as in the cluster")
+    reason: str = Field(description="why the planner left it out")
 
 
 class DeviceTimes(FrozenModel):
@@ -81,12 +84,12 @@ class DeviceTimes(FrozenModel):
     fault stalls its compute); reads hidden behind other devices' work by prefetch are in ``read_s`` only.
     """
 
-    name: str
-    compute_s: float = 0.0
-    memory_s: float = 0.0
-    disk_s: float = 0.0
-    comm_s: float = 0.0
-    overhead_s: float = 0.0
+    name: str = Field(description="device name")
+    compute_s: float = Field(default=0.0, description="compute-bound time of its layers")
+    memory_s: float = Field(default=0.0, description="time to stream its weights from RAM/VRAM")
+    disk_s: float = Field(default=0.0, description="the part of its disk reads the ring waits for")
+    comm_s: float = Field(default=0.0, description="time to send its activations on")
+    overhead_s: float = Field(default=0.0, description="fixed costs (decode calls, KV copies)")
     read_bytes: float = Field(default=0.0, ge=0, description="weight bytes re-read from disk per token")
     read_s: float = Field(default=0.0, ge=0, description="disk time of those reads, hidden or not")
     prefetch: bool = Field(default=False, description="reads of its next window overlap other devices' work")
@@ -101,10 +104,10 @@ class Prediction(FrozenModel):
     """The analytic prediction attached to a plan by the planner."""
 
     method: str = Field(description="which model produced it, e.g. 'halda-analytic'")
-    tpot_s: float = Field(ge=0)
-    ttft_s: float = Field(ge=0)
-    prompt_tokens: int = Field(ge=0)
-    per_device: tuple[DeviceTimes, ...] = ()
+    tpot_s: float = Field(ge=0, description="predicted time per output token")
+    ttft_s: float = Field(ge=0, description="predicted time to the first token")
+    prompt_tokens: int = Field(ge=0, description="prompt length the TTFT refers to")
+    per_device: tuple[DeviceTimes, ...] = Field(default=(), description="per-token time of each device, by cause")
     head_s: float = Field(default=0.0, ge=0, description="per-token work of the head outside windows")
     disk_wait_s: float = Field(
         default=0.0, ge=0,
@@ -117,28 +120,41 @@ class Prediction(FrozenModel):
 class SolverInfo(FrozenModel):
     """How the plan was made."""
 
-    status: str = "manual"
-    objective_s: float | None = None
-    solve_time_s: float = 0.0
-    details: dict[str, Any] = Field(default_factory=dict)
+    status: str = Field(default="manual", description="the solver's status, 'heuristic' or 'manual'")
+    objective_s: float | None = Field(default=None, description="the solver's objective value")
+    solve_time_s: float = Field(default=0.0, description="wall time spent planning")
+    details: dict[str, Any] = Field(default_factory=dict, description="scheduler-specific details (free form)")
 
 
 class Plan(FrozenModel):
     """Which device runs which layers, for one model on one cluster."""
 
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
-    model_id: str
-    model_fingerprint: str = ""
-    n_layers: int = Field(gt=0)
-    cluster_name: str
-    cluster_fingerprint: str = ""
+    schema_version: Literal[2] = Field(default=2, description="plan format version (1 is read as 2)")
+    model_id: str = Field(description="the model's id (catalog id with quantization, or the GGUF's name)")
+    model_fingerprint: str = Field(default="", description="hash of the model's tensor table")
+    model_source: str = Field(default="", description="the --model it was made from: a GGUF path or a catalog id")
+    n_layers: int = Field(gt=0, description="the model's layer count")
+    cluster_name: str = Field(description="the cluster's name")
+    cluster_fingerprint: str = Field(default="", description="hash of the cluster's devices and links")
+    cluster_source: str = Field(default="", description="the --cluster it was made from: a file or a bundled name")
+    cpu_only: bool = Field(
+        default=False, description="made with every GPU of the cluster ignored (plan --cpu-only, or run on a CPU build)"
+    )
     k: int = Field(gt=0, description="rounds of the ring per token")
     n_ctx: int = Field(gt=0, description="context length the plan reserves KV cache for")
     devices: tuple[DeviceAssignment, ...] = Field(min_length=1, description="ring order, head first")
-    dropped: tuple[Dropped, ...] = ()
-    scheduler: str
-    solver: SolverInfo = SolverInfo()
-    prediction: Prediction | None = None
+    dropped: tuple[Dropped, ...] = Field(default=(), description="devices of the cluster left out")
+    scheduler: str = Field(description="halda, a baseline's name, or manual")
+    solver: SolverInfo = Field(default=SolverInfo(), description="how the plan was made")
+    prediction: Prediction | None = Field(default=None, description="the planner's analytic prediction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """A version 1 plan is a version 2 plan without the fields version 2 added."""
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            return {**data, "schema_version": PLAN_SCHEMA_VERSION}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Plan:
@@ -222,12 +238,12 @@ class Plan(FrozenModel):
 
 
 def _validate_plan(data: Any, source: str) -> Plan:
-    if isinstance(data, dict) and data.get("schema_version", PLAN_SCHEMA_VERSION) != PLAN_SCHEMA_VERSION:
+    if isinstance(data, dict) and data.get("schema_version", PLAN_SCHEMA_VERSION) not in READABLE_PLAN_VERSIONS:
         raise InputError(
             source, "schema_version",
-            f"plan schema {data.get('schema_version')} is not supported by this prima-sim (expects "
-            f"{PLAN_SCHEMA_VERSION}); re-create the plan with 'prima-sim plan'",
-        )
+            f"plan schema {data.get('schema_version')} is not supported by this prima-sim (reads "
+            f"{', '.join(map(str, READABLE_PLAN_VERSIONS))}); re-create the plan with 'prima-sim plan'",
+        )  # fmt: skip
     return validate_model(Plan, data, source)
 
 

@@ -263,17 +263,30 @@ def manual_plan(
     head). Windows that do not divide the layer count leave a partial last round.
 
     Raises:
-        InputError: the number of windows does not match the devices, or a value is negative.
+        InputError: the number of windows does not match the devices, a value is negative, the windows sum to
+            more than the layers, or a device gets more GPU layers than its window or has no GPU.
     """
     ring = list(cluster.ring_order)
+    L = model.arch.n_layer
     if len(windows) != len(ring):
         raise InputError("--windows", "", f"{len(windows)} windows given for {len(ring)} devices in ring order "
                          f"{', '.join(ring)}: give one per device")  # fmt: skip
     if any(x < 0 for x in windows) or sum(windows) == 0:
         raise InputError("--windows", "", f"windows must be >= 0 and not all zero, got {windows}")
+    if sum(windows) > L:
+        raise InputError("--windows", "", f"windows {','.join(map(str, windows))} sum to {sum(windows)} layers per "
+                         f"round but {model.id} has {L} layers: make them sum to {L} (one round) or to a divisor of "
+                         f"it for k rounds (a smaller sum leaves a partial last round)")  # fmt: skip
     gl = list(gpu_layers) if gpu_layers is not None else [0] * len(ring)
     if len(gl) != len(ring) or any(x < 0 for x in gl):
-        raise InputError("--gpu-layers", "", f"give one non-negative value per device ({len(ring)}), got {gl}")
+        raise InputError("--gpu-layers", "", f"give one non-negative value per device ({len(ring)}, ring order "
+                         f"{', '.join(ring)}), got {gl}")  # fmt: skip
+    for name, w, g in zip(ring, windows, gl, strict=True):
+        if g > w:
+            raise InputError("--gpu-layers", "", f"{name} is given {g} GPU layers but its window has {w} layers: "
+                             "GPU layers are the last ones of each window, at most the window")  # fmt: skip
+        if g > 0 and not cluster.device(name).has_gpu:
+            raise InputError("--gpu-layers", "", f"{name} is given {g} GPU layers but its profile has no GPU")
     return _plan_from_windows(cluster, model, workload, ring, list(windows), gl, "manual", 0.0, prefetch)
 
 
