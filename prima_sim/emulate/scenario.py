@@ -74,8 +74,8 @@ MIN_MEMORY_BYTES = 128 * MiB
 class DeviceSpec(FrozenModel):
     """One emulated device: its cgroup limits, its access link and the OS behaviour to assume."""
 
-    name: str
-    memory: Bytes = Field(description="memory cgroup limit, page cache included")
+    name: str = Field(description="device name (letters, digits, '_', '.', '-'; at most 40)")
+    memory: Bytes = Field(description="memory cgroup limit, page cache included (at least 128 MiB)")
     cpus: float | None = Field(
         default=None, gt=0, description="CPU time quota in CPUs (CFS bandwidth control)"
     )
@@ -123,10 +123,10 @@ class DeviceSpec(FrozenModel):
 class LinkOverride(FrozenModel):
     """An explicit pair of devices: its bandwidth and one-way latency."""
 
-    a: str
-    b: str
-    bandwidth: Bandwidth = Field(gt=0)
-    latency: Seconds = 0.0
+    a: str = Field(description="one device")
+    b: str = Field(description="the other device")
+    bandwidth: Bandwidth = Field(gt=0, description="the pair's bandwidth")
+    latency: Seconds = Field(default=0.0, description="the pair's one-way latency")
 
 
 class NetworkSpec(FrozenModel):
@@ -134,7 +134,7 @@ class NetworkSpec(FrozenModel):
 
     bandwidth: Bandwidth = Field(default=125e6, gt=0, description="default access bandwidth (1 Gbit/s)")
     latency: Seconds = Field(default=0.0, description="default access one-way latency")
-    links: tuple[LinkOverride, ...] = ()
+    links: tuple[LinkOverride, ...] = Field(default=(), description="explicit pairs ([[network.links]])")
     measure: bool = Field(default=True, description="measure every pair with netprobe for the cluster file")
 
 
@@ -154,15 +154,19 @@ class ModelSpec(FrozenModel):
 
     gguf: str | None = Field(default=None, description="path of a GGUF (relative to the scenario file)")
     like: str | None = Field(default=None, description="catalog id whose shape to generate")
-    arch: Annotated[Literal["llama", "qwen2", "gemma3"] | None, BeforeValidator(lower_name)] = None
-    layers: int | None = Field(default=None, gt=0)
-    embd: int | None = Field(default=None, gt=0)
-    ff: int | None = Field(default=None, gt=0)
-    heads: int | None = Field(default=None, gt=0)
-    kv_heads: int | None = Field(default=None, gt=0)
-    head_dim: int | None = Field(default=None, gt=0)
-    quant: Annotated[Literal["Q4_0", "Q4_K", "Q8_0", "F16"], BeforeValidator(_upper)] = "Q4_0"
-    seed: int = Field(default=0, ge=0)
+    arch: Annotated[Literal["llama", "qwen2", "gemma3"] | None, BeforeValidator(lower_name)] = Field(
+        default=None, description="architecture of an explicit shape (default llama)"
+    )
+    layers: int | None = Field(default=None, gt=0, description="explicit shape: transformer blocks")
+    embd: int | None = Field(default=None, gt=0, description="explicit shape: hidden width")
+    ff: int | None = Field(default=None, gt=0, description="explicit shape: feed-forward width")
+    heads: int | None = Field(default=None, gt=0, description="explicit shape: attention heads")
+    kv_heads: int | None = Field(default=None, gt=0, description="explicit shape: key/value heads")
+    head_dim: int | None = Field(default=None, gt=0, description="explicit shape: per-head width (default embd/heads)")
+    quant: Annotated[Literal["Q4_0", "Q4_K", "Q8_0", "F16"], BeforeValidator(_upper)] = Field(
+        default="Q4_0", description="quantization of a generated model"
+    )
+    seed: int = Field(default=0, ge=0, description="seed of a generated model's random weights")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -207,10 +211,13 @@ class ModelSpec(FrozenModel):
 class WorkloadSpec(FrozenModel):
     """The request: prompt, tokens to generate, context, repetitions."""
 
-    prompt: str = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    prompt: str = Field(
+        default="Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        description="the prompt of every run",
+    )
     decode_tokens: int = Field(default=24, ge=2, description="timed decode steps after the first token")
-    n_ctx: int = Field(default=512, ge=16)
-    repetitions: int = Field(default=3, ge=1)
+    n_ctx: int = Field(default=512, ge=16, description="context length of the plans")
+    repetitions: int = Field(default=3, ge=1, description="fresh, cold-cache runs per plan")
     batch: int = Field(default=512, ge=1, description="prefill batch (tokens per message)")
 
 
@@ -218,7 +225,7 @@ class ManualPlan(FrozenModel):
     """Explicit windows in ring order (prima.cpp's ``-lw``)."""
 
     label: str = Field(default="", description="scheduler name in the report (default 'manual-<windows>')")
-    windows: tuple[int, ...]
+    windows: tuple[int, ...] = Field(description="one window per device, ring order")
 
     @property
     def name(self) -> str:
@@ -229,29 +236,33 @@ class ManualPlan(FrozenModel):
 class RunSpec(FrozenModel):
     """What to plan and run."""
 
-    schedulers: Annotated[tuple[str, ...], BeforeValidator(_lower_all)] = ("halda",)
+    schedulers: Annotated[tuple[str, ...], BeforeValidator(_lower_all)] = Field(
+        default=("halda",), description="schedulers to plan, simulate and run: halda, memsched, perfsched, even, freemem"
+    )
     k: int | None = Field(default=None, gt=0, description="force Halda's number of rounds")
     allow_drop: bool = Field(default=True, description="Halda may drop devices")
-    manual: tuple[ManualPlan, ...] = ()
+    manual: tuple[ManualPlan, ...] = Field(default=(), description="manual plans to run too ([[run.manual]])")
     single: tuple[str, ...] = Field(default=(), description="devices that also run the whole model alone")
-    prefetch: bool = True
+    prefetch: bool = Field(default=True, description="devices advise the kernel to read their next window")
     cold: bool = Field(default=True, description="drop the page cache before every run")
-    omp_wait_policy: Annotated[Literal["passive", "active", "default"], BeforeValidator(lower_name)] = "passive"
+    omp_wait_policy: Annotated[Literal["passive", "active", "default"], BeforeValidator(lower_name)] = Field(
+        default="passive", description="OMP_WAIT_POLICY of every llama.cpp process"
+    )
 
 
 class Scenario(FrozenModel):
     """One emulation scenario."""
 
-    schema_version: Literal[1] = 1
-    name: str
-    description: str = ""
+    schema_version: Literal[1] = Field(default=1, description="scenario format version")
+    name: str = Field(description="scenario name (letters, digits, '_', '.', '-')")
+    description: str = Field(default="", description="a line for people")
     head: str = Field(default="", description="head device (default: the first)")
-    devices: tuple[DeviceSpec, ...] = Field(min_length=1)
-    model: ModelSpec
-    workload: WorkloadSpec = WorkloadSpec()
-    network: NetworkSpec = NetworkSpec()
-    disk: DiskSpec = DiskSpec()
-    run: RunSpec = RunSpec()
+    devices: tuple[DeviceSpec, ...] = Field(min_length=1, description="the emulated devices ([[devices]]), ring order")
+    model: ModelSpec = Field(description="the model ([model])")
+    workload: WorkloadSpec = Field(default=WorkloadSpec(), description="the request ([workload])")
+    network: NetworkSpec = Field(default=NetworkSpec(), description="access links ([network])")
+    disk: DiskSpec = Field(default=DiskSpec(), description="the emulated disk ([disk])")
+    run: RunSpec = Field(default=RunSpec(), description="what to plan and run ([run])")
     expect: dict[str, str] = Field(
         default_factory=dict, description="what the scenario is meant to show (notes)"
     )

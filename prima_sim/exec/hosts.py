@@ -34,17 +34,19 @@ LOCAL_PORT_MIN = 20000  # run --local draws its ports from [LOCAL_PORT_MIN, star
 class HostEntry(FrozenModel):
     """Address of one device."""
 
-    host: str = Field(default=DEFAULT_HOST, min_length=1)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    host: str = Field(default=DEFAULT_HOST, min_length=1, description="address or host name it listens on")
+    port: int | None = Field(default=None, ge=1, le=65535, description="its data port (default: base_port + ring index)")
 
 
 class HostsFile(FrozenModel):
     """The contents of ``hosts.toml``."""
 
-    schema_version: Literal[1] = 1
-    base_port: int = Field(default=DEFAULT_BASE_PORT, ge=1, le=65535)
-    control_port: int | None = Field(default=None, ge=1, le=65535)
-    devices: dict[str, HostEntry] = Field(default_factory=dict)
+    schema_version: Literal[1] = Field(default=1, description="hosts format version")
+    base_port: int = Field(default=DEFAULT_BASE_PORT, ge=1, le=65535,
+                           description="data port of ring[i] is base_port + i unless the device gives its port")
+    control_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="the head's control port (default: the port after the data ports)")
+    devices: dict[str, HostEntry] = Field(default_factory=dict, description="[devices.NAME] per device of the plan")
 
 
 @dataclass(frozen=True)
