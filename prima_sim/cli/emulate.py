@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scheduler:
         from prima_sim.halda.planner import SCHEDULERS
 
+        args.scheduler = [s.lower() for s in args.scheduler]
         bad = [s for s in args.scheduler if s not in SCHEDULERS]
         if bad:
             raise InputError(

@@ -36,6 +36,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "synth_model",
     "emulate",
     "report",
+    "schema",
+    "init",
+    "cache",
 )
 
 

@@ -6,7 +6,9 @@ import argparse
 import math
 from typing import Any
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json
+from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json, source_of, table
+from prima_sim.devices.cluster import Cluster
+from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.explain import GLOSSARY, explain
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="bundled cluster name or TOML/JSON file (default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog id or GGUF path (default: %(default)s)")
-    p.add_argument("--scheduler", default="halda", choices=SCHEDULERS, help="(default: %(default)s)")
+    p.add_argument("--scheduler", default="halda", type=str.lower, choices=SCHEDULERS, help="(default: %(default)s)")
     p.add_argument("--k", type=int, default=None, help="force the number of ring rounds (must divide the layer count)")
     p.add_argument("--ctx", type=int, default=1024, help="context length to reserve KV cache for (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)")
@@ -36,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
     p.add_argument("--no-prefetch", action="store_true",
                    help="plan for a run without prefetch (reads then always stall the device that needs them)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="ignore every GPU of the cluster (for a real run with a llama.cpp build without a GPU "
+                        "backend; 'run --local' on such a build runs a plan's GPU layers on the CPU by itself)")
     p.add_argument("--sim-k", action="store_true",
                    help="plan every valid k with Halda and keep the plan that simulates fastest (prefetch-aware)")
     p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
@@ -96,48 +101,69 @@ def _ms(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x * 1e3:.1f}"
 
 
+def _duration(x: float) -> str:
+    """Milliseconds below 10 s, seconds above (a 70B plan on a slow home predicts tens of seconds per token)."""
+    if math.isinf(x):
+        return "inf"
+    return f"{x * 1e3:.1f} ms" if x < 10 else f"{x:.2f} s"
+
+
 def print_table(plan: Plan) -> None:
-    """Human-readable plan."""
+    """Human-readable plan: one row per device, one header per column."""
     pred = plan.prediction
-    print(f"{plan.scheduler} plan of {plan.model_id} ({plan.n_layers} layers) on {plan.cluster_name}, "
-          f"ctx {plan.n_ctx}: k = {plan.k} round(s), window total {sum(plan.windows)}")  # fmt: skip
+    rounds = "round" if plan.k == 1 else "rounds"
+    print(f"{plan.scheduler} plan of {plan.model_id} ({plan.n_layers} layers) on {plan.cluster_name}"
+          f"{' (CPUs only)' if plan.cpu_only else ''}, context {plan.n_ctx}: {len(plan.devices)} devices, "
+          f"k = {plan.k} {rounds} of the ring per token")  # fmt: skip
     per = {t.name: t for t in (pred.per_device if pred else ())}
-    hdr = f"{'device':<12}{'role':<6}{'window':>7}{'gpu':>5}{'layers':>7}  {'compute':>8}{'memory':>8}{'disk':>8}{'net':>8}{'ovh':>7}{'total':>9}  ranges"
-    print(hdr)
-    print("-" * len(hdr))
+    rows = []
     for d in plan.devices:
         t = per.get(d.name)
         ranges = " ".join(f"[{a},{b})" for a, b in d.layers)
         if len(ranges) > 48:
             ranges = ranges[:45] + "..."
-        cols = (f"{_ms(t.compute_s):>8}{_ms(t.memory_s):>8}{_ms(t.disk_s):>8}{_ms(t.comm_s):>8}{_ms(t.overhead_s):>7}"
-                f"{_ms(t.total_s):>9}") if t else ""  # fmt: skip
-        role = "head" if d.name == plan.head else ""
-        print(f"{d.name:<12}{role:<6}{d.window:>7}{d.gpu_layers:>5}{d.n_layers:>7}  {cols}  {ranges}")
-    print("(times in ms per token)")
+        times = [_ms(x) for x in (t.compute_s, t.memory_s, t.disk_s, t.comm_s, t.overhead_s, t.total_s)] if t else [""] * 6
+        rows.append([d.name, "head" if d.name == plan.head else "", str(d.window), str(d.gpu_layers),
+                     str(d.n_layers), *times, ranges])  # fmt: skip
+    headers = ["device", " role", "window", "GPU/window", "layers", "compute", "memory", "disk", "network",
+               "overhead", "total", " layer ranges"]  # fmt: skip
+    for line in table(headers, rows):
+        print(line)
+    print("window = layers per round; GPU/window = its last layers that run on the GPU; layers = per token; "
+          "times = predicted ms per token")  # fmt: skip
     for dr in plan.dropped:
         print(f"dropped {dr.name}: {dr.reason}")
     if pred:
-        wait = (f"; the ring waits {_ms(pred.disk_wait_s)} ms more for the {pred.bound}, whose reads take longer than "
-                "the rest of the ring" if pred.disk_wait_s > 0 else "")  # fmt: skip
-        print(f"predicted TPOT {_ms(pred.tpot_s)} ms (head output head {_ms(pred.head_s)} ms{wait}), "
-              f"TTFT {_ms(pred.ttft_s)} ms for {pred.prompt_tokens} prompt tokens")  # fmt: skip
+        wait = (f"; the ring waits {_duration(pred.disk_wait_s)} more for the {pred.bound}, whose reads take longer "
+                "than the rest of the ring" if pred.disk_wait_s > 0 else "")  # fmt: skip
+        print(f"predicted time per token (TPOT) {_duration(pred.tpot_s)} (of which the head's embedding, output layer and "
+              f"sampling {_duration(pred.head_s)}{wait}); time to first token (TTFT) {_duration(pred.ttft_s)} for a "
+              f"{pred.prompt_tokens}-token prompt")  # fmt: skip
     d = plan.solver.details or {}
     how = (f" ({d['dynamic_programs']} dynamic programs)" if "dynamic_programs" in d else
            f" ({d['ilp_solves']} integer programs)" if "ilp_solves" in d else "")  # fmt: skip
     print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms{how}")
 
 
-def _plan_by_simulation(cluster: object, model: object, wl: Workload, quiet: bool) -> Plan:
-    import sys
-
+def _plan_by_simulation(cluster: Cluster, model: ModelProfile, wl: Workload, quiet: bool) -> Plan:
+    from prima_sim.progress import Progress
     from prima_sim.sim.refine import plan_by_simulated_k
 
+    bar: Progress | None = None
+
     def progress(i: int, n: int) -> None:
-        if not quiet:
-            print(f"\rsimulating k candidates: {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = Progress(n, "simulating k candidates", "plan")
+        bar.update(i - bar.n)
+        if i >= n:
+            bar.close()
 
     plan, candidates = plan_by_simulated_k(cluster, model, wl, progress=progress)
+    if bar is not None:
+        bar.close()
     if not quiet:
         print(f"{'k':>4}{'windows':>24}{'analytic ms':>13}{'simulated ms':>14}")
         for c in candidates:
@@ -148,35 +174,47 @@ def _plan_by_simulation(cluster: object, model: object, wl: Workload, quiet: boo
     return plan
 
 
+def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse.Namespace) -> int:
+    rows: list[tuple[str, Plan | None, str]] = []
+    for s in SCHEDULERS:
+        try:
+            rows.append((s, make_plan(cluster, model, wl, s, args.k if s in ("halda", "prima") else None,
+                                      prefetch=not args.no_prefetch), ""))
+        except InfeasiblePlanError as exc:
+            rows.append((s, None, str(exc)))
+    if args.json:
+        print_json({s: (plan_summary(p) if p else {"error": e}) for s, p, e in rows})
+        return 0
+    print(f"{model.id} on {cluster.name} ({len(cluster.devices)} devices), context {wl.n_ctx}")
+    cells = []
+    for s, p, _e in rows:
+        if p is None:
+            continue
+        pr = p.prediction
+        cells.append([s, str(p.k), ",".join(d.name for d in p.devices), ",".join(str(w) for w in p.windows),
+                      ",".join(str(d.gpu_layers) for d in p.devices), _ms(pr.tpot_s) if pr else "-",
+                      _ms(pr.ttft_s) if pr else "-", f"{p.solver.solve_time_s * 1e3:.1f}"])  # fmt: skip
+    headers = ["scheduler", "k", " ring (head first)", " windows", " GPU/window", "TPOT ms", "TTFT ms", "solve ms"]
+    if cells:
+        for line in table(headers, cells):
+            print(line)
+    for s, p, e in rows:
+        if p is None:
+            print(f"{s}: infeasible: {e}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``prima-sim plan``."""
     cluster = load_cluster_arg(args.cluster)
+    if args.cpu_only:
+        cluster = cluster.without_gpus()
+        if args.gpu_layers:
+            raise InputError("--gpu-layers", "", "a --cpu-only plan has no GPU layers: drop one of the two")
     model = load_model_arg(args.model)
     wl = workload_from_args(args)
     if args.compare:
-        rows = []
-        for s in SCHEDULERS:
-            try:
-                p = make_plan(cluster, model, wl, s, args.k if s in ("halda", "prima") else None,
-                              prefetch=not args.no_prefetch)
-                rows.append((s, p, None))
-            except InfeasiblePlanError as exc:
-                rows.append((s, None, str(exc)))
-        if args.json:
-            print_json({s: (plan_summary(p) if p else {"error": e}) for s, p, e in rows})
-            return 0
-        print(f"{model.id} on {cluster.name} ({len(cluster.devices)} devices), ctx {wl.n_ctx}")
-        print(f"{'scheduler':<11}{'k':>3}  {'windows (ring order)':<28}{'gpu':<16}{'TPOT ms':>9}{'TTFT ms':>10}{'solve ms':>10}")
-        for s, p, e in rows:
-            if p is None:
-                print(f"{s:<11}  infeasible: {e}")
-                continue
-            win = ",".join(str(w) for w in p.windows)
-            gpu = ",".join(str(d.gpu_layers) for d in p.devices)
-            pr = p.prediction
-            print(f"{s:<11}{p.k:>3}  {win:<28}{gpu:<16}{_ms(pr.tpot_s):>9}{_ms(pr.ttft_s):>10}"
-                  f"{p.solver.solve_time_s * 1e3:>10.1f}")  # fmt: skip
-        return 0
+        return _compare(cluster, model, wl, args)
     if args.windows:
         windows = _int_list(args.windows, "--windows")
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
@@ -191,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop,
                              prefetch=not args.no_prefetch)
+    plan = plan.model_copy(update={"cluster_source": source_of(args.cluster), "model_source": source_of(args.model),
+                                   "cpu_only": args.cpu_only})  # fmt: skip
     if args.out:
         plan.save(args.out)
     if args.json:

@@ -38,7 +38,9 @@ def register(sub: Any) -> None:
     mode.add_argument("--real", action="store_true", help="workers already run on the machines in --hosts")
     mode.add_argument("--local", action="store_true", help="spawn every worker on this host (loopback)")
     p.add_argument("--plan", required=True, help="plan JSON")
-    p.add_argument("--model", default=None, help="the model's GGUF (shards are cut from it and cached)")
+    p.add_argument("--model", default=None,
+                   help="the model's GGUF, or smollm2-135m (default: the GGUF the plan was made from); shards are cut "
+                        "from it and cached ('prima-sim cache' lists them)")
     p.add_argument("--shards", default=None, help="shard directory (one sub-directory per device)")
     p.add_argument("--hosts", default=None, help="hosts.toml (default: loopback; --local picks free ports)")
     p.add_argument("--prompt", required=True, help="prompt text")
@@ -53,15 +55,43 @@ def register(sub: Any) -> None:
     g.add_argument("--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)")
     g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
     p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+    p.add_argument("--omp-wait-policy", default="passive", type=str.lower, choices=["passive", "active", "default"],
                    help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)")
     p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
     p.add_argument("--out", default=None, help="directory for tokens.csv, trace.json, summary.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
+
+
+def _model_for(plan: Plan, args: argparse.Namespace) -> Path | None:
+    """The GGUF to cut shards from: ``--model``, else the plan's own (None with ``--shards`` and no model).
+
+    Raises:
+        InputError: no GGUF is known and no shards are given.
+    """
+    from prima_sim.cli.common import SMALL_MODELS, gguf_arg
+
+    if args.model:
+        p = gguf_arg(args.model)
+        if not p.is_file():
+            raise InputError(args.model, "", "model file not found (give the GGUF the plan was made for)")
+        return p
+    src = plan.model_source
+    if src and (src.lower() in SMALL_MODELS or src.lower().endswith(".gguf")):
+        p = gguf_arg(src)
+        if p.is_file():
+            return p
+        if args.shards is None:
+            raise InputError(args.plan, "model_source", f"the plan was made from {src}, which is not there now: "
+                             "give the GGUF with --model")  # fmt: skip
+    if args.shards is None:
+        what = f"catalog model {plan.model_id!r} (a profile, no weights)" if src else plan.model_id
+        raise InputError("--model", "", f"the plan was made for {what}: give the model's GGUF with --model (or "
+                         "--shards with shards already cut)")  # fmt: skip
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,22 +105,34 @@ def run(args: argparse.Namespace) -> int:
     for name, v in (("--n-predict", args.n_predict), ("--batch", args.batch)):
         if v < 1:
             raise InputError(name, "", f"must be at least 1, got {v}")
-    if args.timeout <= 0:
-        raise InputError("--timeout", "", f"must be positive, got {args.timeout}")
-    if args.model is None and args.shards is None:
-        raise InputError("--model", "", "give the model's GGUF (or --shards with shards already cut)")
+    for name, x in (("--timeout", args.timeout), ("--startup-timeout", args.startup_timeout)):
+        if not x > 0:
+            raise InputError(name, "", f"must be a positive number of seconds, got {x}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise InputError("--temperature/--top-k/--top-p", "", "need temperature >= 0, top-k >= 0 and 0 < top-p <= 1")
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.head import SamplingParams
     from prima_sim.exec.hosts import load_hosts
+    from prima_sim.exec.llamacpp import supports_gpu_offload
     from prima_sim.exec.runner import RunOptions, run_ring
 
     plan = Plan.load(args.plan)
+    if args.n_predict >= plan.n_ctx:
+        raise InputError("-n/--n-predict", "", f"{args.n_predict} new tokens do not fit the plan's context of "
+                         f"{plan.n_ctx} tokens (the prompt needs room too): lower -n or re-plan with a larger --ctx")  # fmt: skip
+    model = _model_for(plan, args)
+    if args.local and any(d.gpu_layers for d in plan.devices) and not supports_gpu_offload():
+        gpu = ", ".join(f"{d.name} {d.gpu_layers}" for d in plan.devices if d.gpu_layers)
+        logging.getLogger("prima_sim.notes").info(
+            "this llama.cpp build has no GPU backend: the plan's GPU layers per window (%s) run on the CPU; "
+            "'prima-sim plan --cpu-only' makes a plan (and a prediction) for CPUs only", gpu)  # fmt: skip
+        plan = plan.on_cpus()
     threads = {d.name: threads_for(d.name, args.threads, args.cluster) for d in plan.devices}
     opts = RunOptions(
         n_predict=args.n_predict, chat=args.chat, ignore_eos=args.ignore_eos, threads=threads,
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
         prefetch=not args.no_prefetch, n_batch=args.batch, timeout_s=args.timeout,
-        startup_timeout_s=args.startup_timeout, omp_wait_policy=policy,
+        startup_timeout_s=args.startup_timeout, omp_wait_policy=policy, progress=True,
     )  # fmt: skip
     hosts = load_hosts(args.hosts) if args.hosts else None
 
@@ -99,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     report = run_ring(
-        plan, Path(args.model) if args.model else None, args.prompt, opts, local=args.local, hosts=hosts,
+        plan, model, args.prompt, opts, local=args.local, hosts=hosts,
         hosts_source=args.hosts or "hosts.toml", shard_dir=Path(args.shards) if args.shards else None,
         out_dir=Path(args.out) if args.out else None, on_text=None if args.json else stream,
     )  # fmt: skip

@@ -12,7 +12,6 @@ layer ranges, SHA-256 per file). Copy a device's directory to it and start ``pri
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +39,19 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``prima-sim shard``."""
-    from tqdm import tqdm
-
     from prima_sim.exec.shard import write_shards
+    from prima_sim.progress import Progress
 
     plan = Plan.load(args.plan)
-    bar = None
+    bar: Progress | None = None
 
     def progress(n: int, total: int, label: str) -> None:
         nonlocal bar
         if args.quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="shard", file=sys.stderr)
-        bar.set_postfix_str(label[:30], refresh=False)
+            bar = Progress(total, "shard", "B")
+        bar.set_description(label)
         bar.update(n)
 
     try:

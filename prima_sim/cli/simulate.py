@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json
+from prima_sim.cli.common import load_cluster_arg, load_model_arg, plan_cluster, plan_model, print_json
 from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InputError
 from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
-from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, model_fingerprint
+from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
 from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
 from prima_sim.units import MiB
@@ -30,10 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json prints the summary.",
     )
     src = p.add_argument_group("what to simulate")
-    src.add_argument("--plan", help="plan JSON from 'prima-sim plan --out' (cluster and model default to the plan's)")
+    src.add_argument("--plan", help="plan JSON from 'prima-sim plan --out' (cluster and model: the files the plan was "
+                     "made from)")
     src.add_argument("--cluster", help=f"bundled cluster name or TOML/JSON file (default: the plan's, else {DEFAULT_CLUSTER})")
     src.add_argument("--model", help=f"catalog id or GGUF path (default: the plan's, else {DEFAULT_MODEL})")
-    src.add_argument("--scheduler", default="halda", choices=SCHEDULERS, help="plan with this scheduler (default: %(default)s)")
+    src.add_argument("--scheduler", default="halda", type=str.lower, choices=SCHEDULERS,
+                     help="plan with this scheduler (default: %(default)s)")
     src.add_argument("--k", type=int, default=None, help="force Halda's number of rounds")
     src.add_argument("--no-drop", action="store_true", help="Halda without device selection")
     src.add_argument("--windows", help="manual windows in ring order, e.g. 10,10,10,10 (no solving)")
@@ -98,15 +100,8 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
         if args.windows:
             raise InputError("--windows", "", "give either --plan or --windows, not both")
         plan = Plan.load(args.plan)
-        cluster = load_cluster_arg(args.cluster or plan.cluster_name)
-        model = load_model_arg(args.model or plan.model_id)
-        if plan.cluster_fingerprint and plan.cluster_fingerprint != cluster.fingerprint():
-            raise InputError(args.plan, "cluster_fingerprint", f"the plan was made for another version of cluster "
-                             f"{plan.cluster_name!r} (fingerprint {plan.cluster_fingerprint}, the cluster given has "
-                             f"{cluster.fingerprint()}): re-plan with 'prima-sim plan'")  # fmt: skip
-        if plan.model_fingerprint and plan.model_fingerprint != model_fingerprint(model):
-            raise InputError(args.plan, "model_fingerprint", f"the plan was made for another model than {model.id} "
-                             "(tensor tables differ): re-plan with 'prima-sim plan'")  # fmt: skip
+        cluster = plan_cluster(plan, args.plan, args.cluster)
+        model = plan_model(plan, args.plan, args.model)
         if args.ctx is not None and args.ctx != plan.n_ctx:
             raise InputError("--ctx", "", f"the plan reserves KV cache for {plan.n_ctx} tokens; omit --ctx or re-plan")
         wl = _workload(args, plan.n_ctx)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``prima-sim sweep``."""
     base = load_cluster_arg(args.cluster)
     model = load_model_arg(args.model)
-    schedulers = [s.strip() for s in args.scheduler.split(",") if s.strip()]
+    schedulers = [s.strip().lower() for s in args.scheduler.split(",") if s.strip()]
     bad = [s for s in schedulers if s not in SCHEDULERS]
     if bad or not schedulers:
         raise InputError("--scheduler", "", f"unknown scheduler(s) {bad}; choose among {', '.join(SCHEDULERS)}")
@@ -93,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--jobs", "", f"must be >= 1, got {args.jobs}")
 
     def bar(it: Iterable[dict[str, Any]], total: int) -> Iterable[dict[str, Any]]:
-        from tqdm import tqdm
+        from prima_sim.progress import Progress
 
-        return tqdm(it, total=total, desc="variants", unit="run", disable=args.quiet, file=sys.stderr)
+        return Progress(total, "sweep", "run", disable=args.quiet).wrap(it)
 
     t0 = time.perf_counter()
     rows = run_sweep(base, model, wl, variants, cfg, args.jobs, args.k, not args.no_drop, bar)

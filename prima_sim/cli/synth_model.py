@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
         metavar="CATALOG_ID",
         help="copy the architecture of a catalog model (prima-sim model-info --list)",
     )
-    shape.add_argument("--arch", choices=SYNTH_ARCHS, default=None, help="architecture (default llama)")
+    shape.add_argument("--arch", type=str.lower, choices=SYNTH_ARCHS, default=None, help="architecture (default llama)")
     shape.add_argument("--layers", type=int, help="number of transformer blocks")
     shape.add_argument("--embd", type=int, help="hidden width n_embd")
     shape.add_argument("--ff", type=int, help="feed-forward width n_ff")

@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=512, help="largest prefill batch (must match the head's --batch)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up")
     p.add_argument("--persist", action="store_true", help="keep serving after the head stops")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
 

@@ -35,7 +35,7 @@ class LinkSpec(FrozenModel):
 
     bandwidth_bps: PositiveBandwidth = Field(description="throughput of one transfer, bytes/s ('450 Mbps' works)")
     latency_s: Seconds = Field(description="one-way latency ('5 ms' works)")
-    medium: str | None = Field(default=None, description="shared medium (e.g. 'wifi') whose airtime it uses")
+    medium: str | None = Field(default=None, description="shared medium (e.g. 'wifi', declared in media) whose airtime it uses")
 
 
 class Link(LinkSpec):
@@ -68,9 +68,9 @@ def check_device_names(names: list[str], head: str) -> None:
 class Cluster(FrozenModel):
     """Devices in ring order, the head device, and the network."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = Field(default=1, description="cluster format version")
     name: str = Field(description="the cluster's name (default: the file name without .toml)")
-    description: str = ""
+    description: str = Field(default="", description="a line for people")
     devices: tuple[DeviceProfile, ...] = Field(
         min_length=1,
         description="ring order; in a file each entry is a device name (a file beside the cluster file or a "
@@ -138,6 +138,10 @@ class Cluster(FrozenModel):
         """Short hash of everything that affects a plan (devices, head, links): plans record it."""
         blob = json.dumps(self.model_dump(mode="json", exclude={"name", "description"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def without_gpus(self) -> Cluster:
+        """The same cluster with every GPU removed (what a CPU-only plan is made on)."""
+        return self.model_copy(update={"devices": tuple(d.model_copy(update={"gpu": None}) for d in self.devices)})
 
     def subset(self, names: list[str] | tuple[str, ...]) -> Cluster:
         """The same cluster with only the named devices, in the given (ring) order; the head must stay."""

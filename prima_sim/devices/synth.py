@@ -32,7 +32,6 @@ import math
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -479,7 +478,7 @@ def _write_data(
     on_progress: Callable[[int], None] | None,
 ) -> None:
     """Generate and write every tensor's bytes, a background thread writing while the next chunk is made."""
-    from tqdm import tqdm
+    from prima_sim.progress import Progress
 
     q: queue.Queue[np.ndarray | bytes | None] = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -495,8 +494,7 @@ def _write_data(
 
     th = threading.Thread(target=writer, name="synth-writer", daemon=True)
     th.start()
-    bar = tqdm(total=sum(t.n_bytes for t in table), unit="B", unit_scale=True, desc="synth-model",
-               file=sys.stderr, disable=not progress, mininterval=0.5)  # fmt: skip
+    bar = Progress(sum(t.n_bytes for t in table), "synth-model", "B", disable=not progress)
     try:
         pos = fh.tell()
         pad = -pos % alignment

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,10 @@ from prima_sim.errors import EmulationError, InputError
 
 
 def cache_dir() -> Path:
-    """Where generated models and reused profiles are kept (``PRIMA_SIM_CACHE``, else ~/.cache/prima-sim)."""
-    env = os.environ.get("PRIMA_SIM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "prima-sim"
+    """Where generated models and reused profiles are kept (:func:`prima_sim.cache.cache_root`)."""
+    from prima_sim.cache import cache_root
+
+    return cache_root()
 
 
 def ensure_model(spec: ModelSpec, models_dir: Path | None = None, log: object = None) -> Path:

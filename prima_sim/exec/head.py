@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from prima_sim.errors import WorkerError
+from prima_sim.errors import InputError, WorkerError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import Endpoints
 from prima_sim.exec.llamacpp import Model, Sampler, Window
@@ -341,12 +341,15 @@ class Head:
 
         Raises:
             WorkerError: a worker died or stopped answering.
-            ValueError: the prompt is empty or does not fit the context.
+            InputError: the prompt is empty, or the prompt and ``n_predict`` do not fit the plan's context.
         """
         if not prompt_tokens:
-            raise ValueError("the prompt has no tokens")
+            raise InputError("--prompt", "", "the prompt has no tokens")
         if len(prompt_tokens) + n_predict > self.plan.n_ctx:
-            raise ValueError(f"{len(prompt_tokens)} prompt + {n_predict} new tokens exceed n_ctx {self.plan.n_ctx}")
+            room = self.plan.n_ctx - len(prompt_tokens)
+            raise InputError("-n/--n-predict", "", f"{len(prompt_tokens)} prompt + {n_predict} new tokens exceed the "
+                             f"plan's context of {self.plan.n_ctx} tokens: ask for at most {max(room, 0)} new tokens, "
+                             f"or re-plan with a larger --ctx")  # fmt: skip
         if not self.started:
             self.barrier()
         gen = Generation(list(prompt_tokens), t0=now())

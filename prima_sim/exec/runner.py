@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from prima_sim.cache import cache_root
 from prima_sim.errors import InputError, PrimaSimError
 from prima_sim.exec.head import Generation, Head, SamplingParams
 from prima_sim.exec.hosts import HostsFile, local_hosts, resolve
@@ -29,9 +30,11 @@ from prima_sim.exec.shard import MANIFEST_NAME, load_manifest, write_shards
 from prima_sim.exec.worker import DEFAULT_BATCH
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
 from prima_sim.plan import Plan
+from prima_sim.progress import Progress
 from prima_sim.schema import atomic_write_text
 
 log = logging.getLogger(__name__)
+notes = logging.getLogger("prima_sim.notes")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RunOptions:
     keep_logits: bool = False
     omp_wait_policy: str | None = "passive"
     extra_prompts: tuple[str | list[int], ...] = ()
+    progress: bool = False  # show the progress of cutting shards on stderr
 
 
 @dataclass
@@ -110,19 +114,25 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def check_gpu(plan: Plan, source: str = "plan") -> None:
+def check_gpu(plan: Plan, source: str = "plan", devices: list[str] | None = None) -> None:
     """Refuse, before anything starts, a plan with GPU layers on a llama.cpp build without a GPU backend.
+
+    Args:
+        plan: the plan.
+        source: what to name in the error.
+        devices: the devices that run on this host (default: all of them).
 
     Raises:
         InputError: naming the first device with GPU layers.
     """
-    gpu = [d for d in plan.devices if d.gpu_layers > 0]
+    gpu = [d for d in plan.devices if d.gpu_layers > 0 and (devices is None or d.name in devices)]
     if gpu and not supports_gpu_offload():
         d = gpu[0]
         raise InputError(
             source, f"devices.{d.name}.gpu_layers",
             f"is {d.gpu_layers} but this llama.cpp build has no GPU backend (llama_supports_gpu_offload() is "
-            f"false): make a CPU-only plan (gpu_layers = 0) or install llama-cpp-python built with CUDA/Metal/Vulkan",
+            f"false): make a CPU-only plan ('prima-sim plan --cpu-only') or install llama-cpp-python built with "
+            f"CUDA/Metal/Vulkan (docs/tutorial.md)",
         )  # fmt: skip
 
 
@@ -130,11 +140,11 @@ def default_shard_dir(model: Path, plan: Plan) -> Path:
     """Cache directory for the shards of ``model`` under ``plan`` (keyed by file identity and plan)."""
     st = model.stat()
     key = hashlib.sha256(f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{plan.fingerprint()}".encode()).hexdigest()
-    return Path.home() / ".cache" / "prima-sim" / "shards" / key[:20]
+    return cache_root() / "shards" / key[:20]
 
 
-def ensure_shards(model: Path, plan: Plan, shard_dir: Path, devices: list[str]) -> None:
-    """Write the shards of ``devices`` unless a matching manifest is already there."""
+def ensure_shards(model: Path, plan: Plan, shard_dir: Path, devices: list[str], progress: bool = False) -> None:
+    """Write the shards of ``devices`` unless a matching manifest is already there (``progress``: show it)."""
     todo = []
     for d in devices:
         try:
@@ -144,9 +154,26 @@ def ensure_shards(model: Path, plan: Plan, shard_dir: Path, devices: list[str]) 
         except InputError:
             pass
         todo.append(d)
-    if todo:
-        log.info("writing shards of %s to %s", ", ".join(todo), shard_dir)
-        write_shards(model, plan, shard_dir, todo)
+    if not todo:
+        notes.info("using the shards in %s", shard_dir)
+        return
+    in_cache = shard_dir.is_relative_to(cache_root())
+    notes.info("cutting the shards of %s from %s into %s%s", ", ".join(todo), model, shard_dir,
+               " ('prima-sim cache' lists and removes cached shards)" if in_cache else "")  # fmt: skip
+    bar: Progress | None = None
+
+    def tick(n: int, total: int, label: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, "shard", "B", disable=not progress)
+        bar.set_description(label)
+        bar.update(n)
+
+    try:
+        write_shards(model, plan, shard_dir, todo, tick)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _finish(report: RunReport, head: Head | None, gens: list[Generation]) -> None:
@@ -186,14 +213,14 @@ def run_ring(
         PrimaSimError: bad inputs (InputError) or a failed worker (WorkerError); ``exc.report`` holds the
             measurements taken until then.
     """
-    check_gpu(plan)
+    check_gpu(plan, devices=None if local else [plan.head])  # a remote worker checks its own build
     names = [d.name for d in plan.devices]
     if shard_dir is None:
         if model is None:
             raise InputError("--model", "", "a model (or --shards) is required")
         shard_dir = default_shard_dir(model, plan)
     if model is not None:
-        ensure_shards(model, plan, shard_dir, names if local else [plan.head])
+        ensure_shards(model, plan, shard_dir, names if local else [plan.head], opts.progress)
     hosts = hosts or (local_hosts(plan) if local else HostsFile())
     endpoints = resolve(hosts, plan, hosts_source)
     threads = {d: opts.threads.get(d) or default_threads() for d in names}

@@ -445,6 +445,15 @@ def load_manifest(shard_dir: str | Path, device: str | None = None, verify: bool
     if device and not (d / MANIFEST_NAME).exists() and (d / device / MANIFEST_NAME).exists():
         d = d / device
     path = d / MANIFEST_NAME
+    if not path.is_file():
+        if not Path(shard_dir).is_dir():
+            raise InputError(str(shard_dir), "", "shard folder not found (cut shards with 'prima-sim shard')")
+        others = sorted(x.parent.name for x in Path(shard_dir).glob(f"*/{MANIFEST_NAME}"))
+        whose = f"of {device} " if device else ""
+        held = f"it holds the shards of {', '.join(others)}" if others else "it holds no manifest.json"
+        raise InputError(str(shard_dir), "", f"has no shards {whose}({held}): cut them with 'prima-sim shard --plan "
+                         f"PLAN --model MODEL --out DIR{' --device ' + device if device else ''}' and copy "
+                         f"DIR/{device or '<device>'} here")  # fmt: skip
     man = validate_model(DeviceManifest, read_structured(path), str(path))
     if device and man.device != device:
         raise InputError(str(path), "device", f"shards are for device {man.device!r}, not {device!r}")

@@ -22,7 +22,7 @@ import zmq
 from prima_sim.errors import InputError, WorkerError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import Endpoints
-from prima_sim.exec.llamacpp import Model, Window
+from prima_sim.exec.llamacpp import Model, Window, supports_gpu_offload
 from prima_sim.exec.ring import (
     HEARTBEAT_INTERVAL_S,
     LINGER_MS,
@@ -73,6 +73,11 @@ def load_windows(
     stack = ExitStack()
     out: dict[int, LoadedWindow] = {}
     shards = [s for s in man.shards if s.window >= 0]
+    gpu = sum(s.gpu_layers for s in shards)
+    if gpu and not supports_gpu_offload():
+        raise InputError(str(shard_dir), "gpu_layers", f"{man.device}'s windows put {gpu} layer(s) on the GPU but "
+                         "this host's llama.cpp build has no GPU backend: install llama-cpp-python built with "
+                         "CUDA/Metal/Vulkan here, or make a CPU-only plan ('prima-sim plan --cpu-only')")  # fmt: skip
     try:
         for i, s in enumerate(shards):
             if callable(on_progress):

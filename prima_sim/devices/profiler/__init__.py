@@ -144,16 +144,9 @@ class _Progress:
         self._cur: str | None = None
         self._t0 = time.perf_counter()
         if enabled:
-            from tqdm import tqdm
+            from prima_sim.progress import Progress
 
-            self.bar = tqdm(
-                total=len(steps),
-                file=sys.stderr,
-                desc="profile",
-                unit="step",
-                leave=False,
-                dynamic_ncols=True,
-            )
+            self.bar = Progress(len(steps), "profile", "step")
 
     def step(self, label: str) -> None:
         now = time.perf_counter()
