@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from gguf import GGMLQuantizationType
 
 from prima_sim.errors import MissingDependencyError, PrimaSimError
@@ -420,7 +421,7 @@ class Graph:
         for off in range(0, total, block.nbytes):
             self.lib.base.ggml_backend_tensor_set(t, block.ctypes.data, off, block.nbytes)
 
-    def get(self, t: int, dtype: object = np.float32) -> np.ndarray:
+    def get(self, t: int, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """A copy of tensor ``t``'s data as a flat array of ``dtype``."""
         out = np.empty(self.nbytes(t), dtype=np.uint8)
         self.lib.base.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field, WithJsonSchema
@@ -136,7 +137,7 @@ def fmt_flop_rate(f: float) -> str:
     return f"{f:.0f} FLOPS"
 
 
-def _wrap(parser):  # type: ignore[no-untyped-def]
+def _wrap(parser: Callable[[object], float]) -> Callable[[object], object]:
     def validate(value: object) -> object:
         try:
             return parser(value)

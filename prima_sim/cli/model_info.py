@@ -124,7 +124,7 @@ def render(m: ModelProfile, *, tensors: bool = False) -> str:
 def _list(as_json: bool) -> int:
     from prima_sim.devices.catalog import catalog_entry, catalog_ids, catalog_model
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in catalog_ids():
         ent = catalog_entry(e)
         sizes = {q: catalog_model(f"{e}-{q}").total_bytes for q in LIST_QUANTS}

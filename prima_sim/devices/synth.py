@@ -486,7 +486,7 @@ def _write_data(
     def writer() -> None:
         try:
             while (item := q.get()) is not None:
-                fh.write(item if isinstance(item, bytes) else memoryview(item))
+                fh.write(item if isinstance(item, bytes) else item.data)
         except BaseException as exc:  # surfaced in the main thread
             failure.append(exc)
             while q.get() is not None:  # drain so the producer never blocks

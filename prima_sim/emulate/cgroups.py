@@ -60,7 +60,7 @@ def _unescape(s: str) -> str:
 def read_mounts(root: str | Path = "/") -> list[tuple[str, Path, str, set[str]]]:
     """(fstype, mount point, source, options) of every cgroup mount (``root`` prefixes paths, for tests)."""
     r = Path(root)
-    out = []
+    out: list[tuple[str, Path, str, set[str]]] = []
     try:
         text = (r / "proc/self/mounts").read_text()
     except OSError:

@@ -787,7 +787,7 @@ class _Emulation:
             if calibrate
             else {}
         )
-        env = (
+        env: dict[str, str] = (
             {"OMP_WAIT_POLICY": self.sc.run.omp_wait_policy}
             if self.sc.run.omp_wait_policy != "default"
             else {}
@@ -1064,8 +1064,8 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
     csv_path = None
     pngs: list[Path] = []
     if not opts.run_real:
-        for r in rows:
-            r["status"] = "not run"
+        for row in rows:
+            row["status"] = "not run"
     if rows and opts.run_real:
         csv_path = rep.append_rows(opts.reports_dir / opts.csv_name, rows)
         atomic_write_text(em.out / "rows.json", json.dumps(rows, indent=2, default=str) + "\n")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -150,7 +151,7 @@ class Head:
             self._open_sockets()
 
     def _open_sockets(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         self.pull = ctx.socket(zmq.PULL)
         self.control = ctx.socket(zmq.PULL)
         self._stack.callback(self.pull.close, 0)

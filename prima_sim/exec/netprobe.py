@@ -125,6 +125,11 @@ def _seq(n: int) -> bytes:
     return struct.pack("<Q", n)
 
 
+def _raw(msg: bytes | zmq.Frame) -> bytes:
+    """The bytes of a received message (a frame when it was received without copying)."""
+    return msg if isinstance(msg, bytes) else msg.bytes
+
+
 def _u64(b: bytes) -> int:
     if len(b) != 8:
         raise ValueError("expected 8 bytes")
@@ -367,7 +372,7 @@ def probe(
             progress("hello")
         hello = c.request(b"hello", expect=b"hello")
         try:
-            remote = str(json.loads(bytes(hello)).get("host", ""))
+            remote = str(json.loads(_raw(hello)).get("host", ""))
         except (ValueError, AttributeError):
             raise NetprobeError(f"{address} sent a malformed hello") from None
         if progress:
@@ -387,8 +392,8 @@ def probe(
 
         def up() -> None:
             ack = c.request(b"up", data, expect=b"ack", extra_s=bulk_s)
-            if _u64(bytes(ack)) != size:
-                raise NetprobeError(f"{address} acknowledged {_u64(bytes(ack))} bytes, {size} were sent")
+            if _u64(_raw(ack)) != size:
+                raise NetprobeError(f"{address} acknowledged {_u64(_raw(ack))} bytes, {size} were sent")
 
         def down() -> None:
             got = c.request(b"down", size_req, expect=b"data", extra_s=bulk_s)

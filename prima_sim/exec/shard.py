@@ -27,6 +27,7 @@ Tensor data is streamed with ``os.sendfile`` in fixed chunks: memory use does no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import gguf
 import numpy as np
@@ -47,7 +48,7 @@ from prima_sim.plan import LayerRange, Plan
 from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION: Final = 1
 COPY_CHUNK_BYTES = 64 << 20  # bytes per sendfile call: bounds memory and sets progress granularity
 HASH_CHUNK_BYTES = 8 << 20
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -340,7 +341,7 @@ class ShardWriter:
                         fout.flush()
                         at = fout.tell()
                         _copy_range(src.fileno(), fout.fileno(), int(t.offset), at, nbytes,
-                                    lambda n, label=name: self._tick(n, label))  # fmt: skip
+                                    functools.partial(self._tick, label=name))  # fmt: skip
                         fout.seek(at + nbytes)
                     w.write_padding(fout, nbytes)
                 fout.truncate()  # a trailing hole still counts in the file's size

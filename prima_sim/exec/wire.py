@@ -21,7 +21,7 @@ the reason, count the message as rejected, and go on (a malformed or foreign mes
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -29,9 +29,9 @@ from pydantic import Field, ValidationError
 from prima_sim.schema import FrozenModel
 
 MAGIC = b"PRSM"
-WIRE_VERSION = 1
+WIRE_VERSION: Final = 1
 MAX_HEADER_BYTES = 4096
-DTYPE = "f32"
+DTYPE: Final = "f32"
 
 MsgType = Literal["hello", "data", "stop"]
 

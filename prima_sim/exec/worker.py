@@ -16,6 +16,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import zmq
 
@@ -127,13 +128,13 @@ class Worker:
         self.state: WorkerState = WorkerIdle()
         self.rejected = 0
         self.stopping = threading.Event()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self.n_embd = 0
 
     # --- control channel -------------------------------------------------------------------------------------
-    def _status(self, kind: str = "status") -> wire.Status:
+    def _status(self, kind: Literal["status", "bye"] = "status") -> wire.Status:
         return wire.Status(
-            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state.name,  # type: ignore[arg-type]
+            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state.name,
             detail=describe(self.state), rejected=self.rejected, n_batch=self.n_batch, spans=tuple(self.spans.drain()),
         )  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from prima_sim.metrics import Span, SpanKind
 
@@ -29,7 +30,7 @@ _FOREGROUND = (SpanKind.RECV_WAIT, SpanKind.COMPUTE, SpanKind.HEAD, SpanKind.DIS
 _DPI = 110
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -52,7 +53,7 @@ def _lanes(spans: Sequence[Span], devices: Sequence[str], links: bool) -> list[s
     return lanes
 
 
-def _draw(ax, spans: Sequence[Span], lanes: list[str], t_range: tuple[float, float] | None, scale: float) -> None:  # type: ignore[no-untyped-def]
+def _draw(ax: Any, spans: Sequence[Span], lanes: list[str], t_range: tuple[float, float] | None, scale: float) -> None:
     row = {d: i for i, d in enumerate(lanes)}
     n = len(lanes)
     bars: dict[tuple[SpanKind, bool], dict[int, list[tuple[float, float]]]] = {}
@@ -92,7 +93,7 @@ def _scale(t_range: tuple[float, float] | None, spans: Sequence[Span]) -> tuple[
     return (1e3, "ms") if width < 2.0 else (1.0, "s")
 
 
-def _legend(fig, kinds: set[SpanKind]) -> None:  # type: ignore[no-untyped-def]
+def _legend(fig: Any, kinds: set[SpanKind]) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=COLORS[k], label=k.value + (" (background)" if k is SpanKind.PREFETCH else ""))
@@ -101,7 +102,7 @@ def _legend(fig, kinds: set[SpanKind]) -> None:  # type: ignore[no-untyped-def]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
 
 
-def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+def _save(fig: Any, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=_DPI, metadata={"Software": None})

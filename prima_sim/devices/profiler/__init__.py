@@ -424,7 +424,7 @@ def _profile_gpu(
     sources["gpu.memory_bandwidth_bps"] = f"{fmt_bandwidth(mv.bandwidth_bps)}: {mv.describe()}"
     sources["gpu.kv_copy_s_per_layer"] = f"{fmt_seconds(kv.seconds)}: {kv.method}"
     return GpuProfile(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         name=dev.description or dev.name,
         flops=flops,
         vram_total_bytes=dev.memory_total_bytes,
