@@ -118,8 +118,10 @@ def test_manifest_problems_are_one_line_input_errors(smol_shards, tmp_path) -> N
     f.unlink()
     with pytest.raises(InputError, match="missing"):
         load_manifest(d, "D1")
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(InputError, match="shard folder not found"):
         load_manifest(tmp_path / "nowhere", "D1")
+    with pytest.raises(InputError, match=r"has no shards of D9 \(it holds the shards of D1\): cut them"):
+        load_manifest(tmp_path, "D9")
 
 
 def test_model_that_does_not_fit_the_plan_is_refused(smollm2, tmp_path) -> None:

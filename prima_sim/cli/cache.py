@@ -14,8 +14,7 @@ import datetime as dt
 from typing import Any
 
 from prima_sim.cache import KINDS, cache_root, entries, remove
-from prima_sim.cli.common import print_json
-from prima_sim.errors import InputError
+from prima_sim.cli.common import check_number, print_json
 from prima_sim.units import fmt_bytes
 
 
@@ -39,8 +38,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``prima-sim cache``."""
-    if args.older_than is not None and not args.older_than >= 0:
-        raise InputError("--older-than", "", f"must be a number of days >= 0, got {args.older_than}")
+    check_number("--older-than", args.older_than, minimum=0)
     kinds = tuple(k for k in KINDS if getattr(args, k)) or KINDS
     root = cache_root()
     found = [e for e in entries(kinds) if args.older_than is None or e.age_days >= args.older_than]

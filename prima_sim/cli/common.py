@@ -52,6 +52,38 @@ def load_cluster_arg(ref: str) -> Cluster:
     return load_cluster(ref)
 
 
+MAX_THREADS = 512
+"""ggml's limit on threads per computation (GGML_MAX_N_THREADS)."""
+
+
+def check_number(flag: str, value: float | None, *, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> None:  # fmt: skip
+    """Refuse a flag's value that is not finite or out of its range (None: the flag was not given).
+
+    Raises:
+        InputError: naming the flag and the range.
+    """
+    if value is None:
+        return
+    rng = []
+    if minimum is not None:
+        rng.append(f">= {minimum:g}")
+    if above is not None:
+        rng.append(f"> {above:g}")
+    if maximum is not None:
+        rng.append(f"<= {maximum:g}")
+    ok = math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        raise InputError(flag, "", f"must be a number {' and '.join(rng) or 'that is finite'}, got {value:g}")
+
+
+def check_threads(flag: str, threads: int | None) -> None:
+    """A thread count: 1 to ggml's limit."""
+    check_number(flag, threads, minimum=1, maximum=MAX_THREADS)
+
+
 def source_of(ref: str) -> str:
     """How a plan records a ``--cluster``/``--model`` argument: an existing file as an absolute path (so the plan
     still finds it from another folder), anything else (a bundled name, a catalog id) as given."""

@@ -213,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--gpu-layers", "", "a --cpu-only plan has no GPU layers: drop one of the two")
     model = load_model_arg(args.model)
     wl = workload_from_args(args)
+    n_layer = model.arch.n_layer
+    if args.k is not None and (args.k <= 0 or n_layer % args.k):
+        valid = ", ".join(str(k) for k in range(1, n_layer + 1) if n_layer % k == 0)
+        raise InputError("--k", "", f"must divide {model.id}'s {n_layer} layers (rounds of the ring), got {args.k}; "
+                         f"valid: {valid}")  # fmt: skip
     if args.compare:
         return _compare(cluster, model, wl, args)
     if args.windows:
@@ -220,8 +225,6 @@ def run(args: argparse.Namespace) -> int:
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
         plan = manual_plan(cluster, model, wl, windows, gpu, prefetch=not args.no_prefetch)
     else:
-        if args.k is not None and args.k <= 0:
-            raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
         if args.sim_k:
             if args.scheduler != "halda" or args.k is not None or args.no_drop:
                 raise InputError("--sim-k", "", "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop")

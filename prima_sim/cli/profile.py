@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prima_sim.cli.common import load_model_arg, print_json
+from prima_sim.cli.common import check_threads, load_model_arg, print_json
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import InputError
 from prima_sim.schema import dump_model
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from prima_sim.devices.profiler import ProfileOptions, profile_device, weight_types_for
     from prima_sim.exec.decode_probe import measure_decode_overhead
 
+    check_threads("--threads", args.threads)
     model = load_model_arg(args.model) if args.model else None
     size = None
     if args.disk_file_size:
@@ -63,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--disk-file-size", "", str(exc)) from None
         if size < (8 << 20):
             raise InputError("--disk-file-size", "", f"must be at least 8 MiB, got {args.disk_file_size!r}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads", "", f"must be at least 1, got {args.threads}")
     disk_dir = Path(args.disk_dir) if args.disk_dir else None
     if disk_dir is not None and not disk_dir.is_dir():
         raise InputError("--disk-dir", "", f"{disk_dir} is not a directory")

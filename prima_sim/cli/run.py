@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import print_json
+from prima_sim.cli.common import check_number, check_threads, print_json
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
 
@@ -105,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
     for name, v in (("--n-predict", args.n_predict), ("--batch", args.batch)):
         if v < 1:
             raise InputError(name, "", f"must be at least 1, got {v}")
-    for name, x in (("--timeout", args.timeout), ("--startup-timeout", args.startup_timeout)):
-        if not x > 0:
-            raise InputError(name, "", f"must be a positive number of seconds, got {x}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise InputError("--temperature/--top-k/--top-p", "", "need temperature >= 0, top-k >= 0 and 0 < top-p <= 1")
+    check_number("--timeout", args.timeout, above=0)
+    check_number("--startup-timeout", args.startup_timeout, above=0)
+    check_number("--temperature", args.temperature, minimum=0)
+    check_number("--top-k", args.top_k, minimum=0)
+    check_number("--top-p", args.top_p, above=0, maximum=1)
+    check_number("--seed", args.seed, minimum=0)
+    check_threads("--threads", args.threads)
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.head import SamplingParams
     from prima_sim.exec.hosts import load_hosts

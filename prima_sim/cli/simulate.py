@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg, plan_cluster, plan_model, print_json
+from prima_sim.cli.common import (
+    check_number,
+    load_cluster_arg,
+    load_model_arg,
+    plan_cluster,
+    plan_model,
+    print_json,
+)
 from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
@@ -17,7 +24,11 @@ from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
 from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
+from prima_sim.sim.config import PAGE_BYTES
 from prima_sim.units import MiB
+
+MAX_CHUNK_MIB = 1024 * 1024.0
+"""Largest page-cache chunk the flags accept (1 TiB: larger than any layer, so every layer is one chunk)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +93,9 @@ def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The simulator settings the flags describe (validated)."""
+    check_number("--chunk-mib", args.chunk_mib, minimum=PAGE_BYTES / MiB, maximum=MAX_CHUNK_MIB)
+    check_number("--jitter", args.jitter, minimum=0, maximum=1)
+    check_number("--seed", args.seed, minimum=0)
     try:
         return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=args.prima_prefetch, warm=args.warm, chunk_bytes=int(args.chunk_mib * MiB),
                          jitter=args.jitter, seed=args.seed)  # fmt: skip
@@ -97,8 +111,10 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
         InfeasiblePlanError: planning found no assignment.
     """
     if args.plan:
-        if args.windows:
-            raise InputError("--windows", "", "give either --plan or --windows, not both")
+        for flag, given in (("--windows", args.windows), ("--gpu-layers", args.gpu_layers), ("--k", args.k is not None),
+                            ("--no-drop", args.no_drop), ("--scheduler", args.scheduler != "halda")):  # fmt: skip
+            if given:
+                raise InputError(flag, "", f"makes a new plan: give either --plan or {flag}, not both")
         plan = Plan.load(args.plan)
         cluster = plan_cluster(plan, args.plan, args.cluster)
         model = plan_model(plan, args.plan, args.model)

@@ -7,12 +7,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg
+from prima_sim.cli.common import check_number, load_cluster_arg, load_model_arg
 from prima_sim.cli.plan import DEFAULT_MODEL
+from prima_sim.cli.simulate import MAX_CHUNK_MIB
 from prima_sim.errors import InputError
 from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
 from prima_sim.halda.planner import SCHEDULERS
-from prima_sim.sim.config import SimConfig
+from prima_sim.sim.config import PAGE_BYTES, SimConfig
 from prima_sim.sim.sweep import grid, run_sweep, write_sweep_csv
 from prima_sim.units import MiB
 
@@ -61,6 +62,8 @@ def _floats(text: str, flag: str) -> list[float]:
         raise InputError(flag, "", f"expected comma-separated numbers like 0.5,1,2, got {text!r}") from None
     if not vals:
         raise InputError(flag, "", "give at least one value")
+    for v in vals:
+        check_number(flag, v, above=0)
     return vals
 
 
@@ -79,17 +82,26 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in schedulers if s not in SCHEDULERS]
     if bad or not schedulers:
         raise InputError("--scheduler", "", f"unknown scheduler(s) {bad}; choose among {', '.join(SCHEDULERS)}")
+    check_number("--k", args.k, minimum=1, maximum=model.arch.n_layer)
+    check_number("--chunk-mib", args.chunk_mib, minimum=PAGE_BYTES / MiB, maximum=MAX_CHUNK_MIB)
+    check_number("--jitter", args.jitter, minimum=0, maximum=1)
+    check_number("--seed", args.seed, minimum=0)
+    check_number("--jobs", args.jobs, minimum=1)
+    devices = _ints(args.devices, "--devices") if args.devices else None
+    for n in devices or []:
+        check_number("--devices", n, minimum=1, maximum=len(base.devices))
     try:
         wl = Workload(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+    except ValueError as exc:
+        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
+    try:
         cfg = SimConfig(prefetch=not args.no_prefetch, warm=not args.cold, chunk_bytes=int(args.chunk_mib * MiB),
                         jitter=args.jitter, seed=args.seed, record_spans=False)  # fmt: skip
-        variants = grid(base, _ints(args.devices, "--devices") if args.devices else None,
+        variants = grid(base, devices,
                         _floats(args.ram_scale, "--ram-scale"), _floats(args.disk_scale, "--disk-scale"),
                         _floats(args.bandwidth_scale, "--bandwidth-scale"), schedulers)  # fmt: skip
     except ValueError as exc:
         raise InputError("sweep", "", str(exc).replace('"', "")) from None
-    if args.jobs is not None and args.jobs < 1:
-        raise InputError("--jobs", "", f"must be >= 1, got {args.jobs}")
 
     def bar(it: Iterable[dict[str, Any]], total: int) -> Iterable[dict[str, Any]]:
         from prima_sim.progress import Progress

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prima_sim.cli.common import check_number
 from prima_sim.devices.synth import SYNTH_ARCHS, SYNTH_QUANTS, synth_architecture, write_synth_model
 from prima_sim.errors import InputError
 
@@ -65,10 +66,18 @@ def register(sub: Any) -> None:
 
 
 _SHAPE_FLAGS = ("layers", "embd", "ff", "heads", "kv_heads")
+SHAPE_LIMITS = {"--layers": 1024, "--embd": 65536, "--ff": 262144, "--heads": 1024, "--kv-heads": 1024, "--head-dim": 1024}
+"""Upper limits of a generated shape: several times the largest published models' (Llama 3.1 405B: 126 layers,
+n_embd 16384, n_ff 53248, 128 heads), so that a typo is not taken for a terabyte model."""
+MAX_SYNTH_CTX = 1 << 24
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``prima-sim synth-model``."""
+    check_number("--ctx", args.ctx, minimum=1, maximum=MAX_SYNTH_CTX)
+    check_number("--seed", args.seed, minimum=0)
+    for flag, limit in SHAPE_LIMITS.items():
+        check_number(flag, getattr(args, flag[2:].replace("-", "_")), maximum=limit)
     rope_freqs, rope_theta, norm_eps = False, 10000.0, 1e-5
     if args.like:
         given = [f"--{f.replace('_', '-')}" for f in (*_SHAPE_FLAGS, "arch") if getattr(args, f) is not None]

@@ -16,6 +16,7 @@ import logging
 import signal
 from typing import Any
 
+from prima_sim.cli.common import check_number, check_threads
 from prima_sim.errors import InputError
 
 
@@ -46,8 +47,7 @@ def threads_for(device: str, threads: int | None, cluster: str | None) -> int:
     from prima_sim.exec.llamacpp import default_threads
 
     if threads is not None:
-        if threads < 1:
-            raise InputError("--threads", "", f"must be at least 1, got {threads}")
+        check_threads("--threads", threads)
         return threads
     if cluster:
         from prima_sim.devices.cluster import load_cluster
@@ -63,6 +63,8 @@ def threads_for(device: str, threads: int | None, cluster: str | None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``prima-sim worker``."""
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device} %(levelname)s %(message)s")
+    check_threads("--threads", args.threads)
+    check_number("--batch", args.batch, minimum=1)
     from prima_sim.exec.hosts import load_hosts, resolve
     from prima_sim.exec.shard import load_manifest, shard_path
     from prima_sim.exec.worker import Worker
