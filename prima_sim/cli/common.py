@@ -142,6 +142,35 @@ def plan_model(plan: Plan, plan_file: str, ref: str | None = None) -> ModelProfi
     return model
 
 
+def plan_gguf(plan: Plan, plan_file: str, ref: str | None = None, required: bool = True) -> Path | None:
+    """The GGUF file to cut a plan's shards from: ``ref`` (a path or a SMALL_MODELS name), else the plan's own.
+
+    Returns None when no GGUF is known and ``required`` is false (shards already cut).
+
+    Raises:
+        InputError: the file is missing, or none is known and ``required``.
+        MissingDependencyError: a small model's package is not installed.
+    """
+    if ref:
+        p = gguf_arg(ref)
+        if not p.is_file():
+            raise InputError(ref, "", "model file not found (give the GGUF the plan was made for)")
+        return p
+    src = plan.model_source
+    if src and (src.lower() in SMALL_MODELS or src.lower().endswith(".gguf")):
+        p = gguf_arg(src)
+        if p.is_file():
+            return p
+        if required:
+            raise InputError(plan_file, "model_source", f"the plan was made from {src}, which is not there now: "
+                             "give the GGUF with --model")  # fmt: skip
+        return None
+    if required:
+        what = f"catalog model {plan.model_id!r} (a profile without weights)" if src else plan.model_id
+        raise InputError("--model", "", f"the plan was made for {what}: give the model's GGUF with --model")
+    return None
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     """Lines of a plain-text table: one header per column, each column as wide as its widest cell, the first
     ``left`` columns left-aligned and the others right-aligned (numbers), the last column left-aligned when it

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import check_number, check_threads, print_json
+from prima_sim.cli.common import check_number, check_threads, plan_gguf, print_json
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
 
@@ -66,34 +66,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _model_for(plan: Plan, args: argparse.Namespace) -> Path | None:
-    """The GGUF to cut shards from: ``--model``, else the plan's own (None with ``--shards`` and no model).
-
-    Raises:
-        InputError: no GGUF is known and no shards are given.
-    """
-    from prima_sim.cli.common import SMALL_MODELS, gguf_arg
-
-    if args.model:
-        p = gguf_arg(args.model)
-        if not p.is_file():
-            raise InputError(args.model, "", "model file not found (give the GGUF the plan was made for)")
-        return p
-    src = plan.model_source
-    if src and (src.lower() in SMALL_MODELS or src.lower().endswith(".gguf")):
-        p = gguf_arg(src)
-        if p.is_file():
-            return p
-        if args.shards is None:
-            raise InputError(args.plan, "model_source", f"the plan was made from {src}, which is not there now: "
-                             "give the GGUF with --model")  # fmt: skip
-    if args.shards is None:
-        what = f"catalog model {plan.model_id!r} (a profile, no weights)" if src else plan.model_id
-        raise InputError("--model", "", f"the plan was made for {what}: give the model's GGUF with --model (or "
-                         "--shards with shards already cut)")  # fmt: skip
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``prima-sim run``."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s head %(levelname)s %(message)s")
@@ -122,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n_predict >= plan.n_ctx:
         raise InputError("-n/--n-predict", "", f"{args.n_predict} new tokens do not fit the plan's context of "
                          f"{plan.n_ctx} tokens (the prompt needs room too): lower -n or re-plan with a larger --ctx")  # fmt: skip
-    model = _model_for(plan, args)
+    model = plan_gguf(plan, args.plan, args.model, required=args.shards is None)
     if args.local and any(d.gpu_layers for d in plan.devices) and not supports_gpu_offload():
         gpu = ", ".join(f"{d.name} {d.gpu_layers}" for d in plan.devices if d.gpu_layers)
         logging.getLogger("prima_sim.notes").info(

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import print_json
+from prima_sim.cli.common import plan_gguf, print_json
 from prima_sim.plan import Plan
 
 
@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
         "is streamed: memory use does not depend on the model's size.",
     )
     p.add_argument("--plan", required=True, help="plan JSON (from 'prima-sim plan')")
-    p.add_argument("--model", required=True, help="the model's GGUF file")
+    p.add_argument("--model", default=None,
+                   help="the model's GGUF file, or smollm2-135m (default: the GGUF the plan was made from)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per device)")
     p.add_argument("--device", action="append", default=None, help="write only this device's shards (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from prima_sim.progress import Progress
 
     plan = Plan.load(args.plan)
+    model = plan_gguf(plan, args.plan, args.model)
     bar: Progress | None = None
 
     def progress(n: int, total: int, label: str) -> None:
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(n)
 
     try:
-        mans = write_shards(args.model, plan, Path(args.out), args.device, progress)
+        mans = write_shards(str(model), plan, Path(args.out), args.device, progress)
     finally:
         if bar is not None:
             bar.close()

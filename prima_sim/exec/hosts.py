@@ -79,11 +79,13 @@ def load_hosts(path: str | Path | None) -> HostsFile:
 def resolve(hosts: HostsFile, plan: Plan, source: str = "hosts.toml") -> Endpoints:
     """Endpoints of every device of ``plan``.
 
+    A device the plan dropped may be listed (one hosts file serves every plan of a home).
+
     Raises:
         InputError: the file names a device the plan does not have, or two devices share an address.
     """
     names = [d.name for d in plan.devices]
-    unknown = sorted(set(hosts.devices) - set(names))
+    unknown = sorted(set(hosts.devices) - set(names) - {d.name for d in plan.dropped})
     if unknown:
         raise InputError(source, f"devices.{unknown[0]}", f"is not a device of the plan (devices: {', '.join(names)})")
     data: dict[str, tuple[str, int]] = {}
