@@ -67,7 +67,7 @@ def test_manual_windows_and_no_prefetch(capsys):
         (["simulate", *BASE, "--jitter", "5"], "jitter"),
         (["simulate", *BASE, "--tokens", "5000"], "exceed n_ctx"),
         (["simulate", *BASE, "--windows", "1,2"], "4 devices"),
-        (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--devices", "9", "--out", "x.csv"], "outside 1..4"),
+        (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--devices", "9", "--out", "x.csv"], "--devices: must be a number >= 1 and <= 4"),
         (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--ram-scale", "a", "--out", "x.csv"], "numbers"),
         (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--scheduler", "magic", "--out", "x.csv"], "magic"),
     ],

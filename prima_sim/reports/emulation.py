@@ -381,7 +381,7 @@ def tpot_bars(scenario: str, plans: Sequence[PlanRun], path: Path) -> Path:
     repetitions, whiskers from the fastest to the slowest repetition)."""
     plt = _plt()
     labels = [p.label for p in plans]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(plans) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(plans) + 2), 4.8))
     x = list(range(len(plans)))
     w = 0.26
     ana = [p.analytic_tpot_s * 1e3 for p in plans]
@@ -412,7 +412,12 @@ def tpot_bars(scenario: str, plans: Sequence[PlanRun], path: Path) -> Path:
     ax.set_xticklabels(labels, rotation=15, fontsize=8)
     ax.set_ylabel("TPOT (ms)")
     ax.set_title(f"{scenario}: predicted vs measured time per output token", fontsize=10)
-    ax.legend(fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Patch(facecolor="none", edgecolor="none", label="+n% over a blue bar: simulated vs measured"))
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the +n% labels
     fig.tight_layout()
     return _save(fig, path)
 
@@ -471,10 +476,6 @@ def scatter(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> Path
         ax.set_ylim(lo, hi)
     ax.scatter(meas, ana, marker="x", color="#a0aec0", label="analytic (planner)")
     ax.scatter(meas, sim, marker="o", color="#2b6cb0", label="simulated")
-    for r, m, s in zip(ok, meas, sim, strict=False):
-        if math.isfinite(s):
-            ax.annotate(f"{r['scenario']}/{r['scheduler']}", (m, s), fontsize=5, alpha=0.7, xytext=(2, 2),
-                        textcoords="offset points")  # fmt: skip
     if vals:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -485,4 +486,11 @@ def scatter(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> Path
     ax.set_title(title or "predicted vs measured TPOT", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
+    labelled = [(m, s, f"{r['scenario']}/{r['scheduler']}") for r, m, s in zip(ok, meas, sim, strict=True)
+                if math.isfinite(s) and s > 0]  # fmt: skip
+    if labelled:
+        from prima_sim.reports.plots import place_labels
+
+        marks = [(m, a) for m, a in zip(meas, ana, strict=True) if math.isfinite(a) and a > 0]
+        place_labels(ax, [(m, s) for m, s, _ in labelled], [t for _, _, t in labelled], fontsize=5.5, avoid=marks)
     return _save(fig, path)
