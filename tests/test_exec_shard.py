@@ -113,7 +113,7 @@ def test_manifest_problems_are_one_line_input_errors(smol_shards, tmp_path) -> N
     with pytest.raises(InputError, match="SHA-256 does not match"):
         load_manifest(d, "D1", verify=True)
     f.write_bytes(bytes(data[:-10]))
-    with pytest.raises(InputError, match=r"has .* bytes, the manifest says"):
+    with pytest.raises(InputError, match=r"has .* bytes\), the manifest says"):
         load_manifest(d, "D1")
     f.unlink()
     with pytest.raises(InputError, match="missing"):

@@ -9,10 +9,7 @@ import sys
 from prima_sim.cli.common import check_number, print_json
 from prima_sim.devices.profiler import host_profile_name
 from prima_sim.errors import InputError
-from prima_sim.units import GiB, UnitError, fmt_bytes, parse_bytes
-
-MAX_PROBE_BYTES = 2 * GiB
-"""Largest bulk transfer of a probe (both ends hold it in memory)."""
+from prima_sim.units import UnitError, fmt_bytes, parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         size = parse_bytes(args.size)
     except UnitError as exc:
         raise InputError("--size", "", str(exc)) from None
-    if not 1 <= size <= MAX_PROBE_BYTES:
-        raise InputError("--size", "", f"must be between 1 B and {fmt_bytes(MAX_PROBE_BYTES)} (it is held in memory), "
+    if not 1 <= size <= np_.MAX_TRANSFER:
+        raise InputError("--size", "", f"must be between 1 B and {fmt_bytes(np_.MAX_TRANSFER)} (it is held in memory), "
                          f"got {args.size!r}")  # fmt: skip
     check_number("--count", args.count, minimum=1)
     check_number("--pings", args.pings, minimum=1)

@@ -19,7 +19,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from prima_sim.devices.ggml_types import TYPE_BY_NAME
 from prima_sim.schema import FrozenModel
-from prima_sim.units import Bandwidth, Bytes, FlopRate, PositiveBandwidth, Seconds
+from prima_sim.units import Bandwidth, Bytes, FlopRate, PositiveBandwidth, Seconds, fmt_bytes
 
 
 def lower_name(v: object) -> object:
@@ -104,7 +104,8 @@ class GpuProfile(FrozenModel):
     @model_validator(mode="after")
     def _free_le_total(self) -> GpuProfile:
         if self.vram_free_bytes > self.vram_total_bytes:
-            raise ValueError(f"vram_free_bytes ({self.vram_free_bytes}) exceeds vram_total_bytes ({self.vram_total_bytes})")
+            raise ValueError(f"vram_free_bytes ({fmt_bytes(self.vram_free_bytes)}) exceeds vram_total_bytes "
+                             f"({fmt_bytes(self.vram_total_bytes)})")  # fmt: skip
         return self
 
 
@@ -169,13 +170,11 @@ class DeviceProfile(FrozenModel):
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
         if self.ram_available_bytes > self.ram_total_bytes:
-            raise ValueError(
-                f"ram_available_bytes ({self.ram_available_bytes}) exceeds ram_total_bytes ({self.ram_total_bytes})"
-            )
+            raise ValueError(f"ram_available_bytes ({fmt_bytes(self.ram_available_bytes)}) exceeds ram_total_bytes "
+                             f"({fmt_bytes(self.ram_total_bytes)})")  # fmt: skip
         if self.swap_available_bytes > self.swap_total_bytes:
-            raise ValueError(
-                f"swap_available_bytes ({self.swap_available_bytes}) exceeds swap_total_bytes ({self.swap_total_bytes})"
-            )
+            raise ValueError(f"swap_available_bytes ({fmt_bytes(self.swap_available_bytes)}) exceeds swap_total_bytes "
+                             f"({fmt_bytes(self.swap_total_bytes)})")  # fmt: skip
         if self.gpu is not None and self.gpu.kind == "metal" and self.os != "macos":
             raise ValueError("a Metal GPU needs os = 'macos'")
         return self

@@ -36,7 +36,7 @@ import zmq
 
 from prima_sim import __version__
 from prima_sim.errors import InputError, PrimaSimError
-from prima_sim.units import fmt_bandwidth, fmt_seconds
+from prima_sim.units import fmt_bandwidth, fmt_bytes, fmt_seconds
 
 MAGIC = b"PSNP1"
 DEFAULT_PORT = 5590
@@ -362,7 +362,7 @@ def probe(
         NetprobeError: the server does not answer within ``timeout_s`` or is not a netprobe server.
     """
     if not 1 <= size <= MAX_TRANSFER:
-        raise InputError("--size", "", f"must be from 1 byte to {MAX_TRANSFER} bytes, got {size}")
+        raise InputError("--size", "", f"must be from 1 byte to {fmt_bytes(MAX_TRANSFER)}, got {fmt_bytes(size)}")
     if count < 1:
         raise InputError("--count", "", f"must be at least 1, got {count}")
     if pings < 1:

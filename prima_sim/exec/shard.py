@@ -46,6 +46,7 @@ from prima_sim.devices.gguf_file import read_gguf
 from prima_sim.errors import InputError
 from prima_sim.plan import LayerRange, Plan
 from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
+from prima_sim.units import fmt_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION: Final = 1
@@ -463,7 +464,8 @@ def load_manifest(shard_dir: str | Path, device: str | None = None, verify: bool
         if not f.is_file():
             raise InputError(str(f), "", "shard listed in the manifest is missing (re-run 'prima-sim shard')")
         if f.stat().st_size != s.n_bytes:
-            raise InputError(str(f), "", f"has {f.stat().st_size} bytes, the manifest says {s.n_bytes}: re-copy it")
+            raise InputError(str(f), "", f"has {fmt_bytes(f.stat().st_size)} ({f.stat().st_size} bytes), the manifest "
+                             f"says {fmt_bytes(s.n_bytes)} ({s.n_bytes} bytes): re-copy it")  # fmt: skip
         if verify and file_sha256(f) != s.sha256:
             raise InputError(str(f), "", "SHA-256 does not match the manifest: the file is corrupt, re-copy it")
     return man
