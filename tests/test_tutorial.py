@@ -85,7 +85,7 @@ def _loopback_hosts(example: Path, dest: Path) -> dict[str, tuple[str, int]]:
 def test_tutorial_word_by_word(tmp_path: Path) -> None:
     # 2-4: describe the home, plan 32B and 70B, simulate
     outs = [_prima(cmd, tmp_path) for cmd in PLANNING]
-    assert "terms:" in outs[1].stdout and "set M" in outs[1].stdout  # --explain and its glossary
+    assert "overall:" in outs[1].stdout and "(window: " in outs[1].stdout  # --explain and its glossary
     assert "halda" in outs[2].stdout and "memsched" in outs[2].stdout  # --compare
     plan70 = json.loads((tmp_path / "plan-70b.json").read_text(encoding="utf-8"))
     assert plan70["cluster_source"] == str((tmp_path / "myhome" / "home.toml").resolve())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,29 +185,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
 
     hdr = line([h.strip() for h in headers])
     return [hdr, "-" * len(hdr), *(line(r) for r in rows)]
-
-
-def quiet_solver_banner() -> None:
-    """Keep HiGHS's start-up banner off stdout.
-
-    highspy (1.16) prints "Running HiGHS ..." on the C-level stdout the first time a solver is created in a
-    process, whatever PuLP's ``msg=False`` says, and those lines would corrupt ``--json`` output. Creating that
-    first instance here, with file descriptor 1 pointed at /dev/null, spends the banner where it does no harm.
-    """
-    try:
-        import highspy
-    except ImportError:  # PuLP then fails with its own message when a plan is solved
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
 
 
 def _clean(obj: Any) -> Any:

@@ -19,9 +19,6 @@ from collections.abc import Sequence
 from prima_sim import __version__
 from prima_sim.errors import PrimaSimError, one_line
 
-# Subcommands that solve integer programs (HiGHS prints a banner on stdout the first time).
-SOLVING_COMMANDS = frozenset({"plan", "simulate", "sweep", "emulate"})
-
 # Subcommand modules, in the order `prima-sim --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "model_info",
@@ -88,10 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _show_notes(args.command)
     try:
-        if args.command in SOLVING_COMMANDS:
-            from prima_sim.cli.common import quiet_solver_banner
-
-            quiet_solver_banner()
         return int(args.func(args) or 0)
     except PrimaSimError as exc:
         print(f"prima-sim {args.command}: error: {exc}", file=sys.stderr)

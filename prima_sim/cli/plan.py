@@ -139,9 +139,9 @@ def print_table(plan: Plan) -> None:
         print(f"predicted time per token (TPOT) {_duration(pred.tpot_s)} (of which the head's embedding, output layer and "
               f"sampling {_duration(pred.head_s)}{wait}); time to first token (TTFT) {_duration(pred.ttft_s)} for a "
               f"{pred.prompt_tokens}-token prompt")  # fmt: skip
-    d = plan.solver.details or {}
-    how = (f" ({d['dynamic_programs']} dynamic programs)" if "dynamic_programs" in d else
-           f" ({d['ilp_solves']} integer programs)" if "ilp_solves" in d else "")  # fmt: skip
+    details = plan.solver.details or {}
+    how = (f" ({details['dynamic_programs']} dynamic programs)" if "dynamic_programs" in details else
+           f" ({details['ilp_solves']} integer programs)" if "ilp_solves" in details else "")  # fmt: skip
     print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms{how}")
 
 
