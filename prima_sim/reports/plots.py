@@ -172,6 +172,12 @@ def _legend(fig: Any, kinds: set[SpanKind], tokens: bool = False, measured: bool
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=7.5, frameon=False)
 
 
+def _kinds_drawn(spans: Sequence[Span], lanes: Sequence[str]) -> set[SpanKind]:
+    """The kinds of span that appear on the chart (a row is drawn for them and they last), for the legend."""
+    rows = set(lanes)
+    return {s.kind for s in spans if s.device in rows and s.end_s > s.start_s}
+
+
 def _legend_rows(kinds: set[SpanKind], extra: int) -> int:
     return -(-(sum(1 for k in COLORS if k in kinds) + extra) // 3)
 
@@ -213,7 +219,7 @@ def gantt(
     shown = _clip(spans, t_range)
     lanes = _lanes(shown, devices, links)
     scale, unit = _scale(t_range, shown)
-    kinds = {s.kind for s in shown}
+    kinds = _kinds_drawn(shown, lanes)
     legend_in = _LEGEND_ROW_IN * _legend_rows(kinds, 2 if measured else 1) + 0.1
     height = 1.6 + 0.45 * len(lanes) + legend_in
     fig, ax = plt.subplots(figsize=(12, height))
@@ -270,7 +276,7 @@ def gantt_side_by_side(
         ra = rb = (0.0, end)
     lanes = _lanes(a + b, devices, links=False)
     scale, unit = _scale(ra if align else None, a + b)
-    kinds = {s.kind for s in a + b}
+    kinds = _kinds_drawn(a + b, lanes)
     legend_in = _LEGEND_ROW_IN * _legend_rows(kinds, 2 if any(measured) else 1) + 0.1
     height = 2.6 + 0.9 * len(lanes) + legend_in
     fig, axes = plt.subplots(2, 1, figsize=(12, height), sharex=align)
