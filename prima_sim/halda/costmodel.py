@@ -36,9 +36,10 @@ All times in seconds, sizes in bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +139,7 @@ class LayerSums:
         return float(comp), float(total - comp)
 
 
-def _prefix(values: list[float] | np.ndarray) -> np.ndarray:
+def _prefix(values: Sequence[float] | np.ndarray) -> np.ndarray:
     out = np.zeros(len(values) + 1)
     np.cumsum(values, out=out[1:])
     return out
@@ -151,7 +152,7 @@ class DeviceCosts:
     device: DeviceProfile
     model: ModelProfile
     workload: Workload
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @cached_property
     def memory(self) -> MemoryBehaviour:
@@ -164,8 +165,9 @@ class DeviceCosts:
         n_kv = self.workload.decode_kv_tokens if n_kv is None else max(1, n_kv)
         m, d = self.model, self.device
         key = (m.layer_signatures[layer], on_gpu, n_tokens, m.layer_kv_tokens(layer, n_kv))
-        if key in self._cache:
-            return self._cache[key]
+        hit: LayerTime | None = self._cache.get(key)
+        if hit is not None:
+            return hit
         flops = m.layer_flops(layer, n_tokens, n_kv)
         nbytes = m.layer_bytes[layer] + m.layer_kv_tokens(layer, n_kv) * m.kv_bytes_per_token_per_layer
         if on_gpu and d.gpu is not None:
@@ -184,7 +186,7 @@ class DeviceCosts:
         """Prefix sums of every layer's time on the CPU and on the GPU for this batch shape (cached)."""
         n_kv = self.workload.decode_kv_tokens if n_kv is None else max(1, n_kv)
         key = ("sums", n_tokens, n_kv)
-        hit = self._cache.get(key)
+        hit: LayerSums | None = self._cache.get(key)
         if hit is not None:
             return hit
         group, reps = self.model.layer_groups(n_kv)

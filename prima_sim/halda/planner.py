@@ -119,6 +119,7 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k: in
             if check_memory(other, cluster, model, workload, costs):
                 continue
             t = step_breakdown(other, cluster, model, workload, prefetch=prefetch, costs=costs).total_s
+            assert plan.prediction is not None
             if t < plan.prediction.tpot_s * (1 - 1e-9):
                 fallback = {"source": name, "tpot_s": t, "search_tpot_s": searched}
                 plan = _finish(other, cluster, model, workload, prefetch, costs)

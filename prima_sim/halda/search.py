@@ -203,7 +203,8 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     flat = (dev * (W + 1) + m).ravel()
 
     def at_m(q: np.ndarray) -> np.ndarray:  # q[p, m[p, c, i]]
-        return np.take(q.ravel(), flat).reshape(m.shape)
+        out: np.ndarray = np.take(q.ravel(), flat).reshape(m.shape)
+        return out
 
     def at_s(q: np.ndarray) -> np.ndarray:  # q[p, s_i]
         return q[:, si][:, None, :]
@@ -254,7 +255,8 @@ def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.
     per_round = np.take(flat, (row + offs + m).ravel()).reshape((k, *shape))
     per_round -= np.take(flat, np.broadcast_to(row + offs + s, (k, *shape)).ravel()).reshape((k, *shape))
     per_round[-1] += np.where(e == W, head_b, 0.0)
-    return per_round.max(axis=0)
+    out: np.ndarray = per_round.max(axis=0)
+    return out
 
 
 def _gpu_candidates(costs: DeviceCosts, Qb: np.ndarray, Qkv: np.ndarray, s: np.ndarray, e: np.ndarray, k: int,
@@ -324,7 +326,8 @@ def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: in
         room = np.maximum(base, 0.0) + np.clip(mem.swap_out_first_bytes + np.minimum(base, 0.0), 0.0, None)
         per_round = lb[offs + m] - lb[offs + s]
         per_round[-1] += head_last
-        return per_round.max(axis=0) <= room
+        ok: np.ndarray = per_round.max(axis=0) <= room
+        return ok
 
     lo, hi = np.zeros_like(w), w + 1
     while (lo < hi).any():
@@ -332,7 +335,8 @@ def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: in
         ok = fits(np.minimum(mid, w))
         hi = np.where((lo < hi) & ok, mid, hi)
         lo = np.where((lo < hi) & ~ok, mid + 1, lo)
-    return np.minimum(lo, w)
+    out: np.ndarray = np.minimum(lo, w)
+    return out
 
 
 def _dp(tables: KTables, hops: np.ndarray, k: int, W: int, threshold: float, allow_drop: bool
@@ -405,7 +409,11 @@ def _first_pass(hops: np.ndarray, ra: RingArrays, k: int, prefetch: bool, allow_
     return None if picks is None else _KState(k, tables, hops, chain, picks)
 
 
-def _second_pass(st: _KState, W: int, allow_drop: bool, incumbent: float) -> tuple[float, float, list]:
+Picks = list[tuple[int, int, int, int]]
+"""The kept devices of a plan found by :func:`_dp`: (position, window start, window end, candidate)."""
+
+
+def _second_pass(st: _KState, W: int, allow_drop: bool, incumbent: float) -> tuple[float, float, Picks]:
     """(objective, chain, picks) of k: the smallest load threshold T whose best chain is at most T, found by
     bisection over the devices' load values below ``incumbent``."""
     best_obj = max(st.chain, st.max_load(st.picks))
@@ -436,7 +444,7 @@ def _second_pass(st: _KState, W: int, allow_drop: bool, incumbent: float) -> tup
     return best
 
 
-def _result(st: _KState, ring: list[str], obj: float, chain: float, picks: list) -> KResult:
+def _result(st: _KState, ring: list[str], obj: float, chain: float, picks: Picks) -> KResult:
     order = [*ring[1:], ring[0]]
     kept = {p: (s, e, c) for p, s, e, c in picks}
     names = [ring[0]] + [name for p, name in enumerate(order[:-1]) if p in kept]

@@ -16,11 +16,19 @@ device gives it (the cost model's page-fault bandwidth: sequential on Linux/Andr
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
 
 import simpy
 
 QUEUED, SERVING, DONE, CANCELLED = 0, 1, 2, 3
+
+
+class Batch(Protocol):
+    """What a read reports its end to (the device's record of one prefetch advice)."""
+
+    def finish_one(self) -> None:
+        """One read of the batch has ended (done or withdrawn)."""
 
 
 class Read:
@@ -39,7 +47,7 @@ class Read:
     __slots__ = ("batch", "bps", "chunk", "done", "end_ev", "end_s", "nbytes", "prefetch", "readahead", "state")
 
     def __init__(self, chunk: int, nbytes: float, bps: float, prefetch: bool = False, readahead: bool = False,
-                 batch: object = None) -> None:  # fmt: skip
+                 batch: Batch | None = None) -> None:  # fmt: skip
         if nbytes < 0 or bps <= 0:
             raise ValueError(f'"nbytes" must be >= 0 and "bps" > 0, got {nbytes} and {bps}')
         self.chunk = chunk
@@ -119,7 +127,7 @@ class Disk:
             if read.done is not None and not read.done.triggered:
                 read.done.succeed()
 
-    def _serve(self):  # type: ignore[no-untyped-def]
+    def _serve(self) -> Generator[simpy.Event, Any, None]:
         env = self.env
         demand, prefetch = self._demand, self._prefetch
         while True:

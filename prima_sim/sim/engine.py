@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import simpy
-from simpy.core import NORMAL
+from simpy.core import NORMAL, EventPriority
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
@@ -42,7 +42,7 @@ class CountingEnvironment(simpy.Environment):
         if not hasattr(self, "_eid"):
             self.schedule = self._counting_schedule  # type: ignore[method-assign]
 
-    def _counting_schedule(self, event: simpy.Event, priority: int = NORMAL, delay: float = 0) -> None:
+    def _counting_schedule(self, event: simpy.Event, priority: EventPriority = NORMAL, delay: float = 0) -> None:
         self._counted += 1
         simpy.Environment.schedule(self, event, priority, delay)
 
@@ -52,7 +52,7 @@ class CountingEnvironment(simpy.Environment):
         eid = getattr(self, "_eid", None)
         if eid is None:
             return self._counted
-        n = next(eid)  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
+        n: int = next(eid)  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
         return n
 
 

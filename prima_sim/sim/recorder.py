@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prima_sim.metrics import Span, SpanKind
 
 _BACKGROUND = (SpanKind.PREFETCH, SpanKind.TRANSFER)
@@ -15,8 +17,8 @@ class SpanRecorder:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._spans: list[list] = []
-        self._last: dict[tuple[str, SpanKind | None], list] = {}
+        self._spans: list[list[Any]] = []
+        self._last: dict[tuple[str, SpanKind | None], list[Any]] = {}
 
     def add(self, device: str, kind: SpanKind, start: float, end: float, token: int, label: str = "") -> None:
         """Record ``[start, end)`` of ``kind`` on ``device`` for step ``token`` (empty spans are dropped)."""

@@ -67,6 +67,7 @@ def plan_by_simulated_k(
         if plan.k != k:  # fewer devices than the window total needs at this k
             continue
         sim = simulate(plan, cluster, model, ranking, cfg)
+        assert plan.prediction is not None  # make_plan attaches it
         candidates.append(KCandidate(k, plan, plan.prediction.tpot_s, sim.tpot_s))
     if progress:
         progress(len(ks), len(ks))
@@ -74,9 +75,11 @@ def plan_by_simulated_k(
     if not ok:
         raise InfeasiblePlanError("no k gives a feasible Halda plan for this cluster and model", resource="memory")
     best = min(ok, key=lambda c: (c.simulated_tpot_s, c.k))
+    chosen = best.plan
+    assert chosen is not None
     table = [{"k": c.k, "analytic_tpot_s": c.analytic_tpot_s, "simulated_tpot_s": c.simulated_tpot_s,
               "windows": list(c.plan.windows) if c.plan else None, "note": c.note} for c in candidates]  # fmt: skip
-    details = dict(best.plan.solver.details) | {"k_by_simulation": table, "simulated_tpot_s": best.simulated_tpot_s}
-    solver = SolverInfo(status=best.plan.solver.status, objective_s=best.plan.solver.objective_s,
-                        solve_time_s=best.plan.solver.solve_time_s, details=details)  # fmt: skip
-    return best.plan.model_copy(update={"solver": solver, "scheduler": "halda"}), candidates
+    details = dict(chosen.solver.details) | {"k_by_simulation": table, "simulated_tpot_s": best.simulated_tpot_s}
+    solver = SolverInfo(status=chosen.solver.status, objective_s=chosen.solver.objective_s,
+                        solve_time_s=chosen.solver.solve_time_s, details=details)  # fmt: skip
+    return chosen.model_copy(update={"solver": solver, "scheduler": "halda"}), candidates
