@@ -91,7 +91,7 @@ CSV_FIELDS = [
     "pinned_bytes", "room_bytes", "cache_bytes", "cache_ratio", "read_per_token", "read_per_token_min",
     "read_per_token_max", "reread_frac", "busy_s", "wall_s", "advise_s", "active_file", "inactive_file",
     "other_file", "refault_per_token", "activate_per_token", "majfault_per_token", "load_read_bytes", "load_s",
-    "sample_s", "status", "error", "host", "kernel", "date",
+    "sample_s", "file_bytes", "status", "error", "host", "kernel", "date",
 ]  # fmt: skip
 
 
@@ -184,7 +184,7 @@ def child(cfg_path: str) -> int:
         c: dict[str, int] = {}
         if io_dir is not None:
             c["io_read"] = blkio_read(io_dir / "blkio.throttle.io_service_bytes", dev)
-        if mem_dir is not None:
+        if mem_dir is not None and cfg.get("child_stat", True):
             st = read_kv(mem_dir / "memory.stat")
             for k in STAT_KEYS:
                 c[k] = st.get(k, 0)
@@ -257,19 +257,20 @@ class Point:
     ratio: float
     prefetch: bool
     rep: int = 1
+    tag: str = ""
 
     @property
     def key(self) -> str:
         base = f"{self.shape}-k{self.k}-{self.size}-r{self.ratio:g}-{'pf' if self.prefetch else 'nopf'}"
-        return base if self.rep == 1 else f"{base}-rep{self.rep}"
+        return (base if self.rep == 1 else f"{base}-rep{self.rep}") + (f"-{self.tag}" if self.tag else "")
 
 
-def parse_point(key: str, rep: int = 1) -> Point:
+def parse_point(key: str, rep: int = 1, tag: str = "") -> Point:
     """The point a key names (``1b-k1-large-r0.45-nopf``)."""
     parts = key.split("-")
     if len(parts) != 5 or parts[0] not in SHAPES or parts[2] not in ("large", "small") or parts[4] not in ("pf", "nopf"):
         raise ValueError(f"bad point name {key!r} (e.g. 1b-k1-large-r0.45-nopf)")
-    return Point(parts[0], int(parts[1][1:]), parts[2], float(parts[3][1:]), parts[4] == "pf", rep)
+    return Point(parts[0], int(parts[1][1:]), parts[2], float(parts[3][1:]), parts[4] == "pf", rep, tag)
 
 
 def grid(shapes: list[str], ks: list[int], sizes: list[str], ratios: list[float], prefetch: list[bool]) -> list[Point]:
@@ -397,7 +398,7 @@ def run_child(cgs, name: str, shard_dir: Path, disk: Disk, limit: int | None, bp
         result = workdir / f"{name}.json"
         cfg = {"shard_dir": str(shard_dir), "memory_dir": str(g.dirs["memory"]), "io_dir": str(g.dirs["io"]),
                "dev": disk.majmin, "prefetch": prefetch, "gap_s": gap_s, "threads": threads, "warmup": warmup,
-               "tokens": tokens, "result": str(result)}  # fmt: skip
+               "tokens": tokens, "result": str(result), "child_stat": sample_s < 1.0}  # fmt: skip
         cfg_path = workdir / f"{name}.cfg.json"
         cfg_path.write_text(json.dumps(cfg))
         env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONPATH=str(ROOT))
@@ -467,9 +468,9 @@ def summarize(pt: Point, res: dict, samples: list, meta: dict) -> dict:
     first, endc = prev, meas[-1]["c"]
     resident = [t["c"]["resident"] for t in meas]
     cache = statistics.median(resident)
-    act = statistics.median(t["c"]["total_active_file"] for t in meas)
-    ina = statistics.median(t["c"]["total_inactive_file"] for t in meas)
-    tot = statistics.median(t["c"]["total_cache"] for t in meas)
+    act = statistics.median(t["c"].get("total_active_file", 0) for t in meas)
+    ina = statistics.median(t["c"].get("total_inactive_file", 0) for t in meas)
+    tot = statistics.median(t["c"].get("total_cache", 0) for t in meas)
     load = res["load"]
     return {
         "read_per_token": sum(per_read) / n,
@@ -481,12 +482,14 @@ def summarize(pt: Point, res: dict, samples: list, meta: dict) -> dict:
         "advise_s": statistics.median(per_adv),
         "cache_bytes": cache,
         "cache_ratio": cache / meta["ws_bytes"],
+        "file_bytes": tot,
         "active_file": act,
         "inactive_file": ina,
         "other_file": tot - cache,
-        "refault_per_token": (endc["total_workingset_refault_file"] - first["total_workingset_refault_file"]) * PAGE / n,
+        "refault_per_token": (endc.get("total_workingset_refault_file", 0)
+                              - first.get("total_workingset_refault_file", 0)) * PAGE / n,
         "activate_per_token": (endc["vm_workingset_activate_file"] - first["vm_workingset_activate_file"]) * PAGE / n,
-        "majfault_per_token": (endc["total_pgmajfault"] - first["total_pgmajfault"]) / n,
+        "majfault_per_token": (endc.get("total_pgmajfault", 0) - first.get("total_pgmajfault", 0)) / n,
         "load_read_bytes": load["after"].get("io_read", 0) - load["before"].get("io_read", 0),
         "load_s": load["t1"] - load["t0"],
         "per_token_read": per_read,
@@ -536,7 +539,7 @@ def run_grid(args: argparse.Namespace) -> int:
     csv_path, trace_path = Path(args.csv), Path(args.trace)
     done = {r["point"] for r in read_csv(csv_path) if r.get("status") == "ok"}
     if args.points:
-        pts = [parse_point(k, r) for r in range(1, args.reps + 1) for k in args.points]
+        pts = [parse_point(k, r, args.tag) for r in range(1, args.reps + 1) for k in args.points]
     else:
         pts = grid(args.shapes, args.k, args.sizes, args.ratios, args.prefetch)
     pts = [p for p in pts if p.key not in done]
@@ -609,7 +612,7 @@ def plot(csv_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_csv(csv_path) if r.get("status") == "ok" and "-rep" not in r["point"]]
+    rows = [r for r in read_csv(csv_path) if r.get("status") == "ok" and r["point"].count("-") == 4]
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 4.2 * len(shapes)), squeeze=False, sharey=True)
     colors = {"large": "tab:blue", "small": "tab:orange"}
@@ -672,8 +675,10 @@ def main() -> int:
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--points", default="", help="run these points only (names as in the CSV), e.g. to repeat them")
     ap.add_argument("--reps", type=int, default=1, help="with --points: repetitions (rows named <point>-rep<i>)")
+    ap.add_argument("--tag", default="", help="with --points: suffix of the rows' names (e.g. a variant)")
     ap.add_argument("--sample-ms", type=float, default=SAMPLE_S * 1e3,
-                    help="how often the parent reads memory.stat (each read flushes the cgroup's statistics)")
+                    help="how often the parent reads memory.stat (each read flushes the cgroup's statistics); "
+                    "from 1000 on the child no longer reads it at every token either")
     args = ap.parse_args()
     if args.plot_only:
         plot(Path(args.csv), Path(args.plot))
