@@ -5,7 +5,7 @@ a memory cgroup's cache (issue 11, items 1-2; docs/pagecache.md).
         [--sizes large,small] [--prefetch off,on] [--tokens 8] [--warmup 3] [--disk-read 500]
         [--gap-ms 200] [--threads 1] [--csv reports/pagecache-grid.csv]
         [--trace reports/pagecache-trace.json.gz] [--budget-min 9] [--plot reports/pagecache-grid.png]
-    python benchmarks/bench_pagecache.py --plot-only          # redraw the PNG from the CSV
+    python benchmarks/bench_pagecache.py --plot-only          # redraw the PNG from the CSV (and the replay's)
 
 One grid point is one *device* of a ring: a process that holds ``k`` layer windows of a generated model
 (vocabulary-free shards cut by ``prima_sim.exec.shard`` for a two-device plan whose other device holds the
@@ -606,13 +606,49 @@ def run_grid(args: argparse.Namespace) -> int:
 # ===========================================================================================================
 # plot
 # ===========================================================================================================
-def plot(csv_path: Path, png: Path) -> None:
+OTHER_FILE_BYTES = 3 * MIB  # other files that stay cached under pressure (interpreter, libraries): 1-5 MiB
+
+
+def model_cache_ratio(row: dict) -> float:
+    """The page cache the model got over its working set: the cgroup's file pages minus the few MiB of other
+    files that stay (``mincore`` misses pages whose read is in flight, which prefetch keeps many of)."""
+    fb = float(row.get("file_bytes") or 0)
+    if fb <= 0:
+        return float(row["cache_ratio"])
+    return (fb - OTHER_FILE_BYTES) / float(row["ws_bytes"])
+
+
+def backfill(csv_path: Path, trace_path: Path) -> None:
+    """Fill ``file_bytes`` of rows written before it existed, from the trace (median ``total_cache`` of the
+    measured tokens)."""
+    rows = read_csv(csv_path)
+    if not rows or all(r.get("file_bytes") for r in rows) or not trace_path.exists():
+        return
+    fill: dict[str, float] = {}
+    with gzip.open(trace_path, "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            warm = int(rec["row"]["warmup"])
+            vals = [t["c"]["total_cache"] for t in rec["tokens"][warm:] if "total_cache" in t["c"]]
+            if vals:
+                fill[rec["point"]] = statistics.median(vals)
+    for r in rows:
+        if not r.get("file_bytes") and r["point"] in fill:
+            r["file_bytes"] = f"{fill[r['point']]:.6g}"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(csv_path: Path, png: Path, replay_csv: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_csv(csv_path) if r.get("status") == "ok" and r["point"].count("-") == 4]
+    model = {r["point"]: float(r["kernel"]) for r in read_csv(replay_csv)} if replay_csv and replay_csv.exists() else {}
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 4.2 * len(shapes)), squeeze=False, sharey=True)
     colors = {"large": "tab:blue", "small": "tab:orange"}
@@ -622,26 +658,32 @@ def plot(csv_path: Path, png: Path) -> None:
             for size in ("large", "small"):
                 for pf, ls in ((0, "-"), (1, "--")):
                     rs = sorted((r for r in rows if r["shape"] == sh and int(r["k"]) == k and r["size"] == size
-                                 and int(r["prefetch"]) == pf), key=lambda r: float(r["cache_ratio"]))  # fmt: skip
+                                 and int(r["prefetch"]) == pf), key=model_cache_ratio)  # fmt: skip
                     if not rs:
                         continue
-                    x = [float(r["cache_ratio"]) for r in rs]
+                    x = [min(model_cache_ratio(r), 1.25) for r in rs]
                     y = [float(r["reread_frac"]) for r in rs]
                     ws = float(rs[0]["ws_bytes"]) / MIB
-                    ax.plot(x, y, ls, marker="o", color=colors[size], ms=4,
+                    ax.plot(x, y, ls, marker="o" if not pf else "s", color=colors[size], ms=4,
                             label=f"{size} ({ws:.0f} MiB){' prefetch' if pf else ''}")  # fmt: skip
+                    ym = [model[r["point"]] / float(r["ws_bytes"]) if r["point"] in model else None for r in rs]
+                    pts = [(a, b) for a, b in zip(x, ym, strict=True) if b is not None]
+                    if pts:
+                        ax.plot([a for a, _ in pts], [b for _, b in pts], "x" if not pf else "+", color=colors[size],
+                                ms=7, mew=1.5, label=f"{size}{' prefetch' if pf else ''}: kernel model")  # fmt: skip
             xx = np.linspace(0.2, 1.3, 50)
             ax.plot(xx, np.where(xx < 1, 1.0, 0.0), ":", color="grey", lw=1, label="pure LRU")
             ax.plot(xx, np.clip(1 - xx, 0, 1), "-.", color="grey", lw=1, label="overflow only")
             ax.set_title(f"{sh} shape, k = {k}")
-            ax.set_xlabel("model bytes cached / working set (measured)")
+            ax.set_xlabel("page cache the model got / working set")
             if j == 0:
                 ax.set_ylabel("bytes read per token / working set")
             ax.set_xlim(0.2, 1.3)
             ax.set_ylim(-0.05, 2.0)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("Linux page cache under llama.cpp decoding in a memory cgroup (re-read per token)")
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Bytes Linux re-reads per token when llama.cpp decodes k windows in a memory cgroup "
+                 "(o/s measured, x/+ prima_sim.sim.kernel_cache replayed)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -671,6 +713,8 @@ def main() -> int:
     ap.add_argument("--trace", default=str(ROOT / "reports" / "pagecache-trace.json.gz"))
     ap.add_argument("--plot", default=str(ROOT / "reports" / "pagecache-grid.png"))
     ap.add_argument("--layouts", default=str(ROOT / "reports" / "pagecache-layouts.json"))
+    ap.add_argument("--replay", default=str(ROOT / "reports" / "pagecache-replay.csv"),
+                    help="replay_pagecache.py --out CSV whose kernel-model bytes the plot adds")
     ap.add_argument("--budget-min", type=float, default=9.0)
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--points", default="", help="run these points only (names as in the CSV), e.g. to repeat them")
@@ -681,7 +725,8 @@ def main() -> int:
                     "from 1000 on the child no longer reads it at every token either")
     args = ap.parse_args()
     if args.plot_only:
-        plot(Path(args.csv), Path(args.plot))
+        backfill(Path(args.csv), Path(args.trace))
+        plot(Path(args.csv), Path(args.plot), Path(args.replay))
         return 0
     for name in args.shapes.split(","):
         if name not in SHAPES:
@@ -712,7 +757,7 @@ def main() -> int:
         ap.error("--tokens and --warmup must be >= 1")
     rc = run_grid(args)
     if Path(args.csv).exists():
-        plot(Path(args.csv), Path(args.plot))
+        plot(Path(args.csv), Path(args.plot), Path(args.replay))
     return rc
 
 

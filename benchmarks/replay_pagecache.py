@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prima_sim.sim.kernel_cache import KernelCache, ReplayConfig, Window, replay  # noqa: E402
+from prima_sim.sim.kernel_cache import KernelCache, ReplayConfig, Window, replay, reread_fraction  # noqa: E402
 from prima_sim.sim.pagecache import PageCache  # noqa: E402
 
 MIB = 1 << 20
@@ -156,8 +156,8 @@ def main() -> int:
     rates = compute_rates(rows)
     chunk = args.chunk_kib << 10
     out_rows = []
-    print(f"{'point':30s} {'cache/ws':>8s} {'measured':>9s} {'LRU':>9s} {'kernel':>9s} {'err LRU':>8s} {'err kern':>8s}"
-          f" {'busy meas':>9s} {'busy kern':>9s}")  # fmt: skip
+    print(f"{'point':30s} {'cache/ws':>8s} {'measured':>9s} {'LRU':>9s} {'kernel':>9s} {'closed':>9s} {'err LRU':>8s} "
+          f"{'err kern':>8s} {'err cf':>7s} {'busy meas':>9s} {'busy kern':>9s}  (MiB per token, %, s)")  # fmt: skip
     for r in rows:
         name = r["point"]
         if want is not None and name not in want:
@@ -178,7 +178,8 @@ def main() -> int:
         preload = list(range(first_other, len(sizes)))
         t0 = tr["load"]["t0"]
         warm, toks = int(r["warmup"]), int(r["tokens"])
-        file_bytes = statistics.median(t["c"]["total_cache"] for t in tr["tokens"][warm:])
+        file_bytes = statistics.median(t["c"].get("total_cache", t["c"]["resident"] + OTHER_FILE_BYTES)
+                                       for t in tr["tokens"][warm:])  # fmt: skip
         cap = max(0.0, file_bytes - OTHER_FILE_BYTES)
         ws = float(r["ws_bytes"])
         if float(r["read_per_token"]) == 0:
@@ -195,25 +196,38 @@ def main() -> int:
         rl = replay(lru, wins, cfg, nxt)
         meas = float(r["read_per_token"])
         k_read, l_read = rk.mean_read(warm), rl.mean_read(warm)
+        wmax = max(int(x) for x in r["window_bytes"].split("/"))
+        age = float(r.get("sample_s") or 0.1) if args.flush == "measured" else (period or 0.0)
+        cf = ws * reread_fraction(min(cap / ws, 0.9999), int(r["k"]), bool(int(r["prefetch"])), ws, wmax / max(cap, 1.0),
+                                  float(r["disk_bps"]), min(age, 2.0)) if cap < ws else 0.0  # fmt: skip
 
         def err(x: float, m: float = meas) -> float:
             return 100.0 * (x - m) / m if m > 0 else (0.0 if x == 0 else float("inf"))
 
         row = {"point": name, "cache_ratio": cap / ws, "measured": meas, "lru": l_read, "kernel": k_read,
-               "err_lru_pct": err(l_read), "err_kernel_pct": err(k_read), "busy_measured_s": float(r["busy_s"]),
+               "closed_form": cf, "err_lru_pct": err(l_read), "err_kernel_pct": err(k_read),
+               "err_closed_form_pct": err(cf), "busy_measured_s": float(r["busy_s"]),
                "busy_kernel_s": rk.median_busy(warm), "busy_lru_s": rl.median_busy(warm),
                "kernel_active_mib": rk.lists_per_token[-1][0] / MIB, "measured_active_mib": float(r["active_file"]) / MIB}  # fmt: skip
         out_rows.append(row)
-        print(f"{name:30s} {cap / ws:8.2f} {meas / MIB:9.0f} {l_read / MIB:9.0f} {k_read / MIB:9.0f} "
-              f"{row['err_lru_pct']:8.1f} {row['err_kernel_pct']:8.1f} {row['busy_measured_s']:9.3f} "
-              f"{row['busy_kernel_s']:9.3f}")  # fmt: skip
+        print(f"{name:30s} {cap / ws:8.2f} {meas / MIB:9.0f} {l_read / MIB:9.0f} {k_read / MIB:9.0f} {cf / MIB:9.0f} "
+              f"{row['err_lru_pct']:8.1f} {row['err_kernel_pct']:8.1f} {row['err_closed_form_pct']:7.1f} "
+              f"{row['busy_measured_s']:9.3f} {row['busy_kernel_s']:9.3f}")  # fmt: skip
     paging = [x for x in out_rows if x["measured"] > 0]
     if paging:
-        for label, k in (("LRU", "err_lru_pct"), ("kernel model", "err_kernel_pct")):
+        for label, k in (
+            ("LRU", "err_lru_pct"),
+            ("kernel model", "err_kernel_pct"),
+            ("closed form", "err_closed_form_pct"),
+        ):
             errs = sorted(abs(x[k]) for x in paging)
             within = sum(e <= 10 for e in errs)
             print(f"{label}: |error| of bytes per token over {len(errs)} paging points: median {statistics.median(errs):.1f}%, "
                   f"max {errs[-1]:.1f}%, within 10%: {within}/{len(errs)}")  # fmt: skip
+        for label, k in (("LRU", "busy_lru_s"), ("kernel model", "busy_kernel_s")):
+            errs = sorted(abs(x[k] - x["busy_measured_s"]) / x["busy_measured_s"] * 100 for x in paging)
+            print(f"{label}: |error| of the device's busy time per token: median {statistics.median(errs):.1f}%, "
+                  f"max {errs[-1]:.1f}%, within 10%: {sum(e <= 10 for e in errs)}/{len(errs)}")  # fmt: skip
     if args.out:
         with open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(out_rows[0]))

@@ -488,9 +488,9 @@ class ReplayConfig:
     warmup: int = 3
     readahead_chunks: int = 1
     advise_bytes: int = 1280 << 10
-    advise_s_per_byte: float = 0.25e-3 / (1 << 20)
+    advise_s_per_byte: float = 0.2e-3 / (1 << 20)
     """CPU time of ``WILLNEED`` per byte it allocates (page allocation, charge, reclaim, bio submission):
-    measured 0.2-0.3 ms per MiB (benchmarks/bench_pagecache.py, ``advise_s``)."""
+    measured 0.14-0.25 ms per MiB, median 0.19 (benchmarks/bench_pagecache.py, ``advise_s``)."""
     advise_fail_s: float = 1e-3
     """CPU time of a ``WILLNEED`` call whose allocation fails (a reclaim pass that finds only locked pages)."""
     populate: bool = True
