@@ -102,7 +102,14 @@ def say(msg: str) -> None:
 # --- mincore: which pages of a file are in the page cache ----------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -237,6 +244,15 @@ def child(cfg_path: str) -> int:
             time.sleep(gap)
         tokens.append({"step": step, "t0": ts, "t1": time.time(), "c": counters()})
         print(f"token {step + 1}/{steps}", file=sys.stderr, flush=True)
+    # Let the last advice's reads finish before exiting: a page whose read is in flight survives the next
+    # point's drop_caches, stays charged to this (removed) cgroup and would be free cache for the next point.
+    if io_dir is not None:
+        last, quiet, deadline = -1, 0.0, time.time() + 20.0
+        while quiet < 0.5 and time.time() < deadline:
+            now_read = blkio_read(io_dir / "blkio.throttle.io_service_bytes", dev)
+            quiet = quiet + 0.1 if now_read == last else 0.0
+            last = now_read
+            time.sleep(0.1)
     pf.close()
     stack.close()
     res.close()
@@ -268,12 +284,19 @@ class Point:
 def parse_point(key: str, rep: int = 1, tag: str = "") -> Point:
     """The point a key names (``1b-k1-large-r0.45-nopf``)."""
     parts = key.split("-")
-    if len(parts) != 5 or parts[0] not in SHAPES or parts[2] not in ("large", "small") or parts[4] not in ("pf", "nopf"):
+    if (
+        len(parts) != 5
+        or parts[0] not in SHAPES
+        or parts[2] not in ("large", "small")
+        or parts[4] not in ("pf", "nopf")
+    ):
         raise ValueError(f"bad point name {key!r} (e.g. 1b-k1-large-r0.45-nopf)")
     return Point(parts[0], int(parts[1][1:]), parts[2], float(parts[3][1:]), parts[4] == "pf", rep, tag)
 
 
-def grid(shapes: list[str], ks: list[int], sizes: list[str], ratios: list[float], prefetch: list[bool]) -> list[Point]:
+def grid(
+    shapes: list[str], ks: list[int], sizes: list[str], ratios: list[float], prefetch: list[bool]
+) -> list[Point]:
     """Points in run order: shape, config, prefetch, ratio (k = 1 has no prefetch under the executor's rule)."""
     pts = []
     for sh in shapes:
@@ -302,11 +325,16 @@ class Disk:
         if fresh:
             with self.image.open("wb") as fh:
                 fh.truncate(IMAGE_BYTES)
-        self.dev = _run(["losetup", "--find", "--show", "--direct-io=on", str(self.image)], "attaching").strip()
+        self.dev = _run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(self.image)], "attaching"
+        ).strip()
         dev = self.dev
         registry.add("loop device", dev, lambda: detach(dev))  # type: ignore[attr-defined]
         if fresh:
-            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev], "mkfs")
+            _run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev],
+                "mkfs",
+            )
         self.mnt.mkdir(exist_ok=True)
         _run(["mount", "-o", "noatime", dev, str(self.mnt)], "mounting")
         registry.add("mount", str(self.mnt), lambda: unmount(self.mnt))  # type: ignore[attr-defined]
@@ -486,9 +514,14 @@ def summarize(pt: Point, res: dict, samples: list, meta: dict) -> dict:
         "active_file": act,
         "inactive_file": ina,
         "other_file": tot - cache,
-        "refault_per_token": (endc.get("total_workingset_refault_file", 0)
-                              - first.get("total_workingset_refault_file", 0)) * PAGE / n,
-        "activate_per_token": (endc["vm_workingset_activate_file"] - first["vm_workingset_activate_file"]) * PAGE / n,
+        "refault_per_token": (
+            endc.get("total_workingset_refault_file", 0) - first.get("total_workingset_refault_file", 0)
+        )
+        * PAGE
+        / n,
+        "activate_per_token": (endc["vm_workingset_activate_file"] - first["vm_workingset_activate_file"])
+        * PAGE
+        / n,
         "majfault_per_token": (endc.get("total_pgmajfault", 0) - first.get("total_pgmajfault", 0)) / n,
         "load_read_bytes": load["after"].get("io_read", 0) - load["before"].get("io_read", 0),
         "load_s": load["t1"] - load["t0"],
@@ -523,6 +556,21 @@ def append_csv(path: Path, row: dict) -> None:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def drop_rows(csv_path: Path, trace_path: Path, keys: set[str]) -> None:
+    """Remove the rows and trace records of points ``keys`` (to measure them again)."""
+    rows = read_csv(csv_path)
+    if rows:
+        with csv_path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(r for r in rows if r["point"] not in keys)
+    if trace_path.exists():
+        with gzip.open(trace_path, "rt") as fh:
+            keep = [line for line in fh if json.loads(line)["point"] not in keys]
+        with gzip.open(trace_path, "wt") as fh:
+            fh.writelines(keep)
+
+
 def append_trace(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "at") as fh:
@@ -537,6 +585,8 @@ def run_grid(args: argparse.Namespace) -> int:
     cg.check_root()
     t_start = time.time()
     csv_path, trace_path = Path(args.csv), Path(args.trace)
+    if args.redo and args.points:
+        drop_rows(csv_path, trace_path, set(args.points))
     done = {r["point"] for r in read_csv(csv_path) if r.get("status") == "ok"}
     if args.points:
         pts = [parse_point(k, r, args.tag) for r in range(1, args.reps + 1) for k in args.points]
@@ -648,7 +698,11 @@ def plot(csv_path: Path, png: Path, replay_csv: Path | None = None) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_csv(csv_path) if r.get("status") == "ok" and r["point"].count("-") == 4]
-    model = {r["point"]: float(r["kernel"]) for r in read_csv(replay_csv)} if replay_csv and replay_csv.exists() else {}
+    model = (
+        {r["point"]: float(r["kernel"]) for r in read_csv(replay_csv)}
+        if replay_csv and replay_csv.exists()
+        else {}
+    )
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 4.2 * len(shapes)), squeeze=False, sharey=True)
     colors = {"large": "tab:blue", "small": "tab:orange"}
@@ -666,7 +720,9 @@ def plot(csv_path: Path, png: Path, replay_csv: Path | None = None) -> None:
                     ws = float(rs[0]["ws_bytes"]) / MIB
                     ax.plot(x, y, ls, marker="o" if not pf else "s", color=colors[size], ms=4,
                             label=f"{size} ({ws:.0f} MiB){' prefetch' if pf else ''}")  # fmt: skip
-                    ym = [model[r["point"]] / float(r["ws_bytes"]) if r["point"] in model else None for r in rs]
+                    ym = [
+                        model[r["point"]] / float(r["ws_bytes"]) if r["point"] in model else None for r in rs
+                    ]
                     pts = [(a, b) for a, b in zip(x, ym, strict=True) if b is not None]
                     if pts:
                         ax.plot([a for a, _ in pts], [b for _, b in pts], "x" if not pf else "+", color=colors[size],
@@ -682,8 +738,10 @@ def plot(csv_path: Path, png: Path, replay_csv: Path | None = None) -> None:
             ax.set_ylim(-0.05, 2.0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("Bytes Linux re-reads per token when llama.cpp decodes k windows in a memory cgroup "
-                 "(o/s measured, x/+ prima_sim.sim.kernel_cache replayed)")
+    fig.suptitle(
+        "Bytes Linux re-reads per token when llama.cpp decodes k windows in a memory cgroup "
+        "(o/s measured, x/+ prima_sim.sim.kernel_cache replayed)"
+    )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -713,16 +771,30 @@ def main() -> int:
     ap.add_argument("--trace", default=str(ROOT / "reports" / "pagecache-trace.json.gz"))
     ap.add_argument("--plot", default=str(ROOT / "reports" / "pagecache-grid.png"))
     ap.add_argument("--layouts", default=str(ROOT / "reports" / "pagecache-layouts.json"))
-    ap.add_argument("--replay", default=str(ROOT / "reports" / "pagecache-replay.csv"),
-                    help="replay_pagecache.py --out CSV whose kernel-model bytes the plot adds")
+    ap.add_argument(
+        "--replay",
+        default=str(ROOT / "reports" / "pagecache-replay.csv"),
+        help="replay_pagecache.py --out CSV whose kernel-model bytes the plot adds",
+    )
     ap.add_argument("--budget-min", type=float, default=9.0)
     ap.add_argument("--plot-only", action="store_true")
-    ap.add_argument("--points", default="", help="run these points only (names as in the CSV), e.g. to repeat them")
-    ap.add_argument("--reps", type=int, default=1, help="with --points: repetitions (rows named <point>-rep<i>)")
+    ap.add_argument(
+        "--points", default="", help="run these points only (names as in the CSV), e.g. to repeat them"
+    )
+    ap.add_argument(
+        "--reps", type=int, default=1, help="with --points: repetitions (rows named <point>-rep<i>)"
+    )
     ap.add_argument("--tag", default="", help="with --points: suffix of the rows' names (e.g. a variant)")
-    ap.add_argument("--sample-ms", type=float, default=SAMPLE_S * 1e3,
-                    help="how often the parent reads memory.stat (each read flushes the cgroup's statistics); "
-                    "from 1000 on the child no longer reads it at every token either")
+    ap.add_argument(
+        "--redo", action="store_true", help="with --points: drop their rows and measure them again"
+    )
+    ap.add_argument(
+        "--sample-ms",
+        type=float,
+        default=SAMPLE_S * 1e3,
+        help="how often the parent reads memory.stat (each read flushes the cgroup's statistics); "
+        "from 1000 on the child no longer reads it at every token either",
+    )
     args = ap.parse_args()
     if args.plot_only:
         backfill(Path(args.csv), Path(args.trace))
