@@ -92,6 +92,13 @@ def layout(files: list[dict], chunk: int) -> tuple[list[int], list[int], list[Wi
     return sizes, groups, wins, nxt
 
 
+def base_name(point: str) -> str:
+    """The grid point a repetition belongs to (``1b-k1-large-r0.45-nopf-rep2`` -> ``...-nopf``; a variant such
+    as ``...-nopf-s2000`` is its own point)."""
+    parts = point.split("-")
+    return "-".join(p for p in parts if not (p.startswith("rep") and p[3:].isdigit()))
+
+
 def load_trace(path: Path) -> dict[str, dict]:
     out = {}
     with gzip.open(path, "rt") as fh:
@@ -197,9 +204,8 @@ def main() -> int:
         meas = float(r["read_per_token"])
         k_read, l_read = rk.mean_read(warm), rl.mean_read(warm)
         wmax = max(int(x) for x in r["window_bytes"].split("/"))
-        age = float(r.get("sample_s") or 0.1) if args.flush == "measured" else (period or 0.0)
-        cf = ws * reread_fraction(min(cap / ws, 0.9999), int(r["k"]), bool(int(r["prefetch"])), ws, wmax / max(cap, 1.0),
-                                  float(r["disk_bps"]), min(age, 2.0)) if cap < ws else 0.0  # fmt: skip
+        cf = ws * reread_fraction(min(cap / ws, 0.9999), int(r["k"]), bool(int(r["prefetch"])), ws,
+                                  wmax / max(cap, 1.0), float(r["disk_bps"])) if cap < ws else 0.0  # fmt: skip
 
         def err(x: float, m: float = meas) -> float:
             return 100.0 * (x - m) / m if m > 0 else (0.0 if x == 0 else float("inf"))
@@ -228,6 +234,18 @@ def main() -> int:
             errs = sorted(abs(x[k] - x["busy_measured_s"]) / x["busy_measured_s"] * 100 for x in paging)
             print(f"{label}: |error| of the device's busy time per token: median {statistics.median(errs):.1f}%, "
                   f"max {errs[-1]:.1f}%, within 10%: {sum(e <= 10 for e in errs)}/{len(errs)}")  # fmt: skip
+    groups: dict[str, list[dict]] = {}
+    for x in out_rows:
+        groups.setdefault(base_name(x["point"]), []).append(x)
+    reps = {k: v for k, v in groups.items() if len(v) > 1 and v[0]["measured"] > 0}
+    if reps:
+        print("\nrepeated points (MiB per token): measured runs, kernel model per run (each with its own statistics "
+              "flushes), closed form")  # fmt: skip
+        for k, v in sorted(reps.items()):
+            m = [x["measured"] / MIB for x in v]
+            km = [x["kernel"] / MIB for x in v]
+            print(f"  {k:28s} measured {' '.join(f'{a:5.0f}' for a in m)} (spread {100 * (max(m) - min(m)) / min(m):4.0f}%)"
+                  f"   kernel {' '.join(f'{a:5.0f}' for a in km)}   closed form {v[0]['closed_form'] / MIB:5.0f}")  # fmt: skip
     if args.out:
         with open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(out_rows[0]))

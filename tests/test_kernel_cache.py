@@ -248,11 +248,11 @@ def test_reread_fraction_is_bounded(r, k, pf, ws):
 def test_reread_fraction_has_the_measured_regimes():
     ws = 490 * MIB  # the grid's 1B shape, k = 1
     assert reread_fraction(0.9, 1, ws_bytes=ws) == 1.0, "near fit: everything re-read (active list churn)"
-    # polled statistics (0.1 s): a frozen active part stays resident (measured 0.78 at 0.66, 0.91 at 0.50)
-    assert reread_fraction(0.66, 1, ws_bytes=ws, stats_age_s=0.1) == pytest.approx(0.78, abs=0.06)
-    assert reread_fraction(0.50, 1, ws_bytes=ws, stats_age_s=0.1) == pytest.approx(0.91, abs=0.06)
-    # the kernel's own 2 s flush: the first token's overshoot deactivates it all on a small cache
-    assert reread_fraction(0.66, 1, ws_bytes=ws) == 1.0
+    # a frozen active part stays resident (measured 0.78 at 0.66; 0.78-0.91 at 0.50)
+    assert reread_fraction(0.66, 1, ws_bytes=ws) == pytest.approx(0.78, abs=0.06)
+    assert 0.78 <= reread_fraction(0.50, 1, ws_bytes=ws) <= 0.91
+    # a bigger first-token overshoot (a slower flush of the cgroup's statistics) leaves less of it
+    assert reread_fraction(0.66, 1, ws_bytes=ws, overshoot_s=2.0) == 1.0
     # large caches keep most of their active share (inactive_ratio grows with the size)
     assert reread_fraction(0.5, 1, ws_bytes=40e9) < 0.6
     assert reread_fraction(0.3, 2, True, window_ratio=1.2) > 1.6, "prefetch of a window larger than the cache"
