@@ -54,6 +54,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from prima_sim.sim.pagecache import PageCache
+
 INACTIVE, ACTIVE = 0, 1
 DEF_PRIORITY = 12
 GIB = 1 << 30
@@ -156,6 +158,11 @@ class KernelCache:
     def ready_at(self, chunk: int) -> float:
         """When the read of a resident chunk completes (``-inf`` when it was inserted without a time)."""
         return self._ready[chunk]
+
+    def set_ready(self, chunk: int, when: float) -> None:
+        """Set when the read of a resident chunk completes (the chunk is locked until :attr:`now` reaches it)."""
+        if self._where[chunk] != 255:
+            self._ready[chunk] = when
 
     @property
     def can_evict(self) -> bool:
@@ -548,7 +555,7 @@ class _Disk:
         return self.free_at
 
 
-def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayConfig,
+def replay(cache: KernelCache | PageCache, windows: Sequence[Window], cfg: ReplayConfig,
            next_in_file: Sequence[int] | None = None) -> ReplayResult:  # fmt: skip
     """Decode ``cfg.warmup + cfg.tokens`` steps on one device: every step runs its windows in order; after each
     window the next own window is advised (``WILLNEED``) when ``cfg.prefetch`` (the executor's rule: not the
@@ -559,9 +566,7 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
     (``next_in_file``); compute waits for a chunk whose read is in flight. ``WILLNEED`` allocates the window's
     missing chunks at once, in calls of ``advise_bytes``, each read in turn by the disk.
     """
-    from prima_sim.sim.pagecache import PageCache
-
-    kernel = isinstance(cache, KernelCache)
+    kc = cache if isinstance(cache, KernelCache) else None
     lru = cache if isinstance(cache, PageCache) else None
     disk = _Disk(cfg.disk_bps)
     pending: dict[int, float] = {}  # LRU cache: completion time of reads not yet inserted
@@ -575,12 +580,12 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
 
     def set_now(x: float) -> None:
         nonlocal fi
-        if kernel:
+        if kc is not None:
             while fi < len(flushes) and flushes[fi] <= x:  # someone read memory.stat: the stats are flushed
-                cache.now = max(cache.now, flushes[fi])  # type: ignore[union-attr]
-                cache.flush_stats()  # type: ignore[union-attr]
+                kc.now = max(kc.now, flushes[fi])
+                kc.flush_stats()
                 fi += 1
-            cache.now = x  # type: ignore[union-attr]
+            kc.now = x
 
     def flush_lru(upto: float) -> None:
         if lru is None or not pending:
@@ -593,13 +598,13 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
 
     def read(c: int, now: float, prefetched: bool, mapped: bool) -> float | None:
         """Submit a read of ``c`` (allocating it first in the kernel model); its completion time or None."""
-        size = cache.size[c]  # type: ignore[union-attr]
-        if kernel:
+        size = cache.size[c]
+        if kc is not None:
             set_now(now)
-            if not cache.insert(c, prefetched=prefetched, ready_at=float("inf"), mapped=mapped):  # type: ignore[union-attr]
+            if not kc.insert(c, prefetched=prefetched, ready_at=float("inf"), mapped=mapped):
                 return None
             end = disk.submit(now, size)
-            cache._ready[c] = end  # type: ignore[union-attr]
+            kc.set_ready(c, end)
             return end
         if c in pending:
             return pending[c]
@@ -610,11 +615,11 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
         return end
 
     def is_resident(c: int) -> bool:
-        return bool(cache.resident(c)) or (lru is not None and c in pending)  # type: ignore[union-attr]
+        return cache.resident(c) or (lru is not None and c in pending)
 
     def ready(c: int) -> float:
-        if kernel:
-            return cache.ready_at(c)  # type: ignore[union-attr]
+        if kc is not None:
+            return kc.ready_at(c)
         return pending.get(c, NEVER)
 
     marks: set[int] = set()  # chunks brought by readahead: touching one reads further (PG_readahead)
@@ -630,8 +635,8 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
             marks.add(x)
 
     def phase(label: str) -> None:
-        if kernel:
-            cache.phase = label  # type: ignore[union-attr]
+        if kc is not None:
+            kc.phase = label
 
     def run_window(w: Window, now: float) -> float:
         for c, nbytes in w.order:
@@ -643,7 +648,7 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
                     set_now(now)
                     end = read(c, now, False, True)
                     if end is None:
-                        end = disk.submit(now, cache.size[c])  # type: ignore[union-attr]
+                        end = disk.submit(now, cache.size[c])
                 readahead(c, now)
                 now = max(now, end)
             else:
@@ -657,7 +662,7 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
             set_now(now)
             if lru is not None and not lru.resident(c):
                 lru.insert(c)
-            cache.touch(c)  # type: ignore[union-attr]
+            cache.touch(c)
             now += nbytes / cfg.compute_bps
         return now
 
@@ -671,7 +676,7 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
         for c in w.chunks:
             if call_bytes >= per_call:
                 call_bytes, failed = 0.0, False
-            size = cache.size[c]  # type: ignore[union-attr]
+            size = cache.size[c]
             call_bytes += size
             if failed or is_resident(c):
                 continue
@@ -684,8 +689,8 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
         return now
 
     for c in cfg.preload:
-        if kernel:
-            cache.insert(c, mapped=False)  # type: ignore[union-attr]
+        if kc is not None:
+            kc.insert(c, mapped=False)
         elif lru is not None:
             lru.insert(c)
     # load: each window's file populated in order (MAP_POPULATE faults every page, sequentially)
@@ -703,13 +708,13 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
                 flush_lru(t)
                 if lru is not None and not lru.resident(c):
                     lru.insert(c)
-                cache.touch(c)  # type: ignore[union-attr]
-                if kernel:
-                    cache.mark_accessed(c)  # type: ignore[union-attr]
-                    cache.mark_accessed(c)  # type: ignore[union-attr]
+                cache.touch(c)
+                if kc is not None:  # MAP_POPULATE's FOLL_TOUCH: every page of the folio marked accessed
+                    kc.mark_accessed(c)
+                    kc.mark_accessed(c)
     res.load_read_bytes = disk.read_bytes
-    if kernel:
-        res.lists_per_token.append((cache.active_bytes, cache.inactive_bytes))  # type: ignore[union-attr]
+    if kc is not None:
+        res.lists_per_token.append((kc.active_bytes, kc.inactive_bytes))
     n = len(windows)
     for _step in range(cfg.warmup + cfg.tokens):
         r0, busy = disk.read_bytes, 0.0
@@ -727,11 +732,11 @@ def replay(cache: KernelCache | object, windows: Sequence[Window], cfg: ReplayCo
             t += cfg.gap_s
         res.read_per_token.append(disk.read_bytes - r0)
         res.busy_per_token.append(busy)
-        if kernel:
-            res.lists_per_token.append((cache.active_bytes, cache.inactive_bytes))  # type: ignore[union-attr]
+        if kc is not None:
+            res.lists_per_token.append((kc.active_bytes, kc.inactive_bytes))
     flush_lru(float("inf"))
-    if kernel:
-        res.stats = cache.stats()  # type: ignore[union-attr]
+    if kc is not None:
+        res.stats = kc.stats()
     return res
 
 
