@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prima_sim.sim.kernel_cache import KernelCache, ReplayConfig, Window, replay, reread_fraction  # noqa: E402
+from prima_sim.devices.behaviour import reread_fraction  # noqa: E402
+from prima_sim.sim.kernel_cache import KernelCache, ReplayConfig, Window, replay  # noqa: E402
 from prima_sim.sim.pagecache import PageCache  # noqa: E402
 
 MIB = 1 << 20

@@ -341,14 +341,16 @@ def test_prediction_breaks_down_per_device_and_scores_every_plan_the_same_way() 
 
 
 def test_prefetch_lets_the_ring_hide_reads_that_a_single_window_cannot() -> None:
-    """Four equal paging devices (the paper's prefetch study): k = 1 pays every read on the ring's chain, k >= 2
-    with prefetch hides them behind the others' work, so Halda picks k >= 2 with prefetch and k = 1 without."""
+    """Four equal paging devices (the paper's prefetch study): without prefetch every read is on the ring's chain
+    (the devices read in turn; Linux keeps part of each share resident); with prefetch and k >= 2 each device reads
+    all of its share, but while the others compute, so Halda picks k >= 2 and the disks read in parallel."""
     c = load_cluster("prefetch-4x8g")
     m = catalog_model("llama3-70b")
     wl = Workload(n_ctx=1024)
     with_pf = make_plan(c, m, wl)
     without = make_plan(c, m, wl, prefetch=False)
-    assert with_pf.k >= 2 and _tpot(with_pf) < 0.6 * _tpot(without)
+    assert with_pf.k >= 2 and _tpot(with_pf) < 0.9 * _tpot(without)
     assert with_pf.prediction is not None and with_pf.prediction.bound.startswith("disk of")
+    assert without.prediction is not None and without.prediction.bound == "ring"
     one = manual_plan(c, m, wl, [20, 20, 20, 20])
-    assert _tpot(one) > 2 * _tpot(with_pf)
+    assert _tpot(one) > 1.5 * _tpot(with_pf)

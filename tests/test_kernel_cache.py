@@ -6,15 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prima_sim.sim.kernel_cache import (
-    KernelCache,
-    ReplayConfig,
-    cyclic_windows,
-    inactive_ratio,
-    replay,
-    replay_cyclic,
-    reread_fraction,
-)
+from prima_sim.devices.behaviour import inactive_ratio, reread_fraction
+from prima_sim.sim.kernel_cache import KernelCache, ReplayConfig, cyclic_windows, replay, replay_cyclic
 from prima_sim.sim.pagecache import PageCache
 
 MIB = 1 << 20

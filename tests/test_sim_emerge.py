@@ -117,17 +117,19 @@ def test_dropping_devices_lowers_simulated_tpot_on_d1_d6(model):
 
 
 def test_where_the_simulation_departs_from_the_cost_model_it_says_why(llama70):
-    """prefetch-4x8g with 3.3 GiB per device and k = 4: each window is a little larger than the room left for it.
-    The cost model assumes prefetch then cannot hold a window and charges every read as a stall; the simulated
-    LRU cache still gets part of each prefetch in time. The result says so, device by device."""
+    """prefetch-4x8g with 3.3 GiB per device and k = 4: each window is about as large as the room left for it.
+    The cost model follows what Linux measurably does then (docs/pagecache.md: the advice evicts its own reads and
+    faults read them again, up to twice per byte); the simulator's LRU page cache gets most of each prefetch in
+    time. The result says so, device by device."""
     c = load_cluster("prefetch-4x8g")
     c = c.model_copy(update={"devices": tuple(d.model_copy(update={"ram_available_bytes": int(3.3 * 2**30)})
                                               for d in c.devices)})  # fmt: skip
     res = simulate(manual_plan(c, llama70, WL, [5, 5, 5, 5]), c, llama70, WL)
     assert res.tpot_s < 0.9 * res.analytic.tpot_s
     lines = res.differences()
-    assert any("lands in time" in line for line in lines)
     for name, st in res.device_stats.items():
-        if st["sim_disk_bytes_per_decode_token"] > 1.05 * st["analytic_disk_bytes_per_token"] + 1e6:
-            assert any(line.startswith(f"{name}: reads") and "prefetch-release conflict" in line for line in lines)
+        if st["sim_disk_bytes_per_decode_token"] < 0.95 * st["analytic_disk_bytes_per_token"] - 1e6:
+            assert any(line.startswith(f"{name}: reads") and "less than the cost model" in line for line in lines)
+        if st["wasted_prefetch_bytes"] > 1e6 * (WL.decode_tokens + 1):
+            assert any(line.startswith(f"{name}:") and "prefetch-release conflict" in line for line in lines)
     assert res.summary()["differences"] == lines

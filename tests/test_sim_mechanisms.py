@@ -10,7 +10,7 @@ import pytest
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.profile import DeviceProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload, disk_bytes_per_step, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, Workload, memory_use, predict
 from prima_sim.halda.planner import manual_plan
 from prima_sim.sim import SimConfig, SimResult, simulate
 from prima_sim.sim.toy import toy_cluster, toy_device, toy_gpu
@@ -63,8 +63,8 @@ def test_one_round_does_not_prefetch_the_window_it_runs_again(m8):
     c = prefetch_toy(m8, [26, 6])
     plan = manual_plan(c, m8, WL, [26, 6])
     assert plan.k == 1
-    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True))
+    off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     window = sum(m8.layer_bytes[0:6])
     assert per_token(off, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
     assert per_token(on, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
@@ -78,8 +78,8 @@ def test_prima_cpp_prefetch_conflict_with_one_round(m8):
     (paper Fig. 3): every byte is read twice and TPOT does not improve."""
     c = prefetch_toy(m8, [26, 6])
     plan = manual_plan(c, m8, WL, [26, 6])
-    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True, prefetch_own_window=True))
+    off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True, prefetch_own_window=True))
     window = sum(m8.layer_bytes[0:6])
     assert per_token(on, "B", "disk_read_bytes") == pytest.approx(2 * window, rel=0.01)
     assert on.tpot_s == pytest.approx(off.tpot_s, rel=0.02)
@@ -95,8 +95,8 @@ def test_prefetch_release_conflict_with_windows_larger_than_the_cache(m8):
     c = prefetch_toy(m8, [10, 6])
     plan = manual_plan(c, m8, WL, [10, 6])
     assert plan.k == 2
-    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True))
+    off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     both = 2 * sum(m8.layer_bytes[0:6])
     assert per_token(off, "B", "disk_read_bytes") == pytest.approx(both, rel=0.03)
     assert per_token(on, "B", "disk_read_bytes") == pytest.approx(2 * both, rel=0.03)
@@ -112,8 +112,8 @@ def test_prefetch_hides_the_next_window_with_two_rounds(m8):
     c = prefetch_toy(m8, [13, 3])
     plan = manual_plan(c, m8, WL, [13, 3])
     assert plan.k == 2
-    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True))
+    off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     wait_off = per_token(off, "B", "disk_wait_s")
     read_s = sum(m8.layer_bytes[0:6]) / 2e9
     assert per_token(off, "B", "disk_read_bytes") == pytest.approx(2 * read_s * 1e9, rel=0.01), "all 6 layers fault"
@@ -132,8 +132,8 @@ def test_prefetch_can_be_too_late_on_a_slow_disk(m8):
     slow = c.device("B").model_copy(update={"disk_seq_read_bps": 0.3e9})
     c = c.model_copy(update={"devices": (c.devices[0], slow)})
     plan = manual_plan(c, m8, WL, [13, 3])
-    off = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    on = simulate(plan, c, m8, WL, SimConfig(prefetch=True))
+    off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     w_on, w_off = per_token(on, "B", "disk_wait_s"), per_token(off, "B", "disk_wait_s")
     assert 0.1 * w_off < w_on < 0.9 * w_off
 
@@ -147,7 +147,7 @@ def test_lru_rereads_a_whole_window_that_barely_overflows(m8):
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], None, "B", window / 1.05)
     plan = manual_plan(c, m8, WL, [24, 8])
-    res = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
+    res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     assert per_token(res, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
     assert res.device_stats["B"]["analytic_disk_bytes_per_token"] == pytest.approx(window, rel=0.01)
     assert res.tpot_s == pytest.approx(res.analytic.tpot_s, rel=0.03)
@@ -156,14 +156,14 @@ def test_lru_rereads_a_whole_window_that_barely_overflows(m8):
 def test_cold_start_reads_everything_warm_start_nothing(m8):
     c = toy_cluster([toy_device("H"), toy_device("B")])
     plan = manual_plan(c, m8, WL, [16, 16])
-    warm = simulate(plan, c, m8, WL, SimConfig(warm=True, prefetch=False))
-    cold = simulate(plan, c, m8, WL, SimConfig(warm=False, prefetch=False))
+    warm = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=True, prefetch=False))
+    cold = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=False, prefetch=False))
     mapped = sum(s["mapped_weight_bytes"] for s in cold.device_stats.values())
     prefill_cold = sum(v for (tok, _), v in cold.disk_read.items() if tok == 0)
     assert prefill_cold >= mapped
     assert cold.ttft_s > mapped / 2e9, "without prefetch the two disks load one after the other, in ring order"
     # with prefetch the head loads its window while B computes the first one
-    pf = simulate(plan, c, m8, WL, SimConfig(warm=False, prefetch=True))
+    pf = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=False, prefetch=True))
     assert warm.ttft_s < pf.ttft_s < cold.ttft_s
     assert warm.ttft_s == pytest.approx(warm.analytic.ttft_s, rel=0.02)
     assert sum(v for (tok, _), v in warm.disk_read.items() if tok >= 1) < 1e5, "only embedding rows in decode"
@@ -177,14 +177,13 @@ def test_metal_reloads_the_whole_working_set_when_over_its_limit(m8):
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], [0, 8], "M", 0.9 * window)
     plan = manual_plan(c, m8, WL, [24, 8], [0, 8])
-    res = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
-    analytic = disk_bytes_per_step(DeviceCosts(c.device("M"), m8, WL), memory_use(DeviceCosts(c.device("M"), m8, WL),
-                                   plan.device("M"), False))  # fmt: skip
-    assert analytic == pytest.approx(window)
+    res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    analytic = next(t for t in predict(plan, c, m8, WL, prefetch=False).per_device if t.name == "M")
+    assert analytic.read_bytes == pytest.approx(window)
     assert per_token(res, "M", "disk_read_bytes") == pytest.approx(window, rel=1e-6)
     # a 10% larger working set holds it: nothing reloads
     c2 = with_room(c, m8, [24, 8], [0, 8], "M", 1.1 * window)
-    res2 = simulate(manual_plan(c2, m8, WL, [24, 8], [0, 8]), c2, m8, WL, SimConfig(prefetch=False))
+    res2 = simulate(manual_plan(c2, m8, WL, [24, 8], [0, 8]), c2, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     assert per_token(res2, "M", "disk_read_bytes") == 0
 
 
@@ -193,7 +192,7 @@ def test_macos_without_metal_faults_at_random_read_bandwidth(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30, memory_bandwidth_bps=1e9), mac])
     window = sum(m8.layer_bytes[0:4])
     c = with_room(c, m8, [28, 4], None, "M", 0.5 * window)
-    res = simulate(manual_plan(c, m8, WL, [28, 4]), c, m8, WL, SimConfig(prefetch=False))
+    res = simulate(manual_plan(c, m8, WL, [28, 4]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     assert per_token(res, "M", "disk_wait_s") == pytest.approx(window / 0.5e9, rel=0.02)
 
 
@@ -202,7 +201,7 @@ def test_cuda_layers_never_page_cpu_layers_of_the_same_device_do(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), pc])
     cpu_bytes = sum(m8.layer_bytes[0:4])
     c = with_room(c, m8, [16, 16], [0, 12], "G", 0.5 * cpu_bytes)
-    res = simulate(manual_plan(c, m8, WL, [16, 16], [0, 12]), c, m8, WL, SimConfig(prefetch=False))
+    res = simulate(manual_plan(c, m8, WL, [16, 16], [0, 12]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     assert per_token(res, "G", "disk_read_bytes") == pytest.approx(cpu_bytes, rel=0.01)
     assert res.device_stats["G"]["mapped_weight_bytes"] == cpu_bytes
     assert res.device_stats["G"]["vram_weight_bytes"] == sum(m8.layer_bytes[4:16])
@@ -213,7 +212,7 @@ def test_android_swaps_other_apps_out_instead_of_rereading(m8):
     phone = toy_device("P", os="android", swappable_bytes=int(window), swap_bytes=int(window))
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), phone])
     c = with_room(c, m8, [26, 6], None, "P", 0.6 * window)
-    res = simulate(manual_plan(c, m8, WL, [26, 6]), c, m8, WL, SimConfig(prefetch=False))
+    res = simulate(manual_plan(c, m8, WL, [26, 6]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     st = res.device_stats["P"]
     assert per_token(res, "P", "disk_read_bytes") == 0
     assert st["swapped_out_bytes"] == pytest.approx(0.4 * window, rel=0.01)
@@ -266,5 +265,28 @@ def test_results_converge_as_chunks_get_finer():
     c = load_cluster("prefetch-4x8g")
     wl = Workload(n_ctx=1024, prompt_tokens=4, decode_tokens=2)
     plan = manual_plan(c, m, wl, [10] * 4)
-    tpots = [simulate(plan, c, m, wl, SimConfig(chunk_bytes=mib << 20)).tpot_s for mib in (8, 32, 64)]
+    tpots = [simulate(plan, c, m, wl, SimConfig(page_cache="lru", chunk_bytes=mib << 20)).tpot_s for mib in (8, 32, 64)]
     assert max(tpots) / min(tpots) < 1.005
+
+
+def test_linux_keeps_a_frozen_part_of_a_share_much_larger_than_its_cache(m8):
+    """k = 1, no prefetch, B's window twice its cache: Linux's two-list LRU keeps the active list it froze after
+    the first token (docs/pagecache.md), so B re-reads its window less that part; a plain LRU re-reads all of it.
+    The simulated bytes follow the cost model's closed form."""
+    from prima_sim.devices.behaviour import frozen_active_bytes
+
+    c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), toy_device("B")])
+    window = sum(m8.layer_bytes[0:8])
+    c = with_room(c, m8, [24, 8], None, "B", window / 2)
+    plan = manual_plan(c, m8, WL, [24, 8])
+    linux = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
+    lru = simulate(plan, c, m8, WL, SimConfig(prefetch=False, page_cache="lru"))
+    b = c.device("B")
+    frozen = float(frozen_active_bytes(window, window / 2, True, b.disk_seq_read_bps))
+    assert 0 < frozen < window / 2
+    assert per_token(lru, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
+    # the protected part is whole chunks (32 MiB here), so it can fall short of the formula by one chunk
+    assert per_token(linux, "B", "disk_read_bytes") == pytest.approx(window - frozen, abs=32 * 2**20)
+    analytic = next(t for t in linux.analytic.per_device if t.name == "B")
+    assert analytic.read_bytes == pytest.approx(window - frozen, rel=1e-6)
+    assert linux.tpot_s < lru.tpot_s

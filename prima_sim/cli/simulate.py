@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--jitter", type=float, default=0.0,
                     help="log-normal sigma of noise on compute times and link latencies (default: 0 = none)")
     sm.add_argument("--no-prefetch", action="store_true", help="devices do not advise the kernel to load their next window")
+    sm.add_argument("--page-cache", choices=("linux", "lru"), default="linux",
+                    help="linux: Linux devices keep the part of a paging share their kernel's active list freezes "
+                         "(docs/pagecache.md); lru: a plain LRU everywhere (default: %(default)s)")
     sm.add_argument("--prima-prefetch", action="store_true",
                     help="prefetch exactly as prima.cpp does: also a device's only window after it has run it "
                          "(this project's executor skips that advice; see docs/sim.md)")  # fmt: skip
@@ -97,8 +100,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     check_number("--jitter", args.jitter, minimum=0, maximum=1)
     check_number("--seed", args.seed, minimum=0)
     try:
-        return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=args.prima_prefetch, warm=args.warm, chunk_bytes=int(args.chunk_mib * MiB),
-                         jitter=args.jitter, seed=args.seed)  # fmt: skip
+        return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=args.prima_prefetch, warm=args.warm,
+                         chunk_bytes=int(args.chunk_mib * MiB), jitter=args.jitter, seed=args.seed,
+                         page_cache=args.page_cache)  # fmt: skip
     except ValueError as exc:
         raise InputError("--seed/--jitter/--chunk-mib", "", str(exc).replace('"', "")) from None
 

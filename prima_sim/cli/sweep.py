@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="root seed (default: %(default)s)")
     p.add_argument("--jitter", type=float, default=0.0, help="log-normal noise sigma (default: 0)")
     p.add_argument("--no-prefetch", action="store_true", help="simulate without prefetch")
+    p.add_argument("--page-cache", choices=("linux", "lru"), default="linux",
+                   help="page-cache model of Linux devices (see prima-sim simulate --help; default: %(default)s)")
     p.add_argument("--cold", action="store_true", help="start every run with a cold page cache")
     p.add_argument("--chunk-mib", type=float, default=SWEEP_CHUNK_MIB, help="page-cache chunk, MiB (default: %(default)g)")
     p.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
     try:
         cfg = SimConfig(prefetch=not args.no_prefetch, warm=not args.cold, chunk_bytes=int(args.chunk_mib * MiB),
-                        jitter=args.jitter, seed=args.seed, record_spans=False)  # fmt: skip
+                        jitter=args.jitter, seed=args.seed, record_spans=False, page_cache=args.page_cache)  # fmt: skip
         variants = grid(base, devices,
                         _floats(args.ram_scale, "--ram-scale"), _floats(args.disk_scale, "--disk-scale"),
                         _floats(args.bandwidth_scale, "--bandwidth-scale"), schedulers)  # fmt: skip

@@ -28,17 +28,22 @@ macOS with Metal          GPU memory *is* RAM: GPU layers' weights, KV cache and
 Windows                   as Linux without readahead (random bandwidth), for completeness.
 ========================  ==========================================================================
 
-Paging (:meth:`MemoryBehaviour.reread_bytes`): a device maps ``mapped`` bytes of weights and has ``room``
-bytes of page cache for them. When everything fits nothing is read; otherwise the ring touches the mapped
-weights cyclically once per token, and an LRU cache under a cyclic scan larger than itself hits nothing:
-every mapped byte is re-read every token (what the simulator's page cache does, and what the emulation
-measured when a window is a little larger than its cache; docs/emulation.md finding 8). A Metal working
-set reloads whole for the same reason.
+Paging (:meth:`MemoryBehaviour.reread_bytes`, :func:`reread_fraction`): a device maps ``W`` bytes of weights
+and has ``C`` bytes of page cache for them. When everything fits nothing is read while decoding. Otherwise the
+ring touches the weights cyclically once per token, and what is read again is what Linux's reclaim decides
+(docs/pagecache.md: measured on 140 points and modelled from mm/vmscan.c and mm/workingset.c): near a fit
+(``C/W`` above about 0.8) every byte, as an LRU would; further below, about ``1 - (frozen active part)/W``; and
+with prefetch of several windows about one read per byte while a window fits in the cache, up to two when it
+does not (the advice evicts its own reads). Neither "the overflow only" (prima.cpp) nor "always everything"
+(LRU). A Metal working set reloads whole, and macOS without Metal is taken as an LRU (not measured).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.units import MiB
@@ -50,6 +55,8 @@ METAL_RESERVE_BYTES = 300 * MiB
 """The same reserve on Metal."""
 MIN_PAGING_DISK_BPS = 0.1e9
 """A disk slower than this is never planned to page weights (prima.cpp's ``min_disk_read_speed``)."""
+ArrayOrFloat = float | np.ndarray
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class MemoryBehaviour:
         readahead: faults also read ahead sequentially (Linux, Android).
         host_copy_bps: RAM<->VRAM copy bandwidth for a window's activations (0: no copies, unified).
         pages_weights: the disk is fast enough to plan weights that page (:data:`MIN_PAGING_DISK_BPS`).
+        kernel_lru: the page cache is Linux's two-list LRU (docs/pagecache.md), not a plain LRU.
     """
 
     name: str
@@ -90,6 +98,7 @@ class MemoryBehaviour:
     readahead: bool
     host_copy_bps: float
     pages_weights: bool
+    kernel_lru: bool = False
 
     # --- what a run pins, maps and needs --------------------------------------------------------------------
     def pinned_ram_bytes(self, kv_cpu: float, buffers_cpu: float, weights_gpu: float, kv_gpu: float,
@@ -132,11 +141,19 @@ class MemoryBehaviour:
         return base + growth
 
     # --- paging ---------------------------------------------------------------------------------------------
-    def reread_bytes(self, mapped: float, room: float) -> float:
-        """Bytes re-read from disk per token when ``mapped`` bytes of weights are touched once per token in
-        a cyclic order through ``room`` bytes of page cache: none when they fit, all of them when they do
-        not (LRU under a cyclic scan; a Metal working set reloads whole)."""
-        return float(mapped) if mapped > room + 0.5 else 0.0
+    def reread_fraction(self, mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool | np.ndarray,
+                        largest_window: ArrayOrFloat) -> ArrayOrFloat:  # fmt: skip
+        """Bytes re-read per token over ``mapped`` (:func:`paging_fraction` with this device's rules)."""
+        out = paging_fraction(mapped, room, prefetching, largest_window, self.kernel_lru, self.fault_bps)
+        return float(out) if out.ndim == 0 else out
+
+    def reread_bytes(self, mapped: float, room: float, k: int = 1, prefetching: bool = False,
+                     largest_window: float | None = None) -> float:
+        """Bytes re-read from disk per token (:meth:`reread_fraction` x ``mapped``)."""
+        if mapped <= room + 0.5:
+            return 0.0
+        lw = mapped / k if largest_window is None else largest_window
+        return float(self.reread_fraction(mapped, room, prefetching, lw)) * mapped
 
     def read_seconds(self, nbytes: float) -> float:
         """Seconds the device's disk needs to read ``nbytes`` through page faults or prefetch."""
@@ -172,4 +189,112 @@ def behaviour_of(d: DeviceProfile) -> MemoryBehaviour:
         readahead=sequential and not metal,
         host_copy_bps=float(gpu.host_link_bps) if gpu is not None and not unified else 0.0,
         pages_weights=fault_bps >= MIN_PAGING_DISK_BPS,
+        kernel_lru=sequential and not metal,
     )
+
+
+# --- Linux's page cache under the ring's cyclic reads (docs/pagecache.md) --------------------------------------
+def inactive_ratio(file_lru_bytes: float) -> int:
+    """The kernel's target active:inactive ratio of a file LRU of this size (mm/vmscan.c ``inactive_is_low``):
+    ``int_sqrt(10 * gb)`` with ``gb`` the whole GiB of the list, 1 below 1 GiB."""
+    gb = max(0, int(file_lru_bytes)) >> 30
+    return math.isqrt(10 * gb) if gb else 1
+
+
+
+
+OVERSHOOT_S = 0.075
+"""The first decode token deactivates the active list past its balance for about this many seconds of the disk's
+reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
+fitted on the grid (50-100 ms of reads at 500 MB/s); polling ``memory.stat`` every 2 s instead of 0.1 s did not
+change it measurably."""
+CASCADE_START, CASCADE_SPAN = 0.85, 0.3
+"""Prefetch of a window of ``w`` x the cache reads it ``1 + clamp((w - 0.85) / 0.3, 0, 1)`` times (fitted on the
+grid's 46 prefetch points: 1.05-1.19 below 0.8, 1.4-1.66 at 0.9-1.05, 1.95 from 1.2 on)."""
+
+
+
+
+def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_bytes: float = 1 << 30,
+                    window_ratio: float | None = None, disk_bps: float = 500e6,
+                    overshoot_s: float = OVERSHOOT_S) -> float:  # fmt: skip
+    """Bytes a device reads from disk per decode token, as a fraction of its working set (the bytes of its
+    windows), under Linux's page cache (two-list LRU, no MGLRU, no swap, llama.cpp's mmap load). The closed form
+    of :class:`KernelCache`'s regimes, for the analytic cost model; docs/pagecache.md has the measurements it is
+    checked against (fitted on it: median error 2.5%, 96 of 120 paging runs within 10%; the kernel itself varies up
+    to 20-45% between identical runs at some points).
+
+    With ``C`` the page cache the device's windows get and ``W`` their bytes (``cache_ratio = C / W``):
+
+    * ``C >= W``: 0 (nothing is evicted once loaded).
+    * **Prefetch with several windows** (``prefetch`` and ``k > 1``): about one read per byte, and up to two when
+      the advised window is larger than the cache (``window_ratio`` = largest window / C, default ``W / (k C)``):
+      the advice evicts its own completed reads, demand faults then evict the rest ahead of use:
+      ``1 + clamp((window_ratio - 0.85) / 0.3, 0, 1)``.
+    * **Near fit** (``C / W >= 2 / (2 + s)``, ``s = R / (R + 1)`` the active share of a balanced cache,
+      ``R = inactive_ratio(C)``: 0.8 below 1 GiB, 0.73 at 1-2 GiB): refaults are recent, the active list churns
+      and the whole window is read every token: 1.
+    * **Below:** the active list freezes after the first token, holding its balanced share ``s C`` less the
+      first token's overshoot (``disk_bps x overshoot_s`` bytes): ``1 - max(0, s C - disk_bps overshoot_s) / W``.
+
+    Args:
+        cache_ratio: ``C / W`` (> 0).
+        k: windows per device (ring rounds).
+        prefetch: the device advises its next window (the executor's rule: only with ``k > 1``).
+        ws_bytes: ``W``, the device's windows' bytes (> 0).
+        window_ratio: the largest window over ``C`` (default ``W / (k C)``).
+        disk_bps: the device's read bandwidth (bytes/s).
+        overshoot_s: seconds of reads the first token deactivates past the balance (default fitted).
+
+    Raises:
+        ValueError: a ratio, size or rate is not positive, ``overshoot_s`` is negative or ``k < 1``.
+    """
+    if not cache_ratio > 0 or not ws_bytes > 0 or not disk_bps > 0 or overshoot_s < 0 or k < 1:
+        raise ValueError(
+            '"cache_ratio", "ws_bytes" and "disk_bps" must be > 0, "overshoot_s" >= 0 and "k" >= 1'
+        )
+    cache = cache_ratio * ws_bytes
+    window = (window_ratio * cache) if window_ratio is not None else ws_bytes / k
+    return float(paging_fraction(ws_bytes, cache, prefetch and k > 1, window, True, disk_bps, overshoot_s))
+
+
+def frozen_active_bytes(mapped: ArrayOrFloat, room: ArrayOrFloat, kernel_lru: bool | np.ndarray,
+                        disk_bps: ArrayOrFloat, overshoot_s: float = OVERSHOOT_S) -> np.ndarray:
+    """Bytes of a device's weights that Linux keeps resident for good when ``mapped`` bytes are read once per
+    token through ``room`` bytes of page cache without prefetch (docs/pagecache.md): below a near fit
+    (``room / mapped < 2 / (2 + s)``) the active list freezes after the first token at its balanced share
+    ``s * room`` less the first token's overshoot (``disk_bps * overshoot_s``); near a fit, or everything fitting,
+    or a plain LRU (``kernel_lru`` false): 0."""
+    m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
+    c = np.maximum(np.asarray(room, dtype=float), 1.0)
+    share = _active_share(c)
+    frozen = np.maximum(0.0, share * c - np.asarray(disk_bps, dtype=float) * overshoot_s)
+    out: np.ndarray = np.where(np.asarray(kernel_lru) & (m > c + 0.5) & (c / m < 2.0 / (2.0 + share)), frozen, 0.0)
+    return out
+
+
+def paging_fraction(mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool | np.ndarray,
+                    largest_window: ArrayOrFloat, kernel_lru: bool | np.ndarray, disk_bps: ArrayOrFloat,
+                    overshoot_s: float = OVERSHOOT_S) -> np.ndarray:  # fmt: skip
+    """Bytes re-read per token over ``mapped`` (elementwise; numpy broadcasting): ``mapped`` bytes of weights,
+    the largest window of them ``largest_window`` bytes, read once per token through ``room`` bytes of page
+    cache (the rules of :func:`reread_fraction`).
+
+    ``prefetching``: the device advises its next window while the others work; ``kernel_lru``: Linux's two-list
+    page cache (its frozen active part below a near fit), else a plain LRU (a Metal working set, macOS).
+    """
+    m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
+    c = np.maximum(np.asarray(room, dtype=float), 1.0)
+    below = 1.0 - frozen_active_bytes(m, c, kernel_lru, disk_bps, overshoot_s) / m
+    cascade = 1.0 + np.clip((np.asarray(largest_window, dtype=float) / c - CASCADE_START) / CASCADE_SPAN, 0.0, 1.0)
+    f = np.where(prefetching, cascade, below)
+    out: np.ndarray = np.where(m > c + 0.5, f, 0.0)
+    return out
+
+
+def _active_share(cache: np.ndarray) -> np.ndarray:
+    """``R / (R + 1)`` with ``R = inactive_ratio(cache)``, elementwise."""
+    gb = np.floor(np.maximum(cache, 0.0) / GIB)
+    r = np.where(gb >= 1, np.floor(np.sqrt(10 * gb)), 1.0)
+    out: np.ndarray = r / (r + 1)
+    return out

@@ -363,7 +363,6 @@ class MemoryUse:
     mapped_ram: float = 0.0  # weight bytes in the page cache
     vram_need: float = 0.0  # bytes a discrete GPU must hold
     room: float = 0.0  # page cache the weights can have (Android: swap-out included)
-    reread: float = 0.0  # bytes re-read from disk per token
 
     @property
     def ram_total(self) -> float:
@@ -395,14 +394,38 @@ def derive_memory(mem: MemoryBehaviour, w_cpu: float, w_gpu: float, kv_cpu: floa
     mapped = mem.mapped_ram_bytes(w_cpu, w_gpu, head)
     room = mem.weights_room(pinned)
     return MemoryUse(w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head, pinned_ram=pinned,
-                     mapped_ram=mapped, vram_need=mem.vram_need_bytes(w_gpu, kv_gpu, buffers_gpu), room=room,
-                     reread=mem.reread_bytes(mapped, room))  # fmt: skip
+                     mapped_ram=mapped, vram_need=mem.vram_need_bytes(w_gpu, kv_gpu, buffers_gpu), room=room)
 
 
-def disk_bytes_per_step(costs: DeviceCosts, use: MemoryUse) -> float:
-    """Bytes re-read from disk every step because the device's mapped weights do not fit
-    (:meth:`MemoryBehaviour.reread_bytes`)."""
-    return use.reread
+@dataclass(frozen=True)
+class Paging:
+    """What one device reads from disk per token, and how much of it the ring can hide.
+
+    Attributes:
+        reread: weight bytes read again per token (:meth:`MemoryBehaviour.reread_fraction` x mapped).
+        hidden: the part read by prefetch while the other devices work (up to one read of each byte).
+        fault: the part read by page faults in the device's own windows (the rest: when a prefetched window
+            does not fit its room, the advice evicts its own reads and the faults read them again).
+        prefetching: the device advises its next window after each send.
+    """
+
+    reread: float
+    hidden: float
+    fault: float
+    prefetching: bool
+
+
+def device_paging(costs: DeviceCosts, a: DeviceAssignment, use: MemoryUse, n_devices: int, prefetch: bool) -> Paging:
+    """The disk reads of device assignment ``a`` per token (docs/halda.md, "Paging").
+
+    A device prefetches when prefetch is on, it runs several windows per token and it hands its activations to
+    another device (the advice follows each send).
+    """
+    prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
+    largest = max((_window_bytes(costs, a, r) for r in a.layers), default=0.0)
+    reread = costs.memory.reread_bytes(use.mapped_ram, use.room, len(a.layers), prefetching, largest)
+    hidden = min(reread, use.mapped_ram) if prefetching else 0.0
+    return Paging(reread, hidden, reread - hidden, prefetching)
 
 
 # --- prediction of a plan -----------------------------------------------------------------------------------
@@ -452,14 +475,6 @@ def memory_problems(costs: DeviceCosts, name: str, use: MemoryUse, gpu_layers: i
     return out
 
 
-def prefetches(use: MemoryUse, n_windows: int, largest_window_bytes: float, prefetch: bool, n_devices: int) -> bool:
-    """Whether a device's reads overlap the other devices' work: it prefetches (several windows per token,
-    and other devices to hand its activations to: the advice follows each send) and every window fits in its
-    room (else the advice evicts the window's own start)."""
-    return (prefetch and n_windows >= 2 and n_devices >= 2 and use.reread > 0
-            and largest_window_bytes <= use.room)  # fmt: skip
-
-
 def step_breakdown(
     plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_tokens: int = 1, n_kv: int | None = None,
     prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None,
@@ -497,16 +512,15 @@ def step_breakdown(
         c = costs[a.name]
         use = memory_use(c, a, a.name == plan.head)
         infeasible += memory_problems(c, a.name, use, a.gpu_layers)
-        read_b = use.reread + (model.embedding_row_bytes * n_tokens if a.name == plan.head else 0.0)
-        read_s = c.memory.read_seconds(read_b)
-        largest = max((_window_bytes(c, a, r) for r in a.layers), default=0.0)
-        pf = prefetches(use, len(a.layers), largest, prefetch, len(plan.devices))
-        reads[a.name] = (read_b, read_s, pf)
-        if pf:
-            if read_s > load_bound:
-                load_bound, bound = read_s, f"disk of {a.name}"
-        else:  # faults stall the device's own compute, which overlaps the disk through readahead
-            per[a.name]["disk"] += max(0.0, read_s - work[a.name])
+        pg = device_paging(c, a, use, len(plan.devices), prefetch)
+        emb = model.embedding_row_bytes * n_tokens if a.name == plan.head else 0.0
+        read_b = pg.reread + emb
+        reads[a.name] = (read_b, c.memory.read_seconds(read_b), pg.prefetching and pg.hidden > 0)
+        load = c.memory.read_seconds(pg.hidden)
+        if load > load_bound:
+            load_bound, bound = load, f"disk of {a.name}"
+        # faults stall the device's own compute, which overlaps the disk through readahead
+        per[a.name]["disk"] += max(0.0, c.memory.read_seconds(pg.fault + emb) - work[a.name])
     chain = sum(sum(v.values()) for v in per.values()) + head_s
     times = tuple(
         DeviceTimes(name=a.name, compute_s=per[a.name]["compute"], memory_s=per[a.name]["memory"],

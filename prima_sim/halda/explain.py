@@ -70,16 +70,15 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
                      f"{fmt_bytes(use.mapped_ram)} of page cache and the room left is {fmt_bytes(use.room)}"
                      + (f"; its GPU holds {fmt_bytes(use.vram_need)} of {fmt_bytes(mem.vram_bytes)}" if use.vram_need else ""))  # fmt: skip
         t = per.get(a.name)
-        if use.reread > 0 and t is not None:
+        if t is not None and use.mapped_ram > use.room + 0.5:
             how = "sequential" if mem.readahead else "random"
-            lines.append(f"it does not fit: re-reads {fmt_bytes(use.reread)} per token at {fmt_bandwidth(mem.fault_bps)} "
+            lines.append(f"it does not fit: re-reads {fmt_bytes(t.read_bytes)} per token "
+                         f"({t.read_bytes / use.mapped_ram:.0%} of its weights) at {fmt_bandwidth(mem.fault_bps)} "
                          f"({how} reads), {_ms(t.read_s)} of disk")  # fmt: skip
             if t.prefetch:
-                lines.append("prefetch hides that read behind the other devices' work (it has several windows, each "
-                             "fits its room)")
-            elif len(a.layers) >= 2 and pred is not None and pred.prefetch:
-                lines.append("its windows do not fit its room one at a time, so prefetch cannot hold them: page faults "
-                             f"stall its compute for {_ms(t.disk_s)} per token")  # fmt: skip
+                lines.append("prefetch hides its reads behind the other devices' work (several windows per token)"
+                             + (f"; its windows are too large for its room, so the advice evicts part of what it "
+                                f"read and page faults read it again: {_ms(t.disk_s)} of stalls" if t.disk_s > 0 else ""))  # fmt: skip
             else:
                 lines.append(f"with one window per token it cannot prefetch: page faults stall its compute for "
                              f"{_ms(t.disk_s)} per token (readahead overlaps the rest)")  # fmt: skip

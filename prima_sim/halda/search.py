@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prima_sim.devices.behaviour import CASCADE_START, paging_fraction
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, Workload, head_extra_bytes, hop_time
@@ -155,6 +156,7 @@ class RingArrays:
             "bps": v([m.fault_bps for m in mems]),
             "ram_gpu": np.array([m.gpu_memory_is_ram for m in mems]).reshape(M, 1, 1),
             "pages": np.array([m.gpu_layers_page for m in mems]).reshape(M, 1, 1),
+            "kernel_lru": np.array([m.kernel_lru for m in mems]).reshape(M, 1, 1),
         }
         return cls(costs, names, np.stack([c.layer_sums().cpu for c in costs]),
                    np.stack([c.layer_sums().gpu for c in costs]), np.stack([c.layer_bytes_prefix for c in costs]),
@@ -222,23 +224,24 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     swap_first = col["swap_first"]
     base = col["budget"] - swap_first - pinned
     room = np.maximum(base, 0.0) + np.clip(swap_first + np.minimum(base, 0.0), 0.0, None)
-    reread = np.where(mapped > room + 0.5, mapped, 0.0)
     ok = pinned <= col["pinned_budget"]
     ok &= ram_gpu | (n == 0) | (w_gpu + kv_gpu + buf_gpu <= col["vram"])
     Qc, Qg = Q["c"], Q["g"]
     work = (at_m(Qc) - at_s(Qc)) + (at_e(Qg) - at_m(Qg)) + k * np.where(n > 0, col["ovh_gpu"], col["ovh"])
     work += col["head_s"]
-    read_s = (reread + col["emb"]) / col["bps"]
-    if prefetch and k >= 2:
-        largest = _largest_window_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"])
-        pf = (reread > 0) & (largest <= room)
-    else:
-        pf = np.zeros(n.shape, dtype=bool)
-    chain = work + np.where(pf, 0.0, np.maximum(0.0, read_s - work))
+    # paging (costmodel.device_paging): with several windows and another device to hand its activations to,
+    # a device prefetches; the head alone never does, and the DP never lets it run k > 1
+    prefetching = prefetch and k >= 2
+    largest = (_largest_window_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"])
+               if prefetching else mapped)  # fmt: skip
+    reread = paging_fraction(mapped, room, prefetching, largest, col["kernel_lru"], col["bps"]) * mapped
+    hidden = np.minimum(reread, mapped) if prefetching else np.zeros_like(reread)
+    load = hidden / col["bps"]
+    chain = work + np.maximum(0.0, (reread - hidden + col["emb"]) / col["bps"] - work)
     full_chain = np.full((M, C, W + 1, W + 1), INF)
     full_chain[:, :, si, ei] = np.where(ok, chain, INF)
     full_load = np.zeros((M, C, W + 1, W + 1))
-    full_load[:, :, si, ei] = np.where(ok & pf, read_s, 0.0)
+    full_load[:, :, si, ei] = np.where(ok, load, 0.0)
     full_n = np.zeros((M, C, W + 1, W + 1), dtype=int)
     full_n[:, :, si, ei] = n
     return KTables(ra.names, full_n, full_chain, full_load)
@@ -305,13 +308,18 @@ def gpu_counts_approximate(costs: DeviceCosts) -> bool:
     mem = costs.memory
     if not mem.has_gpu:
         return False
-    return (mem.gpu_memory_is_ram and not mem.gpu_layers_page) or not (costs.gpu_never_slower or costs.gpu_never_faster)
+    if mem.gpu_layers_page:  # Metal: the count only moves compute between units
+        return not (costs.gpu_never_slower or costs.gpu_never_faster)
+    # a discrete GPU whose layers are never slower: none or the most (exact); otherwise the prefetch cascade
+    # between regimes makes the cost non-linear in n, and unified copies trade compute against reads
+    return mem.gpu_memory_is_ram or not costs.gpu_never_slower
 
 
 def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: int, buf_cpu: float,
                          head_b: float, W: int) -> np.ndarray:  # fmt: skip
     """Per window [s, e) of a discrete-GPU device: the fewest GPU layers with which every one of its k windows
-    fits the page cache left for it (bisection: both sides only improve as layers move to the GPU)."""
+    fits the page cache left for it well enough to be prefetched with one read per byte (``CASCADE_START`` of
+    it; bisection: both sides only improve as layers move to the GPU)."""
     mem = costs.memory
     w = e - s
     lb, lkv = costs.layer_bytes_prefix, costs.layer_kv_prefix
@@ -326,7 +334,7 @@ def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: in
         room = np.maximum(base, 0.0) + np.clip(mem.swap_out_first_bytes + np.minimum(base, 0.0), 0.0, None)
         per_round = lb[offs + m] - lb[offs + s]
         per_round[-1] += head_last
-        ok: np.ndarray = per_round.max(axis=0) <= room
+        ok: np.ndarray = per_round.max(axis=0) <= CASCADE_START * room
         return ok
 
     lo, hi = np.zeros_like(w), w + 1

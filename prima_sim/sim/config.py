@@ -46,6 +46,10 @@ class SimConfig:
             kernel's sequential readahead); macOS and Windows never do.
         record_spans: keep every span (needed for the per-token CSV's per-device columns, the trace and the
             Gantt chart); sweeps turn it off and use only the steps' latencies.
+        page_cache: ``"linux"``: on Linux and Android devices that do not prefetch, the part of a paging
+            share that Linux's two-list LRU keeps resident for good after the first token (its frozen active
+            list, :func:`prima_sim.devices.behaviour.frozen_active_bytes`) is protected and the rest cycles
+            through an LRU; ``"lru"``: a plain LRU everywhere.
     """
 
     prefetch: bool = True
@@ -56,6 +60,7 @@ class SimConfig:
     seed: int = 0
     readahead: bool = True
     record_spans: bool = True
+    page_cache: str = "linux"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < PAGE_BYTES:
@@ -64,6 +69,8 @@ class SimConfig:
             raise ValueError(f'"jitter" must be in [0, 1], got {self.jitter}')
         if self.seed < 0:
             raise ValueError(f'"seed" must be >= 0, got {self.seed}')
+        if self.page_cache not in ("linux", "lru"):
+            raise ValueError(f'"page_cache" must be "linux" or "lru", got {self.page_cache!r}')
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dictionary (for summaries)."""

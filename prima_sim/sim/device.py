@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from prima_sim.devices.behaviour import frozen_active_bytes
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.halda.costmodel import (
     ACTIVATION_BYTES_PER_ELEMENT,
@@ -111,8 +112,13 @@ class SimDevice:
         self.is_head = is_head
         cfg = sim.cfg
         cap, growth = cache_capacity(costs, use)
-        self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth)
         mem = costs.memory
+        mapped = float(sum(layout.chunk_bytes))
+        prefetching = cfg.prefetch and len(assignment.layers) >= 2 and len(sim.plan.devices) >= 2
+        frozen = (0.0 if prefetching or cfg.page_cache == "lru" else
+                  float(frozen_active_bytes(mapped, cap + growth, mem.kernel_lru, mem.fault_bps)))  # fmt: skip
+        self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth,
+                               protected_bytes=frozen)  # fmt: skip
         self.swapped_at_start = (max(0.0, use.pinned_ram - (mem.ram_budget_bytes - mem.swap_out_first_bytes))
                                  if mem.swap_out_first_bytes > 0 else 0.0)  # fmt: skip
         self.disk = Disk(self.env, self.name, self._read_starts, self._read_done)

@@ -49,24 +49,19 @@ form the analytic cost model can use.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from prima_sim.devices.behaviour import (
+    inactive_ratio,
+)
 from prima_sim.sim.pagecache import PageCache
 
 INACTIVE, ACTIVE = 0, 1
 DEF_PRIORITY = 12
 GIB = 1 << 30
 NEVER = float("-inf")
-
-
-def inactive_ratio(file_lru_bytes: float) -> int:
-    """The kernel's target active:inactive ratio of a file LRU of this size (mm/vmscan.c ``inactive_is_low``):
-    ``int_sqrt(10 * gb)`` with ``gb`` the whole GiB of the list, 1 below 1 GiB."""
-    gb = max(0, int(file_lru_bytes)) >> 30
-    return math.isqrt(10 * gb) if gb else 1
 
 
 class KernelCache:
@@ -778,63 +773,3 @@ def replay_cyclic(window_bytes: Sequence[int], cache_bytes: float, cfg: ReplayCo
     return replay(cache, wins, cfg, nxt)
 
 
-OVERSHOOT_S = 0.075
-"""The first decode token deactivates the active list past its balance for about this many seconds of the disk's
-reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
-fitted on the grid (50-100 ms of reads at 500 MB/s); polling ``memory.stat`` every 2 s instead of 0.1 s did not
-change it measurably."""
-CASCADE_START, CASCADE_SPAN = 0.85, 0.3
-"""Prefetch of a window of ``w`` x the cache reads it ``1 + clamp((w - 0.85) / 0.3, 0, 1)`` times (fitted on the
-grid's 46 prefetch points: 1.05-1.19 below 0.8, 1.4-1.66 at 0.9-1.05, 1.95 from 1.2 on)."""
-
-
-def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_bytes: float = 1 << 30,
-                    window_ratio: float | None = None, disk_bps: float = 500e6,
-                    overshoot_s: float = OVERSHOOT_S) -> float:  # fmt: skip
-    """Bytes a device reads from disk per decode token, as a fraction of its working set (the bytes of its
-    windows), under Linux's page cache (two-list LRU, no MGLRU, no swap, llama.cpp's mmap load). The closed form
-    of :class:`KernelCache`'s regimes, for the analytic cost model; docs/pagecache.md has the measurements it is
-    checked against (fitted on it: median error 2.5%, 96 of 120 paging runs within 10%; the kernel itself varies up
-    to 20-45% between identical runs at some points).
-
-    With ``C`` the page cache the device's windows get and ``W`` their bytes (``cache_ratio = C / W``):
-
-    * ``C >= W``: 0 (nothing is evicted once loaded).
-    * **Prefetch with several windows** (``prefetch`` and ``k > 1``): about one read per byte, and up to two when
-      the advised window is larger than the cache (``window_ratio`` = largest window / C, default ``W / (k C)``):
-      the advice evicts its own completed reads, demand faults then evict the rest ahead of use:
-      ``1 + clamp((window_ratio - 0.85) / 0.3, 0, 1)``.
-    * **Near fit** (``C / W >= 2 / (2 + s)``, ``s = R / (R + 1)`` the active share of a balanced cache,
-      ``R = inactive_ratio(C)``: 0.8 below 1 GiB, 0.73 at 1-2 GiB): refaults are recent, the active list churns
-      and the whole window is read every token: 1.
-    * **Below:** the active list freezes after the first token, holding its balanced share ``s C`` less the
-      first token's overshoot (``disk_bps x overshoot_s`` bytes): ``1 - max(0, s C - disk_bps overshoot_s) / W``.
-
-    Args:
-        cache_ratio: ``C / W`` (> 0).
-        k: windows per device (ring rounds).
-        prefetch: the device advises its next window (the executor's rule: only with ``k > 1``).
-        ws_bytes: ``W``, the device's windows' bytes (> 0).
-        window_ratio: the largest window over ``C`` (default ``W / (k C)``).
-        disk_bps: the device's read bandwidth (bytes/s).
-        overshoot_s: seconds of reads the first token deactivates past the balance (default fitted).
-
-    Raises:
-        ValueError: a ratio, size or rate is not positive, ``overshoot_s`` is negative or ``k < 1``.
-    """
-    if not cache_ratio > 0 or not ws_bytes > 0 or not disk_bps > 0 or overshoot_s < 0 or k < 1:
-        raise ValueError(
-            '"cache_ratio", "ws_bytes" and "disk_bps" must be > 0, "overshoot_s" >= 0 and "k" >= 1'
-        )
-    if cache_ratio >= 1.0:
-        return 0.0
-    cache = cache_ratio * ws_bytes
-    if prefetch and k > 1:
-        wr = window_ratio if window_ratio is not None else 1.0 / (k * cache_ratio)
-        return 1.0 + min(1.0, max(0.0, (wr - CASCADE_START) / CASCADE_SPAN))
-    r = inactive_ratio(cache)
-    share = r / (r + 1)
-    if cache_ratio >= 2.0 / (2.0 + share):
-        return 1.0
-    frozen = max(0.0, share * cache - disk_bps * overshoot_s)
-    return 1.0 - frozen / ws_bytes

@@ -36,11 +36,11 @@ class PageCache:
     """
 
     def __init__(self, name: str, chunk_bytes: Sequence[int], chunk_group: Sequence[int], n_groups: int,
-                 capacity_bytes: float, growth_bytes: float = 0.0) -> None:  # fmt: skip
+                 capacity_bytes: float, growth_bytes: float = 0.0, protected_bytes: float = 0.0) -> None:  # fmt: skip
         if len(chunk_bytes) != len(chunk_group):
             raise ValueError(f'"chunk_bytes" ({len(chunk_bytes)}) and "chunk_group" ({len(chunk_group)}) differ in length')
-        if capacity_bytes < 0 or growth_bytes < 0:
-            raise ValueError('"capacity_bytes" and "growth_bytes" must be >= 0')
+        if capacity_bytes < 0 or growth_bytes < 0 or protected_bytes < 0:
+            raise ValueError('"capacity_bytes", "growth_bytes" and "protected_bytes" must be >= 0')
         if any(b < 0 for b in chunk_bytes):
             raise ValueError('"chunk_bytes" must be >= 0')
         if any(not 0 <= g < n_groups for g in chunk_group):
@@ -52,6 +52,9 @@ class PageCache:
         self.growth_left = float(growth_bytes)
         self.used = 0.0
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.protected_target = float(protected_bytes)
+        self._protected: set[int] = set()
+        self.protected_bytes = 0.0
         self.missing: list[int] = [0] * n_groups
         for g in self.group:
             self.missing[g] += 1
@@ -67,7 +70,7 @@ class PageCache:
     # --- queries ---------------------------------------------------------------------------------------------
     def resident(self, chunk: int) -> bool:
         """Whether ``chunk`` is in the cache."""
-        return chunk in self._lru
+        return chunk in self._lru or chunk in self._protected
 
     @property
     def can_evict(self) -> bool:
@@ -75,7 +78,7 @@ class PageCache:
         return self.mapped_bytes > self.capacity + self.growth_left
 
     def lru_order(self) -> list[int]:
-        """Resident chunks, least recently used first."""
+        """Resident chunks that can be evicted, least recently used first."""
         return list(self._lru)
 
     # --- updates ---------------------------------------------------------------------------------------------
@@ -106,6 +109,8 @@ class PageCache:
         """
         if chunk in self._lru:
             self._lru.move_to_end(chunk)
+            return True
+        if chunk in self._protected:
             return True
         size = self.size[chunk]
         self.inserted_bytes += size
@@ -140,9 +145,21 @@ class PageCache:
         return True
 
     def fill(self, chunks: Iterable[int]) -> None:
-        """Read ``chunks`` in order as a load does (warm start); what does not fit pushes out what came first."""
+        """Read ``chunks`` in order as a load does (warm start); what does not fit pushes out what came first.
+
+        Then the most recently loaded ``protected_bytes`` stay resident for good: Linux's frozen active list
+        (llama.cpp's populating load activates every page; the first decode token deactivates the active list
+        from its oldest end down to a share it then keeps: docs/pagecache.md,
+        :func:`prima_sim.devices.behaviour.frozen_active_bytes`).
+        """
         for c in chunks:
             self.insert(c)
+        for c in reversed(list(self._lru)):
+            if self.protected_bytes + self.size[c] > self.protected_target:
+                break
+            del self._lru[c]
+            self._protected.add(c)
+            self.protected_bytes += self.size[c]
         self.inserted_bytes = 0.0
         self.evictions = 0
         self.evicted_bytes = 0.0
@@ -153,10 +170,11 @@ class PageCache:
         Raises:
             AssertionError: the bookkeeping is inconsistent.
         """
-        assert abs(self.used - sum(self.size[c] for c in self._lru)) < 1e-6, "used bytes disagree with contents"
+        assert abs(self.used - sum(self.size[c] for c in (*self._lru, *self._protected))) < 1e-6, (
+            "used bytes disagree with contents")
         assert self.used <= self.capacity + 1e-6, f"{self.name}: {self.used} bytes resident over capacity {self.capacity}"
         counts = [0] * len(self.missing)
         for c, g in enumerate(self.group):
-            if c not in self._lru:
+            if not self.resident(c):
                 counts[g] += 1
         assert counts == self.missing, "missing-chunk counts disagree with contents"
