@@ -173,28 +173,69 @@ def _more(d: DeviceProfile, resource: str) -> DeviceProfile:
     return DeviceProfile.model_validate(data)
 
 
+def _churn_explains(before: Plan, bigger: Cluster, m: ModelProfile) -> bool:
+    """Whether more RAM made Halda slower because Linux itself reads more with it: the same plan predicts more
+    on the bigger cluster, and one of its devices is in the near-fit churn there (its share does not fit and no
+    active part freezes: every byte re-read; docs/pagecache.md measured 0.78 of a share at cache/share 0.66 and
+    1.00 at 0.81)."""
+    from prima_sim.devices.behaviour import frozen_active_bytes
+    from prima_sim.halda.costmodel import DeviceCosts, memory_use
+
+    if predict(before, bigger, m, WL).tpot_s <= _tpot(before) * 1.001:
+        return False
+    for a in before.devices:
+        c = DeviceCosts(bigger.device(a.name), m, WL)
+        use = memory_use(c, a, a.name == before.head)
+        churn = use.mapped_ram > use.room + 0.5 and float(
+            frozen_active_bytes(use.mapped_ram, use.room, c.memory.kernel_lru, c.memory.fault_bps)) == 0.0
+        if churn and c.memory.kernel_lru:
+            return True
+    return False
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(st.integers(0, 10**6), st.sampled_from(MODELS), st.sampled_from(["ram", "vram", "disk", "cpu"]),
        st.integers(0, 7))  # fmt: skip
 def test_more_of_any_resource_never_slows_halda_down(seed: int, model_name: str, resource: str, which: int) -> None:
+    """More of any resource never raises Halda's TPOT, except where Linux itself reads more with more RAM (its
+    near-fit churn), which the same plan shows too."""
     m = _model(model_name)
     c = random_cluster(seed, m)
     before = _halda_or_none(c, m)
     assume(before is not None)
+    assert before is not None
     i = which % len(c.devices)
     devs = list(c.devices)
     devs[i] = _more(devs[i], resource)
-    after = _halda_or_none(c.model_copy(update={"devices": tuple(devs)}), m)
+    bigger = c.model_copy(update={"devices": tuple(devs)})
+    after = _halda_or_none(bigger, m)
     assert after is not None, "a plan that existed disappeared with more resources"
-    assert _tpot(after) <= _tpot(before) * 1.001 + 1e-12, (resource, devs[i].name, _tpot(before), _tpot(after))
+    if _tpot(after) > _tpot(before) * 1.001 + 1e-12:
+        assert resource == "ram" and _churn_explains(before, bigger, m), (
+            resource, devs[i].name, _tpot(before), _tpot(after))
 
 
-def test_more_ram_on_the_paper_testbed_never_slows_halda_down() -> None:
-    """Issue 10: D1-D4 with every device's RAM x 1.25 took Llama 1 30B from 141 ms to 3472 ms."""
+def _scale_ram(d: DeviceProfile, f: float) -> DeviceProfile:
+    data = d.model_dump()
+    data["ram_available_bytes"] = int(d.ram_available_bytes * f)
+    data["ram_total_bytes"] = max(d.ram_total_bytes, data["ram_available_bytes"])
+    if d.gpu is not None and d.gpu.kind == "metal":
+        data["gpu"]["vram_free_bytes"] = max(d.gpu.vram_free_bytes, data["ram_available_bytes"])
+        data["gpu"]["vram_total_bytes"] = max(d.gpu.vram_total_bytes, data["gpu"]["vram_free_bytes"])
+    return DeviceProfile.model_validate(data)
+
+
+@pytest.mark.parametrize(("model", "f"), [("llama1-30b", 1.25), ("llama3-70b", 1.25), ("llama3-70b", 1.05)])
+def test_more_ram_on_the_paper_testbed_never_slows_halda_down_but_for_the_kernels_churn(model: str, f: float) -> None:
+    """Issue 10: D1-D4 with every device's RAM x 1.25 took Llama 1 30B from 141 ms to 3472 ms. With the measured
+    page cache, 5% more RAM moves a device of the 70B plan from the frozen regime into the near-fit churn, where
+    Linux re-reads more: the same plan predicts more, so the search is not at fault."""
     c = load_cluster("paper-d1-d4")
-    m = catalog_model("llama1-30b")
-    bigger = c.model_copy(update={"devices": tuple(_more(d, "ram") for d in c.devices)})
-    assert _tpot(make_plan(bigger, m, WL)) <= _tpot(make_plan(c, m, WL)) * 1.001
+    m = catalog_model(model)
+    bigger = c.model_copy(update={"devices": tuple(_scale_ram(d, f) for d in c.devices)})
+    before, after = make_plan(c, m, WL), make_plan(bigger, m, WL)
+    if _tpot(after) > _tpot(before) * 1.001:
+        assert _churn_explains(before, bigger, m), (model, f, _tpot(before), _tpot(after))
 
 
 # --- exact on small instances -------------------------------------------------------------------------------
