@@ -19,8 +19,8 @@ import numpy as np
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import Cluster, load_cluster
 from prima_sim.devices.profile import DeviceProfile
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import make_plan
+from prima_sim.workload import Workload
 
 GiB = 2**30
 

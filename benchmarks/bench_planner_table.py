@@ -23,9 +23,9 @@ from pathlib import Path
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import bundled_names, load_cluster
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import SCHEDULERS, make_plan
 from prima_sim.sim import SimConfig, simulate
+from prima_sim.workload import Workload
 
 PAPER_MODELS = ("llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b",
                 "qwen2.5-32b", "qwen2.5-72b")  # fmt: skip

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import load_cluster
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import make_plan, manual_plan
 from prima_sim.sim import SimConfig, simulate
 from prima_sim.sim.sweep import grid, run_sweep
 from prima_sim.sim.toy import toy_cluster, toy_device
+from prima_sim.workload import Workload
 
 
 def timed(plan, cluster, model, wl, cfg=None, repeat=3):

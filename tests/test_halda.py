@@ -28,10 +28,11 @@ from prima_sim.devices.cluster import Cluster, bundled_names, load_cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import Workload, predict
+from prima_sim.halda.costmodel import predict
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, polish
 from prima_sim.plan import Plan, make_assignments
+from prima_sim.workload import Workload
 from tests.factories import cluster, cut_model, device, smollm2_model
 
 GiB, MB = 2**30, 2**20

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prima_sim.halda.costmodel import DeviceCosts, Workload
+from prima_sim.halda.costmodel import DeviceCosts
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.ilp import MASTER_PRIORITY, coefficients, feasible, objective, solve_k
 from prima_sim.halda.published import halda_published as halda
+from prima_sim.workload import Workload
 from tests.factories import cluster, device, smollm2_model
 
 MODEL16 = smollm2_model(16)

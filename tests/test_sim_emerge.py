@@ -14,9 +14,9 @@ import pytest
 
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import load_cluster
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import make_plan, manual_plan
 from prima_sim.sim import SimConfig, simulate
+from prima_sim.workload import Workload
 
 WL = Workload(n_ctx=1024, prompt_tokens=16, decode_tokens=8)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from prima_sim.devices.model import model_profile_from_gguf
-from prima_sim.halda.costmodel import DeviceCosts, Workload, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, memory_use
 from prima_sim.halda.planner import manual_plan
 from prima_sim.sim import SimConfig, simulate
 from prima_sim.sim.toy import toy_cluster, toy_device
+from prima_sim.workload import Workload
 
 GOLDEN = Path(__file__).parent / "golden" / "sim_smollm2_tokens.csv"
 WL = Workload(n_ctx=128, prompt_tokens=12, decode_tokens=5, n_ubatch=8)

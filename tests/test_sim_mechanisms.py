@@ -10,10 +10,11 @@ import pytest
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.profile import DeviceProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload, memory_use, predict
+from prima_sim.halda.costmodel import DeviceCosts, memory_use, predict
 from prima_sim.halda.planner import manual_plan
 from prima_sim.sim import SimConfig, SimResult, simulate
 from prima_sim.sim.toy import toy_cluster, toy_device, toy_gpu
+from prima_sim.workload import Workload
 
 WL = Workload(n_ctx=256, prompt_tokens=8, decode_tokens=6, n_ubatch=512)
 

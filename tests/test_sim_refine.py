@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import load_cluster
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import make_plan
 from prima_sim.sim.refine import plan_by_simulated_k
+from prima_sim.workload import Workload
 
 
 def test_simulated_k_and_halda_agree_on_several_rounds_under_memory_pressure() -> None:

@@ -10,10 +10,10 @@ from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json, s
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.explain import GLOSSARY, explain
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
+from prima_sim.workload import Workload
 
 DEFAULT_CLUSTER = "default"
 DEFAULT_MODEL = "llama3-70b"
@@ -62,8 +62,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 def workload_from_args(args: argparse.Namespace) -> Workload:
     """The workload the CLI flags describe (validated)."""
     try:
-        return Workload(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
-                        n_ubatch=args.ubatch)  # fmt: skip
+        return Workload.of(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
+                           n_ubatch=args.ubatch)  # fmt: skip
     except ValueError as exc:
         raise InputError("--ctx/--prompt-tokens/--tokens", "", str(exc)) from None
 

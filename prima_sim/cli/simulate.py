@@ -20,12 +20,12 @@ from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InputError
-from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
 from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
 from prima_sim.sim.config import PAGE_BYTES
 from prima_sim.units import MiB
+from prima_sim.workload import DEFAULT_UBATCH, Workload
 
 MAX_CHUNK_MIB = 1024 * 1024.0
 """Largest page-cache chunk the flags accept (1 TiB: larger than any layer, so every layer is one chunk)."""
@@ -89,7 +89,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
     try:
-        return Workload(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+        return Workload.of(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
     except ValueError as exc:
         raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
 

@@ -11,11 +11,11 @@ from prima_sim.cli.common import check_number, load_cluster_arg, load_model_arg
 from prima_sim.cli.plan import DEFAULT_MODEL
 from prima_sim.cli.simulate import MAX_CHUNK_MIB
 from prima_sim.errors import InputError
-from prima_sim.halda.costmodel import DEFAULT_UBATCH, Workload
 from prima_sim.halda.planner import SCHEDULERS
 from prima_sim.sim.config import PAGE_BYTES, SimConfig
 from prima_sim.sim.sweep import grid, run_sweep, write_sweep_csv
 from prima_sim.units import MiB
+from prima_sim.workload import DEFAULT_UBATCH, Workload
 
 SWEEP_CHUNK_MIB = 64.0
 """Default page-cache chunk of sweeps: coarser than ``simulate``'s 32 MiB (half the events), still under 1% of
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     for n in devices or []:
         check_number("--devices", n, minimum=1, maximum=len(base.devices))
     try:
-        wl = Workload(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+        wl = Workload.of(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
     except ValueError as exc:
         raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
     try:

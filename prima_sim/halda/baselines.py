@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload
+from prima_sim.halda.costmodel import DeviceCosts
+from prima_sim.workload import Workload
 
 
 def largest_remainder(weights: list[float], total: int, minimum: int = 1) -> list[int]:

@@ -49,45 +49,14 @@ from prima_sim.devices.model import ModelProfile, TensorEntry, sum_flops
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.plan import DeviceAssignment, DeviceTimes, Plan, Prediction
 from prima_sim.units import fmt_bytes
+from prima_sim.workload import DEFAULT_UBATCH, Workload
+
+__all__ = ["DEFAULT_UBATCH", "Workload"]  # re-exported while callers move to prima_sim.workload
 
 HEADER_BYTES = 96
 """Per-hop message overhead beyond the activations (header frame with positions, shape, fingerprint)."""
 ACTIVATION_BYTES_PER_ELEMENT = 4
 """Hidden states travel as float32, as in prima.cpp (``n_embd * n_tokens * 4`` bytes per hop)."""
-DEFAULT_UBATCH = 512
-"""llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens."""
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What the plan is for: the KV cache to reserve and the request shape.
-
-    Attributes:
-        n_ctx: context length reserved in every window's KV cache (tokens).
-        prompt_tokens: prompt length (prefill, TTFT).
-        decode_tokens: tokens generated after the first (TPOT is their median).
-        n_ubatch: prefill micro-batch size.
-    """
-
-    n_ctx: int = 4096
-    prompt_tokens: int = 64
-    decode_tokens: int = 128
-    n_ubatch: int = DEFAULT_UBATCH
-
-    def __post_init__(self) -> None:
-        if self.n_ctx <= 0:
-            raise ValueError(f"n_ctx must be > 0, got {self.n_ctx}")
-        if self.prompt_tokens < 1 or self.decode_tokens < 0 or self.n_ubatch < 1:
-            raise ValueError("prompt_tokens >= 1, decode_tokens >= 0 and n_ubatch >= 1 are required")
-        if self.prompt_tokens + self.decode_tokens > self.n_ctx:
-            raise ValueError(
-                f"prompt ({self.prompt_tokens}) + decode ({self.decode_tokens}) tokens exceed n_ctx ({self.n_ctx})"
-            )
-
-    @property
-    def decode_kv_tokens(self) -> int:
-        """Cached tokens a typical decode step attends to (the middle of generation)."""
-        return max(1, min(self.n_ctx, self.prompt_tokens + self.decode_tokens // 2))
 
 
 def roofline(flops: dict[str, float], rate: Callable[[str], float], nbytes: float, bandwidth: float

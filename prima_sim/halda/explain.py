@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, memory_use
 from prima_sim.plan import Plan
 from prima_sim.units import fmt_bandwidth, fmt_bytes
+from prima_sim.workload import Workload
 
 GLOSSARY = (
     "window: the consecutive layers a device runs each time the hidden state comes round; k: rounds of the ring "

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import DeviceCosts, Workload
+from prima_sim.halda.costmodel import DeviceCosts
 from prima_sim.halda.search import KResult, search
 from prima_sim.units import fmt_bytes
+from prima_sim.workload import Workload
 
 LARGE_CLUSTER = 16
 """Above this many devices, device selection starts from a ranked pre-selection (:func:`_preselect`)."""

@@ -32,13 +32,8 @@ import pulp
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import (
-    ACTIVATION_BYTES_PER_ELEMENT,
-    DeviceCosts,
-    Workload,
-    head_extra_bytes,
-    hop_time,
-)
+from prima_sim.halda.costmodel import ACTIVATION_BYTES_PER_ELEMENT, DeviceCosts, head_extra_bytes, hop_time
+from prima_sim.workload import Workload
 
 MASTER_PRIORITY = 1.01
 """prima.cpp divides the head's window cost by this: a slight preference to keep layers on the head."""

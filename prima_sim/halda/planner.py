@@ -24,11 +24,12 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.baselines import BASELINES, baseline_windows
-from prima_sim.halda.costmodel import DeviceCosts, Workload, check_memory, predict, step_breakdown
+from prima_sim.halda.costmodel import DeviceCosts, check_memory, predict, step_breakdown
 from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
 from prima_sim.halda.search import gpu_counts_approximate
 from prima_sim.plan import Dropped, Plan, SolverInfo, make_assignments, rounds_for
+from prima_sim.workload import Workload
 
 SCHEDULERS: tuple[str, ...] = ("halda", "prima", *BASELINES)
 """Scheduler names accepted by :func:`make_plan` (``prima``: prima.cpp's Halda as published)."""

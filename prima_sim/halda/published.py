@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import DeviceCosts, Workload
+from prima_sim.halda.costmodel import DeviceCosts
 from prima_sim.halda.greedy import solve_k_greedy
 from prima_sim.halda.halda import _diagnose, valid_ks
 from prima_sim.halda.ilp import (
@@ -38,6 +38,7 @@ from prima_sim.halda.ilp import (
     overloaded_set,
     solve_k,
 )
+from prima_sim.workload import Workload
 
 MAX_ITERATIONS = 64
 """Guard on the outer loop; prima.cpp's loop ends in O(M) iterations, this only stops oscillation."""

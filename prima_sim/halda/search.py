@@ -38,7 +38,8 @@ import numpy as np
 from prima_sim.devices.behaviour import CASCADE_START, paging_fraction
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import DeviceCosts, Workload, head_extra_bytes, hop_time
+from prima_sim.halda.costmodel import DeviceCosts, head_extra_bytes, hop_time
+from prima_sim.workload import Workload
 
 SMALL_WINDOW_TOTAL = 24
 """Up to this window total W, every GPU layer count of every window is searched on devices whose layers are

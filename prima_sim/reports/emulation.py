@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from prima_sim.devices.model import ModelProfile
     from prima_sim.emulate.emulator import PlanRun
     from prima_sim.emulate.scenario import Scenario
-    from prima_sim.halda.costmodel import Workload
+    from prima_sim.workload import Workload
 
 COLUMNS: tuple[str, ...] = (
     "scenario", "model", "model_bytes", "n_layers", "scheduler", "status",

@@ -19,7 +19,7 @@ from simpy.core import NORMAL, EventPriority
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
-from prima_sim.halda.costmodel import DeviceCosts, Workload, check_memory, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use
 from prima_sim.plan import Plan, Prediction, next_own_window, prefetch_window
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.device import Message, SimDevice
@@ -27,6 +27,7 @@ from prima_sim.sim.layout import build_layout
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
 from prima_sim.sim.result import SimResult
+from prima_sim.workload import Workload
 
 
 class CountingEnvironment(simpy.Environment):

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.planner import make_plan
 from prima_sim.plan import Plan, SolverInfo
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.engine import simulate
+from prima_sim.workload import Workload
 
 RANKING_DECODE_TOKENS = 6
 """Decode tokens simulated per candidate: the ring reaches its steady state after the first one or two."""
@@ -53,7 +53,7 @@ def plan_by_simulated_k(
         InfeasiblePlanError: no k gives a feasible plan.
     """
     cfg = config or SimConfig(record_spans=False)
-    ranking = replace(workload, decode_tokens=min(workload.decode_tokens, RANKING_DECODE_TOKENS) or 1)
+    ranking = workload.with_decode_tokens(min(workload.decode_tokens, RANKING_DECODE_TOKENS) or 1)
     ks = valid_ks(model.arch.n_layer, 1)
     candidates: list[KCandidate] = []
     for i, k in enumerate(ks):

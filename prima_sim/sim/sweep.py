@@ -25,10 +25,10 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import PrimaSimError
-from prima_sim.halda.costmodel import Workload
 from prima_sim.halda.planner import make_plan
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.engine import simulate
+from prima_sim.workload import Workload
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "n_devices", "ram_scale", "disk_scale", "bandwidth_scale", "scheduler", "status", "k", "windows",

@@ -1,0 +1,65 @@
+"""The Workload: what a plan is for (the KV cache to reserve and the request shape).
+
+It is the other half of every prediction (a plan says which device runs which layers; the workload says how
+long the context is, how long the prompt, how many tokens are generated), so it lives in the core beside the
+:class:`~prima_sim.plan.Plan`, not in the planner: the cost model, the simulator, the emulation and the reports
+all take one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from prima_sim.schema import FrozenModel
+
+DEFAULT_UBATCH = 512
+"""llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens."""
+DEFAULT_CTX = 1024
+"""The context every command reserves KV cache for unless told otherwise (prima.cpp's examples use ``-c 1024``)."""
+
+
+class Workload(FrozenModel):
+    """What the plan is for: the KV cache to reserve and the request shape.
+
+    Attributes:
+        n_ctx: context length reserved in every window's KV cache (tokens).
+        prompt_tokens: prompt length (prefill, TTFT).
+        decode_tokens: tokens generated after the first (TPOT is their median).
+        n_ubatch: prefill micro-batch size.
+    """
+
+    n_ctx: int = Field(default=4096, gt=0, description="context length reserved in every window's KV cache (tokens)")
+    prompt_tokens: int = Field(default=64, ge=1, description="prompt length (prefill, TTFT)")
+    decode_tokens: int = Field(default=128, ge=0, description="tokens generated after the first (TPOT: their median)")
+    n_ubatch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill micro-batch size")
+
+    @classmethod
+    def of(cls, **fields: Any) -> Workload:
+        """A validated workload; any problem is a ValueError of one line naming the field (for CLI flags and
+        scenario files, which turn it into an :class:`~prima_sim.errors.InputError`)."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            raise ValueError(f"{where}: {msg}" if where else msg) from None
+
+    @model_validator(mode="after")
+    def _fits(self) -> Workload:
+        if self.prompt_tokens + self.decode_tokens > self.n_ctx:
+            raise ValueError(
+                f"prompt ({self.prompt_tokens}) + decode ({self.decode_tokens}) tokens exceed n_ctx ({self.n_ctx})"
+            )
+        return self
+
+    @property
+    def decode_kv_tokens(self) -> int:
+        """Cached tokens a typical decode step attends to (the middle of generation)."""
+        return max(1, min(self.n_ctx, self.prompt_tokens + self.decode_tokens // 2))
+
+    def with_decode_tokens(self, n: int) -> Workload:
+        """The same workload generating ``n`` tokens (validated)."""
+        return Workload.of(n_ctx=self.n_ctx, prompt_tokens=self.prompt_tokens, decode_tokens=n, n_ubatch=self.n_ubatch)
