@@ -20,12 +20,17 @@ import hashlib
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, model_validator
 
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
+
+if TYPE_CHECKING:
+    from prima_sim.devices.cluster import Cluster
+    from prima_sim.devices.model import ModelProfile
+    from prima_sim.workload import Workload
 
 PLAN_SCHEMA_VERSION: Final = 2
 """Version of the plan format this prima-sim writes. Version 2 added ``cluster_source``, ``model_source`` and
@@ -176,6 +181,60 @@ class Plan(FrozenModel):
             if d.window == 0 or not d.layers:
                 raise ValueError(f"device {d.name} has no layers: list it under 'dropped' instead")
         return self
+
+    # --- the contract ----------------------------------------------------------------------------------
+    def check_against(self, cluster: Cluster, model: ModelProfile, workload: Workload | None = None,
+                      source: str = "plan") -> None:
+        """That this plan was made for ``cluster``, ``model`` and ``workload``: the simulator, the executor's head,
+        workers and shard writer, and the CLI check every plan they are given with it.
+
+        Raises:
+            InputError: naming the field that disagrees and what to do (``source``: the plan's file).
+        """
+        self.check_model(model, source)
+        self.check_cluster(cluster, source)
+        if workload is not None and workload.n_ctx != self.n_ctx:
+            raise InputError(source, "n_ctx", f"the plan reserves KV cache for {self.n_ctx} tokens but the workload "
+                             f"asks for a context of {workload.n_ctx}: use the plan's n_ctx")  # fmt: skip
+
+    def check_model(self, model: ModelProfile, source: str = "plan", model_ref: str = "") -> None:
+        """That this plan was made for ``model`` (``model_ref``: how the user named it, for the advice).
+
+        Raises:
+            InputError: another layer count or tensor table.
+        """
+        if self.n_layers != model.arch.n_layer:
+            raise InputError(source, "n_layers", f"the plan covers {self.n_layers} layers but model {model.id} has "
+                             f"{model.arch.n_layer}: plan it for this model")  # fmt: skip
+        if self.model_fingerprint and self.model_fingerprint != model.fingerprint:
+            replan = f"with 'prima-sim plan --model {model_ref}'" if model_ref else "for this model"
+            raise InputError(source, "model_fingerprint", f"the plan was made for {self.model_id}, not for "
+                             f"{model_ref or model.id} ({model.id}; their tensor tables differ): re-plan {replan}")  # fmt: skip
+
+    def check_cluster(self, cluster: Cluster, source: str = "plan", cluster_ref: str = "") -> None:
+        """That this plan was made on ``cluster`` (with its GPUs removed for a CPU-only plan; ``cluster_ref``: how
+        the user named it, for the advice).
+
+        Raises:
+            InputError: devices it does not have, or other profiles or links.
+        """
+        names = {d.name for d in cluster.devices}
+        planned = [d.name for d in self.devices]
+        missing = [n for n in planned if n not in names]
+        if missing:
+            raise InputError(source, "devices", f"devices {missing} are not in cluster {cluster.name} (it has "
+                             f"{sorted(names)}): plan it for this cluster")  # fmt: skip
+        seen = cluster.without_gpus() if self.cpu_only else cluster
+        if self.cluster_fingerprint and self.cluster_fingerprint != seen.fingerprint():
+            everything = sorted(planned + [d.name for d in self.dropped])
+            given = cluster_ref or cluster.name
+            how = (f"the plan's devices are {', '.join(everything)}; {given} has {', '.join(sorted(names))}"
+                   if everything != sorted(names) else
+                   f"{given} has the same devices, but their profiles or links changed since the plan was made")  # fmt: skip
+            replan = f"with 'prima-sim plan --cluster {cluster_ref}'" if cluster_ref else "for this cluster"
+            raise InputError(source, "cluster_fingerprint", f"the plan was made on cluster {self.cluster_name!r} "
+                             f"({self.cluster_source or 'bundled'}) and {how}: re-plan {replan}, or give the plan's "
+                             "cluster with --cluster")  # fmt: skip
 
     # --- views ---------------------------------------------------------------------------------------
     @property

@@ -106,19 +106,8 @@ def plan_cluster(plan: Plan, plan_file: str, ref: str | None = None) -> Cluster:
             raise InputError(plan_file, "cluster_source", f"the plan was made on {source}, which cannot be "
                              f"read now ({exc.problem}): give the cluster with --cluster") from None  # fmt: skip
         raise
-    if plan.cpu_only:
-        cluster = cluster.without_gpus()
-    if plan.cluster_fingerprint and plan.cluster_fingerprint != cluster.fingerprint():
-        planned = [d.name for d in plan.devices] + [d.name for d in plan.dropped]
-        given = [d.name for d in cluster.devices]
-        if sorted(planned) != sorted(given):
-            how = f"the plan's devices are {', '.join(planned)}; {source} has {', '.join(given)}"
-        else:
-            how = f"{source} has the same devices, but their profiles or links changed since the plan was made"
-        raise InputError(plan_file, "cluster_fingerprint", f"the plan was made on cluster {plan.cluster_name!r} "
-                         f"({plan.cluster_source or 'bundled'}) and {how}: re-plan with 'prima-sim plan --cluster "
-                         f"{source}', or give the plan's cluster with --cluster")  # fmt: skip
-    return cluster
+    plan.check_cluster(cluster, plan_file, cluster_ref=source)
+    return cluster.without_gpus() if plan.cpu_only else cluster
 
 
 def plan_model(plan: Plan, plan_file: str, ref: str | None = None) -> ModelProfile:
@@ -135,9 +124,7 @@ def plan_model(plan: Plan, plan_file: str, ref: str | None = None) -> ModelProfi
             raise InputError(plan_file, "model_source", f"the plan was made for {source}, which cannot be read "
                              f"now ({exc.problem}): give the model with --model") from None  # fmt: skip
         raise
-    if plan.model_fingerprint and plan.model_fingerprint != model.fingerprint:
-        raise InputError(plan_file, "model_fingerprint", f"the plan was made for {plan.model_id}, not for {source} "
-                         f"({model.id}; their tensor tables differ): re-plan with 'prima-sim plan --model {source}'")  # fmt: skip
+    plan.check_model(model, plan_file, model_ref=source)
     return model
 
 

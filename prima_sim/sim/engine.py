@@ -18,7 +18,7 @@ from simpy.core import NORMAL, EventPriority
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.errors import InfeasiblePlanError, InputError
+from prima_sim.errors import InfeasiblePlanError
 from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use
 from prima_sim.plan import Plan, Prediction, next_own_window, prefetch_window
 from prima_sim.sim.config import SimConfig
@@ -111,7 +111,7 @@ class Simulation:
                  config: SimConfig | None = None, analytic: Prediction | None = None) -> None:  # fmt: skip
         self.cfg = config or SimConfig()
         self.analytic = analytic
-        _check_inputs(plan, cluster, model, workload)
+        plan.check_against(cluster, model, workload)
         problems = check_memory(plan, cluster, model, workload)
         if problems:
             raise InfeasiblePlanError("the plan cannot run: " + "; ".join(problems))
@@ -200,20 +200,6 @@ class Simulation:
         proc = self.env.process(self._driver())
         self.env.run(until=proc)
         return SimResult.collect(self)
-
-
-def _check_inputs(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> None:
-    if plan.n_layers != model.arch.n_layer:
-        raise InputError("plan", "n_layers", f"the plan covers {plan.n_layers} layers but model {model.id} has "
-                         f"{model.arch.n_layer}: plan it for this model")  # fmt: skip
-    names = {d.name for d in cluster.devices}
-    missing = [d.name for d in plan.devices if d.name not in names]
-    if missing:
-        raise InputError("plan", "devices", f"devices {missing} are not in cluster {cluster.name} "
-                         f"(it has {sorted(names)}): plan it for this cluster")  # fmt: skip
-    if workload.n_ctx != plan.n_ctx:
-        raise InputError("plan", "n_ctx", f"the plan reserves KV cache for {plan.n_ctx} tokens but the workload asks "
-                         f"for a context of {workload.n_ctx}: use the plan's n_ctx")  # fmt: skip
 
 
 def simulate(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
