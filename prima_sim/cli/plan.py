@@ -178,7 +178,7 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
     rows: list[tuple[str, Plan | None, str]] = []
     for s in SCHEDULERS:
         try:
-            rows.append((s, make_plan(cluster, model, wl, s, args.k if s in ("halda", "prima") else None,
+            rows.append((s, make_plan(cluster, model, wl, s, args.k,
                                       prefetch=not args.no_prefetch), ""))
         except InfeasiblePlanError as exc:
             rows.append((s, None, str(exc)))

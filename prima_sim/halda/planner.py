@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prima_sim.devices.cluster import Cluster
@@ -31,8 +33,60 @@ from prima_sim.halda.search import gpu_counts_approximate
 from prima_sim.plan import Dropped, Plan, SolverInfo, make_assignments, rounds_for
 from prima_sim.workload import Workload
 
-SCHEDULERS: tuple[str, ...] = ("halda", "prima", *BASELINES)
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A way to plan, as :func:`make_plan` dispatches it.
+
+    Attributes:
+        name: the ``--scheduler`` value and the plan's ``scheduler``.
+        description: one line for help texts.
+        searches_k: it chooses the number of rounds (and honours a forced ``k`` and device selection); the
+            baselines always run k = 1 with every device.
+        plan: ``(cluster, model, workload, options) -> Plan``.
+    """
+
+    name: str
+    description: str
+    searches_k: bool
+    plan: Callable[[Cluster, ModelProfile, Workload, PlanOptions], Plan]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a scheduler may be asked besides the cluster, model and workload (see :func:`make_plan`)."""
+
+    k: int | None = None
+    allow_drop: bool = True
+    prefetch: bool = True
+    master_priority: float = MASTER_PRIORITY
+
+
+def _baseline(name: str) -> Callable[[Cluster, ModelProfile, Workload, PlanOptions], Plan]:
+    def plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
+        t0 = time.perf_counter()
+        ring = list(cluster.ring_order)
+        L = model.arch.n_layer
+        if len(ring) > L:
+            raise InfeasiblePlanError(f"{name} needs at least one layer per device: {len(ring)} devices, {L} layers",
+                                      resource="layers")  # fmt: skip
+        w, n = baseline_windows(name, cluster, ring, model, workload)
+        return _plan_from_windows(cluster, model, workload, ring, w, n, name, time.perf_counter() - t0, o.prefetch)
+
+    return plan
+
+
+REGISTRY: dict[str, Scheduler] = {}
+"""Every scheduler by name: Halda, prima.cpp's published Halda, the baselines."""
+SCHEDULERS: tuple[str, ...] = ()
 """Scheduler names accepted by :func:`make_plan` (``prima``: prima.cpp's Halda as published)."""
+
+
+def register(s: Scheduler) -> None:
+    """Add a scheduler to :data:`REGISTRY` (and :data:`SCHEDULERS`)."""
+    global SCHEDULERS
+    REGISTRY[s.name] = s
+    SCHEDULERS = tuple(REGISTRY)
 AGREEMENT_TOLERANCE = 0.01
 """Halda's search objective and ``predict()`` must agree within this fraction (they are one model)."""
 POLISH_MAX_EVALUATIONS = 200
@@ -69,24 +123,15 @@ def make_plan(
         InfeasiblePlanError: nothing fits (names the binding resource and the shortfall).
         InputError: unknown scheduler.
     """
-    if scheduler not in SCHEDULERS:
+    s = REGISTRY.get(scheduler)
+    if s is None:
         raise InputError("--scheduler", "", f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if scheduler == "halda":
-        return _halda_plan(cluster, model, workload, k, allow_drop, prefetch)
-    if scheduler == "prima":
-        return _published_plan(cluster, model, workload, k, master_priority, allow_drop, prefetch)
-    t0 = time.perf_counter()
-    ring = list(cluster.ring_order)
-    L = model.arch.n_layer
-    if len(ring) > L:
-        raise InfeasiblePlanError(f"{scheduler} needs at least one layer per device: {len(ring)} devices, {L} layers",
-                                  resource="layers")  # fmt: skip
-    w, n = baseline_windows(scheduler, cluster, ring, model, workload)
-    return _plan_from_windows(cluster, model, workload, ring, w, n, scheduler, time.perf_counter() - t0, prefetch)
+    return s.plan(cluster, model, workload, PlanOptions(k if s.searches_k else None, allow_drop, prefetch,
+                                                        master_priority))
 
 
-def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k: int | None, allow_drop: bool,
-                prefetch: bool) -> Plan:  # fmt: skip
+def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
+    k, allow_drop, prefetch = o.k, o.allow_drop, o.prefetch
     t0 = time.perf_counter()
     costs: dict[str, DeviceCosts] = {}
     sel = select_devices(cluster, model, workload, k, allow_drop, prefetch, costs)
@@ -215,12 +260,11 @@ def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload
     return best, evals
 
 
-def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k: int | None, master_priority: float,
-                    allow_drop: bool, prefetch: bool) -> Plan:  # fmt: skip
+def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
     from prima_sim.halda.published import select_devices_published
 
     L = model.arch.n_layer
-    sel = select_devices_published(cluster, model, workload, k, master_priority, allow_drop)
+    sel = select_devices_published(cluster, model, workload, o.k, o.master_priority, o.allow_drop)
     res = sel.result
     sol = res.solution
     details: dict[str, Any] = {
@@ -248,7 +292,7 @@ def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, k
         solver=SolverInfo(status=sol.status.lower(), objective_s=sol.objective_s, solve_time_s=sel.solve_time_s,
                           details=details),
     )  # fmt: skip
-    return _finish(plan, cluster, model, workload, prefetch)
+    return _finish(plan, cluster, model, workload, o.prefetch)
 
 
 def manual_plan(
@@ -307,6 +351,17 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
         solver=SolverInfo(status="heuristic" if scheduler != "manual" else "manual", solve_time_s=solve_time),
     )  # fmt: skip
     return _finish(plan, cluster, model, workload, prefetch)
+
+
+register(Scheduler("halda", "the exact search of the cost model over every k, window, GPU count and device set",
+                   True, _halda_plan))
+register(Scheduler("prima", "prima.cpp's Halda as published (sets M1-M4, one integer program per k)", True,
+                   _published_plan))
+for _name, _what in (("memsched", "exo: layers in proportion to usable memory"),
+                     ("perfsched", "Galaxy: layers in proportion to compute, then OOM migration"),
+                     ("even", "distributed-llama: equal windows"),
+                     ("freemem", "llama.cpp RPC: layers in proportion to free memory")):  # fmt: skip
+    register(Scheduler(_name, _what, False, _baseline(_name)))
 
 
 def plan_problems(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload) -> list[str]:

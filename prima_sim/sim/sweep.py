@@ -117,8 +117,7 @@ def run_variant(v: Variant, base: Cluster, model: ModelProfile, workload: Worklo
                bandwidth_scale=v.bandwidth_scale, scheduler=v.scheduler)  # fmt: skip
     try:
         cluster = derive_cluster(base, v)
-        plan = make_plan(cluster, model, workload, v.scheduler, k if v.scheduler == "halda" else None,
-                         allow_drop=allow_drop)  # fmt: skip
+        plan = make_plan(cluster, model, workload, v.scheduler, k, allow_drop=allow_drop)
         row.update(k=plan.k, windows=":".join(str(w) for w in plan.windows),
                    gpu_layers=":".join(str(d.gpu_layers) for d in plan.devices),
                    dropped=":".join(d.name for d in plan.dropped))  # fmt: skip
