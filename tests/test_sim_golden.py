@@ -51,8 +51,11 @@ def scenario(smollm2: Path):
 
 def test_same_inputs_and_seed_give_byte_identical_outputs(smollm2, tmp_path):
     plan, c, m = scenario(smollm2)
-    a = simulate(plan, c, m, WL, CFG).write(tmp_path / "a")
-    b = simulate(plan, c, m, WL, CFG).write(tmp_path / "b")
+    from prima_sim.reports.timeline import draw_simulation
+
+    ra, rb = simulate(plan, c, m, WL, CFG), simulate(plan, c, m, WL, CFG)
+    a = {**ra.write(tmp_path / "a"), **draw_simulation(ra, tmp_path / "a")}
+    b = {**rb.write(tmp_path / "b"), **draw_simulation(rb, tmp_path / "b")}
     for key in ("tokens", "summary", "trace", "gantt", "gantt_full"):
         assert a[key].read_bytes() == b[key].read_bytes(), key
 
@@ -80,7 +83,7 @@ def test_golden_scenario_exercises_the_mechanisms(smollm2):
 
 def test_golden_csv(smollm2, tmp_path):
     plan, c, m = scenario(smollm2)
-    out = simulate(plan, c, m, WL, CFG).write(tmp_path, gantt=False)["tokens"]
+    out = simulate(plan, c, m, WL, CFG).write(tmp_path)["tokens"]
     if os.environ.get("PRIMA_SIM_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_bytes(out.read_bytes())
@@ -95,7 +98,7 @@ def test_trace_reads_back_and_draws_beside_another_run(smollm2, tmp_path):
 
     plan, c, m = scenario(smollm2)
     res = simulate(plan, c, m, WL, CFG)
-    paths = res.write(tmp_path / "run", gantt=False)
+    paths = res.write(tmp_path / "run")
     back = spans_from_chrome_trace(paths["trace"])
     assert len(back) == len(res.spans)
     assert sum(s.duration_s for s in back) == pytest.approx(sum(s.duration_s for s in res.spans), rel=1e-6)

@@ -29,7 +29,7 @@ def gguf_arg(ref: str) -> Path:
     """
     name = ref.lower()
     if name in SMALL_MODELS and not Path(ref).exists():
-        from prima_sim.testing import gemma3_path, smollm2_path
+        from prima_sim.devices.bundled import gemma3_path, smollm2_path
 
         return smollm2_path() if name == "smollm2-135m" else gemma3_path()
     return Path(ref)

@@ -186,7 +186,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = simulate(plan, cluster, model, wl, cfg)
     wall = time.perf_counter() - t0
-    paths = res.write(args.out, gantt=not args.no_gantt) if args.out else None
+    paths = res.write(args.out) if args.out else None
+    if paths is not None and not args.no_gantt:
+        from prima_sim.reports.timeline import draw_simulation
+
+        paths.update(draw_simulation(res, args.out))
     if args.json:
         obj = res.summary()
         if paths:

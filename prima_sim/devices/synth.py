@@ -232,7 +232,7 @@ def _tensor_chunks(t: TensorEntry, seed: int, index: int) -> Iterator[np.ndarray
 
 # --- vocabulary donor ------------------------------------------------------------------------------------
 def _default_vocab_path() -> Path:
-    from prima_sim.testing import smollm2_path
+    from prima_sim.devices.bundled import smollm2_path
 
     return smollm2_path()
 

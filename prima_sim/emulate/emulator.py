@@ -709,7 +709,7 @@ class _Emulation:
         pr.sim_disk_bytes_per_token = sum(
             float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for st in res.device_stats.values()
         )
-        res.write(self.out / "sim" / pr.label, gantt=False)
+        res.write(self.out / "sim" / pr.label)
 
     def predict_at_run(self, pr: PlanRun, model: ModelProfile, wl: Workload,
                        rates: dict[str, tuple[float, float]]) -> None:  # fmt: skip

@@ -6,7 +6,8 @@ Outputs (``prima-sim simulate --out DIR``), all deterministic for the same input
 * ``summary.json`` - TTFT, TPOT statistics, per-device means, memory pressure and page-cache occupancy,
   disk and network counters, and the cost model's prediction of the same plan for comparison;
 * ``trace.json`` - Chrome/Perfetto trace: one thread per device, then one per link;
-* ``gantt.png`` (first decode tokens) and ``gantt_full.png`` (the whole run).
+* ``gantt.png`` (first decode tokens) and ``gantt_full.png`` (the whole run), drawn by
+  :func:`prima_sim.reports.timeline.draw_simulation` (the simulator draws nothing).
 
 Definitions are in ``docs/metrics.md``.
 """
@@ -239,26 +240,13 @@ class SimResult:
         }
 
     # --- files ---------------------------------------------------------------------------------------------------
-    def write(self, out_dir: str | Path, gantt: bool = True) -> dict[str, Path]:
-        """Write tokens.csv, summary.json, trace.json and (with ``gantt``) the Gantt PNGs into ``out_dir``."""
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write tokens.csv, summary.json and trace.json into ``out_dir`` (the timelines are drawn by
+        :func:`prima_sim.reports.timeline.draw_simulation`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {
+        return {
             "tokens": write_token_csv(self.rows, out / "tokens.csv"),
             "summary": atomic_write_text(out / "summary.json", json.dumps(clean_json(self.summary()), indent=2) + "\n"),
             "trace": write_chrome_trace(self.spans, [*self.devices, *self.lanes], out / "trace.json"),
         }
-        if gantt:
-            from prima_sim.reports.plots import gantt as draw
-
-            title = f"{self.plan.scheduler} plan of {self.model_id} on {self.cluster_name} (simulated)"
-            decode = [st for st in self.steps if st[1] == "decode"]
-            if decode:
-                last = decode[min(2, len(decode) - 1)]
-                t_range = (decode[0][3], last[4])
-                paths["gantt"] = draw(self.spans, self.devices, out / "gantt.png",
-                                      f"{title}: decode tokens {decode[0][0]}-{last[0]}", t_range=t_range)  # fmt: skip
-            else:
-                paths["gantt"] = draw(self.spans, self.devices, out / "gantt.png", f"{title}: prefill")
-            paths["gantt_full"] = draw(self.spans, self.devices, out / "gantt_full.png", f"{title}: whole run")
-        return paths
