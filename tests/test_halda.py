@@ -396,3 +396,26 @@ def test_prefetch_lets_the_ring_hide_reads_that_a_single_window_cannot() -> None
     assert without.prediction is not None and without.prediction.bound == "ring"
     one = manual_plan(c, m, wl, [20, 20, 20, 20])
     assert _tpot(one) > 1.5 * _tpot(with_pf)
+
+
+# --- prefill micro-batches ---------------------------------------------------------------------------------
+def test_batch_efficiency_interpolates_in_log_tokens_and_scales_only_prefill_compute() -> None:
+    from prima_sim.halda.costmodel import DeviceCosts
+
+    plain = device("d0")
+    slow = plain.model_copy(update={"cpu_batch_efficiency": {16: 0.8, 256: 1.0}})
+    assert slow.batch_efficiency(1) == 1.0  # decode is memory-bound: the rate does not apply
+    assert slow.batch_efficiency(4) == 0.8 and slow.batch_efficiency(512) == 1.0  # nearest key outside
+    assert slow.batch_efficiency(64) == pytest.approx(0.9)  # halfway between 16 and 256 in log(n)
+    assert plain.batch_efficiency(64) == 1.0  # unmeasured: the large-batch rate
+    m = smollm2_model()
+    a, b = DeviceCosts(plain, m, WL), DeviceCosts(slow, m, WL)
+    for n in (16, 64):
+        ta, tb = a.layer_time(3, False, n, n), b.layer_time(3, False, n, n)
+        assert tb.compute_s == pytest.approx(ta.compute_s / slow.batch_efficiency(n))
+        assert tb.memory_s == ta.memory_s
+    assert b.layer_time(3, False, 1) == a.layer_time(3, False, 1)
+    p = make_plan(cluster([plain, device("d1")]), m, WL, "even")
+    fast_ttft = predict(p, cluster([plain, device("d1")]), m, WL).ttft_s
+    slow_ttft = predict(p, cluster([slow, device("d1")]), m, WL).ttft_s
+    assert slow_ttft > fast_ttft

@@ -388,6 +388,12 @@ def test_compute_measurements_are_positive_and_consistent() -> None:
         # 8192 rows of 2304 B = 18 MiB > 4 MiB: rows cut to a multiple of 64 under 4 MiB, the row length kept
         assert big.layer == (("q4_0", 4096, 1792),) and big.layers == 2
         assert big.weight_bytes == 2 * 1792 * lib.row_size("q4_0", 4096)
+        bf = compute.batch_flops(lib, cpu, layer, 8, target_bytes=4 * MiB, budget_s=0.05)
+        flop = 2 * bf.layers * 8 * sum(k * n for _, k, n in layer)
+        assert bf.flops == pytest.approx(flop / bf.timing.median_s) and bf.timing.runs >= 3
+        assert "[K x 8]" in bf.describe()
+        with pytest.raises(ggml.GgmlError, match="at least 2 tokens"):
+            compute.batch_flops(lib, cpu, layer, 1)
         kv = compute.kv_copy_time(lib, cpu, 512, 512, layers=(4, 20), budget_s=0.05)
         assert 0 < kv.seconds < 0.01
     npb = compute.numpy_read_bandwidth(16 * MiB, threads=2, budget_s=0.05)
@@ -448,6 +454,9 @@ def test_profile_device_quick_with_a_model(tmp_path: Path, smollm2: Path) -> Non
     assert "layer 0 of SmolLM2" in run.bandwidth_layer
     assert "q4_1 [576x1536]" in p.sources["memory_bandwidth_bps"]
     assert p.decode_overhead_s == 4e-5
+    assert set(p.cpu_batch_efficiency) == {16}  # --quick: the short prompt's micro-batch only
+    assert 0.05 < p.cpu_batch_efficiency[16] < 5  # the layer's products at 16 tokens vs the 128-column matmul
+    assert "16 tokens" in p.sources["cpu_batch_efficiency"]
     assert p.kv_copy_s_per_layer > 0
     assert "192+192" in p.sources["kv_copy_s_per_layer"]  # SmolLM2: 3 KV heads x 64
     assert p.disk_seq_read_bps > 0 and p.disk_rand_read_bps > 0

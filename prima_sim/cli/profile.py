@@ -122,6 +122,9 @@ def format_table(p: DeviceProfile, elapsed_s: float, numpy_bps: float = 0.0, bw_
             f"decode matvecs of {bw_layer or 'a layer'}{cmp_}",
         )
     )
+    if p.cpu_batch_efficiency:
+        eff = ", ".join(f"{n}: {e:.2f}" for n, e in sorted(p.cpu_batch_efficiency.items()))
+        rows.append(("prefill batches", eff, "tokens: rate / cpu_flops of the layer's main type"))
     rows.append(("ram total", fmt_bytes(p.ram_total_bytes), "MemTotal within cgroup limits"))
     rows.append(("ram available", fmt_bytes(p.ram_available_bytes), "MemAvailable within cgroup headroom"))
     rows.append(

@@ -12,10 +12,12 @@ Files may write quantities with units ("8 GiB", "2.98 GB/s", "350 GFLOPS", "0.05
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PositiveFloat, field_validator, model_validator
 
 from prima_sim.devices.ggml_types import TYPE_BY_NAME
 from prima_sim.schema import FrozenModel
@@ -143,6 +145,13 @@ class DeviceProfile(FrozenModel):
         "memory_bandwidth_bps: on a CPU with few threads dequantization makes some types compute-bound "
         "(one thread here: q4_0 ~10 GB/s, q6_k ~20 GB/s); measured by prima-sim emulate",
     )
+    cpu_batch_efficiency: dict[int, PositiveFloat] = Field(
+        default_factory=dict,
+        description="prefill micro-batch of n tokens: the rate a layer's matrix products run at, as a fraction of "
+        "cpu_flops (keys: tokens per batch, e.g. {16: 0.91, 128: 1.05}; interpolated in log(n) between keys, the "
+        "nearest key outside them; empty = 1). Short prompts run below the large-batch matmul rate; measured by "
+        "prima-sim profile --model",
+    )
     gpu: GpuProfile | None = Field(default=None, description="its GPU, if llama.cpp can use one")
     provenance: Provenance = Field(
         default=Provenance(kind="manual"), description="where the figures came from (default: written by hand)"
@@ -209,6 +218,23 @@ class DeviceProfile(FrozenModel):
     def cpu_rate(self, ggml_type: str) -> float:
         """CPU throughput for a weight type; a missing type falls back to the closest profiled one."""
         return _rate(self.cpu_flops, ggml_type)
+
+    def batch_efficiency(self, n_tokens: int) -> float:
+        """``cpu_batch_efficiency`` at ``n_tokens`` (log-linear between measured batch sizes; 1 when unmeasured
+        or for one token, whose decode is bound by memory, not by this rate)."""
+        eff = self.cpu_batch_efficiency
+        if not eff or n_tokens < 2:
+            return 1.0
+        keys = sorted(eff)
+        if n_tokens <= keys[0]:
+            return eff[keys[0]]
+        if n_tokens >= keys[-1]:
+            return eff[keys[-1]]
+        for lo, hi in itertools.pairwise(keys):
+            if lo <= n_tokens <= hi:
+                f = (math.log(n_tokens) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                return eff[lo] + f * (eff[hi] - eff[lo])
+        return 1.0  # unreachable: keys cover n_tokens
 
     def gpu_rate(self, ggml_type: str) -> float:
         """GPU throughput for a weight type (0 without a GPU)."""

@@ -144,6 +144,7 @@ class DeviceCosts:
             out = LayerTime(c, mem, d.gpu.kv_copy_s_per_layer * n_tokens)
         else:
             c, mem = roofline(flops, d.cpu_rate, nbytes, d.memory_bandwidth_bps)
+            c /= d.batch_efficiency(n_tokens)  # a short prompt's micro-batch runs below the large-batch rate
             if d.matvec_bps:  # per-type streaming rates (added for prima_sim.emulate; empty = the line above)
                 kv = m.layer_kv_tokens(layer, n_kv) * m.kv_bytes_per_token_per_layer
                 mem = _typed_stream_s(m.layer_tensors(layer), d) + kv / d.memory_bandwidth_bps

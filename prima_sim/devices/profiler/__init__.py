@@ -184,6 +184,7 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         "system",
         *[f"flops {t}" for t in types],
         "bandwidth (decode matvecs)",
+        "prefill batches",
         "bandwidth (numpy)",
         "kv copy",
     ]
@@ -250,6 +251,9 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
                 f"{fmt_bandwidth(mv.bandwidth_bps)}: the rate llama.cpp's decode streams weights, measured on the "
                 f"matrices of {layer_label}: {mv.describe()}; last-level cache {fmt_bytes(llc)}"
             )
+            prog.step("prefill batches")
+            batch_eff = _batch_efficiency(lib, cpu, mv.layer, cpu_flops, (16,) if opt.quick else BATCH_SIZES,
+                                          0.3 if opt.quick else 1.0, sources)  # fmt: skip
             prog.step("bandwidth (numpy)")
             npb = compute.numpy_read_bandwidth(mv.weight_bytes, n_threads, budget_s=0.2 if opt.quick else 0.5)
             sources["memory_bandwidth_numpy"] = f"for comparison, a plain read: {npb.describe()}"
@@ -321,6 +325,7 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         cores=cores.cores,
         threads=threads,
         cpu_flops=cpu_flops,
+        cpu_batch_efficiency=batch_eff,
         memory_bandwidth_bps=mv.bandwidth_bps,
         ram_total_bytes=mem.total_bytes,
         ram_available_bytes=mem.available_bytes,
@@ -347,6 +352,37 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         sources=sources,
     )
     return ProfileRun(profile, elapsed, prog.times, npb.bandwidth_bps, layer_label, background)
+
+
+BATCH_SIZES = (16, 128)
+"""Prefill micro-batch sizes the profiler times (a short prompt; a long prompt's 128-token pieces)."""
+
+
+def _batch_efficiency(lib: Ggml, cpu: Backend, layer: compute.LayerShape, cpu_flops: dict[str, float],
+                      sizes: tuple[int, ...], budget_s: float, sources: dict[str, str]) -> dict[int, float]:  # fmt: skip
+    """``cpu_batch_efficiency``: the layer's matrix products at each batch size, as a fraction of ``cpu_flops``
+    of the layer's dominant weight type (what the cost model divides the roofline's compute time by)."""
+    by_type: dict[str, int] = {}
+    for t, k, n in layer:
+        by_type[t] = by_type.get(t, 0) + lib.row_size(t, k) * n
+    main = max(by_type, key=lambda t: by_type[t])
+    rate = cpu_flops.get(main) or cpu_flops.get("f32")
+    if not rate:
+        return {}
+    out: dict[int, float] = {}
+    notes = []
+    for n in sizes:
+        try:
+            r = compute.batch_flops(lib, cpu, layer, n, budget_s=budget_s)
+        except GgmlError as exc:
+            sources["cpu_batch_efficiency"] = f"not measured: {exc}"
+            return {}
+        out[n] = round(r.flops / rate, 4)
+        notes.append(f"{n} tokens: {out[n]:.3f} ({r.describe()})")
+    sources["cpu_batch_efficiency"] = (
+        f"rate of the layer's matrix products at n tokens / cpu_flops.{main} ({fmt_flop_rate(rate)}): " + "; ".join(notes)
+    )
+    return out
 
 
 def _memory_sources(mem: system.MemoryInfo) -> dict[str, str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prima_sim.ggml import Backend, Ggml, GgmlError, Graph
+from prima_sim.units import fmt_flop_rate
 
 
 @dataclass
@@ -160,32 +161,24 @@ def _block_rows(n: int, most: int = 64) -> int:
     return r
 
 
-def matvec_bandwidth(
-    lib: Ggml,
-    backend: Backend,
-    layer: LayerShape = LLAMA3_8B_Q4_0_LAYER,
-    target_bytes: int = 256 << 20,
-    budget_s: float = 0.5,
-) -> MatvecResult:
-    """Bytes per second that decode-shaped ``ggml_mul_mat`` calls stream from weights in memory.
-
-    The matrices of ``layer`` are repeated (as distinct tensors, like the layers of a model) until they hold at
-    least ``target_bytes``, which should be several times the last-level cache so that every run reads them
-    from RAM (VRAM); one graph multiplies each by one f32 vector, as a one-token decode does. The rate
-    depends on the shapes (rows of 2048 stream faster than rows of 8192 on the machines tried) and types,
-    which is why a model's own layer is used when one is known.
-    """
-    if not layer:
-        raise GgmlError("matvec_bandwidth needs at least one matrix")
+def _scaled_layer(lib: Ggml, layer: LayerShape, target_bytes: int) -> tuple[LayerShape, int]:
+    """``layer`` with fewer rows when one layer alone exceeds ``target_bytes``; and its bytes."""
     per_layer = sum(lib.row_size(t, k) * n for t, k, n in layer)
     if per_layer > target_bytes:  # a layer of a very large model: keep the row lengths, use fewer rows
         scale = target_bytes / per_layer
         layer = tuple((t, k, max(64, int(n * scale) // 64 * 64)) for t, k, n in layer)
         per_layer = sum(lib.row_size(t, k) * n for t, k, n in layer)
-    reps = max(1, -(-target_bytes // per_layer))
+    return layer, per_layer
+
+
+def _layer_graph_timing(
+    lib: Ggml, backend: Backend, layer: LayerShape, reps: int, n_tokens: int, budget_s: float, max_runs: int
+) -> tuple[int, dict[str, int], Timing]:
+    """Time one graph multiplying ``reps`` copies of ``layer``'s matrices (distinct tensors, like the layers of
+    a model) by an f32 activation of ``n_tokens`` columns. Returns (weight bytes, bytes by type, timing)."""
     count = reps * len(layer)
     with Graph(lib, max_tensors=2 * count + 16, max_nodes=max(2048, 2 * count + 16)) as g:
-        inputs = {k: g.tensor("f32", k, 1) for k in sorted({k for _, k, _ in layer})}
+        inputs = {k: g.tensor("f32", k, n_tokens) for k in sorted({k for _, k, _ in layer})}
         weights = []
         outs = []
         for _ in range(reps):
@@ -204,10 +197,75 @@ def matvec_bandwidth(
             g.fill(w, blocks[(t, k, rows)])
             by_type[t] = by_type.get(t, 0) + g.nbytes(w)
         for k, x in inputs.items():
-            g.set(x, _random_rows(1, k, 1))
-        nbytes = sum(by_type.values())
-        timing = time_runs(g.compute, warmup=2, min_runs=7, max_runs=40, budget_s=budget_s)
+            g.set(x, _random_rows(n_tokens, k, 1))
+        timing = time_runs(g.compute, warmup=1 if n_tokens > 1 else 2, min_runs=3 if n_tokens > 1 else 7,
+                           max_runs=max_runs, budget_s=budget_s)  # fmt: skip
+    return sum(by_type.values()), by_type, timing
+
+
+def matvec_bandwidth(
+    lib: Ggml,
+    backend: Backend,
+    layer: LayerShape = LLAMA3_8B_Q4_0_LAYER,
+    target_bytes: int = 256 << 20,
+    budget_s: float = 0.5,
+) -> MatvecResult:
+    """Bytes per second that decode-shaped ``ggml_mul_mat`` calls stream from weights in memory.
+
+    The matrices of ``layer`` are repeated (as distinct tensors, like the layers of a model) until they hold at
+    least ``target_bytes``, which should be several times the last-level cache so that every run reads them
+    from RAM (VRAM); one graph multiplies each by one f32 vector, as a one-token decode does. The rate
+    depends on the shapes (rows of 2048 stream faster than rows of 8192 on the machines tried) and types,
+    which is why a model's own layer is used when one is known.
+    """
+    if not layer:
+        raise GgmlError("matvec_bandwidth needs at least one matrix")
+    layer, per_layer = _scaled_layer(lib, layer, target_bytes)
+    reps = max(1, -(-target_bytes // per_layer))
+    nbytes, by_type, timing = _layer_graph_timing(lib, backend, layer, reps, 1, budget_s, max_runs=40)
     return MatvecResult(nbytes / timing.median_s, nbytes, reps, tuple(layer), by_type, timing)
+
+
+@dataclass
+class BatchResult:
+    """Throughput of a layer's matrix products on a batch of tokens (a prefill micro-batch)."""
+
+    n_tokens: int
+    flops: float
+    layers: int
+    layer: LayerShape
+    timing: Timing
+
+    def describe(self) -> str:
+        """One line for a profile's ``sources``."""
+        return (f"{self.layers} x {len(self.layer)} ggml_mul_mat of the layer's weights by an f32 "
+                f"[K x {self.n_tokens}] activation: {fmt_flop_rate(self.flops)}, {self.timing.describe()}")  # fmt: skip
+
+
+def batch_flops(
+    lib: Ggml,
+    backend: Backend,
+    layer: LayerShape = LLAMA3_8B_Q4_0_LAYER,
+    n_tokens: int = 16,
+    target_bytes: int = 64 << 20,
+    budget_s: float = 1.0,
+) -> BatchResult:
+    """FLOP/s of ``layer``'s matrices multiplied by ``n_tokens`` activation columns, as a prefill micro-batch
+    of that many tokens runs them (weights repeated up to ``target_bytes``, as in :func:`matvec_bandwidth`).
+
+    Small batches run below the large-batch matmul rate of ``cpu_flops`` (activation quantization and the
+    vector-dot kernels dominate, and the weights stream from RAM once per batch): this is the rate a short
+    prompt's prefill really gets.
+    """
+    if not layer:
+        raise GgmlError("batch_flops needs at least one matrix")
+    if n_tokens < 2:
+        raise GgmlError(f"batch_flops needs at least 2 tokens, got {n_tokens}")
+    layer, per_layer = _scaled_layer(lib, layer, target_bytes)
+    reps = max(1, -(-target_bytes // per_layer))
+    _nbytes, _by_type, timing = _layer_graph_timing(lib, backend, layer, reps, n_tokens, budget_s, max_runs=10)
+    flops = 2.0 * reps * n_tokens * sum(k * n for _, k, n in layer)
+    return BatchResult(n_tokens, flops / timing.median_s, reps, tuple(layer), timing)
 
 
 @dataclass
