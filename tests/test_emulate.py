@@ -418,7 +418,7 @@ def test_executor_overhead_lowers_the_budget() -> None:
     from prima_sim.emulate.emulator import executor_overhead, with_executor_overhead
     from tests.factories import device
 
-    assert executor_overhead(30, 10, is_head=True) == 50 and executor_overhead(30, 10, is_head=False) == 30
+    assert executor_overhead(30, 10, is_head=True) == 40 and executor_overhead(30, 10, is_head=False) == 30
     prof = device("A", ram_total_bytes=512 << 20, ram_available_bytes=480 << 20)
     out = with_executor_overhead(prof, 512 << 20, 64 << 20, is_head=True)
     assert out.ram_available_bytes == 448 << 20

@@ -902,7 +902,7 @@ class _Emulation:
 
         runtime: an idle worker process (interpreter, numpy, ZeroMQ, llama.cpp initialised), before any model;
         vocabulary: what loading the model's tokenizer adds (llama.cpp's vocab structures; the head loads it
-        twice, with its embedding shard and with its logits window). Neither is in the cost model's pinned
+        once, with its logits window). Neither is in the cost model's pinned
         memory (KV cache and compute buffers), and on a device of a few hundred MiB they decide whether a window
         fits: see :func:`executor_overhead`.
         """
@@ -948,9 +948,9 @@ class _Emulation:
 
 def executor_overhead(runtime: int, vocab: int, is_head: bool) -> int:
     """Anonymous memory the executor's process holds on a device beyond the cost model's pinned memory (KV
-    cache, compute buffers): the Python runtime, and on the head two copies of the tokenizer (its embedding
-    shard and its logits window each carry one)."""
-    return runtime + (2 * vocab if is_head else 0)
+    cache, compute buffers): the Python runtime, and on the head the tokenizer (its logits window's shard
+    carries it and embeds too; a head that does not run the last layer has ``embed.gguf`` instead)."""
+    return runtime + (vocab if is_head else 0)
 
 
 def with_executor_overhead(prof: DeviceProfile, limit: int, overhead: int, is_head: bool) -> DeviceProfile:

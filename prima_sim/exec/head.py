@@ -132,19 +132,23 @@ class Head:
             WorkerError: a socket cannot be bound.
         """
         emb = self.man.shard_of_kind("embed")
-        assert emb is not None, "the head's manifest has no embedding shard"
-        path = shard_path(self.shard_dir, self.man, emb)
-        self.embed_model = self._stack.enter_context(Model(path))
-        self.embed = self._stack.enter_context(Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads))
         self.out_ctx: Window | None = None
-        if emb.output_head:
-            self.out_ctx = self._stack.enter_context(
-                Window(self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True)
-            )
+        if emb is not None:  # the head does not run the last layer: embed.gguf embeds and is the output head
+            self.embed_model = self._stack.enter_context(Model(shard_path(self.shard_dir, self.man, emb)))
+            if emb.output_head:
+                self.out_ctx = self._stack.enter_context(
+                    Window(self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True)
+                )
         self.windows, wstack = load_windows(self.shard_dir, self.man, self.n_threads, self.n_batch)
         self._stack.push(wstack)
+        if emb is None:  # the logits window's shard holds the token table: it embeds too (no second copy mapped)
+            logits = self.man.shard_of_kind("logits")
+            assert logits is not None, "the head's manifest has neither an embedding nor a logits shard"
+            self.embed_model = self.windows[logits.window].model
+        # stateless (cleared every call, so a context of one batch): it stops at the first norm's input
+        self.embed = self._stack.enter_context(Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads))
         for w in self.windows.values():
-            self.prefetcher.register(w.path, self.man.shard_for_window(w.index).data_offset)
+            self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
         self._stack.callback(self.prefetcher.close)
         self.n_embd = self.embed_model.n_embd
         if self.workers:

@@ -3,7 +3,10 @@
 A device needs only its own shards (a phone never stores the 40 GB model). For every device of a plan,
 :func:`write_shards` writes ``OUT/<device>/``:
 
-* ``embed.gguf`` (head only): the *token-embedding window*. llama.cpp refuses a 0-layer model
+* ``embed.gguf`` (head only, and only when the head does not run the model's last layer; otherwise its logits
+  window's shard, which holds the token table anyway, embeds the tokens too, so the head maps one copy of the
+  table and no zero layer: llama.cpp populates every mapped page at load, and an unused copy displaced the
+  window's own pages): the *token-embedding window*. llama.cpp refuses a 0-layer model
   (``GGML_ASSERT(n_layer_all > 0)`` aborts the process), so it is a 1-layer GGUF whose layer is all zeros,
   stored as file holes (no disk blocks), plus the tokenizer and ``token_embd.weight``. The head runs it on
   token ids and captures the input of the first norm, the exact layer-0 input (after any architecture's
@@ -73,7 +76,17 @@ class ShardFile(FrozenModel):
     gpu_layers: int = Field(ge=0)
     n_bytes: int = Field(ge=0)
     sha256: str
-    data_offset: int = Field(ge=0, description="byte offset of the tensor data (what prefetch advises)")
+    data_offset: int = Field(ge=0, description="byte offset of the tensor data")
+    prefetch_offset: int | None = Field(
+        default=None, ge=0,
+        description="byte offset from which prefetch advises (default data_offset): a logits window of a model with "
+        "a separate output head starts after its token table, of which a token reads one row",
+    )  # fmt: skip
+
+    @property
+    def advise_from(self) -> int:
+        """Where the range ``WILLNEED`` covers begins (it ends at the end of the file)."""
+        return self.data_offset if self.prefetch_offset is None else self.prefetch_offset
 
 
 class DeviceManifest(FrozenModel):
@@ -125,8 +138,8 @@ def device_shard_specs(plan: Plan, device: str) -> list[_Spec]:
     dev = plan.device(device)
     specs: list[_Spec] = []
     is_head = device == plan.head
-    if is_head:
-        specs.append(_Spec("embed.gguf", "embed", (0, 0), -1, 0, output_head=final_owner != device))
+    if is_head and final_owner != device:  # else the logits window's shard embeds (it holds the token table)
+        specs.append(_Spec("embed.gguf", "embed", (0, 0), -1, 0, output_head=True))
     for j, (name, rng) in enumerate(order):
         if name != device:
             continue
@@ -303,6 +316,10 @@ class ShardWriter:
                     out.append((name, t, "copy"))
             else:
                 out.append((name, t, "copy"))  # output_norm, rope_freqs, ...: small, needed by every window
+        names = [n for n, _, _ in out]
+        if "output.weight" in names and "token_embd.weight" in names:  # a separate table: first, out of the
+            i = names.index("token_embd.weight")  # range prefetch advises (a token reads one row of it)
+            out.insert(0, out.pop(i))
         return out
 
     def write(self, spec: _Spec, dest: Path) -> ShardFile:
@@ -329,8 +346,13 @@ class ShardWriter:
             w.write_padding(fout, fout.tell())
             data_offset = fout.tell()
             fout.flush()
+            names = {name for name, _, _ in tensors}
+            skip_table = "output.weight" in names and tensors[0][0] == "token_embd.weight" and tensors[0][2] == "copy"
+            prefetch_offset: int | None = None
             with self.path.open("rb") as src:
-                for name, t, how in tensors:
+                for i, (name, t, how) in enumerate(tensors):
+                    if i == 1 and skip_table:  # the token table leads the file: prefetch starts after it
+                        prefetch_offset = fout.tell()
                     if how == "stub":
                         nbytes = 4 * self.n_embd
                         fout.write(b"\0" * nbytes)
@@ -355,6 +377,7 @@ class ShardWriter:
         return ShardFile(
             file=dest.name, kind=spec.kind, layers=spec.layers, window=spec.window, gpu_layers=spec.gpu_layers,
             output_head=spec.output_head, n_bytes=dest.stat().st_size, sha256=file_sha256(dest), data_offset=data_offset,
+            prefetch_offset=prefetch_offset,
         )  # fmt: skip
 
     def _tick(self, n: int, label: str) -> None:

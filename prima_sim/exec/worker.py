@@ -168,7 +168,7 @@ class Worker:
             )  # fmt: skip
             stack.push(wstack)
             for w in windows.values():
-                self.prefetcher.register(w.path, self.man.shard_for_window(w.index).data_offset)
+                self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
             stack.callback(self.prefetcher.close)
             self.n_embd = next(iter(windows.values())).model.n_embd
             pull = self._ctx.socket(zmq.PULL)
