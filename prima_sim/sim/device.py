@@ -41,7 +41,7 @@ from prima_sim.sim.layout import OUT, DeviceLayout, Work
 from prima_sim.sim.pagecache import PageCache
 
 if TYPE_CHECKING:
-    from prima_sim.sim.engine import Simulation
+    from prima_sim.sim.ring import Ring
 
 Proc = Generator[simpy.Event, Any, None]
 DISK_WAIT, COMPUTE, HEAD, SEND = SpanKind.DISK_WAIT, SpanKind.COMPUTE, SpanKind.HEAD, SpanKind.SEND
@@ -76,7 +76,7 @@ class _PrefetchBatch:
         self.left -= 1
         if self.left == 0:
             d = self.device
-            d.sim.rec.add(d.name, PREFETCH, self.start, d.env.now, self.token, self.label)
+            d.ring.rec.add(d.name, PREFETCH, self.start, d.env.now, self.token, self.label)
 
 
 def cache_capacity(costs: DeviceCosts, use: MemoryUse) -> tuple[float, float]:
@@ -90,7 +90,7 @@ class SimDevice:
     """A device of the ring in the simulation.
 
     Args:
-        sim: the simulation it belongs to.
+        ring: the ring it belongs to (clock, settings, recorder, network, route).
         assignment: its windows.
         profile: its device profile.
         costs: its cost model.
@@ -99,10 +99,10 @@ class SimDevice:
         is_head: whether it is the head.
     """
 
-    def __init__(self, sim: Simulation, assignment: DeviceAssignment, profile: DeviceProfile, costs: DeviceCosts,
+    def __init__(self, ring: Ring, assignment: DeviceAssignment, profile: DeviceProfile, costs: DeviceCosts,
                  use: MemoryUse, layout: DeviceLayout, is_head: bool) -> None:  # fmt: skip
-        self.sim = sim
-        self.env = sim.env
+        self.ring = ring
+        self.env = ring.env
         self.name = assignment.name
         self.assignment = assignment
         self.profile = profile
@@ -110,11 +110,11 @@ class SimDevice:
         self.use = use
         self.layout = layout
         self.is_head = is_head
-        cfg = sim.cfg
+        cfg = ring.cfg
         cap, growth = cache_capacity(costs, use)
         mem = costs.memory
         mapped = float(sum(layout.chunk_bytes))
-        prefetching = cfg.prefetch and len(assignment.layers) >= 2 and len(sim.plan.devices) >= 2
+        prefetching = cfg.prefetch and len(assignment.layers) >= 2 and ring.n_devices >= 2
         frozen = (0.0 if prefetching or cfg.page_cache == "lru" else
                   float(frozen_active_bytes(mapped, cap + growth, mem.kernel_lru, mem.fault_bps)))  # fmt: skip
         self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth,
@@ -155,9 +155,7 @@ class SimDevice:
             if r.state == DONE and self.cache.insert(r.chunk, r.prefetch) and r.readahead:
                 self._ra_marks.add(r.chunk)
         if r.state == DONE:
-            sim = self.sim
-            reads, key = sim.disk_read, (sim.step, self.name)
-            reads[key] = reads.get(key, 0.0) + r.nbytes
+            self.ring.count_disk_read(self.name, r.nbytes)
         if r.batch is not None:
             r.batch.finish_one()
 
@@ -228,7 +226,7 @@ class SimDevice:
     def _run(self, work: Work, times: list[float], total: float, extra_s: float, token: int, label: str,
              kind: SpanKind) -> Proc:  # fmt: skip
         """Run a window (or the output head): ``times`` per slot, ``total`` for the whole, ``extra_s`` first."""
-        env, cache, disk, rec = self.env, self.cache, self.disk, self.sim.rec
+        env, cache, disk, rec = self.env, self.cache, self.disk, self.ring.rec
         name = self.name
         t0 = env.now
         pending = extra_s
@@ -346,7 +344,7 @@ class SimDevice:
             t0 = env.now
             r = self.disk.submit(Read(-1, nbytes, self.fault_bps))
             yield r.wait(env)
-            self.sim.rec.add(self.name, DISK_WAIT, t0, env.now, step, "embed")
+            self.ring.rec.add(self.name, DISK_WAIT, t0, env.now, step, "embed")
         n = len(token_ids)
         if n not in self._out_s:
             full = self.costs.head_time(n, 1).total_s
@@ -356,7 +354,7 @@ class SimDevice:
         self.cpu.busy_s += t
         t0 = env.now
         yield env.timeout(t)
-        self.sim.rec.add(self.name, HEAD, t0, env.now, step, "embed")
+        self.ring.rec.add(self.name, HEAD, t0, env.now, step, "embed")
 
     def sample(self, step: int) -> Generator[simpy.Event, Any, int]:
         """Pick the next token from the last logits (one pass over ``n_vocab`` floats); returns its id."""
@@ -364,7 +362,7 @@ class SimDevice:
         t = m.arch.n_vocab * 4 / self.profile.memory_bandwidth_bps * self.cpu.jitter.factor()
         t0 = self.env.now
         yield self.env.timeout(t)
-        self.sim.rec.add(self.name, HEAD, t0, self.env.now, step, "sample")
+        self.ring.rec.add(self.name, HEAD, t0, self.env.now, step, "sample")
         return int(self.sampler.integers(0, m.arch.n_vocab))
 
     # --- the ring ---------------------------------------------------------------------------------------------
@@ -376,18 +374,17 @@ class SimDevice:
 
     def send(self, dest: str, msg: Message) -> Proc:
         """Send a hidden state to ``dest`` (the SEND span lasts until its last byte is on the link)."""
-        sim, env = self.sim, self.env
+        ring, env = self.ring, self.env
         nbytes = ACTIVATION_BYTES_PER_ELEMENT * self.costs.model.arch.n_embd * msg.n_tokens + HEADER_BYTES
         t0 = env.now
-        target = sim.devices[dest]
         link_lane = f"{self.name}->{dest}"
 
         def arrive(_sent: float) -> None:
-            sim.rec.add(link_lane, TRANSFER, t0, env.now, msg.step, f"w{msg.window}")
-            target.deliver(msg)
+            ring.rec.add(link_lane, TRANSFER, t0, env.now, msg.step, f"w{msg.window}")
+            ring.deliver(dest, msg)
 
-        yield from sim.net.send(self.name, dest, nbytes, arrive)
-        sim.rec.add(self.name, SEND, t0, env.now, msg.step, f"to {dest}")
+        yield from ring.net.send(self.name, dest, nbytes, arrive)
+        ring.rec.add(self.name, SEND, t0, env.now, msg.step, f"to {dest}")
 
     def _loop(self) -> Proc:
         env = self.env
@@ -400,26 +397,26 @@ class SimDevice:
             yield from self._handle(self._box.popleft())
 
     def _handle(self, msg: Message) -> Proc:
-        sim, env = self.sim, self.env
-        since = max(self.last_done, sim.step_start)
+        ring, env = self.ring, self.env
+        since = max(self.last_done, ring.step_start)
         if env.now > since:
-            sim.rec.add(self.name, RECV_WAIT, since, env.now, msg.step)
+            ring.rec.add(self.name, RECV_WAIT, since, env.now, msg.step)
         j = msg.window
         while True:
-            if j == sim.n_windows:
+            if j == ring.n_windows:
                 yield from self.output_head(msg)
                 self.last_done = env.now
-                sim.batch_done()
+                ring.batch_done()
                 return
             yield from self.run_window(j, msg)
-            dest = sim.owner(j + 1)
+            dest = ring.owner(j + 1)
             if dest == self.name:  # consecutive windows here: no hop
                 j += 1
                 continue
             out = Message(msg.step, j + 1, msg.n_tokens, msg.n_kv)
             yield from self.send(dest, out)
-            if sim.cfg.prefetch:
-                nxt = sim.prefetch_window(self.name, j, self.ran)
+            if ring.cfg.prefetch:
+                nxt = ring.prefetch_window(self.name, j, self.ran)
                 if nxt is not None:
                     self.prefetch(nxt, msg.step)
             self.last_done = env.now

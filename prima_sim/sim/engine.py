@@ -20,12 +20,13 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
 from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use
-from prima_sim.plan import Plan, Prediction, next_own_window, prefetch_window
+from prima_sim.plan import Plan, Prediction
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.device import Message, SimDevice
 from prima_sim.sim.layout import build_layout
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
+from prima_sim.sim.ring import Ring
 from prima_sim.sim.result import SimResult
 from prima_sim.workload import Workload
 
@@ -119,80 +120,55 @@ class Simulation:
         self.env = CountingEnvironment()
         self.rec = SpanRecorder(self.cfg.record_spans)
         self.net = Network(self.env, cluster, self.cfg.seed, self.cfg.jitter)
-        self.order = plan.execution_order()
-        self.n_windows = len(self.order)
-        self._owners = [name for name, _ in self.order] + [plan.head]
-        self._own: dict[str, list[int]] = {d.name: [] for d in plan.devices}
-        for j, (name, _) in enumerate(self.order):
-            self._own[name].append(j)
-        self.step = 0
-        self.step_start = 0.0
-        self.disk_read: dict[tuple[int, str], float] = {}
+        self.ring = Ring(self.env, self.cfg, self.rec, self.net, plan)
         self.steps: list[tuple[int, str, int, float, float]] = []
-        self._batch_done: simpy.Event | None = None
-        self.devices: dict[str, SimDevice] = {}
         for a in plan.devices:
             profile = cluster.device(a.name)
             costs = DeviceCosts(profile, model, workload)
             is_head = a.name == plan.head
             use = memory_use(costs, a, is_head)
-            index = {rng: j for j, (nm, rng) in enumerate(self.order) if nm == a.name}
+            index = {rng: j for j, (nm, rng) in enumerate(self.ring.order) if nm == a.name}
             layout = build_layout(a, profile, model, index, is_head, self.cfg.chunk_bytes)
-            self.devices[a.name] = SimDevice(self, a, profile, costs, use, layout, is_head)
-        self.head = self.devices[plan.head]
+            self.ring.devices[a.name] = SimDevice(self.ring, a, profile, costs, use, layout, is_head)
+        self.head = self.ring.devices[plan.head]
 
-    # --- routing (the executor's Route) ------------------------------------------------------------------------
-    def owner(self, window: int) -> str:
-        """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
-        return self._owners[window]
+    @property
+    def devices(self) -> dict[str, SimDevice]:
+        """The ring's devices by name."""
+        return self.ring.devices
 
-    def next_own_window(self, device: str, after: int) -> int | None:
-        """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
-        return next_own_window(self._own[device], after)
-
-    def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
-        """The window ``device`` advises after sending the output of window ``after``: the executor's rule,
-        :func:`prima_sim.plan.prefetch_window` (``SimConfig.prefetch_own_window``: prima.cpp's)."""
-        return prefetch_window(self._own[device], after, ran, self.cfg.prefetch_own_window)
-
-    # --- callbacks from the devices ------------------------------------------------------------------------------
-    def count_disk_read(self, device: str, nbytes: float) -> None:
-        """Attribute ``nbytes`` read by ``device`` to the step in progress (or the last one)."""
-        key = (self.step, device)
-        self.disk_read[key] = self.disk_read.get(key, 0.0) + nbytes
-
-    def batch_done(self) -> None:
-        """The output head has run on the batch's last token."""
-        if self._batch_done is not None and not self._batch_done.triggered:
-            self._batch_done.succeed()
+    @property
+    def disk_read(self) -> dict[tuple[int, str], float]:
+        """Bytes read from disk per (step, device)."""
+        return self.ring.disk_read
 
     # --- the head's token loop ------------------------------------------------------------------------------
     def _driver(self) -> Generator[simpy.Event, Any, None]:
-        env, head, cfg = self.env, self.head, self.cfg
+        env, head, cfg, ring = self.env, self.head, self.cfg, self.ring
         prompt = [int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, self.workload.prompt_tokens)]
         next_token = 0
         for st in steps_for(self.workload):
-            self.step, self.step_start = st.index, env.now
+            ring.begin_step(st.index)
             ids = prompt if st.phase == "prefill" else [next_token]
             done = 0
             for n, n_kv in st.batches:
                 yield from head.embed(ids[done:done + n], st.index)
                 done += n
                 msg = Message(st.index, 0, n, n_kv)
-                self._batch_done = env.event()
-                first = self.owner(0)
+                batch_done = ring.expect_batch()
+                first = ring.owner(0)
                 if first == head.name:
                     head.last_done = env.now
                     head.deliver(msg)
                 else:
                     yield from head.send(first, msg)
                     if cfg.prefetch:
-                        nxt = self.prefetch_window(head.name, -1, head.ran)
+                        nxt = ring.prefetch_window(head.name, -1, head.ran)
                         if nxt is not None:
                             head.prefetch(nxt, st.index)
                     head.last_done = env.now
-                yield self._batch_done
-            self.steps.append((st.index, st.phase, st.n_tokens, self.step_start, env.now))
+                yield batch_done
+            self.steps.append((st.index, st.phase, st.n_tokens, ring.step_start, env.now))
             next_token = yield from head.sample(st.index)
 
     def run(self) -> SimResult:

@@ -1,0 +1,93 @@
+"""What the devices of a simulated ring share, and nothing more.
+
+A :class:`~prima_sim.sim.device.SimDevice` receives a :class:`Ring`, never the
+:class:`~prima_sim.sim.engine.Simulation` that drives it (Vidur's rule: an entity gets its collaborators, not the
+simulator): the clock, the settings, the span recorder, the network, the route (which device runs which window and
+which window a device advises next, the executor's :class:`prima_sim.plan` rules), the step in progress, the disk
+reads counted per step, and the event that tells the driver a batch has come out of the output head.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import simpy
+
+from prima_sim.plan import Plan, next_own_window, prefetch_window
+from prima_sim.sim.config import SimConfig
+from prima_sim.sim.network import Network
+from prima_sim.sim.recorder import SpanRecorder
+
+if TYPE_CHECKING:
+    from prima_sim.sim.device import Message, SimDevice
+
+
+class Ring:
+    """The shared state of one simulated ring.
+
+    Args:
+        env: the simulation's clock.
+        cfg: simulator settings.
+        rec: where spans go.
+        net: the links between devices.
+        plan: the plan (its execution order is the route).
+
+    Attributes:
+        devices: the ring's devices by name (filled in by the simulation as it builds them).
+        step, step_start: the step in progress and when it began.
+        disk_read: bytes read from disk per (step, device).
+    """
+
+    def __init__(self, env: simpy.Environment, cfg: SimConfig, rec: SpanRecorder, net: Network, plan: Plan) -> None:
+        self.env, self.cfg, self.rec, self.net = env, cfg, rec, net
+        self.order = plan.execution_order()
+        self.n_windows = len(self.order)
+        self.n_devices = len(plan.devices)
+        self.head = plan.head
+        self._owners = [name for name, _ in self.order] + [plan.head]
+        self._own: dict[str, list[int]] = {d.name: [] for d in plan.devices}
+        for j, (name, _) in enumerate(self.order):
+            self._own[name].append(j)
+        self.devices: dict[str, SimDevice] = {}
+        self.step = 0
+        self.step_start = 0.0
+        self.disk_read: dict[tuple[int, str], float] = {}
+        self._batch_done: simpy.Event | None = None
+
+    # --- the route (the executor's Route) --------------------------------------------------------------------
+    def owner(self, window: int) -> str:
+        """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
+        return self._owners[window]
+
+    def next_own_window(self, device: str, after: int) -> int | None:
+        """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
+        return next_own_window(self._own[device], after)
+
+    def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
+        """The window ``device`` advises after sending the output of window ``after``: the executor's rule,
+        :func:`prima_sim.plan.prefetch_window` (``SimConfig.prefetch_own_window``: prima.cpp's)."""
+        return prefetch_window(self._own[device], after, ran, self.cfg.prefetch_own_window)
+
+    def deliver(self, dest: str, msg: Message) -> None:
+        """Hand a hidden state that has crossed the link to ``dest``."""
+        self.devices[dest].deliver(msg)
+
+    # --- steps ----------------------------------------------------------------------------------------------
+    def begin_step(self, index: int) -> None:
+        """Step ``index`` starts now."""
+        self.step, self.step_start = index, self.env.now
+
+    def count_disk_read(self, device: str, nbytes: float) -> None:
+        """Attribute ``nbytes`` read by ``device`` to the step in progress (or the last one)."""
+        key = (self.step, device)
+        self.disk_read[key] = self.disk_read.get(key, 0.0) + nbytes
+
+    def expect_batch(self) -> simpy.Event:
+        """The event :meth:`batch_done` triggers for the batch now entering the ring."""
+        self._batch_done = self.env.event()
+        return self._batch_done
+
+    def batch_done(self) -> None:
+        """The output head has run on the batch's last token."""
+        if self._batch_done is not None and not self._batch_done.triggered:
+            self._batch_done.succeed()
