@@ -30,3 +30,64 @@ def test_planning_imports_neither_llama_cpp_nor_zmq() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def import_cycles(package: str = "prima_sim") -> list[list[str]]:
+    """Strongly connected groups of modules that import each other (type-checking imports included)."""
+    import grimp
+
+    g = grimp.build_graph(package)
+    edges = {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+# Known, to be cut by splitting prima_sim/emulate (issue 13): nothing may join them.
+KNOWN_CYCLES = [
+    ["prima_sim.emulate.disk", "prima_sim.emulate.resources"],
+    ["prima_sim.emulate.emulator", "prima_sim.reports.emulation"],
+]
+
+
+def test_no_new_import_cycles() -> None:
+    assert import_cycles() == KNOWN_CYCLES
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "cyc"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from cyc import b\n")
+    (pkg / "b.py").write_text("from cyc import a\n")
+    (pkg / "c.py").write_text("from cyc import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("cyc") == [["cyc.a", "cyc.b"]]

@@ -18,9 +18,10 @@ output head after the last window, and samples.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import simpy
 
@@ -39,25 +40,11 @@ from prima_sim.sim.config import PAGE_BYTES, Jitter, component_rng
 from prima_sim.sim.disk import DONE, SERVING, Disk, Read
 from prima_sim.sim.layout import OUT, DeviceLayout, Work
 from prima_sim.sim.pagecache import PageCache
-
-if TYPE_CHECKING:
-    from prima_sim.sim.ring import Ring
+from prima_sim.sim.ring import Message, Ring
 
 Proc = Generator[simpy.Event, Any, None]
 DISK_WAIT, COMPUTE, HEAD, SEND = SpanKind.DISK_WAIT, SpanKind.COMPUTE, SpanKind.HEAD, SpanKind.SEND
 RECV_WAIT, PREFETCH, TRANSFER = SpanKind.RECV_WAIT, SpanKind.PREFETCH, SpanKind.TRANSFER
-
-
-class Message:
-    """A hidden state on its way to the owner of ``window``."""
-
-    __slots__ = ("n_kv", "n_tokens", "step", "window")
-
-    def __init__(self, step: int, window: int, n_tokens: int, n_kv: int) -> None:
-        self.step = step
-        self.window = window
-        self.n_tokens = n_tokens
-        self.n_kv = n_kv
 
 
 class _PrefetchBatch:
@@ -423,6 +410,36 @@ class SimDevice:
             return
 
     # --- accounting -------------------------------------------------------------------------------------------
+    def stats(self, decode_tokens: int, analytic_disk_bytes: float) -> dict[str, float]:
+        """A snapshot of this device's counters after the run (the result's ``device_stats`` entry);
+        ``analytic_disk_bytes`` is the cost model's re-read per token, set beside the simulated one."""
+        c, disk, p = self.cache, self.disk, self.profile
+        dec_bytes = sum(v for (tok, dev), v in self.ring.disk_read.items() if dev == self.name and tok >= 1)
+        return {
+            "ram_total_bytes": float(p.ram_total_bytes),
+            "ram_available_bytes": float(p.ram_available_bytes),
+            "pinned_ram_bytes": self.pinned_ram_bytes,
+            "memory_pressure": self.pinned_ram_bytes / p.ram_total_bytes if p.ram_total_bytes else 0.0,
+            "swapped_out_bytes": self.swapped_at_start + c.swapped_out_bytes,
+            "mapped_weight_bytes": c.mapped_bytes,
+            "vram_weight_bytes": float(self.use.weights_gpu) if not self.costs.memory.gpu_memory_is_ram else 0.0,
+            "page_cache_capacity_bytes": c.capacity,
+            "model_page_cache_peak_bytes": c.peak_used,
+            "model_page_cache_end_bytes": c.used,
+            "evictions": float(c.evictions),
+            "evicted_bytes": c.evicted_bytes,
+            "disk_read_bytes": disk.bytes_read,
+            "disk_prefetch_bytes": disk.prefetch_bytes,
+            "disk_busy_s": disk.busy_s,
+            "disk_read_bps": self.fault_bps,
+            "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+            "page_faults": float(self.faults),
+            "sim_disk_bytes_per_decode_token": dec_bytes / max(1, decode_tokens) if decode_tokens else math.nan,
+            "analytic_disk_bytes_per_token": analytic_disk_bytes,
+            "cpu_busy_s": self.cpu.busy_s,
+            "gpu_busy_s": self.gpu.busy_s if self.gpu is not None else 0.0,
+        }
+
     @property
     def pinned_ram_bytes(self) -> float:
         """Memory the run pins in this device's RAM (KV cache, compute buffers; GPU ones too with unified memory)."""

@@ -19,15 +19,15 @@ from simpy.core import NORMAL, EventPriority
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
-from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use
+from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use, predict
 from prima_sim.plan import Plan, Prediction
 from prima_sim.sim.config import SimConfig
-from prima_sim.sim.device import Message, SimDevice
+from prima_sim.sim.device import SimDevice
 from prima_sim.sim.layout import build_layout
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
-from prima_sim.sim.ring import Ring
 from prima_sim.sim.result import SimResult
+from prima_sim.sim.ring import Message, Ring
 from prima_sim.workload import Workload
 
 
@@ -122,6 +122,7 @@ class Simulation:
         self.net = Network(self.env, cluster, self.cfg.seed, self.cfg.jitter)
         self.ring = Ring(self.env, self.cfg, self.rec, self.net, plan)
         self.steps: list[tuple[int, str, int, float, float]] = []
+        self.devices: dict[str, SimDevice] = {}
         for a in plan.devices:
             profile = cluster.device(a.name)
             costs = DeviceCosts(profile, model, workload)
@@ -129,13 +130,9 @@ class Simulation:
             use = memory_use(costs, a, is_head)
             index = {rng: j for j, (nm, rng) in enumerate(self.ring.order) if nm == a.name}
             layout = build_layout(a, profile, model, index, is_head, self.cfg.chunk_bytes)
-            self.ring.devices[a.name] = SimDevice(self.ring, a, profile, costs, use, layout, is_head)
-        self.head = self.ring.devices[plan.head]
-
-    @property
-    def devices(self) -> dict[str, SimDevice]:
-        """The ring's devices by name."""
-        return self.ring.devices
+            self.devices[a.name] = self.ring.devices[a.name] = SimDevice(self.ring, a, profile, costs, use, layout,
+                                                                         is_head)  # fmt: skip
+        self.head = self.devices[plan.head]
 
     @property
     def disk_read(self) -> dict[tuple[int, str], float]:
@@ -175,7 +172,25 @@ class Simulation:
         """Run every step and return what happened."""
         proc = self.env.process(self._driver())
         self.env.run(until=proc)
-        return SimResult.collect(self)
+        return self._result()
+
+    def _result(self) -> SimResult:
+        """Assemble the result from the components' snapshots (devices, network, recorder)."""
+        wl = self.workload
+        analytic = (self.analytic if self.analytic is not None else
+                    predict(self.plan, self.cluster, self.model, wl, prefetch=self.cfg.prefetch))  # fmt: skip
+        analytic_reads = {t.name: t.read_bytes for t in analytic.per_device}
+        stats = {name: d.stats(wl.decode_tokens, analytic_reads.get(name, 0.0)) for name, d in self.devices.items()}
+        spans = self.rec.spans()
+        return SimResult(
+            plan=self.plan, cluster_name=self.cluster.name, model_id=self.model.id,
+            workload={"n_ctx": wl.n_ctx, "prompt_tokens": wl.prompt_tokens, "decode_tokens": wl.decode_tokens,
+                      "n_ubatch": wl.n_ubatch},
+            config=self.cfg.to_dict(), devices=list(self.devices), spans=spans, steps=list(self.steps),
+            disk_read=dict(self.ring.disk_read), device_stats=stats, network=self.net.stats(),
+            events=self.env.n_events, lanes=sorted({s.device for s in spans} - set(self.devices)),
+            analytic=analytic,
+        )  # fmt: skip
 
 
 def simulate(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,

@@ -14,6 +14,7 @@ its link's rate, as measured end to end.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import simpy
 
@@ -212,3 +213,12 @@ class Network:
     def links(self) -> list[Link]:
         """Links used so far, sorted by name."""
         return [self._links[k] for k in sorted(self._links)]
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters after the run: messages and bytes per link, bytes and peak concurrency
+        per shared medium (the result's ``network``)."""
+        links = {f"{lk.a}<->{lk.b}": {"messages": lk.messages, "bytes": lk.bytes_sent,
+                                       "medium": lk.medium.name if lk.medium else None} for lk in self.links}  # fmt: skip
+        media = {m.name: {"bytes": m.bytes_sent, "max_concurrent_transfers": m.max_concurrent}
+                 for m in self.media.values()}  # fmt: skip
+        return {"links": links, "media": media}

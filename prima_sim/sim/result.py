@@ -20,15 +20,11 @@ import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from prima_sim.halda.costmodel import predict
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
 from prima_sim.plan import Plan, Prediction
 from prima_sim.schema import atomic_write_text
-
-if TYPE_CHECKING:
-    from prima_sim.sim.engine import Simulation
 
 SUMMARY_SCHEMA = "prima-sim.simulation/1"
 
@@ -77,59 +73,6 @@ class SimResult:
     events: int
     analytic: Prediction | None = None
     lanes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def collect(cls, sim: Simulation) -> SimResult:
-        """Gather the results of a finished :class:`~prima_sim.sim.engine.Simulation`."""
-        wl = sim.workload
-        n_dec = max(1, wl.decode_tokens)
-        analytic = (sim.analytic if sim.analytic is not None else
-                    predict(sim.plan, sim.cluster, sim.model, wl, prefetch=sim.cfg.prefetch))  # fmt: skip
-        analytic_reads = {t.name: t.read_bytes for t in analytic.per_device}
-        stats: dict[str, dict[str, float]] = {}
-        for name, d in sim.devices.items():
-            c, disk, p = d.cache, d.disk, d.profile
-            dec_bytes = sum(v for (tok, dev), v in sim.disk_read.items() if dev == name and tok >= 1)
-            analytic_disk = analytic_reads.get(name, 0.0)
-            stats[name] = {
-                "ram_total_bytes": float(p.ram_total_bytes),
-                "ram_available_bytes": float(p.ram_available_bytes),
-                "pinned_ram_bytes": d.pinned_ram_bytes,
-                "memory_pressure": d.pinned_ram_bytes / p.ram_total_bytes if p.ram_total_bytes else 0.0,
-                "swapped_out_bytes": d.swapped_at_start + c.swapped_out_bytes,
-                "mapped_weight_bytes": c.mapped_bytes,
-                "vram_weight_bytes": float(d.use.weights_gpu) if not d.costs.memory.gpu_memory_is_ram else 0.0,
-                "page_cache_capacity_bytes": c.capacity,
-                "model_page_cache_peak_bytes": c.peak_used,
-                "model_page_cache_end_bytes": c.used,
-                "evictions": float(c.evictions),
-                "evicted_bytes": c.evicted_bytes,
-                "disk_read_bytes": disk.bytes_read,
-                "disk_prefetch_bytes": disk.prefetch_bytes,
-                "disk_busy_s": disk.busy_s,
-                "disk_read_bps": d.fault_bps,
-                "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
-                "page_faults": float(d.faults),
-                "sim_disk_bytes_per_decode_token": dec_bytes / n_dec if wl.decode_tokens else math.nan,
-                "analytic_disk_bytes_per_token": analytic_disk,
-                "cpu_busy_s": d.cpu.busy_s,
-                "gpu_busy_s": d.gpu.busy_s if d.gpu is not None else 0.0,
-            }
-        links = {f"{lk.a}<->{lk.b}": {"messages": lk.messages, "bytes": lk.bytes_sent,
-                                       "medium": lk.medium.name if lk.medium else None} for lk in sim.net.links}  # fmt: skip
-        media = {m.name: {"bytes": m.bytes_sent, "max_concurrent_transfers": m.max_concurrent}
-                 for m in sim.net.media.values()}  # fmt: skip
-        spans = sim.rec.spans()
-        lanes = sorted({s.device for s in spans} - set(sim.devices))
-        return cls(
-            plan=sim.plan, cluster_name=sim.cluster.name, model_id=sim.model.id,
-            workload={"n_ctx": wl.n_ctx, "prompt_tokens": wl.prompt_tokens, "decode_tokens": wl.decode_tokens,
-                      "n_ubatch": wl.n_ubatch},
-            config=sim.cfg.to_dict(), devices=list(sim.devices), spans=spans, steps=list(sim.steps),
-            disk_read=dict(sim.disk_read), device_stats=stats, network={"links": links, "media": media},
-            events=sim.env.n_events, lanes=lanes,
-            analytic=analytic,
-        )  # fmt: skip
 
     # --- views ---------------------------------------------------------------------------------------------------
     @cached_property

@@ -9,7 +9,7 @@ reads counted per step, and the event that tells the driver a batch has come out
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import simpy
 
@@ -18,8 +18,24 @@ from prima_sim.sim.config import SimConfig
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
 
-if TYPE_CHECKING:
-    from prima_sim.sim.device import Message, SimDevice
+
+class Message:
+    """A hidden state on its way to the owner of ``window``."""
+
+    __slots__ = ("n_kv", "n_tokens", "step", "window")
+
+    def __init__(self, step: int, window: int, n_tokens: int, n_kv: int) -> None:
+        self.step = step
+        self.window = window
+        self.n_tokens = n_tokens
+        self.n_kv = n_kv
+
+
+class Member(Protocol):
+    """What the ring needs of a device: somewhere to deliver a hidden state."""
+
+    def deliver(self, msg: Message) -> None:
+        """A hidden state arrives."""
 
 
 class Ring:
@@ -48,7 +64,7 @@ class Ring:
         self._own: dict[str, list[int]] = {d.name: [] for d in plan.devices}
         for j, (name, _) in enumerate(self.order):
             self._own[name].append(j)
-        self.devices: dict[str, SimDevice] = {}
+        self.devices: dict[str, Member] = {}
         self.step = 0
         self.step_start = 0.0
         self.disk_read: dict[tuple[int, str], float] = {}
