@@ -360,7 +360,7 @@ def test_sigterm_mid_run_leaves_nothing(tmp_path: Path) -> None:
 @pytest.mark.root
 @needs_root
 def test_cleanup_removes_crashed_leftovers() -> None:
-    from prima_sim.emulate.resources import cleanup_leftovers
+    from prima_sim.emulate.cleanup import cleanup_leftovers
 
     rid = "fedcb9"
     subprocess.run(["ip", "netns", "add", f"prima-{rid}-d0"], check=True)
@@ -468,7 +468,7 @@ def test_memory_sampler_peaks_and_windows() -> None:
 @pytest.mark.root
 @needs_root
 def test_cleanup_removes_a_crashed_runs_disk(tmp_path: Path) -> None:
-    from prima_sim.emulate.resources import cleanup_leftovers
+    from prima_sim.emulate.cleanup import cleanup_leftovers
 
     rid = "fedcb8"
     img = tmp_path / f"prima-{rid}-disk.img"

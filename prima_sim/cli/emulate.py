@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if info["ok"] else 1
     if args.cleanup:
         from prima_sim.emulate.cgroups import check_root
-        from prima_sim.emulate.resources import cleanup_leftovers
+        from prima_sim.emulate.cleanup import cleanup_leftovers
 
         check_root()
         found, problems = cleanup_leftovers(include_live=args.force)

@@ -206,45 +206,7 @@ def find_leftovers(include_live: bool = False) -> dict[str, list[str]]:
     return {"netns": ns, "cgroups": cg}
 
 
-def cleanup_leftovers(include_live: bool = False) -> tuple[dict[str, list[str]], list[str]]:
-    """Remove what :func:`find_leftovers` finds: processes first, then namespaces, then cgroups.
-
-    Returns:
-        (what was found, problems).
-    """
-    from prima_sim.emulate import disk
-
-    found = find_leftovers(include_live)
-    live = set() if include_live else live_run_ids()
-    disks = disk.leftover_disks(live)
-    found["disks"] = [d for d, _, _ in disks]
-    problems: list[str] = []
-    for d in found["cgroups"]:  # killing the processes first frees the namespaces too
-        _kill_tree(Path(d))
-    for ns in found["netns"]:
-        try:
-            delete_netns(ns)
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-            problems.append(str(exc))
-    for d in found["cgroups"]:
-        err = cgroups.remove_dir(Path(d))
-        if err:
-            problems.append(err)
-    for dev, image, mnt in disks:
-        try:
-            disk.remove_leftover_disk(dev, image, mnt)
-        except Exception as exc:  # report and go on with the rest
-            problems.append(f"{dev}: {exc}")
-    live = live_run_ids()
-    if STATE_DIR.is_dir():
-        for f in STATE_DIR.glob("*.pid"):
-            if f.stem not in live:
-                with contextlib.suppress(OSError):
-                    f.unlink()
-    return found, problems
-
-
-def _kill_tree(d: Path) -> None:
+def kill_tree(d: Path) -> None:
     for procs in d.rglob("cgroup.procs"):
         with contextlib.suppress(OSError):
             for pid in procs.read_text().split():

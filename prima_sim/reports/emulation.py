@@ -21,7 +21,7 @@ from prima_sim.metrics import percentile
 
 if TYPE_CHECKING:
     from prima_sim.devices.model import ModelProfile
-    from prima_sim.emulate.emulator import PlanRun
+    from prima_sim.emulate.records import PlanRun
     from prima_sim.emulate.scenario import Scenario
     from prima_sim.workload import Workload
 
