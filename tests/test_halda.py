@@ -346,7 +346,7 @@ def test_slow_device_is_dropped_when_that_lowers_predicted_tpot() -> None:
     c = cluster([*fast, slow])
     p = make_plan(c, m, WL)
     assert [d.name for d in p.dropped] == ["s"]
-    assert "predicts" in p.dropped[0].reason
+    assert "predicts" in p.dropped[0].reason or "faster than the plan without it" in p.dropped[0].reason
     kept = make_plan(c, m, WL, allow_drop=False)
     assert "s" in [d.name for d in kept.devices]
     assert _tpot(p) < _tpot(kept)

@@ -117,12 +117,12 @@ def test_dropping_devices_lowers_simulated_tpot_on_d1_d6(model):
 
 
 def test_where_the_simulation_departs_from_the_cost_model_it_says_why(llama70):
-    """prefetch-4x8g with 3.3 GiB per device and k = 4: each window is about as large as the room left for it.
+    """prefetch-4x8g with 3.0 GiB per device and k = 4: each window is about as large as the room left for it.
     The cost model follows what Linux measurably does then (docs/pagecache.md: the advice evicts its own reads and
     faults read them again, up to twice per byte); the simulator's LRU page cache gets most of each prefetch in
     time. The result says so, device by device."""
     c = load_cluster("prefetch-4x8g")
-    c = c.model_copy(update={"devices": tuple(d.model_copy(update={"ram_available_bytes": int(3.3 * 2**30)})
+    c = c.model_copy(update={"devices": tuple(d.model_copy(update={"ram_available_bytes": int(3.0 * 2**30)})
                                               for d in c.devices)})  # fmt: skip
     res = simulate(manual_plan(c, llama70, WL, [5, 5, 5, 5]), c, llama70, WL)
     assert res.tpot_s < 0.9 * res.analytic.tpot_s

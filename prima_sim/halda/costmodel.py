@@ -250,20 +250,27 @@ class DeviceCosts:
         m = self.model
         return max(b + kv for b, kv in zip(m.layer_bytes, self.layer_kv_bytes, strict=True))
 
-    def compute_buffer_bytes(self, with_logits: bool = False) -> int:
-        """Scratch memory of one llama.cpp context (one window) on this device's CPU backend."""
+    def compute_buffer_bytes(self, with_logits: bool = False, touched: bool = False) -> int:
+        """Scratch memory of one llama.cpp context (one window): what llama.cpp reserves for a micro-batch of
+        ``n_ubatch`` tokens (prima.cpp's estimate; a GPU allocates all of it), or with ``touched`` what a CPU
+        context really holds in RAM: the buffer is ``malloc``-ed and only the pages the graphs use are ever
+        touched, so its resident size follows the largest batch run through it, the prompt's micro-batch
+        (measured: a device running four one-layer windows of a 1B-shape model in 224 MiB, whose four reserves
+        alone are 168 MB, decoded without paging; docs/sim.md, "Memory")."""
         n_ubatch = min(self.workload.n_ubatch, self.workload.n_ctx)
+        if touched:
+            n_ubatch = min(n_ubatch, self.workload.prompt_tokens)
         return self.model.compute_buffer_bytes(self.workload.n_ctx, n_ubatch, n_logit_rows=1 if with_logits else 0)
 
     def buffers(self, n_windows: int, is_head: bool) -> tuple[float, float]:
         """(CPU bytes, GPU bytes) of compute buffers for a device running ``n_windows`` windows.
 
-        Every window is its own llama.cpp context with its own compute buffer; the head's last window also
-        holds one row of logits. A device with a GPU backend also has GPU compute buffers and the backend's
+        Every window is its own llama.cpp context with its own compute buffer (in RAM: the pages the prompt's
+        micro-batch touches; on a GPU: the whole reserve); the head's last window also holds one row of logits. A device with a GPU backend also has GPU compute buffers and the backend's
         reserve, even without offloaded layers (llama.cpp initializes a present backend).
         """
         n_ctx_windows = max(n_windows, 1 if is_head else 0)
-        cpu = n_ctx_windows * self.compute_buffer_bytes() + (self.model.arch.n_vocab * 4 if is_head else 0)
+        cpu = n_ctx_windows * self.compute_buffer_bytes(touched=True) + (self.model.arch.n_vocab * 4 if is_head else 0)
         mem = self.memory
         gpu = (n_ctx_windows * self.compute_buffer_bytes() + mem.gpu_reserve_bytes) if mem.has_gpu else 0.0
         return float(cpu), float(gpu)
