@@ -58,6 +58,13 @@ HEADER_BYTES = 96
 ACTIVATION_BYTES_PER_ELEMENT = 4
 """Hidden states travel as float32, as in prima.cpp (``n_embd * n_tokens * 4`` bytes per hop)."""
 
+CONTEXT_ANON_BYTES = 6 << 20
+"""Anonymous memory of one llama.cpp context beyond its KV cache and the compute-buffer pages its graphs touch
+(context and graph structures, output buffers, scheduler copies). Measured in the emulation's memory cgroups with
+the 1B-shape model: a worker's peak anonymous memory grew by 4.5 MiB per extra window context (one window: 16 MiB
+above the idle runtime, four one-layer windows: 30 MiB, KV cache 2.5 MiB), rounded up to cover the per-process part
+that loading a model adds."""
+
 
 def roofline(flops: dict[str, float], rate: Callable[[str], float], nbytes: float, bandwidth: float
              ) -> tuple[float, float]:  # fmt: skip
@@ -270,7 +277,8 @@ class DeviceCosts:
         reserve, even without offloaded layers (llama.cpp initializes a present backend).
         """
         n_ctx_windows = max(n_windows, 1 if is_head else 0)
-        cpu = n_ctx_windows * self.compute_buffer_bytes(touched=True) + (self.model.arch.n_vocab * 4 if is_head else 0)
+        per_ctx = self.compute_buffer_bytes(touched=True) + CONTEXT_ANON_BYTES
+        cpu = n_ctx_windows * per_ctx + (self.model.arch.n_vocab * 4 if is_head else 0)
         mem = self.memory
         gpu = (n_ctx_windows * self.compute_buffer_bytes() + mem.gpu_reserve_bytes) if mem.has_gpu else 0.0
         return float(cpu), float(gpu)
