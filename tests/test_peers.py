@@ -249,3 +249,30 @@ def test_emit_refuses_what_primacpp_cannot_run():
 def test_emit_flags_need_emit(capsys):
     assert main(["plan", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--gguf", "x.gguf"]) == 2
     assert "--gguf" in capsys.readouterr().err
+
+
+# --- the stock llama.cpp baseline ---------------------------------------------------------------------------------
+def test_stock_llamacpp_over_the_whole_gguf_matches_the_ring(smollm2, tmp_path, capsys):
+    """The baseline of bench_peers.py: one stock llama.cpp process over the unsplit GGUF generates, greedily,
+    exactly the tokens of this project's ring over shards of the same file (and times each step)."""
+    from prima_sim.exec.runner import RunOptions, run_ring
+    from prima_sim.exec.stock import main as stock_main
+    from prima_sim.exec.stock import run_stock
+    from tests.test_exec_ring import PROMPT, make_plan
+
+    stock = run_stock(smollm2, PROMPT, 6, n_ctx=256, n_threads=1)
+    assert len(stock.token_ids) == 6 and len(stock.step_s) == 5
+    assert stock.ttft_s > 0 and all(s > 0 for s in stock.step_s) and stock.tpot_s > 0
+    plan = make_plan(30, (12, 18), "smollm2")
+    o = RunOptions(
+        n_predict=6, ignore_eos=True, timeout_s=15.0, startup_timeout_s=120.0, threads={"D0": 1, "D1": 1}
+    )
+    report = run_ring(plan, smollm2, stock.prompt_ids, o, local=True, shard_dir=tmp_path / "shards")
+    assert report.last.token_ids == stock.token_ids
+    assert (
+        stock_main(["--model", str(smollm2), "--prompt", PROMPT, "-n", "3", "--threads", "1", "--json"]) == 0
+    )
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["token_ids"] == stock.token_ids[:3] and len(obj["step_s"]) == 2
+    assert stock_main(["--model", str(tmp_path / "missing.gguf"), "-n", "3"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
