@@ -175,8 +175,8 @@ class Bench:
             **spec,
         })  # fmt: skip
         out = Path(a.out) / name
-        opts = em_mod.EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=False,
-                                     profile_repeats=3, calibrate_runs=True, plots=False, on_progress=self.say)  # fmt: skip
+        opts = em_mod.EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=a.quick_profile,
+                                     profile_repeats=a.profile_repeats, calibrate_runs=not a.no_run_calibration, plots=False, on_progress=self.say)  # fmt: skip
         model_path = ensure_model(sc.model, log=self.say)
         model = model_profile_from_gguf(model_path)
         n_prompt = count_prompt_tokens(model_path, PROMPT)
@@ -562,6 +562,12 @@ def main() -> int:
         "--groups", default=",".join(g for g, _, _ in GROUPS), help="device groups to run (default: all)"
     )
     p.add_argument("--out", default="/tmp/bench-peers", help="artefacts (default: %(default)s)")
+    p.add_argument("--quick-profile", action="store_true", help="prima-sim profile --quick in the devices")
+    p.add_argument(
+        "--profile-repeats", type=int, default=3, help="profiles per device, median kept (default: 3)"
+    )
+    p.add_argument("--no-run-calibration", action="store_true",
+                   help="predict from the profiles only (no streaming-rate probes around the runs)")  # fmt: skip
     p.add_argument("--reports", default=str(ROOT / "reports"), help="where peers.csv and peers.png go")
     args = p.parse_args()
     cg.check_root()
