@@ -516,6 +516,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         "llama.cpp": "tab:gray",
     }
     fig, ax = plt.subplots(figsize=(11, 5))
+    labelled: set[str] = set()
     width = 0.2
     for i, s in enumerate(scen):
         for j, system in enumerate(SYSTEMS):
@@ -525,7 +526,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             x = i + (j - 1.5) * width
             v = r["tpot_meas_s"] * 1e3
             if not math.isnan(v):
-                ax.bar(x, v, width, color=colors[system], label=system if i == 0 else None)
+                ax.bar(x, v, width, color=colors[system], label=None if system in labelled else system)
+                labelled.add(system)
                 if r["reps"] > 1:
                     ax.errorbar(x, v, yerr=[[v - r["tpot_meas_min_s"] * 1e3], [r["tpot_meas_max_s"] * 1e3 - v]],
                                 color="black", capsize=2, lw=0.8)  # fmt: skip
@@ -551,6 +553,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _number(v: str) -> Any:
+    try:
+        return float(v) if v not in ("",) else math.nan
+    except ValueError:
+        return v
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prima-build", help="prima.cpp build directory (holding llama-cli)")
@@ -569,7 +578,15 @@ def main() -> int:
     p.add_argument("--no-run-calibration", action="store_true",
                    help="predict from the profiles only (no streaming-rate probes around the runs)")  # fmt: skip
     p.add_argument("--reports", default=str(ROOT / "reports"), help="where peers.csv and peers.png go")
+    p.add_argument(
+        "--plot-only", action="store_true", help="redraw peers.png from the reports' peers.csv; run nothing"
+    )
     args = p.parse_args()
+    if args.plot_only:
+        with (Path(args.reports) / "peers.csv").open() as fh:
+            rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        plot(rows, Path(args.reports) / "peers.png")
+        return 0
     cg.check_root()
     b = Bench(args)
     t0 = time.monotonic()
