@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json, source_of, table
@@ -12,6 +13,13 @@ from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.explain import GLOSSARY, explain
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
+from prima_sim.peers import (
+    DEFAULT_DATA_PORT,
+    DEFAULT_SERVER_PORT,
+    DEFAULT_SIGNAL_PORT,
+    format_commands,
+    primacpp_commands,
+)
 from prima_sim.plan import Plan
 from prima_sim.workload import Workload
 
@@ -49,6 +57,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compare", action="store_true", help="plan with every scheduler and compare")
     p.add_argument("--explain", action="store_true", help="say why each device got what it got")
+    em = p.add_argument_group("command lines of peer systems (docs/peers.md)")
+    em.add_argument("--emit", choices=("prima.cpp",),
+                    help="print the plan as prima.cpp's llama-cli / llama-server command per device (-lw, -ngl, "
+                         "--world, --rank, --master, --next, ports); with --json as one JSON object")  # fmt: skip
+    em.add_argument("--hosts", help="with --emit: hosts.toml giving each device's address (default: 127.0.0.1)")
+    em.add_argument("--gguf", help="with --emit: the GGUF path in the commands (default: --model if it is a file)")
+    em.add_argument("--data-port", type=int, default=DEFAULT_DATA_PORT,
+                    help="with --emit: prima.cpp's data port base, rank r listens on it + r (default: %(default)s)")
+    em.add_argument("--signal-port", type=int, default=DEFAULT_SIGNAL_PORT,
+                    help="with --emit: prima.cpp's signal port base (default: %(default)s)")
+    em.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT,
+                    help="with --emit: llama-server's HTTP port on the head (default: %(default)s)")
+    em.add_argument("--force", action="store_true", help="with --emit: add prima.cpp's --force to --prefetch")
     p.set_defaults(func=run)
 
 
@@ -204,8 +225,38 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
     return 0
 
 
+def _emit(plan: Plan, cluster: Cluster, args: argparse.Namespace) -> int:
+    """Print the plan as prima.cpp command lines (``--emit prima.cpp``)."""
+    from prima_sim.exec.hosts import load_hosts  # the hosts.toml format of 'run'
+
+    hosts = {name: e.host for name, e in load_hosts(args.hosts).devices.items()} if args.hosts else {}
+    gguf = args.gguf or (args.model if Path(args.model).is_file() else f"{args.model}.gguf")
+    threads = {d.name: cluster.device(d.name).n_threads for d in plan.devices}
+    cmds = primacpp_commands(plan, gguf, hosts, data_port=args.data_port, signal_port=args.signal_port,
+                             n_predict=args.tokens, prefetch=not args.no_prefetch, force=args.force, threads=threads,
+                             server_port=args.server_port)  # fmt: skip
+    if args.json:
+        print_json({"emit": "prima.cpp", "plan": plan_summary(plan), "devices": [c.to_dict() for c in cmds]})
+        return 0
+    if not args.gguf and not Path(args.model).is_file():
+        print(f"# {args.model} is a catalog id: replace {gguf} with the GGUF file (or give --gguf)")
+    print(format_commands(cmds))
+    if args.out:
+        print(f"# plan written to {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``prima-sim plan``."""
+    if not args.emit:
+        for flag, given in (("--hosts", args.hosts), ("--gguf", args.gguf), ("--force", args.force),
+                            ("--data-port", args.data_port != DEFAULT_DATA_PORT),
+                            ("--signal-port", args.signal_port != DEFAULT_SIGNAL_PORT),
+                            ("--server-port", args.server_port != DEFAULT_SERVER_PORT)):  # fmt: skip
+            if given:
+                raise InputError(flag, "", "applies to --emit only")
+    elif args.compare:
+        raise InputError("--emit", "", "prints one plan's commands: drop --compare")
     cluster = load_cluster_arg(args.cluster)
     if args.cpu_only:
         cluster = cluster.without_gpus()
@@ -236,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
                                    "cpu_only": args.cpu_only})  # fmt: skip
     if args.out:
         plan.save(args.out)
+    if args.emit:
+        return _emit(plan, cluster, args)
     if args.json:
         obj = plan_summary(plan)
         if args.explain:

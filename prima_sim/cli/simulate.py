@@ -23,7 +23,7 @@ from prima_sim.errors import InputError
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan
 from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
-from prima_sim.sim.config import PAGE_BYTES
+from prima_sim.sim.config import DEFAULT_WILLNEED_CAP_BYTES, PAGE_BYTES
 from prima_sim.units import MiB
 from prima_sim.workload import DEFAULT_UBATCH, Workload
 
@@ -65,8 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="linux: Linux devices keep the part of a paging share their kernel's active list freezes "
                          "(docs/pagecache.md); lru: a plain LRU everywhere (default: %(default)s)")
     sm.add_argument("--prima-prefetch", action="store_true",
-                    help="prefetch exactly as prima.cpp does: also a device's only window after it has run it "
-                         "(this project's executor skips that advice; see docs/sim.md)")  # fmt: skip
+                    help="predict prima.cpp --prefetch: one WILLNEED per window after sending, which Linux caps "
+                         "(--willneed-cap-kib), and also a device's only window after it has run it (this project's "
+                         "executor advises in uncapped pieces and skips that advice; see docs/sim.md)")  # fmt: skip
+    sm.add_argument("--prima-force", action="store_true",
+                    help="predict prima.cpp --prefetch --force: as --prima-prefetch, then the device's thread reads "
+                         "every page of the advised window itself before taking its next input")  # fmt: skip
+    sm.add_argument("--willneed-cap-kib", type=float, default=None,
+                    help="with --prima-prefetch/--prima-force: KiB one WILLNEED advice reads at most, per contiguous "
+                         "range (max(max_sectors_kb, 2 x read_ahead_kb) of the disk; 0 = uncapped; default: "
+                         f"{DEFAULT_WILLNEED_CAP_BYTES // 1024})")  # fmt: skip
     start = sm.add_mutually_exclusive_group()
     start.add_argument("--warm", dest="warm", action="store_true", default=True,
                        help="page cache as llama.cpp's mmap load leaves it (default; what the executor measures)")
@@ -99,8 +107,18 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     check_number("--chunk-mib", args.chunk_mib, minimum=PAGE_BYTES / MiB, maximum=MAX_CHUNK_MIB)
     check_number("--jitter", args.jitter, minimum=0, maximum=1)
     check_number("--seed", args.seed, minimum=0)
+    prima = args.prima_prefetch or args.prima_force
+    cap_kib = args.willneed_cap_kib
+    if cap_kib is not None and not prima:
+        raise InputError("--willneed-cap-kib", "", "applies to prima.cpp's advice only: add --prima-prefetch or --prima-force")
+    if prima and args.no_prefetch:
+        raise InputError("--no-prefetch", "", "--prima-prefetch/--prima-force predict prima.cpp --prefetch; drop one of them")
+    if cap_kib is None:
+        cap_kib = DEFAULT_WILLNEED_CAP_BYTES / 1024 if prima else 0.0
+    check_number("--willneed-cap-kib", cap_kib, minimum=0, maximum=MAX_CHUNK_MIB * 1024)
     try:
-        return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=args.prima_prefetch, warm=args.warm,
+        return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=prima, warm=args.warm,
+                         willneed_cap_bytes=int(cap_kib * 1024), force_touch=args.prima_force,
                          chunk_bytes=int(args.chunk_mib * MiB), jitter=args.jitter, seed=args.seed,
                          page_cache=args.page_cache)  # fmt: skip
     except ValueError as exc:

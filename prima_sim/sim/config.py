@@ -23,6 +23,12 @@ one byte range cut into equal chunks of at most this size (a 70B Q4_K_M layer of
 window boundary, while a 70B token touches ~1,400 chunks instead of 130,000 4-KiB pages."""
 PAGE_BYTES = 4096
 """The kernel's page size: small reads (an embedding row) are rounded out to whole pages."""
+DEFAULT_WILLNEED_CAP_BYTES = 1280 * 1024
+"""What one ``WILLNEED`` advice reads at most on current Linux (``force_page_cache_ra`` in mm/readahead.c caps
+it at max(the device's ``max_sectors_kb``, the file's readahead window)): 1280 KiB, the ``max_sectors_kb`` of
+the loop devices and of many SATA/NVMe disks on kernel 6.x (the file's window is 2 x ``read_ahead_kb`` =
+256 KiB after llama.cpp's ``POSIX_FADV_SEQUENTIAL``). Used to predict prima.cpp, which advises each sub-graph's
+weights with one ``posix_madvise`` per contiguous range."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,13 @@ class SimConfig:
         prefetch_own_window: also advise a device's only window after it has run it (prima.cpp does; this
             project's executor does not, see ``prima_sim.exec.ring.Route.prefetch_window``): True predicts
             prima.cpp itself, with its k = 1 prefetch-release conflict.
+        willneed_cap_bytes: 0: an advice reads its whole range (this project's executor advises a window in
+            pieces the kernel does not cap); > 0: one advice reads at most this many bytes from the start of
+            each contiguous range it covers (a window; the head's output head), as Linux does for prima.cpp's
+            single ``posix_madvise`` per range (:data:`DEFAULT_WILLNEED_CAP_BYTES`).
+        force_touch: prima.cpp's ``--force``: right after the advice the device's own thread reads one byte of
+            every page of the advised window, so it faults the window in synchronously (at the fault rate, with
+            readahead) before it can take its next input.
         warm: the page cache starts as llama.cpp's mmap load leaves it (every device's weights read in load
             order through its LRU cache, so the last-loaded bytes that fit stay resident); False = cold (all
             weights on disk).
@@ -54,6 +67,8 @@ class SimConfig:
 
     prefetch: bool = True
     prefetch_own_window: bool = False
+    willneed_cap_bytes: int = 0
+    force_touch: bool = False
     warm: bool = True
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     jitter: float = 0.0
@@ -67,6 +82,8 @@ class SimConfig:
             raise ValueError(f'"chunk_bytes" must be >= {PAGE_BYTES}, got {self.chunk_bytes}')
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f'"jitter" must be in [0, 1], got {self.jitter}')
+        if self.willneed_cap_bytes < 0:
+            raise ValueError(f'"willneed_cap_bytes" must be >= 0, got {self.willneed_cap_bytes}')
         if self.seed < 0:
             raise ValueError(f'"seed" must be >= 0, got {self.seed}')
         if self.page_cache not in ("linux", "lru"):

@@ -101,7 +101,10 @@ class SimDevice:
         cap, growth = cache_capacity(costs, use)
         mem = costs.memory
         mapped = float(sum(layout.chunk_bytes))
-        prefetching = cfg.prefetch and len(assignment.layers) >= 2 and ring.n_devices >= 2
+        # a capped advice (prima.cpp's one WILLNEED per window) reads next to nothing: such a device pages as
+        # one that does not prefetch, unless --force makes its thread read the window itself
+        prefetching = (cfg.prefetch and (cfg.willneed_cap_bytes == 0 or cfg.force_touch)
+                       and len(assignment.layers) >= 2 and ring.n_devices >= 2)  # fmt: skip
         frozen = (0.0 if prefetching or cfg.page_cache == "lru" else
                   float(frozen_active_bytes(mapped, cap + growth, mem.kernel_lru, mem.fault_bps)))  # fmt: skip
         self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth,
@@ -199,15 +202,70 @@ class SimDevice:
         cache, pending = self.cache, self._pending
         if not cache.can_evict and all(cache.missing[g] == 0 for g in work.prefetch_groups):
             return  # everything is resident and nothing can ever be evicted: the advice reads nothing
-        for c in work.prefetch_chunks:
+        chunks, partial = self._advised(work)
+        for c in chunks:
             if c in pending:
                 continue
             r = Read(c, cache.size[c], self.prefetch_bps, prefetch=True, batch=batch)
             pending[c] = r
             batch.left += 1
             self.disk.submit(r)
+        for c, nbytes in partial:
+            # the cap ends inside chunk c: its first bytes are read (disk time) but the chunk stays missing,
+            # since the simulator's residency unit is the chunk (an error of under one cap per advice)
+            if c not in pending and not cache.resident(c):
+                batch.left += 1
+                self.disk.submit(Read(-1, nbytes, self.prefetch_bps, prefetch=True, batch=batch))
         if batch.left:
             self.prefetches += 1
+
+    def _advised(self, work: Work) -> tuple[list[int], list[tuple[int, float]]]:
+        """The chunks one advice over ``work`` reads whole, and (chunk, bytes) where a cap ends inside one.
+
+        Without a cap (``SimConfig.willneed_cap_bytes`` = 0) every chunk of the advised range. With one, each
+        contiguous range (a page-cache group: the window; the head's output head) is read only up to the cap
+        from its start, as ``force_page_cache_ra`` does for one ``madvise(MADV_WILLNEED)`` call.
+        """
+        cap = self.ring.cfg.willneed_cap_bytes
+        if cap <= 0:
+            return work.prefetch_chunks, []
+        size, group = self.cache.size, self.layout.chunk_group
+        whole: list[int] = []
+        partial: list[tuple[int, float]] = []
+        left = {g: float(cap) for g in work.prefetch_groups}
+        for c in work.prefetch_chunks:
+            g = group[c]
+            room = left.get(g, 0.0)
+            if room <= 0:
+                continue
+            if size[c] <= room:
+                whole.append(c)
+                left[g] = room - size[c]
+            else:
+                partial.append((c, room))
+                left[g] = 0.0
+        return whole, partial
+
+    def force_touch(self, window: int, token: int) -> Proc:
+        """prima.cpp's ``--force``: the device's thread reads one byte of every page of ``window`` right after
+        advising it, faulting every missing chunk in (with readahead) before it can take its next input."""
+        work = self.layout.works.get(window)
+        if work is None or not work.chunks:
+            return
+        env, cache = self.env, self.cache
+        t0 = env.now
+        for c in work.chunks:
+            if cache.resident(c):
+                cache.touch(c)
+                continue
+            r = self._fault(c)
+            if self.readahead:
+                self._readahead(c)
+            yield r.wait(env)
+            if cache.resident(c):
+                cache.touch(c)
+        if env.now > t0:
+            self.ring.rec.add(self.name, DISK_WAIT, t0, env.now, token, f"force w{window}")
 
     # --- running work -----------------------------------------------------------------------------------------
     def _run(self, work: Work, times: list[float], total: float, extra_s: float, token: int, label: str,
@@ -406,6 +464,8 @@ class SimDevice:
                 nxt = ring.prefetch_window(self.name, j, self.ran)
                 if nxt is not None:
                     self.prefetch(nxt, msg.step)
+                    if ring.cfg.force_touch:
+                        yield from self.force_touch(nxt, msg.step)
             self.last_done = env.now
             return
 

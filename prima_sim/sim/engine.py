@@ -163,6 +163,8 @@ class Simulation:
                         nxt = ring.prefetch_window(head.name, -1, head.ran)
                         if nxt is not None:
                             head.prefetch(nxt, st.index)
+                            if cfg.force_touch:
+                                yield from head.force_touch(nxt, st.index)
                     head.last_done = env.now
                 yield batch_done
             self.steps.append((st.index, st.phase, st.n_tokens, ring.step_start, env.now))

@@ -1,0 +1,603 @@
+#!/usr/bin/env python3
+"""Side by side with the real peers (issue 15): prima.cpp's ring, prima-sim's ring and one stock llama.cpp
+process, on the same emulated devices, plans and model, interleaved, with prima-sim's prediction of each.
+
+    sudo flock -x /tmp/prima-cpu.lock python benchmarks/bench_peers.py --prima-build /tmp/primacpp
+
+Needs root (the emulation's cgroups, namespaces and loop disk: docs/emulation.md) and a prima.cpp build
+directory holding ``llama-cli`` (docs/peers.md says how to fetch and build it). Without ``--prima-build`` the
+prima.cpp rows are ``skipped`` and the rest still runs. Writes ``reports/peers.csv`` (one row per scenario and
+system) and ``reports/peers.png``; everything else (profiles, plans, simulations, every process's log) goes to
+``--out``.
+
+Systems:
+* ``prima.cpp``: its ``llama-cli`` per device (rank r in device r's cgroup and namespace), the whole GGUF on the
+  emulated disk, manual windows ``-lw`` (the command lines of ``prima-sim plan --emit prima.cpp``), ``--prefetch``.
+  TPOT = its own ``eval time`` per run (a mean), TTFT = its ``prompt eval time``.
+  Predicted by the simulator as prima.cpp: ``--prima-prefetch`` (one capped WILLNEED per window, the window
+  advised again at k = 1), starting cold (prima.cpp maps without populating).
+* ``prima-sim``: this project's ring (shards, ZeroMQ, prefetch in pieces), exactly as ``prima-sim emulate`` runs
+  it. TPOT = median decode step.
+* ``llama.cpp``: one stock llama.cpp process (llama-cpp-python, ``prima_sim.exec.stock``) over the whole GGUF in
+  the head device (its memory, CPU and disk limits). Predicted as the whole model on that device.
+* llama.cpp's RPC split is not run: see docs/peers.md.
+
+Scenarios (a generated Llama-3-1B-shape Q4_0 model, 16 layers, 0.69 GB, SmolLM2's vocabulary; three devices of
+one thread; the sums of the disk limits stay below the physical disk):
+fits, starved k = 1, starved k = 2 with prefetch, larger than all memory, a slow link (bandwidth only: the
+emulation adds link latency in prima-sim's receivers, which prima.cpp does not have, so the slow link here has
+none added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import json
+import math
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prima_sim.devices.cluster import Cluster, LinkSpec  # noqa: E402
+from prima_sim.devices.model import model_profile_from_gguf  # noqa: E402
+from prima_sim.emulate import cgroups as cg  # noqa: E402
+from prima_sim.emulate import emulator as em_mod  # noqa: E402
+from prima_sim.emulate.memory import MemorySampler  # noqa: E402
+from prima_sim.emulate.models import count_prompt_tokens, ensure_model  # noqa: E402
+from prima_sim.emulate.resources import Registry  # noqa: E402
+from prima_sim.emulate.scenario import Scenario  # noqa: E402
+from prima_sim.emulate.spawn import stop  # noqa: E402
+from prima_sim.errors import PrimaSimError  # noqa: E402
+from prima_sim.halda.planner import manual_plan  # noqa: E402
+from prima_sim.peers import primacpp_commands  # noqa: E402
+from prima_sim.schema import dump_model  # noqa: E402
+from prima_sim.sim import SimConfig, simulate  # noqa: E402
+from prima_sim.workload import Workload  # noqa: E402
+
+MODEL = {"layers": 16, "embd": 2048, "ff": 8192, "heads": 32, "kv_heads": 8, "quant": "Q4_0"}
+PROMPT = "The history of the printing press begins in the fifteenth century, when"
+SYSTEMS = ("prima.cpp", "prima.cpp --force", "prima-sim", "llama.cpp")
+PRIMA_TIMEOUT_S = 600.0
+CSV_COLUMNS = [
+    "scenario", "system", "devices", "windows", "k", "reps", "status",
+    "tpot_meas_s", "tpot_meas_min_s", "tpot_meas_max_s", "ttft_meas_s",
+    "tpot_pred_s", "ttft_pred_s", "tpot_err_pct", "ttft_err_pct", "tpot_pred_profile_s", "anon_peak_mib",
+    "disk_mib_per_token_meas", "disk_mib_per_token_pred",
+    "tpot_vs_primacpp", "ttft_vs_primacpp", "predicted_as", "error", "host", "date", "command",
+]  # fmt: skip
+
+
+def devices(n: int, memory: str, disk: str) -> list[dict[str, Any]]:
+    return [{"name": f"D{i}", "memory": memory, "threads": 1, "disk_read": disk} for i in range(n)]
+
+
+# groups of cases that share devices (one emulation set-up each): (name, scenario dict, [(case, windows)])
+# a case may add True: prima.cpp also runs with --force
+GROUPS: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
+    ("fits", {"devices": devices(3, "512 MiB", "400 MB/s"), "network": {"bandwidth": "1 Gbit/s"}},
+     [("fits", [6, 5, 5])]),
+    ("starved", {"devices": devices(3, "224 MiB", "200 MB/s"), "network": {"bandwidth": "1 Gbit/s"}},
+     [("starved-k1", [4, 6, 6]), ("starved-k2-prefetch", [2, 3, 3], True)]),
+    ("larger", {"devices": devices(3, "200 MiB", "250 MB/s"), "network": {"bandwidth": "1 Gbit/s"}},
+     [("larger-than-memory", [6, 5, 5])]),
+    ("slowlink", {"devices": devices(3, "512 MiB", "400 MB/s"), "network": {"bandwidth": "20 Mbit/s"}},
+     [("slow-link", [3, 3, 2])]),
+]  # fmt: skip
+
+
+@dataclass
+class Row:
+    scenario: str
+    system: str
+    devices: str
+    windows: list[int]
+    k: int
+    tpot: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    tpot_pred: float = math.nan
+    ttft_pred: float = math.nan
+    predicted_as: str = ""
+    errors: list[str] = field(default_factory=list)
+    command: str = ""
+    skipped: str = ""
+    tpot_pred_before: float = math.nan
+    anon_peak: dict[str, int] = field(default_factory=dict)
+    read_meas: list[float] = field(default_factory=list)  # bytes read per decode step, all devices
+    read_pred: float = math.nan
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def willneed_cap(device: str) -> int:
+    """What one WILLNEED reads at most on ``device`` (/dev/loopN): max(max_sectors_kb, 2 x read_ahead_kb) --
+    prima.cpp's POSIX_FADV_SEQUENTIAL doubles the file's readahead window (mm/readahead.c force_page_cache_ra)."""
+    q = Path("/sys/block") / Path(device).name / "queue"
+    try:
+        return max(int((q / "max_sectors_kb").read_text()), 2 * int((q / "read_ahead_kb").read_text())) * 1024
+    except (OSError, ValueError):
+        return 1280 * 1024
+
+
+PERF = re.compile(r"(prompt eval|\beval) time =\s*([\d.]+) ms /\s*(\d+) (tokens|runs)")
+
+
+def parse_primacpp(log_text: str) -> tuple[float, float]:
+    """(TPOT, TTFT) in seconds from llama-cli's perf lines (eval time per run; prompt eval time)."""
+    tpot = ttft = math.nan
+    for m in PERF.finditer(log_text):
+        ms, n = float(m.group(2)), int(m.group(3))
+        if m.group(1) == "prompt eval":
+            ttft = ms / 1e3
+        elif n > 0:
+            tpot = ms / 1e3 / n
+    return tpot, ttft
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[Row] = []
+        self.host = socket.gethostname()
+        self.date = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+        self.prima = Path(args.prima_build) / "llama-cli" if args.prima_build else None
+        self.prima_why = ""
+        if self.prima is None:
+            self.prima_why = "no --prima-build given"
+        elif not self.prima.is_file():
+            self.prima_why = f"{self.prima} not found"
+            self.prima = None
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def run_group(self, name: str, spec: dict[str, Any], cases: list[tuple[Any, ...]]) -> None:
+        a = self.args
+        sc = Scenario.model_validate({
+            "name": f"peers-{name}", "model": MODEL,
+            "workload": {"prompt": PROMPT, "decode_tokens": a.tokens, "repetitions": a.reps, "n_ctx": 256, "batch": 64},
+            "run": {"schedulers": [], "manual": [{"label": c[0], "windows": c[1]} for c in cases], "single": ["D0"],
+                    "prefetch": True, "omp_wait_policy": "passive"},
+            **spec,
+        })  # fmt: skip
+        out = Path(a.out) / name
+        opts = em_mod.EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=a.quick_profile,
+                                     profile_repeats=a.profile_repeats, calibrate_runs=not a.no_run_calibration, plots=False, on_progress=self.say)  # fmt: skip
+        model_path = ensure_model(sc.model, log=self.say)
+        model = model_profile_from_gguf(model_path)
+        n_prompt = count_prompt_tokens(model_path, PROMPT)
+        wl = Workload(n_ctx=256, prompt_tokens=n_prompt, decode_tokens=a.tokens, n_ubatch=64)
+        mem = (
+            "3 x "
+            + spec["devices"][0]["memory"]
+            + ", "
+            + spec["devices"][0]["disk_read"]
+            + ", "
+            + spec["network"]["bandwidth"]
+        )
+        reg = Registry()
+        with reg:
+            em = em_mod._Emulation(sc, opts, reg)
+            em.setup_disk(model_path.stat().st_size)
+            em.setup_devices()
+            profiles = em.profile_devices(model_path, model)
+            profiles = em.calibrate_decode(model_path, model, profiles)
+            em.raw_profiles = dict(profiles)
+            runtime_anon, vocab_anon = em.runtime_footprint(model_path)
+            for d in em.ring:
+                ov = em_mod.executor_overhead(runtime_anon, vocab_anon, d.name == sc.head_name)
+                profiles[d.name] = em_mod.with_executor_overhead(
+                    profiles[d.name], d.memory, ov, d.name == sc.head_name
+                )
+            em.overheads = (runtime_anon, vocab_anon)
+            links, _ = em.measure_links()
+            cluster = Cluster(name=sc.name, devices=tuple(profiles[d.name] for d in em.ring), head=sc.head_name,
+                              default_link=LinkSpec(bandwidth_bps=sc.network.bandwidth, latency_s=0.0),
+                              links=tuple(links))  # fmt: skip
+            dump_model(cluster, out / "cluster.json")
+            plans = em.make_plans(cluster, model, wl)
+            whole = (
+                em.work / "model.gguf"
+            )  # the unsplit GGUF on the emulated disk (prima.cpp, stock llama.cpp)
+            shutil.copyfile(model_path, whole)
+            assert em.disk is not None
+            cap = willneed_cap(em.disk.device)
+            self.say(f"{name}: one WILLNEED reads at most {cap // 1024} KiB on {em.disk.device}")
+            jobs: list[tuple[Row, Any]] = []
+            for pr in plans:
+                if pr.plan is None:
+                    raise SystemExit(f"{pr.label}: {pr.error}")
+                em.simulate(pr, model, wl)
+                if pr.label.startswith("single"):
+                    r = Row(cases[0][0], "llama.cpp", mem + "; one process in D0", [model.arch.n_layer], 1)
+                    r.tpot_pred, r.ttft_pred, r.predicted_as = (
+                        pr.sim_tpot_s,
+                        pr.sim_ttft_s,
+                        "simulate (whole model on D0)",
+                    )
+                    r.read_pred = pr.sim_disk_bytes_per_token
+                    self.rows.append(r)
+                    jobs.append((r, ("stock", pr)))
+                    continue
+                plan = pr.plan
+                r_ps = Row(pr.label, "prima-sim", mem, list(plan.windows), plan.k)
+                r_ps.tpot_pred, r_ps.ttft_pred, r_ps.predicted_as = pr.sim_tpot_s, pr.sim_ttft_s, "simulate"
+                r_ps.read_pred = pr.sim_disk_bytes_per_token
+                r_pc = Row(pr.label, "prima.cpp", mem, list(plan.windows), plan.k)
+                self.predict_primacpp(r_pc, pr, cluster, model, wl, cap, force=False)
+                self.rows += [r_pc, r_ps]
+                jobs += [(r_pc, ("prima.cpp", pr)), (r_ps, ("prima-sim", pr))]
+                if any(c[0] == pr.label and len(c) > 2 and c[2] for c in cases):
+                    r_f = Row(pr.label, "prima.cpp --force", mem, list(plan.windows), plan.k)
+                    self.predict_primacpp(r_f, pr, cluster, model, wl, cap, force=True)
+                    self.rows.append(r_f)
+                    jobs.append((r_f, ("prima.cpp --force", pr)))
+                self.say(f"{pr.label}: predicted TPOT prima-sim {r_ps.tpot_pred * 1e3:.0f} ms, prima.cpp "
+                         f"{r_pc.tpot_pred * 1e3:.0f} ms")  # fmt: skip
+            for pr in plans:
+                if not pr.label.startswith("single"):
+                    em.prepare_plan(pr, model_path)
+            try:
+                for rep in range(a.reps):
+                    for row, (kind, pr) in jobs:
+                        if kind == "prima-sim":
+                            n_before = len(pr.rep_tpot_s)
+                            em.run_rep(pr, wl, rep, model)
+                            if len(pr.rep_tpot_s) > n_before:
+                                row.tpot.append(pr.rep_tpot_s[-1])
+                                row.ttft.append(pr.rep_ttft_s[-1])
+                                row.read_meas.append(sum(v[-1] for v in pr.decode_disk_bytes.values() if v))
+                            else:
+                                row.errors.append(pr.run_errors[-1] if pr.run_errors else "failed")
+                        elif kind.startswith("prima.cpp"):
+                            self.run_primacpp(em, row, pr, whole, rep, force=kind.endswith("--force"))
+                        else:
+                            self.run_stock(em, row, whole, rep)
+            finally:
+                for pr in plans:
+                    em.finish_plan(pr)
+            # Predict every system again with what the profiles could not know (docs/emulation.md findings 1 and 10):
+            # the layers' streaming rate measured by llama.cpp in the devices around prima-sim's runs (this host's
+            # memory bandwidth drifts by tens of percent within minutes), and for prima.cpp the room its own
+            # processes leave for the page cache (C++, no Python runtime; the planner's cluster has prima-sim's
+            # executor footprint). The predictions from the profiles alone stay in tpot_pred_profile_s.
+            rates = {k: (statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
+                     for k, v in em.run_probes.items() if v}  # fmt: skip
+            for k, (lay, outr) in rates.items():
+                self.say(
+                    f"{name}: rates during the runs ({k}): layers {lay / 1e9:.2f} GB/s, output head {outr / 1e9:.2f} GB/s"
+                )
+            for row, (kind, pr) in jobs:
+                row.tpot_pred_before = row.tpot_pred
+                base = self.with_run_rates(em, pr.cluster, rates)
+                if kind.startswith("prima.cpp"):
+                    if row.anon_peak:
+                        base = self.primacpp_cluster(em, sc, base, pr.plan, model, wl, row.anon_peak)
+                    self.predict_primacpp(row, pr, base, model, wl, cap, force=kind.endswith("--force"))
+                    row.predicted_as += (
+                        "; memory: limit - prima.cpp's measured anonymous memory beyond KV and buffers"
+                    )
+                else:
+                    try:
+                        plan = manual_plan(base, model, wl, list(pr.plan.windows))
+                        res = simulate(plan, base, model, wl, SimConfig(prefetch=True, warm=True))
+                        row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
+                    except PrimaSimError as exc:
+                        row.errors.append(f"predict: {exc}")
+                if rates:
+                    row.predicted_as += "; rates: measured in the devices during the runs"
+
+    def predict_primacpp(self, row: Row, pr: Any, cluster: Cluster, model: Any, wl: Workload, cap: int,
+                         force: bool) -> None:  # fmt: skip
+        cfg = SimConfig(
+            prefetch=True, prefetch_own_window=True, willneed_cap_bytes=cap, force_touch=force, warm=False
+        )
+        try:
+            # a plan names the cluster it was made on: the same windows planned on the adjusted cluster
+            plan = (
+                pr.plan if cluster is pr.cluster else manual_plan(cluster, model, wl, list(pr.plan.windows))
+            )
+            res = simulate(plan, cluster, model, wl, cfg)
+            row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
+            row.read_pred = sum(
+                float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for st in res.device_stats.values()
+            )
+        except PrimaSimError as exc:
+            row.errors.append(f"predict: {exc}")
+        row.predicted_as = (
+            f"simulate --prima-{'force' if force else 'prefetch'} --willneed-cap-kib {cap // 1024} --cold"
+        )
+
+    def with_run_rates(self, em: Any, cluster: Cluster, rates: dict[str, tuple[float, float]]) -> Cluster:
+        """``cluster`` with the streaming rates measured around the runs (as ``prima-sim emulate`` does)."""
+        devs = []
+        for d in cluster.devices:
+            k = em.key_of.get(d.name)
+            if k in rates:
+                lay, outr = rates[k]
+                devs.append(
+                    em.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the runs")
+                )
+            else:
+                devs.append(d)
+        return cluster.model_copy(update={"devices": tuple(devs)})
+
+    def primacpp_cluster(self, em: Any, sc: Scenario, cluster: Cluster, plan: Any, model: Any, wl: Workload,
+                         anon: dict[str, int]) -> Cluster:  # fmt: skip
+        """The cluster with each device's room as prima.cpp leaves it: its limit minus what prima.cpp's process
+        pinned beyond the cost model's KV cache and compute buffers (measured: peak anonymous memory)."""
+        from prima_sim.halda.costmodel import DeviceCosts, memory_use
+
+        devs = []
+        for d in cluster.devices:
+            raw = d  # its rates (maybe measured around the runs); only its room changes
+            a = next((x for x in plan.devices if x.name == d.name), None)
+            if a is None or d.name not in anon:
+                devs.append(d)
+                continue
+            pinned = memory_use(DeviceCosts(raw, model, wl), a, d.name == plan.head).pinned_ram
+            over = max(0, int(anon[d.name] - pinned))
+            devs.append(
+                em_mod.with_executor_overhead(raw, sc.device(d.name).memory, over, d.name == plan.head)
+            )
+        return cluster.model_copy(update={"devices": tuple(devs)})
+
+    def run_primacpp(self, em: Any, row: Row, pr: Any, whole: Path, rep: int, force: bool = False) -> None:
+        if self.prima is None:
+            row.skipped = self.prima_why
+            return
+        plan = pr.plan
+        hosts = {d.name: em.net.nodes[d.name].ip for d in plan.devices}
+        # prima.cpp's perf counters leave out the first 5 decode calls ("preheat"): 5 more tokens, so that its
+        # "eval time" covers --tokens decode steps
+        cmds = primacpp_commands(plan, str(whole), hosts, prompt=PROMPT, n_predict=self.args.tokens + 6,
+                                 threads={d.name: 1 for d in plan.devices}, binary_dir=str(self.prima.parent), force=force)  # fmt: skip
+        extra = ["--temp", "0", "--ignore-eos", "-b", "64", "-ub", "64"]
+        rep_dir = em.out / "runs" / f"{pr.label}-prima.cpp{'-force' if force else ''}" / f"rep{rep}"
+        rep_dir.mkdir(parents=True, exist_ok=True)
+        row.command = " ; ".join(" ".join(c.cli) for c in cmds)
+        env = {"OMP_WAIT_POLICY": "passive"}
+        cg.drop_caches()
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        sampler = MemorySampler(
+            {d.name: em.groups[d.name] for d in plan.devices}, device=em.disk_dev or None
+        ).start()
+        try:
+            for c in cmds[1:]:
+                procs[c.device] = em.spawn_in(
+                    c.device, [*c.cli, "-b", "64", "-ub", "64"], rep_dir / f"{c.device}.log", env
+                )
+            head = cmds[0]
+            p = em.spawn_in(head.device, head.cli + extra, rep_dir / f"{head.device}.log", env)
+            t_end = time.monotonic() + PRIMA_TIMEOUT_S
+            while p.poll() is None:
+                if time.monotonic() > t_end:
+                    row.errors.append(f"rep {rep}: no end in {PRIMA_TIMEOUT_S:g} s")
+                    return
+                dead = [n for n, q in procs.items() if q.poll() is not None and q.returncode != 0]
+                if dead:
+                    row.errors.append(f"rep {rep}: rank {dead[0]} exited {procs[dead[0]].returncode}: "
+                                      f"{em_mod._tail(rep_dir / f'{dead[0]}.log', 300)}")  # fmt: skip
+                    return
+                time.sleep(0.2)
+            text = (rep_dir / f"{head.device}.log").read_text(errors="replace")
+            tpot, ttft = parse_primacpp(text)
+            if p.returncode != 0 or math.isnan(tpot):
+                row.errors.append(
+                    f"rep {rep}: llama-cli exited {p.returncode}: {em_mod._tail(rep_dir / f'{head.device}.log', 300)}"
+                )
+                return
+            row.tpot.append(tpot)
+            row.ttft.append(ttft)
+            # reads of the timed decode steps: the last --tokens steps before llama-cli exited
+            t_b = time.time()
+            t_a = t_b - 0.2 - self.args.tokens * tpot
+            row.read_meas.append(
+                sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
+            )
+            self.say(
+                f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms"
+            )
+        finally:
+            deadline = time.monotonic() + 10
+            for q in procs.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    q.wait(timeout=max(0.1, deadline - time.monotonic()))
+                stop(q, 1.0)
+            for n, pk in sampler.stop().items():
+                row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
+                if pk.oom_kills:
+                    row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
+
+    def run_stock(self, em: Any, row: Row, whole: Path, rep: int) -> None:
+        rep_dir = em.out / "runs" / "stock" / f"rep{rep}"
+        rep_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "prima_sim.exec.stock", "--model", str(whole), "--prompt", PROMPT, "-n",
+               str(self.args.tokens + 1), "--ctx", "256", "--threads", "1", "--json"]  # fmt: skip
+        row.command = " ".join(cmd[1:])
+        cg.drop_caches()
+        p = em.spawn_in("D0", cmd, rep_dir / "D0.log", {"OMP_WAIT_POLICY": "passive"})
+        try:
+            p.wait(timeout=PRIMA_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            stop(p, 1.0)
+            row.errors.append(f"rep {rep}: no end in {PRIMA_TIMEOUT_S:g} s")
+            return
+        text = (rep_dir / "D0.log").read_text(errors="replace")
+        try:
+            obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
+        except ValueError:
+            row.errors.append(f"rep {rep}: exited {p.returncode}: {em_mod._tail(rep_dir / 'D0.log', 300)}")
+            return
+        row.tpot.append(float(obj["tpot_s"]))
+        row.ttft.append(float(obj["ttft_s"]))
+        self.say(
+            f"{row.scenario} llama.cpp rep {rep}: TPOT {obj['tpot_s'] * 1e3:.1f} ms, TTFT {obj['ttft_s'] * 1e3:.0f} ms"
+        )
+
+    # --- report --------------------------------------------------------------------------------------------------
+    def csv_rows(self) -> list[dict[str, Any]]:
+        base = {(r.scenario, r.system): r for r in self.rows}
+        out = []
+        for r in self.rows:
+            t, f = median(r.tpot), median(r.ttft)
+            pc = base.get((r.scenario, "prima.cpp"))
+            pc_t, pc_f = (median(pc.tpot), median(pc.ttft)) if pc else (math.nan, math.nan)
+            status = (
+                "skipped"
+                if r.skipped
+                else ("ok" if r.tpot and not r.errors else ("partial" if r.tpot else "failed"))
+            )
+
+            def pct(pred: float, meas: float) -> float:
+                return 100.0 * (pred - meas) / meas if meas > 0 and not math.isnan(pred) else math.nan
+
+            out.append({
+                "scenario": r.scenario, "system": r.system, "devices": r.devices, "windows": ",".join(map(str, r.windows)),
+                "k": r.k, "reps": len(r.tpot), "status": status,
+                "tpot_meas_s": t, "tpot_meas_min_s": min(r.tpot, default=math.nan),
+                "tpot_meas_max_s": max(r.tpot, default=math.nan), "ttft_meas_s": f,
+                "tpot_pred_s": r.tpot_pred, "ttft_pred_s": r.ttft_pred,
+                "tpot_err_pct": pct(r.tpot_pred, t), "ttft_err_pct": pct(r.ttft_pred, f),
+                "tpot_pred_profile_s": r.tpot_pred_before,
+                "anon_peak_mib": " ".join(f"{n}:{v / 2**20:.0f}" for n, v in sorted(r.anon_peak.items())),
+                "disk_mib_per_token_meas": median(r.read_meas) / 2**20,
+                "disk_mib_per_token_pred": r.read_pred / 2**20,
+                "tpot_vs_primacpp": t / pc_t if pc_t > 0 else math.nan,
+                "ttft_vs_primacpp": f / pc_f if pc_f > 0 else math.nan,
+                "predicted_as": r.predicted_as, "error": (r.skipped or "; ".join(r.errors))[:500],
+                "host": self.host, "date": self.date, "command": r.command[:1000],
+            })  # fmt: skip
+        return out
+
+    def write(self, reports: Path) -> None:
+        rows = self.csv_rows()
+        reports.mkdir(parents=True, exist_ok=True)
+        with (reports / "peers.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        plot(rows, reports / "peers.png")
+        print()
+        print(f"{'scenario':22} {'system':17} {'windows':8} {'TPOT ms':>9} {'pred ms':>9} {'err%':>6} "
+              f"{'x prima.cpp':>11} {'TTFT ms':>8} {'x prima.cpp':>11}  status")  # fmt: skip
+        for r in rows:
+            print(f"{r['scenario']:22} {r['system']:17} {r['windows']:8} {r['tpot_meas_s'] * 1e3:9.1f} "
+                  f"{r['tpot_pred_s'] * 1e3:9.1f} {r['tpot_err_pct']:6.1f} {r['tpot_vs_primacpp']:11.2f} "
+                  f"{r['ttft_meas_s'] * 1e3:8.0f} {r['ttft_vs_primacpp']:11.2f}  {r['status']} {r['error'][:80]}")  # fmt: skip
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
+    colors = {
+        "prima.cpp": "tab:blue",
+        "prima.cpp --force": "tab:cyan",
+        "prima-sim": "tab:orange",
+        "llama.cpp": "tab:gray",
+    }
+    fig, ax = plt.subplots(figsize=(11, 5))
+    labelled: set[str] = set()
+    width = 0.2
+    for i, s in enumerate(scen):
+        for j, system in enumerate(SYSTEMS):
+            r = next((x for x in rows if x["scenario"] == s and x["system"] == system), None)
+            if r is None:
+                continue
+            x = i + (j - 1.5) * width
+            v = r["tpot_meas_s"] * 1e3
+            if not math.isnan(v):
+                ax.bar(x, v, width, color=colors[system], label=None if system in labelled else system)
+                labelled.add(system)
+                if r["reps"] > 1:
+                    ax.errorbar(x, v, yerr=[[v - r["tpot_meas_min_s"] * 1e3], [r["tpot_meas_max_s"] * 1e3 - v]],
+                                color="black", capsize=2, lw=0.8)  # fmt: skip
+            p = r["tpot_pred_s"] * 1e3
+            if not math.isnan(p):
+                ax.plot(
+                    x,
+                    p,
+                    marker="D",
+                    color="black",
+                    ms=4,
+                    ls="",
+                    label="predicted" if i == 0 and j == 0 else None,
+                )
+    ax.set_xticks(range(len(scen)), [s.replace("-", "\n", 1) for s in scen], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("TPOT, ms (log)")
+    ax.set_title("prima.cpp vs prima-sim ring vs one stock llama.cpp process (same emulated devices, 1B-shape Q4_0)",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _number(v: str) -> Any:
+    try:
+        return float(v) if v not in ("",) else math.nan
+    except ValueError:
+        return v
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prima-build", help="prima.cpp build directory (holding llama-cli)")
+    p.add_argument("--tokens", type=int, default=6, help="timed decode tokens per run (default: %(default)s)")
+    p.add_argument(
+        "--reps", type=int, default=2, help="runs per system and scenario, interleaved (default: %(default)s)"
+    )
+    p.add_argument(
+        "--groups", default=",".join(g for g, _, _ in GROUPS), help="device groups to run (default: all)"
+    )
+    p.add_argument("--out", default="/tmp/bench-peers", help="artefacts (default: %(default)s)")
+    p.add_argument("--quick-profile", action="store_true", help="prima-sim profile --quick in the devices")
+    p.add_argument(
+        "--profile-repeats", type=int, default=3, help="profiles per device, median kept (default: 3)"
+    )
+    p.add_argument("--no-run-calibration", action="store_true",
+                   help="predict from the profiles only (no streaming-rate probes around the runs)")  # fmt: skip
+    p.add_argument("--reports", default=str(ROOT / "reports"), help="where peers.csv and peers.png go")
+    p.add_argument(
+        "--plot-only", action="store_true", help="redraw peers.png from the reports' peers.csv; run nothing"
+    )
+    args = p.parse_args()
+    if args.plot_only:
+        with (Path(args.reports) / "peers.csv").open() as fh:
+            rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        plot(rows, Path(args.reports) / "peers.png")
+        return 0
+    cg.check_root()
+    b = Bench(args)
+    t0 = time.monotonic()
+    wanted = args.groups.split(",")
+    for name, spec, cases in GROUPS:
+        if name in wanted:
+            b.run_group(name, spec, cases)
+    b.write(Path(args.reports))
+    print(f"\n{time.monotonic() - t0:.0f} s; command: {' '.join(sys.argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
