@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +122,9 @@ class Head:
         self._seq = 0
         self.windows: dict[int, LoadedWindow] = {}
         self.started = False
+        self.kv_tokens: list[int] = []  # what every window's KV cache holds, positions 0.. (serving: stream())
+        self.stop_reason = ""  # why the last stream() ended: "eos" or "length"
+        self.cached_tokens = 0  # prompt tokens the last stream() found in the KV caches
 
     # --- start-up ----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -395,6 +398,85 @@ class Head:
         finally:
             sampler.close()
         return gen
+
+    # --- serving (prima_sim.exec.engine) ---------------------------------------------------------------------
+    def stream(
+        self, prompt_tokens: list[int], n_predict: int, sampling: SamplingParams, ignore_eos: bool = False
+    ) -> Iterator[int]:
+        """Yield up to ``n_predict`` tokens after ``prompt_tokens``, reusing the KV caches where they match.
+
+        The head remembers the tokens its ring's KV caches hold (:attr:`kv_tokens`). Only the part of the
+        prompt after the longest common prefix is prefilled (at least its last token, whose logits are
+        needed); every window drops what its cache holds from that position on when the batch arrives
+        (:meth:`Window._prepare`, ``llama_memory_seq_rm``), so one conversation's turns reuse each other's
+        caches and an unrelated prompt starts over. Stops before an end-of-generation token
+        (:attr:`stop_reason` ``"eos"``) or after ``n_predict`` tokens (``"length"``). Closing the generator
+        between tokens (a cancelled request) leaves the caches consistent.
+
+        Raises:
+            InputError: the prompt is empty or does not fit the plan's context with ``n_predict``.
+            WorkerError: a worker died or stopped answering (the caches are then unknown: :attr:`kv_tokens`
+                is emptied).
+        """
+        if not prompt_tokens:
+            raise InputError("prompt", "", "the prompt has no tokens")
+        if len(prompt_tokens) + n_predict > self.plan.n_ctx:
+            room = self.plan.n_ctx - len(prompt_tokens)
+            raise InputError("max_tokens", "", f"{len(prompt_tokens)} prompt + {n_predict} new tokens exceed the "
+                             f"context of {self.plan.n_ctx} tokens: ask for at most {max(room, 0)} new tokens")  # fmt: skip
+        p = 0
+        for a, b in zip(self.kv_tokens, prompt_tokens, strict=False):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(prompt_tokens) - 1)
+        self.cached_tokens = p
+        self.stop_reason = "length"
+        sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        try:
+            self.kv_tokens = self.kv_tokens[:p]
+            t_step = now()
+            ctx: Window | None = None
+            for i in range(p, len(prompt_tokens), self.n_batch):
+                chunk = prompt_tokens[i : i + self.n_batch]
+                ctx = self._step(chunk, i, 0, t_step)
+                self.kv_tokens.extend(chunk)
+            assert ctx is not None
+            n = 0
+            while True:
+                t0 = now()
+                tok = sampler.sample(ctx)
+                self.spans.add(SpanKind.HEAD, t0, now(), n, "sample")
+                if not ignore_eos and self.embed_model.is_eog(tok):
+                    self.stop_reason = "eos"
+                    return
+                n += 1
+                yield tok
+                if n >= n_predict:
+                    return
+                ctx = self._step([tok], len(self.kv_tokens), n, now())
+                self.kv_tokens.append(tok)
+        except Exception:
+            self.kv_tokens = []  # a step failed part-way: what the caches hold is unknown
+            raise
+        finally:
+            sampler.close()
+
+    def watch(self) -> None:
+        """Between requests: read the control channel, check every worker's liveness, and drop the
+        measurements a long-running server does not keep.
+
+        Raises:
+            WorkerError: a worker failed, left, or stopped answering.
+        """
+        self.spans.drain()
+        if not self.workers:
+            return
+        while self.control.poll(0):
+            self._on_status(self.control.recv(copy=False))
+        for p in self.peers.values():
+            p.spans = []
+        self._check_liveness()
 
     # --- measurements and shutdown ------------------------------------------------------------------------------
     def all_spans(self, t0: float) -> list[Span]:

@@ -178,6 +178,19 @@ class Model:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
 
+    def chat_template(self) -> str:
+        """The GGUF's chat template (``tokenizer.chat_template``), or "" when it has none."""
+        tmpl = self._lc.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8", "replace") if tmpl else ""
+
+    def special_text(self, which: str) -> str:
+        """The text of the ``"bos"`` or ``"eos"`` token ("" when the vocabulary has none)."""
+        tok = int((self._lc.llama_vocab_bos if which == "bos" else self._lc.llama_vocab_eos)(self.vocab))
+        if tok < 0:
+            return ""
+        text = self._lc.llama_vocab_get_text(self.vocab, tok)
+        return text.decode("utf-8", "replace") if text else ""
+
     def chat_prompt(self, user_text: str) -> str:
         """``user_text`` as one user turn in the model's chat template, ending with the assistant's turn.
 
