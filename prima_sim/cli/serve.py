@@ -137,9 +137,17 @@ def run(args: argparse.Namespace) -> int:
     engine.start()
     print(f"prima-sim serve: {model_id} on a ring of {len(engine.spec.plan.devices)} device(s) at "
           f"http://{args.host}:{args.port}/v1 (GET /health says when the ring is ready)", file=sys.stderr, flush=True)  # fmt: skip
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured SIGINT/SIGTERM after its shutdown, which would end this process
+            # before the ring is stopped: forget it, return, stop the ring, exit 0
+            getattr(self, "_captured_signals", []).clear()
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="off",
+                            timeout_graceful_shutdown=5)  # fmt: skip
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="off",
-                    timeout_graceful_shutdown=5)  # fmt: skip
+        Server(config).run()
     finally:
         engine.close()
     if engine.error and engine.state != "ready" and engine.served == 0:

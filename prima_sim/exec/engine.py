@@ -231,6 +231,7 @@ class Engine:
         self.cancelled = 0
         self.rebuilds = 0
         self._queue: collections.deque[Job] = collections.deque()
+        self._busy = 0  # 1 while a request is being served
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="prima-engine", daemon=True)
@@ -260,8 +261,9 @@ class Engine:
         with self._cv:
             if self.state != "ready":
                 raise NotReady(self._not_ready())
-            if len(self._queue) >= self.queue_limit:
-                raise QueueFull(f"{len(self._queue)} requests are waiting (the limit is {self.queue_limit}): retry later")
+            if len(self._queue) + self._busy > self.queue_limit:
+                raise QueueFull(f"one request is running and {len(self._queue)} wait (the queue limit is "
+                                f"{self.queue_limit}): retry later")  # fmt: skip
             self._queue.append(job)
             self._cv.notify_all()
 
@@ -320,7 +322,11 @@ class Engine:
                 if job is None:
                     self._watch()
                     continue
-                self._serve(job)
+                try:
+                    self._serve(job)
+                finally:
+                    with self._cv:
+                        self._busy = 0
         finally:
             self._set_state("stopped")
             self._fail_waiting(503, "the server is shutting down")
@@ -350,6 +356,7 @@ class Engine:
             while self._queue:
                 job = self._queue.popleft()
                 if not job.cancelled.is_set():
+                    self._busy = 1
                     return job
             return None
 
