@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
+import openai
 import pytest
-
-pytest.importorskip("llama_cpp")
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
 
 from prima_sim.exec.engine import apply_chat_template
 from prima_sim.exec.llamacpp import Reference
@@ -153,8 +152,6 @@ class Ref:
         return out
 
     def greedy(self, logits: Any, n: int) -> tuple[list[int], str]:
-        import numpy as np
-
         toks: list[int] = []
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         text = ""
@@ -191,7 +188,9 @@ def test_models_and_auth(ring1: Server) -> None:
 
 
 @pytest.mark.parametrize("which", ["ring1", "ring3"])
-def test_completion_greedy_matches_single_process(which: str, ref: Ref, request: pytest.FixtureRequest) -> None:
+def test_completion_greedy_matches_single_process(
+    which: str, ref: Ref, request: pytest.FixtureRequest
+) -> None:
     server: Server = request.getfixturevalue(which)
     prompt = ref.m.tokenize(PROMPT)
     want_toks, want = ref.greedy(ref.feed(prompt, 0), 24)
@@ -245,13 +244,21 @@ def test_stop_seed_and_usage(ring3: Server) -> None:
     c = client(ring3)
     base = c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
     stop = base.split()[3]
-    cut = c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "@@"])
+    cut = c.completions.create(
+        model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "@@"]
+    )
     assert cut.choices[0].text == base[: base.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True))  # fmt: skip
     assert streamed == cut.choices[0].text
-    kw: dict[str, Any] = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "top_p": 0.9}
+    kw: dict[str, Any] = {
+        "model": "smollm2",
+        "prompt": PROMPT,
+        "max_tokens": 16,
+        "temperature": 0.9,
+        "top_p": 0.9,
+    }
     a = c.completions.create(seed=7, **kw).choices[0].text
     b = c.completions.create(seed=7, **kw).choices[0].text
     assert a == b
@@ -290,11 +297,16 @@ def test_queue_limit_429_and_cancel_on_disconnect(ring1: Server) -> None:
     h = {"Authorization": "Bearer sekrit"}
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
     before = ring1.health()[1]["cancelled"]
-    with httpx.Client(timeout=60, headers=h) as c, c.stream("POST", ring1.url + "/v1/completions", json=body) as r:
+    with (
+        httpx.Client(timeout=60, headers=h) as c,
+        c.stream("POST", ring1.url + "/v1/completions", json=body) as r,
+    ):
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")
-        busy = httpx.post(ring1.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=h, timeout=60)
+        busy = httpx.post(
+            ring1.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=h, timeout=60
+        )
         assert busy.status_code == 429, busy.text
         assert busy.json()["error"]["type"] == "rate_limit_error" and busy.headers["retry-after"]
     # the client went away: the engine stops that request at its next token and serves the next one
@@ -302,7 +314,9 @@ def test_queue_limit_429_and_cancel_on_disconnect(ring1: Server) -> None:
     while ring1.health()[1]["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ring1.health()[1]["cancelled"] == before + 1
-    ok = httpx.post(ring1.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=h, timeout=60)
+    ok = httpx.post(
+        ring1.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=h, timeout=60
+    )
     assert ok.status_code == 200, ok.text
 
 

@@ -128,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     check_number("--top-p", args.top_p, above=0, maximum=1)
     check_number("--seed", args.seed, minimum=0)
     if args.url and (args.local or args.real or args.plan):
-        raise InputError("--url", "", "talk to a running server (--url) or build a ring (--local/--real --plan), not both")
+        raise InputError(
+            "--url", "", "talk to a running server (--url) or build a ring (--local/--real --plan), not both"
+        )
     if not args.url and not (args.local or args.real):
         raise InputError("--url", "", "give --url of a running server, or --local/--real with --plan")
     turn, close = _http_turn(args) if args.url else _engine_turn(args)

@@ -30,23 +30,39 @@ DEFAULT_PORT = 8000
 def add_ring_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that say which ring to build (shared by ``serve`` and ``chat``)."""
     mode = p.add_mutually_exclusive_group(required=required)
-    mode.add_argument("--real", action="store_true", help="workers already run (with --persist) on the hosts in --hosts")
+    mode.add_argument(
+        "--real", action="store_true", help="workers already run (with --persist) on the hosts in --hosts"
+    )
     mode.add_argument("--local", action="store_true", help="spawn every worker on this host (loopback)")
     p.add_argument("--plan", default=None, help="plan JSON")
-    p.add_argument("--model", default=None,
-                   help="the model's GGUF, or smollm2-135m (default: the GGUF the plan was made from)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model's GGUF, or smollm2-135m (default: the GGUF the plan was made from)",
+    )
     p.add_argument("--shards", default=None, help="shard directory (one sub-directory per device)")
     p.add_argument("--hosts", default=None, help="hosts.toml (--real; default: loopback)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)")
+    g.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
+    )
     g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
     p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument("--omp-wait-policy", default="passive", type=str.lower, choices=["passive", "active", "default"],
-                   help="OMP_WAIT_POLICY of the processes of a --local ring (default passive)")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        type=str.lower,
+        choices=["passive", "active", "default"],
+        help="OMP_WAIT_POLICY of the processes of a --local ring (default passive)",
+    )
     p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
+    )
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
 
 def register(sub: Any) -> None:
@@ -59,13 +75,22 @@ def register(sub: Any) -> None:
         "bounded queue. Binds to 127.0.0.1 unless --host says otherwise (then --api-key is required).",
     )
     add_ring_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--api-key", default=None,
-                   help="clients must send 'Authorization: Bearer KEY' (default: $PRIMA_SIM_API_KEY); required "
-                        "when --host is not a loopback address")
-    p.add_argument("--queue", type=int, default=32, help="requests that may wait while one runs (default 32; 429 beyond)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the plan's model id)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="clients must send 'Authorization: Bearer KEY' (default: $PRIMA_SIM_API_KEY); required "
+        "when --host is not a loopback address",
+    )
+    p.add_argument(
+        "--queue", type=int, default=32, help="requests that may wait while one runs (default 32; 429 beyond)"
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model id clients see (default: the plan's model id)"
+    )
     p.set_defaults(func=run)
 
 
@@ -97,7 +122,8 @@ def build_engine(args: argparse.Namespace, queue_limit: int) -> Any:
     model = plan_gguf(plan, args.plan, args.model, required=args.shards is None)
     if args.local and any(d.gpu_layers for d in plan.devices) and not supports_gpu_offload():
         logging.getLogger("prima_sim.notes").info(
-            "this llama.cpp build has no GPU backend: the plan's GPU layers run on the CPU")
+            "this llama.cpp build has no GPU backend: the plan's GPU layers run on the CPU"
+        )
         plan = plan.on_cpus()
     check_gpu(plan, devices=None if args.local else [plan.head])
     names = [d.name for d in plan.devices]
@@ -130,13 +156,16 @@ def run(args: argparse.Namespace) -> int:
 
         from prima_sim.exec.server import create_app
     except ImportError:
-        raise MissingDependencyError("the server needs Starlette and uvicorn: pip install 'prima-sim[serve]'") from None
+        raise MissingDependencyError(
+            "the server needs Starlette and uvicorn: pip install 'prima-sim[serve]'"
+        ) from None
     engine = build_engine(args, args.queue)
     model_id = args.served_model_name or engine.spec.plan.model_id
     app = create_app(engine, model_id, api_key)
     engine.start()
     print(f"prima-sim serve: {model_id} on a ring of {len(engine.spec.plan.devices)} device(s) at "
           f"http://{args.host}:{args.port}/v1 (GET /health says when the ring is ready)", file=sys.stderr, flush=True)  # fmt: skip
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)

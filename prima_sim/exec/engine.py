@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import tomli_w
 
@@ -197,7 +197,8 @@ def apply_chat_template(template: str, bos: str, eos: str, messages: list[dict[s
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     try:
-        return str(Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt)
+        fmt = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        return str(fmt(messages=cast(Any, messages)).prompt)
     except Exception as exc:  # the template is the model's code: any failure is a bad request for it
         raise InputError("messages", "", f"the model's chat template refused them: {exc}") from None
 
@@ -402,7 +403,9 @@ class Engine:
             toks = [int(t) for t in job.prompt]  # type: ignore[arg-type]
             bad = [t for t in toks if not 0 <= t < m.n_vocab]
             if bad:
-                raise InputError("prompt", "", f"token id {bad[0]} is outside the vocabulary (0..{m.n_vocab - 1})")
+                raise InputError(
+                    "prompt", "", f"token id {bad[0]} is outside the vocabulary (0..{m.n_vocab - 1})"
+                )
         if not toks:
             raise InputError("prompt", "", "the prompt has no tokens")
         return toks

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +402,7 @@ class Head:
     # --- serving (prima_sim.exec.engine) ---------------------------------------------------------------------
     def stream(
         self, prompt_tokens: list[int], n_predict: int, sampling: SamplingParams, ignore_eos: bool = False
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         """Yield up to ``n_predict`` tokens after ``prompt_tokens``, reusing the KV caches where they match.
 
         The head remembers the tokens its ring's KV caches hold (:attr:`kv_tokens`). Only the part of the

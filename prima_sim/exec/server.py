@@ -125,7 +125,7 @@ class CompletionParams(_Params):
             v = v[0]
         if not v:
             raise ValueError("the prompt is empty")
-        return v  # type: ignore[no-any-return]
+        return v
 
 
 def _first_error(exc: ValidationError) -> tuple[str, str | None]:
@@ -191,7 +191,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Sta
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object")
         try:
-            params: ChatParams | CompletionParams = (ChatParams if chat else CompletionParams).model_validate(body)
+            params: ChatParams | CompletionParams = (ChatParams if chat else CompletionParams).model_validate(
+                body
+            )
         except ValidationError as exc:
             msg, param = _first_error(exc)
             return error_response(400, msg, param)
@@ -207,8 +209,15 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Sta
             prompt = params.prompt
             max_tokens = max_tokens or DEFAULT_COMPLETION_TOKENS
         stream = _Stream()
-        job = Job(prompt, max_tokens, params.sampling(), params.stops(), stream.deliver, chat=chat,
-                  ignore_eos=params.ignore_eos)
+        job = Job(
+            prompt,
+            max_tokens,
+            params.sampling(),
+            params.stops(),
+            stream.deliver,
+            chat=chat,
+            ignore_eos=params.ignore_eos,
+        )
         try:
             engine.submit(job)
         except QueueFull as exc:
