@@ -8,7 +8,8 @@ Examples::
     prima-sim serve --real --plan plan.json --hosts hosts.toml --host 0.0.0.0 --api-key "$KEY"
 
 Then point any OpenAI client at ``http://HOST:PORT/v1``. The shards load once; requests are served one at a
-time from a bounded FIFO queue (``--queue``; 429 beyond it). docs/serve.md lists endpoints, options and errors.
+time, or ``--parallel N`` at once batched into one pass per window, from a bounded FIFO queue (``--queue``;
+429 beyond it). docs/serve.md lists endpoints, options and errors.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def register(sub: Any) -> None:
         "serve",
         help="serve a plan's ring as an OpenAI-compatible HTTP API (/v1/chat/completions, ...)",
         description="Run the head as a long-running server: the ring's shards load once, and /v1/models, "
-        "/v1/completions and /v1/chat/completions (streaming or not) serve requests one at a time from a "
+        "/v1/completions and /v1/chat/completions (streaming or not) serve requests (--parallel at once) from a "
         "bounded queue. Binds to 127.0.0.1 unless --host says otherwise (then --api-key is required).",
     )
     add_ring_args(p)
@@ -86,7 +87,12 @@ def register(sub: Any) -> None:
         "when --host is not a loopback address",
     )
     p.add_argument(
-        "--queue", type=int, default=32, help="requests that may wait while one runs (default 32; 429 beyond)"
+        "--parallel", type=int, default=1,
+        help="sequences in flight at once, batched into one pass per window (default 1); every window's KV cache "
+        "holds that many contexts",
+    )  # fmt: skip
+    p.add_argument(
+        "--queue", type=int, default=32, help="requests that may wait while --parallel run (default 32; 429 beyond)"
     )
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients see (default: the plan's model id)"
@@ -94,7 +100,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def build_engine(args: argparse.Namespace, queue_limit: int) -> Any:
+def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) -> Any:
     """An :class:`~prima_sim.exec.engine.Engine` for the ring the arguments describe (not started).
 
     Raises:
@@ -112,6 +118,8 @@ def build_engine(args: argparse.Namespace, queue_limit: int) -> Any:
     check_number("--timeout", args.timeout, above=0)
     check_number("--startup-timeout", args.startup_timeout, above=0)
     check_threads("--threads", args.threads)
+    if parallel < 1:
+        raise InputError("--parallel", "", f"must be at least 1, got {parallel}")
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.engine import Engine, RingSpec
     from prima_sim.exec.hosts import load_hosts
@@ -134,7 +142,7 @@ def build_engine(args: argparse.Namespace, queue_limit: int) -> Any:
     spec = RingSpec(plan, shard_dir, local=args.local, hosts=load_hosts(args.hosts) if args.hosts else None,
                     hosts_source=args.hosts or "hosts.toml", threads=threads, prefetch=not args.no_prefetch,
                     n_batch=args.batch, timeout_s=args.timeout, startup_timeout_s=args.startup_timeout,
-                    omp_wait_policy=policy)  # fmt: skip
+                    omp_wait_policy=policy, n_seq=parallel)  # fmt: skip
     return Engine(spec, queue_limit)
 
 
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         raise MissingDependencyError(
             "the server needs Starlette and uvicorn: pip install 'prima-sim[serve]'"
         ) from None
-    engine = build_engine(args, args.queue)
+    engine = build_engine(args, args.queue, args.parallel)
     model_id = args.served_model_name or engine.spec.plan.model_id
     app = create_app(engine, model_id, api_key)
     engine.start()

@@ -2,16 +2,20 @@
 
 :class:`Engine` owns one ring (the head of :mod:`prima_sim.exec.head` and, with ``local``, the worker processes
 of :mod:`prima_sim.exec.local`) and one thread that does everything llama.cpp does in this process: it
-builds the ring, takes requests from the queue in arrival order, tokenizes them (through the GGUF's chat
-template for chat requests), generates through :meth:`Head.stream`, which reuses the KV caches where a prompt
-extends the previous one, applies stop strings, and hands every piece of text to the request's ``deliver``
-callback. Between requests it watches the workers (:meth:`Head.watch`).
+builds the ring, gives waiting requests free *slots* (llama.cpp sequence ids) in arrival order, tokenizes them
+(through the GGUF's chat template for chat requests), and runs the ring one batch at a time
+(:meth:`Head.step_rows`): every pass carries one decode row for each generating sequence plus as much of the
+new prompts as the batch has room for (continuous batching), and one token is sampled for each sequence whose
+prompt is all in. Each slot remembers the tokens its caches hold, so a prompt that extends a previous one
+(a conversation's next turn) only prefills the new part. Stop strings are applied on the text, and every piece
+of text goes to the request's ``deliver`` callback. Between requests it watches the workers (:meth:`Head.watch`).
 
-One sequence is in flight at a time (no batching of several sequences per window pass): concurrent requests
-wait in the queue, first come first served, and a request beyond ``queue_limit`` waiting ones is refused at
-once (:class:`QueueFull`, HTTP 429). A request is cancelled between two tokens when its client goes away.
+``spec.n_seq`` sequences are in flight at once (``prima-sim serve --parallel``; 1 serves one request at a time);
+the others wait in the queue, first come first served, and a request beyond ``queue_limit`` waiting ones is
+refused at once (:class:`QueueFull`, HTTP 429). A request is cancelled between two tokens when its client goes
+away.
 
-When a worker is lost the request in flight ends with a ``server_error`` event (HTTP 500, or an error event
+When a worker is lost the requests in flight end with a ``server_error`` event (HTTP 500, or an error event
 that closes a stream), every waiting request gets ``unavailable`` (503), and the engine rebuilds the ring:
 with ``local`` it respawns the workers; otherwise it waits again for every worker of the hosts file to report
 ready (start the lost one again; run workers with ``--persist`` so that they outlive a head). Until then
@@ -33,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import numpy as np
 import tomli_w
 
 from prima_sim.errors import InputError, PrimaSimError, WorkerError
 from prima_sim.exec.head import Head, SamplingParams
 from prima_sim.exec.hosts import HostsFile, local_hosts, resolve
+from prima_sim.exec.llamacpp import Sampler
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest
@@ -115,6 +121,7 @@ class RingSpec:
         hosts: addresses (ignored with ``local``: free loopback ports are picked on every build).
         hosts_source: what to name in errors about ``hosts``.
         threads: llama.cpp threads per device.
+        n_seq: sequences in flight at once (``--parallel``): every window's KV cache holds that many.
     """
 
     plan: Plan
@@ -129,6 +136,7 @@ class RingSpec:
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     omp_wait_policy: str | None = "passive"
     log_dir: Path | None = None
+    n_seq: int = 1
 
 
 class Ring:
@@ -148,7 +156,7 @@ class Ring:
                 hosts_file.write_text(tomli_w.dumps(hosts.model_dump(mode="json", exclude_none=True)))
                 devs = [(d, spec.shard_dir / d, spec.threads.get(d, 1)) for d in names[1:]]
                 self.workers = LocalWorkers(devs, hosts_file, spec.log_dir or Path(self.tmp.name) / "logs",
-                                            spec.prefetch, spec.n_batch, spec.omp_wait_policy)  # fmt: skip
+                                            spec.prefetch, spec.n_batch, spec.omp_wait_policy, spec.n_seq)  # fmt: skip
                 self.workers.start()
             man = load_manifest(spec.shard_dir / plan.head, plan.head)
             if man.plan_fingerprint != plan.fingerprint():
@@ -156,7 +164,8 @@ class Ring:
                                  f"shards are for plan {man.plan_fingerprint}, not {plan.fingerprint()}")  # fmt: skip
             self.head = Head(spec.shard_dir / plan.head, man, endpoints, spec.threads.get(plan.head, 1), spec.prefetch,
                              spec.n_batch, spec.timeout_s,
-                             check_alive=self.workers.check_alive if self.workers else None)  # fmt: skip
+                             check_alive=self.workers.check_alive if self.workers else None,
+                             n_seq=spec.n_seq)  # fmt: skip
             self.head.load()
             self.head.barrier(spec.startup_timeout_s)
         except BaseException:
@@ -214,12 +223,29 @@ def _hold_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
+@dataclass
+class _Slot:
+    """One sequence of the ring's KV caches (llama.cpp sequence id ``index``) and the request using it."""
+
+    index: int
+    kv: list[int] = field(default_factory=list)  # the tokens its caches hold, positions 0..
+    job: Job | None = None
+    prompt: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens to feed: the prompt's rest, or the last sampled
+    sampler: Sampler | None = None
+    n_max: int = 0
+    n_gen: int = 0
+    cached: int = 0
+    text: str = ""  # generated text not sent yet (it could be the start of a stop string)
+    utf8: Any = None
+
+
 class Engine:
-    """The ring behind a server: one thread, one sequence at a time, a bounded FIFO queue.
+    """The ring behind a server: one thread, up to ``n_seq`` sequences in flight, a bounded FIFO queue.
 
     Args:
-        spec: how to build the ring.
-        queue_limit: requests that may wait while one is served; more are refused with :class:`QueueFull`.
+        spec: how to build the ring (``spec.n_seq``: sequences batched together per window pass).
+        queue_limit: requests that may wait while ``n_seq`` run; more are refused with :class:`QueueFull`.
     """
 
     def __init__(self, spec: RingSpec, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
@@ -231,8 +257,11 @@ class Engine:
         self.served = 0
         self.cancelled = 0
         self.rebuilds = 0
+        self.steps = 0  # window passes (batches) run
+        self.batched_rows = 0  # decode rows of those batches that came from more than one sequence
         self._queue: collections.deque[Job] = collections.deque()
-        self._busy = 0  # 1 while a request is being served
+        self._slots = [_Slot(i) for i in range(spec.n_seq)]
+        self._busy = 0  # slots in use
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="prima-engine", daemon=True)
@@ -257,13 +286,13 @@ class Engine:
 
         Raises:
             NotReady: the ring is starting, being rebuilt, or stopped.
-            QueueFull: ``queue_limit`` requests are already waiting.
+            QueueFull: every slot is in use and ``queue_limit`` requests are already waiting.
         """
         with self._cv:
             if self.state != "ready":
                 raise NotReady(self._not_ready())
-            if len(self._queue) + self._busy > self.queue_limit:
-                raise QueueFull(f"one request is running and {len(self._queue)} wait (the queue limit is "
+            if len(self._queue) + self._busy >= self.queue_limit + len(self._slots):
+                raise QueueFull(f"{self._busy} request(s) running and {len(self._queue)} waiting (the queue limit is "
                                 f"{self.queue_limit}): retry later")  # fmt: skip
             self._queue.append(job)
             self._cv.notify_all()
@@ -275,10 +304,14 @@ class Engine:
             "state": self.state,
             "error": self.error,
             "queued": len(self._queue),
+            "running": self._busy,
+            "parallel": len(self._slots),
             "queue_limit": self.queue_limit,
             "served": self.served,
             "cancelled": self.cancelled,
             "rebuilds": self.rebuilds,
+            "steps": self.steps,
+            "batched_rows": self.batched_rows,
             "devices": [d.name for d in self.spec.plan.devices],
             "pids": ring.pids() if ring is not None and self.state == "ready" else {},
             "n_ctx": self.n_ctx,
@@ -319,17 +352,21 @@ class Engine:
                         self._sleep(backoff)
                         backoff = min(2 * backoff, RETRY_MAX_S)
                     continue
-                job = self._next_job()
-                if job is None:
-                    self._watch()
-                    continue
-                try:
-                    self._serve(job)
-                finally:
+                self._admit()
+                active = [sl for sl in self._slots if sl.job is not None]
+                if not active:
                     with self._cv:
-                        self._busy = 0
+                        if not self._queue and not self._stopping:
+                            self._cv.wait(IDLE_WATCH_S)
+                    if not self._queue:
+                        self._watch()
+                    continue
+                self._step(active)
         finally:
             self._set_state("stopped")
+            for sl in self._slots:
+                if sl.job is not None:
+                    self._finish(sl, error=(503, "the server is shutting down"))
             self._fail_waiting(503, "the server is shutting down")
             if self.ring is not None:
                 with contextlib.suppress(Exception):
@@ -346,20 +383,11 @@ class Engine:
         self.model = ring.head.embed_model
         self.chat_template = self.model.chat_template()
         self.bos, self.eos = self.model.special_text("bos"), self.model.special_text("eos")
+        for sl in self._slots:  # a new ring starts with empty caches
+            sl.kv = []
         self.ring = ring
         self._set_state("ready")
         notes.info("the ring of %d device(s) is ready", len(self.spec.plan.devices))
-
-    def _next_job(self) -> Job | None:
-        with self._cv:
-            if not self._queue:
-                self._cv.wait(IDLE_WATCH_S)
-            while self._queue:
-                job = self._queue.popleft()
-                if not job.cancelled.is_set():
-                    self._busy = 1
-                    return job
-            return None
 
     def _watch(self) -> None:
         assert self.ring is not None and self.ring.head is not None
@@ -410,62 +438,151 @@ class Engine:
             raise InputError("prompt", "", "the prompt has no tokens")
         return toks
 
-    def _serve(self, job: Job) -> None:
+    # --- scheduling ---------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Give free slots to waiting requests, oldest first; each takes the free slot whose cache shares the
+        longest prefix with its prompt (a conversation's next turn finds its previous turn's cache)."""
+        while True:
+            free = [sl for sl in self._slots if sl.job is None]
+            with self._cv:
+                if not free or not self._queue:
+                    return
+                job = self._queue.popleft()
+            if job.cancelled.is_set():
+                continue
+            try:
+                toks = self.tokenize(job)
+                n_max = self.n_ctx - len(toks) if job.max_tokens is None else job.max_tokens
+                if len(toks) + max(n_max, 1) > self.n_ctx:
+                    room = self.n_ctx - len(toks)
+                    raise InputError("max_tokens", "", f"{len(toks)} prompt + {n_max} new tokens exceed the context "
+                                     f"of {self.n_ctx} tokens: ask for at most {max(room, 0)} new tokens")  # fmt: skip
+            except InputError as exc:
+                _send(job, Event("error", status=400, message=str(exc)))
+                continue
+            sl = max(free, key=lambda f: (_common(f.kv, toks), -f.index))
+            p = min(_common(sl.kv, toks), len(toks) - 1)
+            sl.kv, sl.job, sl.prompt, sl.pending = sl.kv[:p], job, toks, toks[p:]
+            sl.cached, sl.n_max, sl.n_gen, sl.text = p, n_max, 0, ""
+            sl.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            sp = job.sampling
+            sl.sampler = Sampler(sp.temperature, sp.top_k, sp.top_p, sp.seed)
+            with self._cv:
+                self._busy += 1
+
+    def _step(self, active: list[_Slot]) -> None:
+        """One pass through the ring: a decode row for every generating sequence and as much prefill as the
+        batch has room for, then one token sampled for every sequence whose pending tokens are all in."""
         assert self.ring is not None and self.ring.head is not None
         head = self.ring.head
+        for sl in active:
+            if sl.job is not None and sl.job.cancelled.is_set():
+                self.cancelled += 1
+                self._finish(sl, reason="cancelled")
+        active = [sl for sl in active if sl.job is not None]
+        if not active:
+            return
+        budget = head.n_batch
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        outs: dict[int, _Slot] = {}
+        fed: list[tuple[_Slot, int]] = []
+        for sl in sorted(active, key=lambda x: len(x.pending) > 1):  # decoding sequences first, then prefill
+            if budget == 0:
+                break
+            chunk = sl.pending[:budget]
+            start = len(sl.kv)
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+            seqs += [sl.index] * len(chunk)
+            if len(chunk) == len(sl.pending):
+                outs[len(tokens) - 1] = sl
+            fed.append((sl, len(chunk)))
+            budget -= len(chunk)
+        self.steps += 1
+        if len(fed) > 1:
+            self.batched_rows += len(fed)
         try:
-            toks = self.tokenize(job)
-            room = self.n_ctx - len(toks)
-            if room < 1:
-                raise InputError("prompt", "", f"{len(toks)} prompt tokens leave no room in the context of "
-                                 f"{self.n_ctx} tokens")  # fmt: skip
-            n_max = room if job.max_tokens is None else job.max_tokens
-            self._generate(head, job, toks, n_max)
-            self.served += 1
-        except InputError as exc:
-            _send(job, Event("error", status=400, message=str(exc)))
+            ctx = head.step_rows(tokens, np.array(positions, dtype=np.int32), np.array(seqs, dtype=np.int32),
+                                 set(outs), self.steps)  # fmt: skip
+            for sl, n in fed:
+                sl.kv += sl.pending[:n]
+                sl.pending = sl.pending[n:]
+            for row, sl in outs.items():
+                assert sl.sampler is not None
+                self._advance(sl, sl.sampler.sample(ctx, row))
         except WorkerError as exc:
-            _send(job, Event("error", status=500, message=f"a worker was lost: {exc}"))
+            for sl in active:
+                if sl.job is not None:
+                    self._finish(sl, error=(500, f"a worker was lost: {exc}"))
             self._lost(str(exc))
         except Exception as exc:  # llama.cpp failed in this process: the ring's state is unknown
-            log.exception("request failed")
-            _send(job, Event("error", status=500, message=f"internal error: {exc}"))
+            log.exception("a step failed")
+            for sl in active:
+                if sl.job is not None:
+                    self._finish(sl, error=(500, f"internal error: {exc}"))
             self._lost(f"internal error: {exc}")
 
-    def _generate(self, head: Head, job: Job, toks: list[int], n_max: int) -> None:
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = job.stop
-        pending = ""
-        n = 0
-        finish = ""
-        with contextlib.closing(head.stream(toks, n_max, job.sampling, job.ignore_eos)) as gen:
-            for tok in gen:
-                n += 1
-                pending += utf8.decode(self.model.piece(tok))
-                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    pending, finish = pending[:cut], "stop"
-                    break
-                keep = _hold_back(pending, stops)
-                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-                if out:
-                    _send(job, Event("text", text=out))
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    self.cancelled += 1
-                    break
-        if not finish:
-            pending += utf8.decode(b"", final=True)
-            finish = "stop" if head.stop_reason == "eos" else "length"
-        if pending:
-            _send(job, Event("text", text=pending))
-        usage = {
-            "prompt_tokens": len(toks),
-            "completion_tokens": n,
-            "total_tokens": len(toks) + n,
-            "prompt_tokens_details": {"cached_tokens": head.cached_tokens},
-        }
-        _send(job, Event("done", finish_reason=finish, usage=usage))
+    def _advance(self, sl: _Slot, tok: int) -> None:
+        """Take the token sampled for ``sl``: end of generation, text (with stop strings), or the next row."""
+        job = sl.job
+        assert job is not None
+        if not job.ignore_eos and self.model.is_eog(tok):
+            self._finish(sl, reason="stop")
+            return
+        sl.n_gen += 1
+        sl.text += sl.utf8.decode(self.model.piece(tok))
+        cut = min((i for i in (sl.text.find(st) for st in job.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            sl.text = sl.text[:cut]
+            self._finish(sl, reason="stop", flush=False)
+            return
+        keep = _hold_back(sl.text, job.stop)
+        out, sl.text = sl.text[: len(sl.text) - keep], sl.text[len(sl.text) - keep :]
+        if out:
+            _send(job, Event("text", text=out))
+        if sl.n_gen >= sl.n_max:
+            self._finish(sl, reason="length")
+        else:
+            sl.pending = [tok]
+
+    def _finish(
+        self, sl: _Slot, reason: str = "", flush: bool = True, error: tuple[int, str] | None = None
+    ) -> None:
+        """End the request of ``sl`` (done with ``reason``, or ``error``) and free the slot; its cache stays."""
+        job = sl.job
+        assert job is not None
+        if error is not None:
+            _send(job, Event("error", status=error[0], message=error[1]))
+            sl.kv = []  # what the caches hold after a failed step is unknown
+        else:
+            if flush:
+                sl.text += sl.utf8.decode(b"", final=True)
+            if sl.text:
+                _send(job, Event("text", text=sl.text))
+            usage = {
+                "prompt_tokens": len(sl.prompt),
+                "completion_tokens": sl.n_gen,
+                "total_tokens": len(sl.prompt) + sl.n_gen,
+                "prompt_tokens_details": {"cached_tokens": sl.cached},
+            }
+            _send(job, Event("done", finish_reason=reason, usage=usage))
+            self.served += 1
+        if sl.sampler is not None:
+            sl.sampler.close()
+        sl.job, sl.sampler, sl.pending, sl.text = None, None, [], ""
+        with self._cv:
+            self._busy -= 1
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _send(job: Job, ev: Event) -> None:
