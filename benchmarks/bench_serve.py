@@ -1,15 +1,16 @@
 """``prima-sim serve`` under load, on loopback: a bounded load test and aggregate throughput against concurrency.
 
-Starts ``prima-sim serve --local`` (SmolLM2-135M, bundled) twice, on a ring of 3 devices (windows 10/12/8) and
-on one process (the whole model on the head), and for each:
+Starts ``prima-sim serve --local`` (SmolLM2-135M, bundled) on a ring of 3 processes (windows 10/12/8) and on one
+process (the whole model on the head), each with ``--parallel 1`` (one sequence at a time) and ``--parallel P``
+(continuous batching, default 8), and:
 
 1. **Concurrency sweep**: 1, 2, 4, 8 concurrent streaming clients, each sending requests back to back
    (``--sweep-requests`` per client, ``--sweep-tokens`` greedy tokens each, end-of-generation ignored):
-   aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency. The
-   server serves one sequence at a time (no batching yet), so aggregate throughput should stay flat and
-   per-request latency grow with the queue.
-2. **Load test** (the ring only): ``--clients`` concurrent streaming clients sending ``--requests`` requests in
-   all, with the server's queue limit at ``--queue``: every request must complete (``[DONE]`` after a finish
+   aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency. With one
+   sequence at a time aggregate throughput stays flat and latency grows with the queue; with batching it grows
+   with the number of streams.
+2. **Load test** (the ring, ``--parallel P``): ``--clients`` concurrent streaming clients sending ``--requests``
+   requests in all, with the server's queue limit at ``--queue``: every request must complete (``[DONE]`` after a finish
    reason) or be refused with a clear error (HTTP 429 with an OpenAI error body); ``lost`` (anything else: a
    dropped connection, a stream cut without its end, a 5xx) must be 0, and the server must still be healthy.
 
@@ -51,7 +52,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, windows: tuple[int, ...], queue: int, threads: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        windows: tuple[int, ...],
+        queue: int,
+        threads: int,
+        parallel: int,
+        shards: Path | None,
+    ) -> None:
         names = [f"D{i}" for i in range(len(windows))]
         plan = Plan(model_id="smollm2", n_layers=30, cluster_name="loopback", k=1, n_ctx=1024,
                     devices=make_assignments(names, windows, [0] * len(windows), 30), scheduler="manual")  # fmt: skip
@@ -59,8 +68,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "prima_sim.cli.main", "serve", "--local", "--plan", str(tmp / "plan.json"),
-               "--model", str(smollm2_path()), "--shards", str(tmp / "shards"), "--threads", str(threads),
-               "--port", str(self.port), "--queue", str(queue)]  # fmt: skip
+               "--model", str(smollm2_path()), "--shards", str(shards or tmp / "shards"), "--threads", str(threads),
+               "--port", str(self.port), "--queue", str(queue), "--parallel", str(parallel)]  # fmt: skip
         self.log = tmp / "serve.log"
         with self.log.open("wb") as f:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
@@ -164,6 +173,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=8, help="tokens per load-test request")
     ap.add_argument("--queue", type=int, default=16, help="the server's queue limit in the load test")
+    ap.add_argument(
+        "--parallel", type=int, default=8, help="--parallel of the batched servers and the load test"
+    )
     ap.add_argument("--sweep", default="1,2,4,8", help="concurrency levels of the sweep")
     ap.add_argument("--sweep-requests", type=int, default=3, help="requests per client in the sweep")
     ap.add_argument("--sweep-tokens", type=int, default=32)
@@ -172,54 +184,64 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     levels = [int(x) for x in args.sweep.split(",") if x]
+    configs = [] if args.skip_sweep else [
+        (f"{what} --parallel {par}", windows, par)
+        for par in (1, args.parallel) for what, windows in (("ring", (10, 12, 8)), ("single", (30,)))
+    ]  # fmt: skip
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        rows = []
-        for label, windows in (("ring (3 devices)", (10, 12, 8)), ("single process", (30,))):
-            d = Path(tmp) / label.split()[0]
+        shards: dict[tuple[int, ...], Path] = {}
+        for label, windows, par in configs:
+            d = Path(tmp) / label.replace(" ", "_")
             d.mkdir()
-            srv = Server(d, windows, max(args.queue, max(levels)), args.threads)
+            srv = Server(d, windows, max(args.queue, max(levels)), args.threads, par, shards.get(windows))
+            shards[windows] = d / "shards"
             try:
-                if not args.skip_sweep:
-                    for n in levels:
-                        res, wall = asyncio.run(
-                            run_clients(srv.url, n, n * args.sweep_requests, args.sweep_tokens)
-                        )
-                        done = [r for r in res if r["outcome"] == "completed"]
-                        toks = sum(r["pieces"] for r in done)
-                        rows.append((label, n, len(res), len(done), toks / wall,
-                                     statistics.median(tpot(r) for r in done) * 1e3,
-                                     statistics.median(r["latency"] for r in done)))  # fmt: skip
-                if label.startswith("ring"):
-                    srv.stop()
-                    srv = Server(d, windows, args.queue, args.threads)
-                    res, wall = asyncio.run(run_clients(srv.url, args.clients, args.requests, args.tokens))
-                    count = {
-                        k: sum(r["outcome"] == k for r in res)
-                        for k in ("completed", "rejected", "failed", "lost")
-                    }
-                    lat = [r["latency"] for r in res if r["outcome"] == "completed"]
-                    healthy = srv.health()["state"] == "ready"
-                    load = (count, lat, wall, healthy, len(res))
+                for n in levels:
+                    res, wall = asyncio.run(
+                        run_clients(srv.url, n, n * args.sweep_requests, args.sweep_tokens)
+                    )
+                    done = [r for r in res if r["outcome"] == "completed"]
+                    toks = sum(r["pieces"] for r in done)
+                    rows.append((label, n, len(res), len(done), toks / wall,
+                                 statistics.median(tpot(r) for r in done) * 1e3,
+                                 statistics.median(r["latency"] for r in done)))  # fmt: skip
             finally:
                 srv.stop()
-        if rows:
-            print(
-                "\nconcurrency sweep (SmolLM2-135M, greedy, end-of-generation ignored, one sequence at a time):"
-            )
-            print(f"{'server':<18} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'TPOT ms':>8} "
-                  f"{'p50 latency s':>13}")  # fmt: skip
-            for label, n, sent, done_n, tps, tp, p50 in rows:
-                print(f"{label:<18} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {tp:>8.2f} {p50:>13.2f}")
-            by = {(lab, n): tps for lab, n, _, _, tps, _, _ in rows}
-            print("ring/single aggregate tok/s: " + ", ".join(
-                f"{n}: {by[('ring (3 devices)', n)] / by[('single process', n)]:.2f}" for n in levels))  # fmt: skip
-        count, lat, wall, healthy, sent = load
-        print(f"\nload test: {args.clients} concurrent streaming clients, {args.requests} requests of {args.tokens} "
-              f"tokens, queue limit {args.queue}, ring of 3 devices")  # fmt: skip
-        print(f"sent {sent}  completed {count['completed']}  rejected-429 {count['rejected']}  "
-              f"failed-with-error {count['failed']}  lost {count['lost']}  in {wall:.1f} s")  # fmt: skip
-        print(f"latency of completed requests: p50 {pct(lat, 0.5):.2f} s  p99 {pct(lat, 0.99):.2f} s; "
-              f"server healthy afterwards: {healthy}")  # fmt: skip
+        d = Path(tmp) / "load"
+        d.mkdir()
+        srv = Server(d, (10, 12, 8), args.queue, args.threads, args.parallel, shards.get((10, 12, 8)))
+        try:
+            res, wall = asyncio.run(run_clients(srv.url, args.clients, args.requests, args.tokens))
+            count = {
+                k: sum(r["outcome"] == k for r in res) for k in ("completed", "rejected", "failed", "lost")
+            }
+            lat = [r["latency"] for r in res if r["outcome"] == "completed"]
+            healthy = srv.health()["state"] == "ready"
+        finally:
+            srv.stop()
+    if rows:
+        print("\nconcurrency sweep (SmolLM2-135M, greedy, end-of-generation ignored; ring = 3 processes, windows "
+              "10/12/8):")  # fmt: skip
+        print(f"{'server':<22} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'TPOT ms':>8} "
+              f"{'p50 latency s':>13}")  # fmt: skip
+        for label, n, sent, done_n, tps, tp, p50 in rows:
+            print(f"{label:<22} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {tp:>8.2f} {p50:>13.2f}")
+        by = {(lab, n): tps for lab, n, _, _, tps, _, _ in rows}
+        for par in (1, args.parallel):
+            print(f"ring/single aggregate tok/s at --parallel {par}: " + ", ".join(
+                f"{n}: {by[(f'ring --parallel {par}', n)] / by[(f'single --parallel {par}', n)]:.2f}"
+                for n in levels))  # fmt: skip
+        for what in ("ring", "single"):
+            print(f"{what}: --parallel {args.parallel} / --parallel 1 aggregate tok/s: " + ", ".join(
+                f"{n}: {by[(f'{what} --parallel {args.parallel}', n)] / by[(f'{what} --parallel 1', n)]:.2f}"
+                for n in levels))  # fmt: skip
+    print(f"\nload test: {args.clients} concurrent streaming clients, {args.requests} requests of {args.tokens} "
+          f"tokens, --parallel {args.parallel}, queue limit {args.queue}, ring of 3 processes")  # fmt: skip
+    print(f"sent {len(res)}  completed {count['completed']}  rejected-429 {count['rejected']}  "
+          f"failed-with-error {count['failed']}  lost {count['lost']}  in {wall:.1f} s")  # fmt: skip
+    print(f"latency of completed requests: p50 {pct(lat, 0.5):.2f} s  p99 {pct(lat, 0.99):.2f} s; "
+          f"server healthy afterwards: {healthy}")  # fmt: skip
     return 1 if count["lost"] else 0
 
 
