@@ -6,7 +6,16 @@ import argparse
 import math
 from typing import Any
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json, source_of, table
+from prima_sim.cli.common import (
+    add_serving_args,
+    load_cluster_arg,
+    load_model_arg,
+    print_json,
+    print_serving,
+    serving_predictions,
+    source_of,
+    table,
+)
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
@@ -49,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compare", action="store_true", help="plan with every scheduler and compare")
     p.add_argument("--explain", action="store_true", help="say why each device got what it got")
+    add_serving_args(p)
     p.set_defaults(func=run)
 
 
@@ -236,13 +246,16 @@ def run(args: argparse.Namespace) -> int:
                                    "cpu_only": args.cpu_only})  # fmt: skip
     if args.out:
         plan.save(args.out)
+    serving = serving_predictions(plan, cluster, model, wl, args)
     if args.json:
         obj = plan_summary(plan)
         if args.explain:
             obj["explain"] = explain(plan, cluster, model, wl)
+        obj.update(serving)
         print_json(obj)
         return 0
     print_table(plan)
+    print_serving(serving)
     if args.explain:
         print()
         for name, lines in explain(plan, cluster, model, wl).items():
