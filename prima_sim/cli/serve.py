@@ -92,7 +92,10 @@ def register(sub: Any) -> None:
         "holds that many contexts",
     )  # fmt: skip
     p.add_argument(
-        "--queue", type=int, default=32, help="requests that may wait while --parallel run (default 32; 429 beyond)"
+        "--queue",
+        type=int,
+        default=32,
+        help="requests that may wait while --parallel run (default 32; 429 beyond)",
     )
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients see (default: the plan's model id)"
