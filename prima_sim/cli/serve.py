@@ -121,8 +121,8 @@ def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) 
     check_number("--timeout", args.timeout, above=0)
     check_number("--startup-timeout", args.startup_timeout, above=0)
     check_threads("--threads", args.threads)
-    if parallel < 1:
-        raise InputError("--parallel", "", f"must be at least 1, got {parallel}")
+    if not 1 <= parallel <= args.batch:
+        raise InputError("--parallel", "", f"must be 1..--batch ({args.batch}), got {parallel}")
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.engine import Engine, RingSpec
     from prima_sim.exec.hosts import load_hosts

@@ -141,18 +141,23 @@ class _Stream:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.checked = self.loop.time()
 
     def deliver(self, ev: Event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     async def next(self, request: Request) -> Event | None:
-        """The next event, or None when the client has gone away first."""
+        """The next event, or None when the client has gone away (checked at least every
+        :data:`DISCONNECT_POLL_S`, also while events keep coming)."""
         while True:
+            if self.loop.time() - self.checked >= DISCONNECT_POLL_S:
+                self.checked = self.loop.time()
+                if await request.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except TimeoutError:
-                if await request.is_disconnected():
-                    return None
+                continue
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Starlette:
