@@ -188,3 +188,72 @@ def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (NaN/inf become null, so the output is strict JSON)."""
     json.dump(_clean(obj), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+# --- serving predictions (plan and simulate: --concurrency, --draft/--accept) -----------------------------------
+def add_serving_args(p: Any) -> None:
+    """``--concurrency``, ``--draft``, ``--accept``, ``--draft-max``: predictions for ``prima-sim serve``."""
+    g = p.add_argument_group("serving predictions (cost model; docs/serve.md)")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="also predict per-request TPOT and aggregate tokens/s with 1, 2, 4, ... up to N sequences "
+                        "decoded together (serve --parallel N)")  # fmt: skip
+    g.add_argument(
+        "--draft",
+        default=None,
+        help="also predict TPOT with speculative decoding, this draft model on the head",
+    )
+    g.add_argument(
+        "--accept",
+        type=float,
+        default=None,
+        help="the draft's acceptance rate per token, 0..1 (with --draft)",
+    )
+    g.add_argument("--draft-max", type=int, default=4, help="tokens the draft proposes per pass (default 4)")
+
+
+def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any) -> dict[str, Any]:
+    """The predictions ``--concurrency`` and ``--draft``/``--accept`` ask for ({} when neither is given).
+
+    Raises:
+        InputError: a value out of range, or --draft without --accept (or the reverse).
+    """
+    from prima_sim.halda.costmodel import serving_curve, speculation
+
+    out: dict[str, Any] = {}
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            raise InputError("--concurrency", "", f"must be at least 1, got {args.concurrency}")
+        levels = sorted({*(2**i for i in range(args.concurrency.bit_length()) if 2**i <= args.concurrency),
+                         args.concurrency})  # fmt: skip
+        out["concurrency"] = [
+            {"concurrency": p.concurrency, "tpot_s": p.tpot_s, "throughput_tps": p.throughput_tps}
+            for p in serving_curve(plan, cluster, model, wl, levels)
+        ]
+    if (args.draft is None) != (args.accept is None):
+        raise InputError("--accept" if args.draft else "--draft", "", "speculative decoding needs both --draft MODEL "
+                         "and --accept P")  # fmt: skip
+    if args.draft is not None:
+        check_number("--accept", args.accept, minimum=0, maximum=1)
+        if args.draft_max < 1:
+            raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
+        s = speculation(plan, cluster, model, wl, load_model_arg(args.draft), args.accept, args.draft_max)
+        out["speculation"] = {"draft": s.draft_id, "draft_max": s.draft_max, "accept": s.accept,
+                              "expected_tokens_per_pass": s.expected_tokens, "draft_s": s.draft_s,
+                              "verify_s": s.verify_s, "tpot_s": s.tpot_s, "plain_tpot_s": s.plain_tpot_s,
+                              "speedup": s.speedup}  # fmt: skip
+    return out
+
+
+def print_serving(obj: dict[str, Any]) -> None:
+    """The serving predictions as text."""
+    if "concurrency" in obj:
+        print("\nserving (prima-sim serve --parallel N; cost model):")
+        print(f"  {'sequences':>9}  {'TPOT per request':>16}  {'tokens/s, all':>13}")
+        for p in obj["concurrency"]:
+            print(f"  {p['concurrency']:>9}  {p['tpot_s'] * 1e3:>13.1f} ms  {p['throughput_tps']:>13.2f}")
+    if "speculation" in obj:
+        s = obj["speculation"]
+        print(f"\nspeculative decoding with {s['draft']} on the head (up to {s['draft_max']} drafted tokens, acceptance "
+              f"{s['accept']:.2f}; cost model): {s['expected_tokens_per_pass']:.2f} tokens per verification pass of "
+              f"{s['verify_s'] * 1e3:.1f} ms, draft {s['draft_s'] * 1e3:.1f} ms/token: TPOT {s['tpot_s'] * 1e3:.1f} ms "
+              f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip

@@ -30,6 +30,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "shard",
     "worker",
     "run",
+    "serve",
+    "chat",
     "synth_model",
     "emulate",
     "report",

@@ -7,7 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import load_cluster_arg, load_model_arg, print_json, source_of, table
+from prima_sim.cli.common import (
+    add_serving_args,
+    load_cluster_arg,
+    load_model_arg,
+    print_json,
+    print_serving,
+    serving_predictions,
+    source_of,
+    table,
+)
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
@@ -70,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT,
                     help="with --emit: llama-server's HTTP port on the head (default: %(default)s)")
     em.add_argument("--force", action="store_true", help="with --emit: add prima.cpp's --force to --prefetch")
+    add_serving_args(p)
     p.set_defaults(func=run)
 
 
@@ -289,13 +299,16 @@ def run(args: argparse.Namespace) -> int:
         plan.save(args.out)
     if args.emit:
         return _emit(plan, cluster, args)
+    serving = serving_predictions(plan, cluster, model, wl, args)
     if args.json:
         obj = plan_summary(plan)
         if args.explain:
             obj["explain"] = explain(plan, cluster, model, wl)
+        obj.update(serving)
         print_json(obj)
         return 0
     print_table(plan)
+    print_serving(serving)
     if args.explain:
         print()
         for name, lines in explain(plan, cluster, model, wl).items():

@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 from prima_sim.cli.common import (
+    add_serving_args,
     check_number,
     load_cluster_arg,
     load_model_arg,
     plan_cluster,
     plan_model,
     print_json,
+    print_serving,
+    serving_predictions,
 )
 from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
 from prima_sim.devices.cluster import Cluster
@@ -85,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--out", help="directory for tokens.csv, summary.json, trace.json, gantt.png, gantt_full.png")
     out.add_argument("--no-gantt", action="store_true", help="skip the PNGs (faster)")
     out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_serving_args(p)
     p.set_defaults(func=run)
 
 
@@ -209,11 +213,14 @@ def run(args: argparse.Namespace) -> int:
         from prima_sim.reports.timeline import draw_simulation
 
         paths.update(draw_simulation(res, args.out))
+    serving = serving_predictions(plan, cluster, model, wl, args)
     if args.json:
         obj = res.summary()
         if paths:
             obj["outputs"] = {k: str(v) for k, v in paths.items()}
+        obj.update(serving)
         print_json(obj)
         return 0
     print_report(res, wall, paths)
+    print_serving(serving)
     return 0

@@ -38,6 +38,8 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=512, help="largest prefill batch (must match the head's --batch)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up")
     p.add_argument("--persist", action="store_true", help="keep serving after the head stops")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="sequences each window's KV cache holds (must match the head's 'serve --parallel')")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device} %(levelname)s %(message)s")
     check_threads("--threads", args.threads)
     check_number("--batch", args.batch, minimum=1)
+    check_number("--parallel", args.parallel, minimum=1)
     from prima_sim.exec.hosts import load_hosts, resolve
     from prima_sim.exec.shard import load_manifest, shard_path
     from prima_sim.exec.worker import Worker
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     plan = man.get_plan()
     endpoints = resolve(load_hosts(args.hosts), plan, args.hosts or "hosts.toml")
     w = Worker(shard_dir, man, endpoints, threads_for(args.device, args.threads, args.cluster),
-               prefetch=not args.no_prefetch, n_batch=args.batch, persist=args.persist)  # fmt: skip
+               prefetch=not args.no_prefetch, n_batch=args.batch, persist=args.persist,
+               n_seq=args.parallel)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     return w.run()

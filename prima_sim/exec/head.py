@@ -80,6 +80,7 @@ class _Peer:
     pid: int = 0
     rejected: int = 0
     n_batch: int = 0
+    n_seq: int = 1
     bye: bool = False
     spans: list[tuple[str, float, float, int, str]] = field(default_factory=list)
 
@@ -97,14 +98,16 @@ class Head:
         timeout: seconds of silence after which a worker is declared dead.
         step_timeout: seconds one step may take while every worker is alive.
         check_alive: called while waiting; raises :class:`WorkerError` when a local worker process is gone.
+        n_seq: sequences every window's KV cache holds (``prima-sim serve --parallel``; :meth:`step_rows`).
     """
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int, prefetch: bool = True,
         n_batch: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT_S, step_timeout: float = STEP_TIMEOUT_S,
-        check_alive: Callable[[], None] | None = None,
+        check_alive: Callable[[], None] | None = None, n_seq: int = 1,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
+        self.n_seq = n_seq
         self.plan = man.get_plan()
         self.fp = man.plan_fingerprint
         self.route = Route.of(self.plan)
@@ -139,7 +142,7 @@ class Head:
                 self.out_ctx = self._stack.enter_context(
                     Window(self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True)
                 )
-        self.windows, wstack = load_windows(self.shard_dir, self.man, self.n_threads, self.n_batch)
+        self.windows, wstack = load_windows(self.shard_dir, self.man, self.n_threads, self.n_batch, n_seq=self.n_seq)
         self._stack.push(wstack)
         if emb is None:  # the logits window's shard holds the token table: it embeds too (no second copy mapped)
             logits = self.man.shard_of_kind("logits")
@@ -195,6 +198,11 @@ class Head:
                     f"device {w} takes batches of up to {p.n_batch} tokens but the head sends {self.n_batch}: "
                     f"start both with the same --batch"
                 )
+            if p.n_seq < self.n_seq:
+                raise WorkerError(
+                    f"device {w} holds {p.n_seq} sequence(s) per window but the head serves {self.n_seq}: "
+                    f"start it with --parallel {self.n_seq}"
+                )
         seq = self._next_seq()
         self.push[self.route.successor(self.device)].send_multipart(
             wire.encode(wire.Header(type="hello", fp=self.fp, seq=seq, origin=self.device))
@@ -225,7 +233,7 @@ class Head:
             log.warning("head: status from unknown device %r ignored", st.device)
             return
         p.last_seen, p.state, p.detail, p.fp, p.pid = now(), st.state, st.detail, st.fp, st.pid
-        p.rejected, p.n_batch = st.rejected, st.n_batch
+        p.rejected, p.n_batch, p.n_seq = st.rejected, st.n_batch, st.n_seq
         p.spans.extend(st.spans)
         p.bye = p.bye or st.type == "bye"
         if st.fp != self.fp:
@@ -280,13 +288,26 @@ class Head:
         return f"; device {busy[0]} is still computing ({self.peers[busy[0]].detail})" if busy else ""
 
     # --- one step ---------------------------------------------------------------------------------------------
-    def _step(self, tokens: list[int], pos0: int, step: int, t_step: float) -> Window:
-        """Run ``tokens`` at ``pos0`` through the whole model; returns the window holding the logits."""
+    def step_rows(
+        self, tokens: list[int], positions: np.ndarray, seqs: np.ndarray, out_rows: set[int], step: int = 0
+    ) -> Window:
+        """Run one batch that mixes several sequences (row ``i``: ``tokens[i]`` of sequence ``seqs[i]`` at
+        ``positions[i]``) through the whole model; returns the window holding the logits of ``out_rows``
+        (:meth:`Window.logits_at`, :meth:`Sampler.sample` with the row)."""
+        return self._step(tokens, int(positions[0]), step, now(), (positions, seqs, out_rows))
+
+    def _step(
+        self, tokens: list[int], pos0: int, step: int, t_step: float,
+        rows: tuple[np.ndarray, np.ndarray, set[int]] | None = None,
+    ) -> Window:  # fmt: skip
+        """Run ``tokens`` at ``pos0`` (or as ``rows``: positions, sequence ids, output rows) through the whole
+        model; returns the window holding the logits."""
         n = len(tokens)
         t0 = now()
         h: np.ndarray = self.embed.run_tokens(tokens, pos0)
         self.spans.add(SpanKind.HEAD, t0, now(), step, "embed")
-        positions = np.arange(pos0, pos0 + n, dtype=np.int32)
+        positions = np.arange(pos0, pos0 + n, dtype=np.int32) if rows is None else rows[0]
+        seqs = None if rows is None else rows[1]
         j, seq = 0, self._next_seq()
         deadline = now() + self.step_timeout
         while True:
@@ -294,13 +315,16 @@ class Head:
             if j == self.route.n_windows:  # the head runs only the output head
                 assert self.out_ctx is not None
                 t0 = now()
-                self.out_ctx.run_hidden(h, pos0)
+                if rows is None:
+                    self.out_ctx.run_hidden(h, pos0)
+                else:
+                    self.out_ctx.run_rows(h, *rows)
                 self.spans.add(SpanKind.HEAD, t0, now(), step, "output head")
                 return self.out_ctx
             if owner == self.device:
                 win = self.windows[j]
                 t0 = now()
-                h = win.ctx.run_hidden(h, pos0)
+                h = win.ctx.run_hidden(h, pos0) if rows is None else win.ctx.run_rows(h, *rows)
                 self._ran.add(j)
                 self.spans.add(SpanKind.COMPUTE, t0, now(), step, f"w{j}")
                 if win.ctx.mode == "logits":
@@ -309,8 +333,8 @@ class Head:
                 continue
             t1 = now()
             hdr = wire.Header(type="data", fp=self.fp, seq=seq, step=step, window=j, n_tokens=n,
-                              shape=(n, self.n_embd), origin=self.device, t_step=t_step)  # fmt: skip
-            self.push[owner].send_multipart(wire.encode(hdr, positions, h))
+                              shape=(n, self.n_embd), origin=self.device, t_step=t_step, rows=rows is not None)  # fmt: skip
+            self.push[owner].send_multipart(wire.encode(hdr, positions, h, seqs))
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, step, f"to {owner}")
             nxt = self.route.prefetch_window(self.device, j - 1, self._ran)
@@ -395,6 +419,23 @@ class Head:
         finally:
             sampler.close()
         return gen
+
+    # --- serving (prima_sim.exec.engine) ---------------------------------------------------------------------
+    def watch(self) -> None:
+        """Between requests: read the control channel, check every worker's liveness, and drop the
+        measurements a long-running server does not keep.
+
+        Raises:
+            WorkerError: a worker failed, left, or stopped answering.
+        """
+        self.spans.drain()
+        if not self.workers:
+            return
+        while self.control.poll(0):
+            self._on_status(self.control.recv(copy=False))
+        for p in self.peers.values():
+            p.spans = []
+        self._check_liveness()
 
     # --- measurements and shutdown ------------------------------------------------------------------------------
     def all_spans(self, t0: float) -> list[Span]:

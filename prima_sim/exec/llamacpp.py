@@ -178,6 +178,19 @@ class Model:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
 
+    def chat_template(self) -> str:
+        """The GGUF's chat template (``tokenizer.chat_template``), or "" when it has none."""
+        tmpl = self._lc.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8", "replace") if tmpl else ""
+
+    def special_text(self, which: str) -> str:
+        """The text of the ``"bos"`` or ``"eos"`` token ("" when the vocabulary has none)."""
+        tok = int((self._lc.llama_vocab_bos if which == "bos" else self._lc.llama_vocab_eos)(self.vocab))
+        if tok < 0:
+            return ""
+        text = self._lc.llama_vocab_get_text(self.vocab, tok)
+        return text.decode("utf-8", "replace") if text else ""
+
     def chat_prompt(self, user_text: str) -> str:
         """``user_text`` as one user turn in the model's chat template, ending with the assistant's turn.
 
@@ -215,6 +228,9 @@ class Window:
         token_input: the batch carries token ids (default: only in ``"embed"`` mode).
         stateless: clear the KV cache before every call (default: only in ``"embed"`` mode); for the
             embedding shard's zero layer, whose cache content never matters.
+        n_seq: sequences the KV cache holds at once (llama.cpp sequence ids 0..n_seq-1, each up to ``n_ctx``
+            tokens, in one unified cache of ``n_seq * n_ctx`` cells): a batch may mix rows of several
+            sequences (:meth:`run_rows`).
 
     Raises:
         RuntimeError: llama.cpp could not create the context.
@@ -229,6 +245,7 @@ class Window:
         n_threads: int,
         token_input: bool | None = None,
         stateless: bool | None = None,
+        n_seq: int = 1,
     ) -> None:
         self._rt = _Runtime.get()
         lc = self._lc = self._rt.lc
@@ -244,7 +261,12 @@ class Window:
         self._tensor_get = self._rt.ggml.ggml_backend_tensor_get
         self._nbytes = self._rt.ggml.ggml_nbytes
         p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, 1
+        if n_seq < 1:
+            raise ValueError(f"n_seq must be at least 1, got {n_seq}")
+        self.n_seq = 1 if self.stateless else n_seq
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * self.n_seq, n_batch, n_batch, self.n_seq
+        if self.n_seq > 1:
+            p.kv_unified = True  # any mix of sequences in one ubatch (one decode = one ubatch: the capture relies on it)
         p.n_threads = p.n_threads_batch = n_threads
         p.no_perf = True
         p.flash_attn_type = FLASH_ATTN_DISABLED
@@ -263,7 +285,7 @@ class Window:
         for i in range(n_batch):
             self.batch.n_seq_id[i] = 1
             self.batch.seq_id[i][0] = 0
-        self.next_pos = 0
+        self.seq_next = [0] * self.n_seq  # the position each sequence's cache continues at
 
     def close(self) -> None:
         """Free the batch and the context."""
@@ -304,13 +326,14 @@ class Window:
         if self.stateless:
             self._lc.llama_memory_clear(self.mem, True)
             pos0 = 0
-        elif pos0 != self.next_pos:  # a new prompt or a rewind: drop what the cache holds from pos0 on
+        elif pos0 != self.seq_next[0]:  # a new prompt or a rewind: drop what the cache holds from pos0 on
             self._lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
         b = self.batch
         b.n_tokens = n
         last_only = self.mode == "logits"
         for i in range(n):
             b.pos[i] = pos0 + i
+            b.seq_id[i][0] = 0
             b.logits[i] = 0 if (last_only and i < n - 1) else 1
         self._captured = False
         self._rows = 0
@@ -319,7 +342,76 @@ class Window:
         rc = self._lc.llama_decode(self.ptr, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} on {self.model.path.name} at position {pos0}")
-        self.next_pos = pos0 + n
+        self.seq_next[0] = pos0 + n
+
+    def _prepare_rows(
+        self, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n = len(positions)
+        if n > self.n_batch or n <= 0:
+            raise ValueError(f"batch of {n} tokens; this window takes 1..{self.n_batch}")
+        first: dict[int, int] = {}
+        if self.stateless:  # the zero layer: positions and sequences do not matter
+            self._lc.llama_memory_clear(self.mem, True)
+            positions, seqs = np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+        else:
+            for i in range(n):
+                first.setdefault(int(seqs[i]), int(positions[i]))
+        for sq, p0 in first.items():
+            if not 0 <= sq < self.n_seq:
+                raise ValueError(f"sequence {sq} outside 0..{self.n_seq - 1}")
+            if p0 != self.seq_next[sq]:  # a new prompt or a rewind of this sequence
+                self._lc.llama_memory_seq_rm(self.mem, sq, p0, -1)
+        b = self.batch
+        b.n_tokens = n
+        logits = self.mode == "logits"
+        for i in range(n):
+            b.pos[i] = int(positions[i])
+            b.seq_id[i][0] = int(seqs[i])
+            b.logits[i] = 1 if (not logits or i in out_rows) else 0
+        if logits and not out_rows:
+            b.logits[n - 1] = 1  # llama.cpp computes at least one output
+        self._captured = False
+        self._rows = 0
+        return positions, seqs
+
+    def run_rows(self, hidden: np.ndarray, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]) -> np.ndarray:
+        """Run the window on rows of several sequences: row ``i`` is sequence ``seqs[i]`` at ``positions[i]``
+        (``hidden`` is [n, n_embd] hidden states, or [n] token ids for a token-batch window).
+
+        Each sequence's rows must have consecutive positions; a sequence whose first row does not continue its
+        cache has its cache cut at that position first (``llama_memory_seq_rm``), as :meth:`run_hidden` does.
+        A ``"logits"`` window computes logits for ``out_rows`` only (read them with :meth:`logits_at`) and
+        returns an empty array; other windows return the hidden states of every row (a view).
+        """
+        n = int(hidden.shape[0])
+        positions, seqs = self._prepare_rows(positions, seqs, out_rows)
+        if hidden.ndim == 1:  # token ids (a token-batch window: the single-process reference)
+            for i in range(n):
+                self.batch.token[i] = int(hidden[i])
+        else:
+            src = np.ascontiguousarray(hidden, dtype=np.float32)
+            ctypes.memmove(self.batch.embd, src.ctypes.data, src.nbytes)
+        rc = self._lc.llama_decode(self.ptr, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} on {self.model.path.name}")
+        for i in range(n):
+            self.seq_next[int(seqs[i])] = int(positions[i]) + 1
+        if self.mode == "logits":
+            return self._out[:0]
+        if not self._captured or self._rows != n:
+            raise RuntimeError(f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})")
+        return self._out[:n]
+
+    def logits_at(self, row: int) -> np.ndarray:
+        """Logits of batch row ``row`` of the last :meth:`run_rows` (a copy)."""
+        ptr = self._lc.llama_get_logits_ith(self.ptr, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    @property
+    def next_pos(self) -> int:
+        """The position sequence 0's cache continues at."""
+        return self.seq_next[0]
 
     def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> np.ndarray:
         """Embed ``tokens`` (an ``"embed"`` window): returns the layer-0 input, shape [n, n_embd]."""
@@ -372,13 +464,13 @@ class Reference:
 
     Args:
         path: the unsplit GGUF.
-        n_ctx, n_batch, n_threads: as for :class:`Window`.
+        n_ctx, n_batch, n_threads, n_seq: as for :class:`Window`.
     """
 
-    def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int) -> None:
+    def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1) -> None:
         self.model = Model(path)
         try:
-            self.window = Window(self.model, "logits", n_ctx, n_batch, n_threads, token_input=True)
+            self.window = Window(self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq)
         except BaseException:
             self.model.close()
             raise
@@ -426,9 +518,10 @@ class Sampler:
             lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_temp(temperature))
             lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def sample(self, window: Window) -> int:
-        """Sample from the logits of ``window``'s last output (and accept the token)."""
-        return int(self._lc.llama_sampler_sample(self.ptr, window.ptr, -1))
+    def sample(self, window: Window, row: int = -1) -> int:
+        """Sample from the logits of ``window``'s output at batch row ``row`` (default: the last output), and
+        accept the token."""
+        return int(self._lc.llama_sampler_sample(self.ptr, window.ptr, row))
 
     def close(self) -> None:
         """Free the chain."""

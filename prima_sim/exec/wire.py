@@ -12,7 +12,9 @@ A ring message has one to three frames:
 1. ``MAGIC`` + a JSON :class:`Header`: protocol version, type, plan fingerprint, sequence number, step
    (token index), the window the receiver must run, number of tokens, payload shape and dtype, sender.
 2. (``data`` only) positions: ``n_tokens`` little-endian int32 (absolute positions in sequence 0).
-3. (``data`` only) the hidden states: ``shape[0] * shape[1]`` little-endian float32, row-major.
+3. (``data`` with ``rows``) the sequence id of every row: ``n_tokens`` little-endian int32; positions are then
+   consecutive within each sequence, not across the batch (several sequences in one batch: prima-sim serve).
+4. (``data`` only) the hidden states: ``shape[0] * shape[1]`` little-endian float32, row-major.
 
 :func:`decode` checks everything a receiver relies on and raises :class:`WireError` otherwise; receivers log
 the reason, count the message as rejected, and go on (a malformed or foreign message never kills a worker).
@@ -54,6 +56,7 @@ class Header(FrozenModel):
     dtype: Literal["f32"] = DTYPE
     origin: str = ""
     t_step: float = Field(default=0.0, description="wall time the head started this step (for receive-wait)")
+    rows: bool = Field(default=False, description="a sequence-id frame follows the positions (several sequences)")
 
 
 class Status(FrozenModel):
@@ -68,20 +71,35 @@ class Status(FrozenModel):
     detail: str = ""
     rejected: int = 0
     n_batch: int = Field(default=0, ge=0, description="largest batch the worker accepts")
+    n_seq: int = Field(default=1, ge=1, description="sequences each of its windows' KV caches holds")
     spans: tuple[tuple[str, float, float, int, str], ...] = ()
 
 
-def encode(header: Header, positions: np.ndarray | None = None, hidden: np.ndarray | None = None) -> list[Any]:
-    """Frames of one ring message (``positions`` and ``hidden`` only for ``data``)."""
+def encode(
+    header: Header, positions: np.ndarray | None = None, hidden: np.ndarray | None = None,
+    seqs: np.ndarray | None = None,
+) -> list[Any]:  # fmt: skip
+    """Frames of one ring message (``positions`` and ``hidden`` only for ``data``; ``seqs`` with ``rows``)."""
     frames: list[Any] = [MAGIC + header.model_dump_json().encode()]
     if header.type == "data":
         assert positions is not None and hidden is not None
         frames.append(np.ascontiguousarray(positions, dtype="<i4"))
+        if header.rows:
+            assert seqs is not None
+            frames.append(np.ascontiguousarray(seqs, dtype="<i4"))
         frames.append(np.ascontiguousarray(hidden, dtype="<f4"))
     return frames
 
 
 def decode(frames: list[Any], fingerprint: str, n_embd: int) -> tuple[Header, np.ndarray | None, np.ndarray | None]:
+    """Parse and check one ring message (:func:`decode_rows` without the sequence ids)."""
+    h, positions, _, hidden = decode_rows(frames, fingerprint, n_embd)
+    return h, positions, hidden
+
+
+def decode_rows(
+    frames: list[Any], fingerprint: str, n_embd: int
+) -> tuple[Header, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Parse and check one ring message.
 
     Args:
@@ -90,7 +108,8 @@ def decode(frames: list[Any], fingerprint: str, n_embd: int) -> tuple[Header, np
         n_embd: width of the hidden states this receiver expects.
 
     Returns:
-        (header, positions, hidden); positions and hidden are None unless the type is ``data``.
+        (header, positions, seqs, hidden); positions and hidden are None unless the type is ``data``, seqs
+        unless the header has ``rows``.
 
     Raises:
         WireError: the message is malformed or foreign; the text says how.
@@ -118,24 +137,37 @@ def decode(frames: list[Any], fingerprint: str, n_embd: int) -> tuple[Header, np
     if h.type != "data":
         if len(frames) != 1:
             raise WireError(f"'{h.type}' message with {len(frames)} frames, expected 1")
-        return h, None, None
-    if len(frames) != 3:
-        raise WireError(f"data message with {len(frames)} frames, expected 3")
+        return h, None, None, None
+    want = 4 if h.rows else 3
+    if len(frames) != want:
+        raise WireError(f"data message with {len(frames)} frames, expected {want}")
     n, width = h.shape
     if n != h.n_tokens or n <= 0 or width != n_embd:
         raise WireError(f"shape {list(h.shape)} with n_tokens {h.n_tokens}; expected [n_tokens >= 1, {n_embd}]")
-    pos_buf, hid_buf = memoryview(frames[1]), memoryview(frames[2])
+    pos_buf, hid_buf = memoryview(frames[1]), memoryview(frames[-1])
     if pos_buf.nbytes != 4 * n:
         raise WireError(f"positions frame has {pos_buf.nbytes} bytes, expected {4 * n}")
     if hid_buf.nbytes != 4 * n * width:
         raise WireError(f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {list(h.shape)}")
     positions = np.frombuffer(pos_buf, dtype="<i4")
-    if n > 1 and not np.array_equal(np.diff(positions), np.ones(n - 1, dtype=np.int32)):
+    seqs = None
+    if h.rows:
+        seq_buf = memoryview(frames[2])
+        if seq_buf.nbytes != 4 * n:
+            raise WireError(f"sequence-id frame has {seq_buf.nbytes} bytes, expected {4 * n}")
+        seqs = np.frombuffer(seq_buf, dtype="<i4")
+        if int(seqs.min()) < 0:
+            raise WireError(f"negative sequence id {int(seqs.min())}")
+        for sq in np.unique(seqs):
+            p = positions[seqs == sq]
+            if len(p) > 1 and not np.array_equal(np.diff(p), np.ones(len(p) - 1, dtype=np.int32)):
+                raise WireError(f"positions of sequence {int(sq)} are not consecutive")
+    elif n > 1 and not np.array_equal(np.diff(positions), np.ones(n - 1, dtype=np.int32)):
         raise WireError("positions are not consecutive")
-    if positions[0] < 0:
-        raise WireError(f"negative position {int(positions[0])}")
+    if int(positions.min()) < 0:
+        raise WireError(f"negative position {int(positions.min())}")
     hidden = np.frombuffer(hid_buf, dtype="<f4").reshape(n, width)
-    return h, positions, hidden
+    return h, positions, seqs, hidden
 
 
 def encode_status(status: Status) -> bytes:

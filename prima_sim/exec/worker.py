@@ -60,9 +60,9 @@ class LoadedWindow:
 
 
 def load_windows(
-    shard_dir: Path, man: DeviceManifest, n_threads: int, n_batch: int, on_progress: object = None
+    shard_dir: Path, man: DeviceManifest, n_threads: int, n_batch: int, on_progress: object = None, n_seq: int = 1
 ) -> tuple[dict[int, LoadedWindow], ExitStack]:
-    """Load every window shard of ``man`` (not the embedding shard).
+    """Load every window shard of ``man`` (not the embedding shard); each context holds ``n_seq`` sequences.
 
     Returns:
         The windows by execution-order index, and the stack that frees them.
@@ -86,7 +86,7 @@ def load_windows(
             path = shard_path(shard_dir, man, s)
             model = stack.enter_context(Model(path, n_gpu_layers=s.gpu_layers))
             mode = "logits" if s.kind == "logits" else "hidden"
-            ctx = stack.enter_context(Window(model, mode, plan.n_ctx, n_batch, n_threads))
+            ctx = stack.enter_context(Window(model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq))
             out[s.window] = LoadedWindow(s.window, path, model, ctx)
     except BaseException:
         stack.close()
@@ -105,11 +105,12 @@ class Worker:
         prefetch: advise readahead of the next window after sending.
         n_batch: the largest batch a message may carry.
         persist: keep serving after a ``stop`` (for the next head) instead of exiting.
+        n_seq: sequences each window's KV cache holds (``prima-sim serve --parallel``; the head checks it).
     """
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int,
-        prefetch: bool = True, n_batch: int = DEFAULT_BATCH, persist: bool = False,
+        prefetch: bool = True, n_batch: int = DEFAULT_BATCH, persist: bool = False, n_seq: int = 1,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
         self.plan = man.get_plan()
@@ -121,6 +122,7 @@ class Worker:
             raise InputError("--device", "", f"{self.device} is the head: run it with 'prima-sim run --real'")
         self.route = Route.of(self.plan)
         self.n_threads, self.n_batch, self.persist = n_threads, min(n_batch, self.plan.n_ctx), persist
+        self.n_seq = n_seq
         self.prefetcher = Prefetcher(prefetch)
         self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
         self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
@@ -135,7 +137,8 @@ class Worker:
     def _status(self, kind: Literal["status", "bye"] = "status") -> wire.Status:
         return wire.Status(
             type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state.name,
-            detail=describe(self.state), rejected=self.rejected, n_batch=self.n_batch, spans=tuple(self.spans.drain()),
+            detail=describe(self.state), rejected=self.rejected, n_batch=self.n_batch, n_seq=self.n_seq,
+            spans=tuple(self.spans.drain()),
         )  # fmt: skip
 
     def _reporter(self, done: threading.Event) -> None:
@@ -164,7 +167,7 @@ class Worker:
             self.state = WorkerLoading(0, len(self.route.windows_of(self.device)))
             windows, wstack = load_windows(
                 self.shard_dir, self.man, self.n_threads, self.n_batch,
-                lambda i, n: setattr(self, "state", WorkerLoading(i, n)),
+                lambda i, n: setattr(self, "state", WorkerLoading(i, n)), self.n_seq,
             )  # fmt: skip
             stack.push(wstack)
             for w in windows.values():
@@ -211,11 +214,13 @@ class Worker:
             frames = pull.recv_multipart(copy=False)
             t_arrive = now()
             try:
-                hdr, positions, hidden = wire.decode(frames, self.fp, self.n_embd)
+                hdr, positions, seqs, hidden = wire.decode_rows(frames, self.fp, self.n_embd)
                 if hdr.type == "data" and hdr.window not in windows:
                     raise wire.WireError(f"window {hdr.window} is not run by {self.device}")
                 if hdr.type == "data" and hdr.n_tokens > self.n_batch:
                     raise wire.WireError(f"{hdr.n_tokens} tokens exceed this worker's batch of {self.n_batch}")
+                if seqs is not None and int(seqs.max()) >= self.n_seq:
+                    raise wire.WireError(f"sequence {int(seqs.max())} but this worker holds {self.n_seq} (--parallel)")
             except wire.WireError as exc:  # expected: garbage or a foreign ring must not kill the worker
                 self.rejected += 1
                 log.warning("%s: rejected a message: %s", self.device, exc)
@@ -230,17 +235,20 @@ class Worker:
             assert positions is not None and hidden is not None
             t_arrive = self.latency.hold(hdr.origin, t_arrive)  # emulated link latency (prima_sim.emulate)
             self.spans.add(SpanKind.RECV_WAIT, max(last_done, hdr.t_step), t_arrive, hdr.step)
-            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows)
+            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows, seqs)
             last_done = now()
             self.state = WorkerReady()
 
     def _run_data(self, hdr: wire.Header, pos0: int, hidden: object, positions: object,
-                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow]) -> None:  # fmt: skip
+                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any = None) -> None:  # fmt: skip
         j, h = hdr.window, hidden
         while True:
             self.state = WorkerRunning(hdr.step, j)
             t0 = now()
-            out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
+            if seqs is None:
+                out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
+            else:
+                out = windows[j].ctx.run_rows(h, positions, seqs, set())  # type: ignore[arg-type]
             t1 = now()
             self._ran.add(j)
             self.spans.add(SpanKind.COMPUTE, t0, t1, hdr.step, f"w{j}")
@@ -249,7 +257,7 @@ class Worker:
                 h, j = out.copy(), j + 1
                 continue
             nh = hdr.model_copy(update={"window": j + 1, "origin": self.device})
-            push[dest].send_multipart(wire.encode(nh, positions, out))  # type: ignore[arg-type]
+            push[dest].send_multipart(wire.encode(nh, positions, out, seqs))  # type: ignore[arg-type]
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, hdr.step, f"to {dest}")
             nxt = self.route.prefetch_window(self.device, j, self._ran)

@@ -462,9 +462,10 @@ def memory_problems(costs: DeviceCosts, name: str, use: MemoryUse, gpu_layers: i
 
 def step_breakdown(
     plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_tokens: int = 1, n_kv: int | None = None,
-    prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None,
+    prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None, n_logits: int = 1,
 ) -> StepBreakdown:
-    """Per-device time of one step (``n_tokens`` tokens through every window, then the head's output head).
+    """Per-device time of one step (``n_tokens`` tokens through every window, then the head's output head for
+    ``n_logits`` rows).
 
     ``costs`` may carry :class:`DeviceCosts` already built for these devices, model and workload (reused).
     """
@@ -488,7 +489,7 @@ def step_breakdown(
     if order and order[0][0] != plan.head:  # the head sends the embedded tokens to the first window's device
         per[plan.head]["comm"] += hop_time(cluster, plan.head, order[0][0], e, n_tokens)
     head_costs = costs[plan.head]
-    head_s = head_costs.head_time(n_tokens, n_logits=1).total_s
+    head_s = head_costs.head_time(n_tokens, n_logits=n_logits).total_s
     work[plan.head] += head_s
     infeasible: list[str] = []
     reads: dict[str, tuple[float, float, bool]] = {}
@@ -571,3 +572,91 @@ def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
         bound=decode.bound,
         prefetch=prefetch,
     )
+
+
+# --- serving: several sequences per pass, speculative decoding ---------------------------------------------
+@dataclass(frozen=True)
+class ServingPoint:
+    """Decoding ``concurrency`` sequences together, one row each per pass through the ring (continuous
+    batching, ``prima-sim serve --parallel``)."""
+
+    concurrency: int
+    pass_s: float  # one pass: every window runs ``concurrency`` rows, the head samples as many tokens
+    tpot_s: float  # each request's time per output token (= pass_s)
+    throughput_tps: float  # tokens per second of all requests together
+
+
+def serving_curve(
+    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, levels: Sequence[int],
+    prefetch: bool = True,
+) -> list[ServingPoint]:  # fmt: skip
+    """Per-request TPOT and aggregate throughput against the number of sequences decoded together.
+
+    One pass carries one row per sequence: each window's weights are read once per pass (the roofline's
+    memory term does not grow with the rows), its FLOPs, hop bytes and the output head grow with them.
+    Attention reads one KV cache of ``decode_kv_tokens`` per pass, which undercounts the caches of the
+    other sequences (small next to the weights at short contexts). A plan that cannot run gives infinities.
+    """
+    costs: dict[str, DeviceCosts] = {}
+    out = []
+    for n in levels:
+        if n < 1:
+            raise ValueError(f"concurrency must be at least 1, got {n}")
+        b = step_breakdown(plan, cluster, model, workload, n, prefetch=prefetch, costs=costs, n_logits=n)
+        t = math.inf if b.infeasible else b.total_s
+        out.append(ServingPoint(n, t, t, n / t if t > 0 else math.inf))
+    return out
+
+
+@dataclass(frozen=True)
+class SpeculationPrediction:
+    """TPOT with a draft model on the head proposing up to ``draft_max`` tokens, each accepted with
+    probability ``accept``, verified by the ring in one pass of ``draft_max + 1`` rows."""
+
+    draft_id: str
+    draft_max: int
+    accept: float
+    expected_tokens: float  # tokens produced per verification pass (accepted drafts plus the ring's own)
+    draft_s: float  # the draft model's time per token on the head's CPU
+    verify_s: float  # one pass of the ring with draft_max + 1 rows
+    tpot_s: float
+    plain_tpot_s: float
+
+    @property
+    def speedup(self) -> float:
+        """Plain TPOT over speculative TPOT."""
+        return self.plain_tpot_s / self.tpot_s if self.tpot_s > 0 else math.inf
+
+
+def expected_tokens(accept: float, draft_max: int) -> float:
+    """Tokens per verification pass when each of ``draft_max`` drafted tokens is accepted with probability
+    ``accept`` until the first rejection (the ring's own token always counts): (1 - a^(d+1)) / (1 - a)."""
+    if not 0.0 <= accept <= 1.0:
+        raise ValueError(f"acceptance rate must be in [0, 1], got {accept}")
+    if accept == 1.0:
+        return float(draft_max + 1)
+    return float((1.0 - accept ** (draft_max + 1)) / (1.0 - accept))
+
+
+def speculation(
+    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, draft: ModelProfile, accept: float,
+    draft_max: int = 4, prefetch: bool = True,
+) -> SpeculationPrediction:  # fmt: skip
+    """TPOT of speculative decoding (prima.cpp's ``-md draft.gguf --draft-max N``) for a given acceptance rate.
+
+    Per verification pass the head runs the draft model ``draft_max`` times (every layer on its CPU, one
+    token each, weights in memory) and the ring verifies the ``draft_max + 1`` rows in one pass; on average
+    :func:`expected_tokens` tokens come out of it.
+    """
+    if draft_max < 1:
+        raise ValueError(f"draft_max must be at least 1, got {draft_max}")
+    plain = step_breakdown(plan, cluster, model, workload, 1, prefetch=prefetch)
+    verify = step_breakdown(plan, cluster, model, workload, draft_max + 1, prefetch=prefetch, n_logits=draft_max + 1)
+    dc = DeviceCosts(cluster.device(plan.head), draft, workload)
+    comp, mem = dc.layer_sums(1).window(0, draft.arch.n_layer, 0)
+    draft_s = comp + mem + dc.head_time(1, 1).total_s
+    e = expected_tokens(accept, draft_max)
+    inf = bool(plain.infeasible or verify.infeasible)
+    tpot = math.inf if inf else (verify.total_s + draft_max * draft_s) / e
+    return SpeculationPrediction(draft.id, draft_max, accept, e, draft_s, verify.total_s, tpot,
+                                 math.inf if inf else plain.total_s)  # fmt: skip

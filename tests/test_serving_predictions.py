@@ -1,0 +1,85 @@
+"""The cost model's serving predictions (issue 14 item 5): per-request TPOT and aggregate throughput against the
+number of sequences decoded together, and TPOT with speculative decoding for a given acceptance rate; and the
+``--concurrency`` / ``--draft --accept`` flags of ``plan`` and ``simulate``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prima_sim.cli.common import load_cluster_arg, load_model_arg
+from prima_sim.halda.costmodel import expected_tokens, serving_curve, speculation
+from prima_sim.halda.planner import make_plan
+from prima_sim.workload import Workload
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cluster = load_cluster_arg("default")
+    model = load_model_arg("llama3-8b")
+    wl = Workload(n_ctx=1024)
+    return make_plan(cluster, model, wl), cluster, model, wl
+
+
+def test_expected_tokens_per_pass() -> None:
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    with pytest.raises(ValueError):
+        expected_tokens(1.5, 2)
+
+
+def test_concurrency_curve(setup) -> None:
+    plan, cluster, model, wl = setup
+    pts = serving_curve(plan, cluster, model, wl, [1, 2, 4, 8, 16])
+    assert pts[0].tpot_s == pytest.approx(plan.prediction.tpot_s)  # one sequence: the plan's own prediction
+    tpots = [p.tpot_s for p in pts]
+    tput = [p.throughput_tps for p in pts]
+    assert tpots == sorted(tpots)  # each request waits for every row of the pass
+    assert tput == sorted(tput) and tput[-1] > 2 * tput[0]  # weights are read once per pass: batching pays
+    for p in pts:
+        assert p.throughput_tps == pytest.approx(p.concurrency / p.tpot_s)
+
+
+def test_speculation(setup) -> None:
+    plan, cluster, model, wl = setup
+    draft = load_model_arg("smollm2-135m")  # a small draft (its vocabulary does not matter to the cost)
+    none = speculation(plan, cluster, model, wl, draft, accept=0.0, draft_max=4)
+    assert none.plain_tpot_s == pytest.approx(plan.prediction.tpot_s)
+    assert none.tpot_s > none.plain_tpot_s  # nothing accepted: drafting and the wider pass are pure cost
+    assert none.expected_tokens == 1.0
+    good = speculation(plan, cluster, model, wl, draft, accept=0.9, draft_max=4)
+    assert good.tpot_s < none.tpot_s
+    assert good.tpot_s == pytest.approx((good.verify_s + 4 * good.draft_s) / good.expected_tokens)
+    rates = [speculation(plan, cluster, model, wl, draft, a, 4).tpot_s for a in (0.2, 0.5, 0.8, 1.0)]
+    assert rates == sorted(rates, reverse=True)
+    assert all(math.isfinite(r) for r in rates)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prima_sim.cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)  # fmt: skip
+
+
+def test_plan_and_simulate_flags(tmp_path: Path) -> None:
+    r = _cli("plan", "--model", "llama3-8b", "--concurrency", "4", "--draft", "smollm2-135m", "--accept", "0.6",
+             "--json", "--out", str(tmp_path / "p.json"), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert [p["concurrency"] for p in obj["concurrency"]] == [1, 2, 4]
+    assert obj["speculation"]["accept"] == 0.6 and obj["speculation"]["tpot_s"] > 0
+    r = _cli("simulate", "--plan", str(tmp_path / "p.json"), "--tokens", "4", "--concurrency", "3", "--no-gantt",
+             cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "serving (prima-sim serve --parallel N" in r.stdout
+    r = _cli("plan", "--model", "llama3-8b", "--draft", "llama3-8b", cwd=tmp_path)
+    assert r.returncode == 2 and "--accept" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("plan", "--model", "llama3-8b", "--draft", "llama3-8b", "--accept", "1.5", cwd=tmp_path)
+    assert r.returncode == 2 and "--accept" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("plan", "--model", "llama3-8b", "--concurrency", "0", cwd=tmp_path)
+    assert r.returncode == 2 and "--concurrency" in r.stderr
