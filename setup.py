@@ -9,7 +9,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-DATASET_DIRS = sorted(p.name for p in (HERE / "datasets").iterdir() if p.is_dir() and not p.name.startswith("."))
+DATASET_DIRS = sorted(
+    p.name for p in (HERE / "datasets").iterdir() if p.is_dir() and not p.name.startswith(".")
+)
 DATASET_PACKAGES = ["prima_sim._datasets", *(f"prima_sim._datasets.{d}" for d in DATASET_DIRS)]
 
 setup(

@@ -27,7 +27,9 @@ GiB = 2**30
 
 def synthetic_device(i: int, rng: np.random.Generator) -> DeviceProfile:
     """One random home device (kinds in proportions a home might have)."""
-    kind = rng.choice(["linux", "linux-cuda", "mac-metal", "mac-intel", "android"], p=[0.3, 0.2, 0.2, 0.1, 0.2])
+    kind = rng.choice(
+        ["linux", "linux-cuda", "mac-metal", "mac-intel", "android"], p=[0.3, 0.2, 0.2, 0.1, 0.2]
+    )
     cpu = float(rng.uniform(0.5, 4.0)) * 1e11
     base = {
         "name": f"dev{i:03d}", "cores": int(rng.choice([4, 8, 16])),
@@ -53,7 +55,9 @@ def synthetic_device(i: int, rng: np.random.Generator) -> DeviceProfile:
     elif kind == "mac-intel":
         base.update(os="macos")
     elif kind == "android":
-        base.update(os="android", swap_total_bytes=2 * GiB, swap_available_bytes=2 * GiB, swappable_bytes=int(GiB))
+        base.update(
+            os="android", swap_total_bytes=2 * GiB, swap_available_bytes=2 * GiB, swappable_bytes=int(GiB)
+        )
     else:
         base.update(os="linux")
     return DeviceProfile.model_validate(base)
@@ -88,7 +92,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--model", default="llama3-70b")
     args = ap.parse_args()
-    print(f"{'cluster':<22}{'devices':>8}{'median ms':>11}{'min ms':>9}{'DPs':>6}{'k':>4}{'kept':>6}{'TPOT ms':>10}")
+    print(
+        f"{'cluster':<22}{'devices':>8}{'median ms':>11}{'min ms':>9}{'DPs':>6}{'k':>4}{'kept':>6}{'TPOT ms':>10}"
+    )
     rows = []
     try:
         rows.append(("paper-d1-d4", load_cluster("paper-d1-d4")))

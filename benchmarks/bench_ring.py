@@ -39,7 +39,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "The history of the printing press begins in"
-SYNTH_ARGS = ["--layers", "16", "--embd", "2048", "--ff", "8192", "--heads", "32", "--kv-heads", "8", "--quant", "Q4_0"]
+SYNTH_ARGS = [
+    "--layers",
+    "16",
+    "--embd",
+    "2048",
+    "--ff",
+    "8192",
+    "--heads",
+    "32",
+    "--kv-heads",
+    "8",
+    "--quant",
+    "Q4_0",
+]
 
 
 def _env(policy: str | None) -> dict[str, str]:
@@ -118,7 +131,7 @@ def interleaved(args: argparse.Namespace, plan: Any, shards: Path, tmp: Path) ->
                 tok_s = ss.sample(ref.window)
                 pos = len(toks)
                 for i in range(1, args.tokens):
-                    for what in (("ring", "single") if i % 2 else ("single", "ring")):
+                    for what in ("ring", "single") if i % 2 else ("single", "ring"):
                         t = time.perf_counter()
                         if what == "ring":
                             tok_r = sr.sample(head._step([tok_r], pos, i, now()))
@@ -158,12 +171,21 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
     ap.add_argument("--rounds", type=int, default=3, help="single/ring pairs (default 3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per process")
-    ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
-                    help="OMP_WAIT_POLICY of every process, the single one included (default passive)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        choices=["passive", "active", "default"],
+        help="OMP_WAIT_POLICY of every process, the single one included (default passive)",
+    )
     ap.add_argument("--no-prefetch", action="store_true")
-    ap.add_argument("--pin", type=int, default=None, metavar="CPU",
-                    help="pin this process and every worker to one CPU (children inherit the affinity): on a small "
-                         "VM, processes migrating between vCPUs cost 12-17%% of compute, which is not the ring's cost")
+    ap.add_argument(
+        "--pin",
+        type=int,
+        default=None,
+        metavar="CPU",
+        help="pin this process and every worker to one CPU (children inherit the affinity): on a small "
+        "VM, processes migrating between vCPUs cost 12-17%% of compute, which is not the ring's cost",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
     if args.pin is not None:
@@ -224,10 +246,14 @@ def main() -> int:
         print(json.dumps(result, indent=2))
     else:
         b = result["breakdown_ms"]
-        print(f"model {Path(args.model).name}: {n_layers} layers, windows {windows} x k={args.k}, "
-              f"{args.threads} threads, ring OMP_WAIT_POLICY={args.omp_wait_policy}")
-        print(f"TPOT single {single_tpot * 1e3:.2f} ms, ring {ring_tpot * 1e3:.2f} ms, ratio {result['ratio_median']:.3f} "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in result['ratios'])})")
+        print(
+            f"model {Path(args.model).name}: {n_layers} layers, windows {windows} x k={args.k}, "
+            f"{args.threads} threads, ring OMP_WAIT_POLICY={args.omp_wait_policy}"
+        )
+        print(
+            f"TPOT single {single_tpot * 1e3:.2f} ms, ring {ring_tpot * 1e3:.2f} ms, ratio {result['ratio_median']:.3f} "
+            f"(rounds: {', '.join(f'{x:.3f}' for x in result['ratios'])})"
+        )
         print(f"per hop {hop:.0f} us ({n_hops:.0f} hops/token = {b['hops']:.2f} ms); windows' compute {b['windows_compute']:.2f} ms "
               f"({b['windows_compute_minus_single']:+.2f} ms vs the whole model); head {b['head_embed_output_sample']:.2f} ms; "
               f"rest {b['rest']:.2f} ms")  # fmt: skip

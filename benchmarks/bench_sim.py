@@ -40,8 +40,10 @@ def timed(plan, cluster, model, wl, cfg=None, repeat=3):
 
 
 def line(label, wall, res):
-    print(f"  {label:<34}{wall * 1e3:>9.0f} ms{res.events:>10,} ev{res.events / wall:>12,.0f} ev/s"
-          f"{len(res.spans):>9,} spans   TPOT {res.tpot_s * 1e3:>9.1f} ms (analytic {res.analytic.tpot_s * 1e3:.1f})")
+    print(
+        f"  {label:<34}{wall * 1e3:>9.0f} ms{res.events:>10,} ev{res.events / wall:>12,.0f} ev/s"
+        f"{len(res.spans):>9,} spans   TPOT {res.tpot_s * 1e3:>9.1f} ms (analytic {res.analytic.tpot_s * 1e3:.1f})"
+    )
 
 
 def main() -> None:
@@ -73,21 +75,27 @@ def main() -> None:
         p = manual_plan(pf, m70, wl_pf, [w] * 4)
         off = simulate(p, pf, m70, wl_pf, SimConfig(prefetch=False))
         on = simulate(p, pf, m70, wl_pf, SimConfig(prefetch=True))
-        print(f"  prefetch-4x8g k={p.k} windows {w}x4: TPOT {off.tpot_s:.2f} s without prefetch, {on.tpot_s:.2f} s with "
-              f"({off.tpot_s / on.tpot_s:.2f}x); analytic {p.prediction.tpot_s:.2f} s")
+        print(
+            f"  prefetch-4x8g k={p.k} windows {w}x4: TPOT {off.tpot_s:.2f} s without prefetch, {on.tpot_s:.2f} s with "
+            f"({off.tpot_s / on.tpot_s:.2f}x); analytic {p.prediction.tpot_s:.2f} s"
+        )
     wl_s = Workload(n_ctx=1024, prompt_tokens=16, decode_tokens=8)
     d14 = load_cluster("paper-d1-d4")
     for s in ("halda", "memsched"):
         p = make_plan(d14, m70, wl_s, s)
         r = simulate(p, d14, m70, wl_s)
-        print(f"  paper-d1-d4 {m70.id} {s:<9} windows {p.windows}: simulated {r.tpot_s:.2f} s, analytic {r.analytic.tpot_s:.2f} s")
+        print(
+            f"  paper-d1-d4 {m70.id} {s:<9} windows {p.windows}: simulated {r.tpot_s:.2f} s, analytic {r.analytic.tpot_s:.2f} s"
+        )
     for mid in ("llama3-45b", "llama1-30b", "llama3-70b"):
         mm = catalog_model(mid)
         a = make_plan(d16, mm, wl_s, "halda", allow_drop=True)
         b = make_plan(d16, mm, wl_s, "halda", allow_drop=False)
         ra, rb = simulate(a, d16, mm, wl_s), simulate(b, d16, mm, wl_s)
-        print(f"  paper-d1-d6 {mid:<11} drop {[d.name for d in a.dropped]}: {ra.tpot_s * 1e3:.0f} ms vs all six "
-              f"{rb.tpot_s * 1e3:.0f} ms (analytic {a.prediction.tpot_s * 1e3:.0f} vs {b.prediction.tpot_s * 1e3:.0f})")
+        print(
+            f"  paper-d1-d6 {mid:<11} drop {[d.name for d in a.dropped]}: {ra.tpot_s * 1e3:.0f} ms vs all six "
+            f"{rb.tpot_s * 1e3:.0f} ms (analytic {a.prediction.tpot_s * 1e3:.0f} vs {b.prediction.tpot_s * 1e3:.0f})"
+        )
     if args.quick:
         return
 
@@ -124,11 +132,15 @@ def main() -> None:
                         ["halda", "memsched"])[: args.sweep]  # fmt: skip
         wl_sw = Workload(n_ctx=1024, prompt_tokens=16, decode_tokens=8)
         t0 = time.perf_counter()
-        rows = run_sweep(base, m70, wl_sw, variants, SimConfig(chunk_bytes=64 * 2**20, record_spans=False), jobs=args.jobs)
+        rows = run_sweep(
+            base, m70, wl_sw, variants, SimConfig(chunk_bytes=64 * 2**20, record_spans=False), jobs=args.jobs
+        )
         dt = time.perf_counter() - t0
         ok = sum(1 for r in rows if r["status"] == "ok")
-        print(f"\nsweep: {len(rows)} variants of paper-d1-d6 x {m70.id} ({ok} ok) on {args.jobs} processes: {dt:.1f} s "
-              f"({dt / len(rows) * 1e3:.0f} ms per variant wall, {dt * args.jobs / len(rows) * 1e3:.0f} ms per variant per core)")
+        print(
+            f"\nsweep: {len(rows)} variants of paper-d1-d6 x {m70.id} ({ok} ok) on {args.jobs} processes: {dt:.1f} s "
+            f"({dt / len(rows) * 1e3:.0f} ms per variant wall, {dt * args.jobs / len(rows) * 1e3:.0f} ms per variant per core)"
+        )
 
 
 if __name__ == "__main__":

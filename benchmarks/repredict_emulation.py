@@ -53,7 +53,9 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
             models[sc.name] = model_profile_from_gguf(ensure_model(sc.model))
         model = models[sc.name]
         plan = Plan.load(pf)
-        wl = Workload(n_ctx=plan.n_ctx, prompt_tokens=int(r["prompt_tokens"]), decode_tokens=int(r["decode_tokens"]))
+        wl = Workload(
+            n_ctx=plan.n_ctx, prompt_tokens=int(r["prompt_tokens"]), decode_tokens=int(r["decode_tokens"])
+        )
         prefetch = str(r["prefetch"]).lower() == "true"
         ana = predict(plan, cluster, model, wl, prefetch=prefetch)
         sim = simulate(plan, cluster, model, wl, SimConfig(prefetch=prefetch, warm=True))
@@ -74,7 +76,9 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", required=True, help="the suite's --out directory (one sub-directory per scenario)")
+    ap.add_argument(
+        "--runs", required=True, help="the suite's --out directory (one sub-directory per scenario)"
+    )
     ap.add_argument("--reports", default="reports", help="where to write the re-predicted CSV and summary")
     args = ap.parse_args()
     runs, reports = Path(args.runs), Path(args.reports)

@@ -74,7 +74,11 @@ def _describe_shards(d: Path) -> str:
         if model:
             break
     where = f"shards of {model}" if model else "shards"
-    return f"{where} for {len(devices)} device(s): {', '.join(devices)}" if devices else "incomplete shard folder"
+    return (
+        f"{where} for {len(devices)} device(s): {', '.join(devices)}"
+        if devices
+        else "incomplete shard folder"
+    )
 
 
 def entries(kinds: tuple[str, ...] = KINDS, root: Path | None = None) -> list[CacheEntry]:

@@ -25,8 +25,8 @@ _INTRO: dict[str, str] = {
     "device": (
         "A device profile says what one machine can do. Write it by hand from spec sheets (start from "
         "`datasets/examples/desktop.toml`) or measure it with `prima-sim profile --out NAME.toml` on the machine. "
-        "Quantities take a plain number in the unit shown or a string with a unit: `\"16 GiB\"`, `\"41 GB/s\"`, "
-        "`\"610 Mbps\"`, `\"720 GFLOPS\"`, `\"5 ms\"`. Names of closed sets (`os`, `gpu.kind`, weight types) are "
+        'Quantities take a plain number in the unit shown or a string with a unit: `"16 GiB"`, `"41 GB/s"`, '
+        '`"610 Mbps"`, `"720 GFLOPS"`, `"5 ms"`. Names of closed sets (`os`, `gpu.kind`, weight types) are '
         "case-insensitive."
     ),
     "cluster": (
@@ -66,7 +66,13 @@ def _models() -> dict[str, type[BaseModel]]:
     from prima_sim.exec.hosts import HostsFile
     from prima_sim.plan import Plan
 
-    return {"device": DeviceProfile, "cluster": Cluster, "hosts": HostsFile, "scenario": Scenario, "plan": Plan}
+    return {
+        "device": DeviceProfile,
+        "cluster": Cluster,
+        "hosts": HostsFile,
+        "scenario": Scenario,
+        "plan": Plan,
+    }
 
 
 def json_schema(kind: str) -> dict[str, Any]:
@@ -79,7 +85,9 @@ def json_schema(kind: str) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["description"] = FORMATS[kind]
-    if kind == "cluster":  # in a file: device names or paths, or inline tables; the name defaults to the file's
+    if (
+        kind == "cluster"
+    ):  # in a file: device names or paths, or inline tables; the name defaults to the file's
         props = schema["properties"]
         props["devices"]["items"] = {"anyOf": [
             {"type": "string", "description": "a device name (NAME.toml beside the cluster file, or bundled) or a path"},
@@ -128,7 +136,9 @@ def _type(s: dict[str, Any], kind: str) -> str:
         if isinstance(extra, dict):
             return "table of name = " + _type(extra, kind)
         return "table"
-    return {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}.get(t or "", "any")
+    return {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean"}.get(
+        t or "", "any"
+    )
 
 
 def _unit(name: str, s: dict[str, Any]) -> str:
@@ -219,9 +229,9 @@ def markdown() -> str:
         "and validators). Files are TOML (`.toml`) or JSON (anything else).",
         "",
         "**Quantities** (type *quantity* below) take a plain number in the unit shown or a string with a unit: "
-        "sizes `\"8 GiB\"`, `\"512 MB\"`; bandwidths `\"2 GB/s\"`, `\"610 Mbps\"`, `\"1 Gbit/s\"`; durations `\"5 ms\"`, "
-        "`\"20 us\"`; throughputs `\"350 GFLOPS\"`, `\"1.2 TFLOPS\"`. Units are case-insensitive; a unit of the wrong "
-        "kind (`\"2 GB\"` for a bandwidth) is an error.",
+        'sizes `"8 GiB"`, `"512 MB"`; bandwidths `"2 GB/s"`, `"610 Mbps"`, `"1 Gbit/s"`; durations `"5 ms"`, '
+        '`"20 us"`; throughputs `"350 GFLOPS"`, `"1.2 TFLOPS"`. Units are case-insensitive; a unit of the wrong '
+        'kind (`"2 GB"` for a bandwidth) is an error.',
         "",
         "| format | what | schema |",
         "|---|---|---|",

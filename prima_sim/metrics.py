@@ -128,9 +128,18 @@ def rows_from_spans(
             idle = max(0.0, lat - comp - disk - recv - send)
             rows.append(
                 TokenRow(
-                    token=token, phase=phase, batch_tokens=batch, t_start_s=t0, latency_s=lat, device=dev,
-                    compute_s=comp, disk_wait_s=math.nan if measured else disk, recv_wait_s=recv, send_s=send,
-                    prefetch_s=d.get("prefetch_s", 0.0), idle_s=idle,
+                    token=token,
+                    phase=phase,
+                    batch_tokens=batch,
+                    t_start_s=t0,
+                    latency_s=lat,
+                    device=dev,
+                    compute_s=comp,
+                    disk_wait_s=math.nan if measured else disk,
+                    recv_wait_s=recv,
+                    send_s=send,
+                    prefetch_s=d.get("prefetch_s", 0.0),
+                    idle_s=idle,
                     disk_read_bytes=(disk_read or {}).get((token, dev), math.nan if measured else 0.0),
                 )
             )
@@ -230,7 +239,9 @@ def chrome_trace(spans: Iterable[Span], devices: Sequence[str], process: str = "
     for s in sorted(spans, key=lambda s: (s.start_s, tid.get(s.device, 0), s.kind.value)):
         if s.device not in tid:
             tid[s.device] = len(tid)
-            events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid[s.device], "args": {"name": s.device}})
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid[s.device], "args": {"name": s.device}}
+            )
         events.append(
             {
                 "name": s.label or s.kind.value,
@@ -246,11 +257,15 @@ def chrome_trace(spans: Iterable[Span], devices: Sequence[str], process: str = "
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def write_chrome_trace(spans: Iterable[Span], devices: Sequence[str], path: str | Path, process: str = "prima-sim") -> Path:
+def write_chrome_trace(
+    spans: Iterable[Span], devices: Sequence[str], path: str | Path, process: str = "prima-sim"
+) -> Path:
     """Write :func:`chrome_trace` to ``path`` (open it in https://ui.perfetto.dev or chrome://tracing)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(chrome_trace(spans, devices, process), separators=(",", ":")) + "\n", encoding="utf-8")
+    p.write_text(
+        json.dumps(chrome_trace(spans, devices, process), separators=(",", ":")) + "\n", encoding="utf-8"
+    )
     return p
 
 

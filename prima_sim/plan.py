@@ -46,7 +46,9 @@ class DeviceAssignment(FrozenModel):
 
     name: str = Field(description="device name, as in the cluster")
     window: int = Field(ge=0, description="layers per round (w_m)")
-    gpu_layers: int = Field(ge=0, description="of each window, how many of its last layers run on the GPU (n_m)")
+    gpu_layers: int = Field(
+        ge=0, description="of each window, how many of its last layers run on the GPU (n_m)"
+    )
     layers: tuple[LayerRange, ...] = Field(description="half-open layer ranges, in execution order")
 
     @model_validator(mode="after")
@@ -57,7 +59,9 @@ class DeviceAssignment(FrozenModel):
             if not 0 <= a < b:
                 raise ValueError(f"device {self.name}: bad layer range [{a}, {b})")
             if b - a > self.window:
-                raise ValueError(f"device {self.name}: range [{a}, {b}) is longer than its window {self.window}")
+                raise ValueError(
+                    f"device {self.name}: range [{a}, {b}) is longer than its window {self.window}"
+                )
         return self
 
     @property
@@ -112,14 +116,21 @@ class Prediction(FrozenModel):
     tpot_s: float = Field(ge=0, description="predicted time per output token")
     ttft_s: float = Field(ge=0, description="predicted time to the first token")
     prompt_tokens: int = Field(ge=0, description="prompt length the TTFT refers to")
-    per_device: tuple[DeviceTimes, ...] = Field(default=(), description="per-token time of each device, by cause")
+    per_device: tuple[DeviceTimes, ...] = Field(
+        default=(), description="per-token time of each device, by cause"
+    )
     head_s: float = Field(default=0.0, ge=0, description="per-token work of the head outside windows")
     disk_wait_s: float = Field(
-        default=0.0, ge=0,
+        default=0.0,
+        ge=0,
         description="time per token the ring waits, beyond its compute chain, for the slowest prefetching disk",
     )
-    bound: str = Field(default="", description="what limits TPOT: 'ring' (compute and hops) or 'disk of <device>'")
-    prefetch: bool = Field(default=True, description="devices prefetch their next window (the executor's default)")
+    bound: str = Field(
+        default="", description="what limits TPOT: 'ring' (compute and hops) or 'disk of <device>'"
+    )
+    prefetch: bool = Field(
+        default=True, description="devices prefetch their next window (the executor's default)"
+    )
 
 
 class SolverInfo(FrozenModel):
@@ -128,7 +139,9 @@ class SolverInfo(FrozenModel):
     status: str = Field(default="manual", description="the solver's status, 'heuristic' or 'manual'")
     objective_s: float | None = Field(default=None, description="the solver's objective value")
     solve_time_s: float = Field(default=0.0, description="wall time spent planning")
-    details: dict[str, Any] = Field(default_factory=dict, description="scheduler-specific details (free form)")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="scheduler-specific details (free form)"
+    )
 
 
 class Plan(FrozenModel):
@@ -137,13 +150,18 @@ class Plan(FrozenModel):
     schema_version: Literal[2] = Field(default=2, description="plan format version (1 is read as 2)")
     model_id: str = Field(description="the model's id (catalog id with quantization, or the GGUF's name)")
     model_fingerprint: str = Field(default="", description="hash of the model's tensor table")
-    model_source: str = Field(default="", description="the --model it was made from: a GGUF path or a catalog id")
+    model_source: str = Field(
+        default="", description="the --model it was made from: a GGUF path or a catalog id"
+    )
     n_layers: int = Field(gt=0, description="the model's layer count")
     cluster_name: str = Field(description="the cluster's name")
     cluster_fingerprint: str = Field(default="", description="hash of the cluster's devices and links")
-    cluster_source: str = Field(default="", description="the --cluster it was made from: a file or a bundled name")
+    cluster_source: str = Field(
+        default="", description="the --cluster it was made from: a file or a bundled name"
+    )
     cpu_only: bool = Field(
-        default=False, description="made with every GPU of the cluster ignored (plan --cpu-only, or run on a CPU build)"
+        default=False,
+        description="made with every GPU of the cluster ignored (plan --cpu-only, or run on a CPU build)",
     )
     k: int = Field(gt=0, description="rounds of the ring per token")
     n_ctx: int = Field(gt=0, description="context length the plan reserves KV cache for")
@@ -173,7 +191,9 @@ class Plan(FrozenModel):
         for a, b in covered:
             if a != pos:
                 what = "overlap" if a < pos else "gap"
-                raise ValueError(f"layer ranges {what} at layer {min(a, pos)}: every layer must run exactly once")
+                raise ValueError(
+                    f"layer ranges {what} at layer {min(a, pos)}: every layer must run exactly once"
+                )
             pos = b
         if pos != self.n_layers:
             raise ValueError(f"layer ranges cover [0, {pos}) but the model has {self.n_layers} layers")
@@ -183,8 +203,9 @@ class Plan(FrozenModel):
         return self
 
     # --- the contract ----------------------------------------------------------------------------------
-    def check_against(self, cluster: Cluster, model: ModelProfile, workload: Workload | None = None,
-                      source: str = "plan") -> None:
+    def check_against(
+        self, cluster: Cluster, model: ModelProfile, workload: Workload | None = None, source: str = "plan"
+    ) -> None:
         """That this plan was made for ``cluster``, ``model`` and ``workload``: the simulator, the executor's head,
         workers and shard writer, and the CLI check every plan they are given with it.
 
@@ -307,7 +328,10 @@ class Plan(FrozenModel):
 
 
 def _validate_plan(data: Any, source: str) -> Plan:
-    if isinstance(data, dict) and data.get("schema_version", PLAN_SCHEMA_VERSION) not in READABLE_PLAN_VERSIONS:
+    if (
+        isinstance(data, dict)
+        and data.get("schema_version", PLAN_SCHEMA_VERSION) not in READABLE_PLAN_VERSIONS
+    ):
         raise InputError(
             source, "schema_version",
             f"plan schema {data.get('schema_version')} is not supported by this prima-sim (reads "
@@ -377,7 +401,9 @@ def next_own_window(mine: Sequence[int], after: int) -> int | None:
     return mine[0] if mine else None
 
 
-def prefetch_window(mine: Sequence[int], after: int, ran: Collection[int], own_window_again: bool = False) -> int | None:
+def prefetch_window(
+    mine: Sequence[int], after: int, ran: Collection[int], own_window_again: bool = False
+) -> int | None:
     """The window a device advises the kernel to load after sending the output of window ``after``: its next
     own window, except, for a device with one window, once it has run it (``ran``: the windows it has run).
 
@@ -391,4 +417,3 @@ def prefetch_window(mine: Sequence[int], after: int, ran: Collection[int], own_w
     if len(mine) == 1 and mine[0] in ran and not own_window_again:
         return None
     return next_own_window(mine, after)
-

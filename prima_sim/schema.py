@@ -70,7 +70,9 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def validation_to_input_error(source: str, exc: ValidationError, cls: type[BaseModel] | None = None) -> InputError:
+def validation_to_input_error(
+    source: str, exc: ValidationError, cls: type[BaseModel] | None = None
+) -> InputError:
     """Turn the first problem of a pydantic ValidationError into a one-line InputError.
 
     An unknown key is reported before anything else (a misspelled required field is first of all an unknown
@@ -94,7 +96,12 @@ def validation_to_input_error(source: str, exc: ValidationError, cls: type[BaseM
             (f" (known fields here: {', '.join(known)}; 'prima-sim schema' prints them all)" if known else
              " ('prima-sim schema' lists the known fields)")
         )  # fmt: skip
-    elif "input" in err and kind != "model_type" and "got " not in msg and not isinstance(err["input"], (dict, list)):
+    elif (
+        "input" in err
+        and kind != "model_type"
+        and "got " not in msg
+        and not isinstance(err["input"], (dict, list))
+    ):
         shown = repr(err["input"])
         if len(shown) > 60:
             shown = shown[:57] + "..."
@@ -135,7 +142,9 @@ def read_structured(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(str(p), "", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InputError(
+            str(p), "", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     if not isinstance(data, dict):
         raise InputError(str(p), "", f"expected a JSON object at the top level, got {type(data).__name__}")
     return data

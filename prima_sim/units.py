@@ -157,9 +157,13 @@ def _schema(unit: str, minimum: str, example: str, number: str = "number") -> Wi
     })  # fmt: skip
 
 
-Bytes = Annotated[int, BeforeValidator(_wrap(parse_bytes)), Field(ge=0), _schema("bytes", ">= 0", "8 GiB", "integer")]
+Bytes = Annotated[
+    int, BeforeValidator(_wrap(parse_bytes)), Field(ge=0), _schema("bytes", ">= 0", "8 GiB", "integer")
+]
 """A size in bytes; files may write "8 GiB"."""
-Bandwidth = Annotated[float, BeforeValidator(_wrap(parse_bandwidth)), Field(ge=0), _schema("bytes/s", ">= 0", "2 GB/s")]
+Bandwidth = Annotated[
+    float, BeforeValidator(_wrap(parse_bandwidth)), Field(ge=0), _schema("bytes/s", ">= 0", "2 GB/s")
+]
 """Bytes per second; files may write "2 GB/s" or "610 Mbps"."""
 PositiveBandwidth = Annotated[
     float, BeforeValidator(_wrap(parse_bandwidth)), Field(gt=0), _schema("bytes/s", "> 0", "610 Mbps")
@@ -167,5 +171,7 @@ PositiveBandwidth = Annotated[
 """A bandwidth that must be above zero (a disk or link that moves no data cannot be planned with)."""
 Seconds = Annotated[float, BeforeValidator(_wrap(parse_seconds)), Field(ge=0), _schema("s", ">= 0", "5 ms")]
 """A duration in seconds; files may write "5 ms"."""
-FlopRate = Annotated[float, BeforeValidator(_wrap(parse_flop_rate)), Field(gt=0), _schema("FLOP/s", "> 0", "350 GFLOPS")]
+FlopRate = Annotated[
+    float, BeforeValidator(_wrap(parse_flop_rate)), Field(gt=0), _schema("FLOP/s", "> 0", "350 GFLOPS")
+]
 """FLOP per second; files may write "350 GFLOPS"."""

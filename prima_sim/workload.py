@@ -30,9 +30,13 @@ class Workload(FrozenModel):
         n_ubatch: prefill micro-batch size.
     """
 
-    n_ctx: int = Field(default=4096, gt=0, description="context length reserved in every window's KV cache (tokens)")
+    n_ctx: int = Field(
+        default=4096, gt=0, description="context length reserved in every window's KV cache (tokens)"
+    )
     prompt_tokens: int = Field(default=64, ge=1, description="prompt length (prefill, TTFT)")
-    decode_tokens: int = Field(default=128, ge=0, description="tokens generated after the first (TPOT: their median)")
+    decode_tokens: int = Field(
+        default=128, ge=0, description="tokens generated after the first (TPOT: their median)"
+    )
     n_ubatch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill micro-batch size")
 
     @classmethod
@@ -62,4 +66,6 @@ class Workload(FrozenModel):
 
     def with_decode_tokens(self, n: int) -> Workload:
         """The same workload generating ``n`` tokens (validated)."""
-        return Workload.of(n_ctx=self.n_ctx, prompt_tokens=self.prompt_tokens, decode_tokens=n, n_ubatch=self.n_ubatch)
+        return Workload.of(
+            n_ctx=self.n_ctx, prompt_tokens=self.prompt_tokens, decode_tokens=n, n_ubatch=self.n_ubatch
+        )

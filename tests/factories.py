@@ -33,7 +33,9 @@ def device(name: str, **over: Any) -> DeviceProfile:
     return DeviceProfile.model_validate(base)
 
 
-def cluster(devices: list[DeviceProfile], bandwidth: float = 50e6, latency: float = 0.005, **over: Any) -> Cluster:
+def cluster(
+    devices: list[DeviceProfile], bandwidth: float = 50e6, latency: float = 0.005, **over: Any
+) -> Cluster:
     """A cluster of ``devices`` (head first) joined by one kind of link."""
     return Cluster.model_validate({"name": "test", "devices": devices,
                                    "default_link": {"bandwidth_bps": bandwidth, "latency_s": latency}, **over})  # fmt: skip

@@ -52,7 +52,9 @@ def test_explain_ends_with_a_glossary(capsys: pytest.CaptureFixture[str]) -> Non
     assert out.rstrip().splitlines()[-1].startswith("(window: the consecutive layers")
 
 
-def test_cpu_only_plan_simulates_from_another_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cpu_only_plan_simulates_from_another_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     home = tmp_path / "myhome"
     assert main(["init", str(home)]) == 0
     plan_file = tmp_path / "p.json"
@@ -72,7 +74,9 @@ def test_cpu_only_plan_simulates_from_another_folder(tmp_path: Path, capsys: pyt
     out = cli("simulate", "--plan", str(plan_file), "--tokens", "2", cwd=elsewhere)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "the plan's devices are" in out.stderr and "re-plan" in out.stderr
-    (home / "home.toml").write_text(text.replace('latency_s = "3 ms"', 'latency_s = "4 ms"'), encoding="utf-8")
+    (home / "home.toml").write_text(
+        text.replace('latency_s = "3 ms"', 'latency_s = "4 ms"'), encoding="utf-8"
+    )
     out = cli("simulate", "--plan", str(plan_file), "--tokens", "2", cwd=elsewhere)
     assert out.returncode == 2 and "same devices, but their profiles or links changed" in out.stderr
 
@@ -140,7 +144,9 @@ def test_progress_off_a_terminal_is_plain_periodic_lines() -> None:
     assert quiet.getvalue() == ""
 
 
-def test_a_hosts_file_may_list_devices_a_plan_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_hosts_file_may_list_devices_a_plan_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["plan", "--cluster", "examples/home", "--model", "llama3-8b", "--windows", "12,10,10,0",
                  "--out", str(tmp_path / "p.json"), "--json"]) == 0  # fmt: skip
     plan = Plan.load(tmp_path / "p.json")
@@ -153,7 +159,9 @@ def test_a_hosts_file_may_list_devices_a_plan_dropped(tmp_path: Path, capsys: py
 
 
 @pytest.mark.real
-def test_run_local_on_a_cpu_build_runs_gpu_layers_on_the_cpu_and_refuses_too_many_tokens(tmp_path: Path) -> None:
+def test_run_local_on_a_cpu_build_runs_gpu_layers_on_the_cpu_and_refuses_too_many_tokens(
+    tmp_path: Path,
+) -> None:
     from prima_sim.exec.llamacpp import supports_gpu_offload
 
     if supports_gpu_offload():
@@ -171,4 +179,6 @@ def test_run_local_on_a_cpu_build_runs_gpu_layers_on_the_cpu_and_refuses_too_man
               "-n", "60", "--threads", "1", **env)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ": error:" in ln]
-    assert len(errors) == 1 and "-n/--n-predict" in errors[0] and "context of 64 tokens" in errors[0], out.stderr
+    assert len(errors) == 1 and "-n/--n-predict" in errors[0] and "context of 64 tokens" in errors[0], (
+        out.stderr
+    )

@@ -51,13 +51,42 @@ def base_args(command: str, f: dict[str, str]) -> list[str]:
         "model-info": ["llama3-8b"],
         "plan": ["--model", "llama3-8b", "--cluster", "examples/home"],
         "simulate": ["--plan", f["plan"], "--tokens", "2", "--no-gantt"],
-        "sweep": ["--cluster", "examples/home", "--model", "llama3-8b", "--devices", "2", "--tokens", "2",
-                  "--jobs", "1", "--out", f"{t}/sweep.csv", "--quiet"],
+        "sweep": [
+            "--cluster",
+            "examples/home",
+            "--model",
+            "llama3-8b",
+            "--devices",
+            "2",
+            "--tokens",
+            "2",
+            "--jobs",
+            "1",
+            "--out",
+            f"{t}/sweep.csv",
+            "--quiet",
+        ],
         "shard": ["--plan", f["small"], "--model", f"{t}/missing.gguf", "--out", f"{t}/shards"],
         "worker": ["--device", "mac", "--shards", f"{t}/no-shards"],
         "run": ["--local", "--plan", f["small"], "--shards", f"{t}/no-shards", "--prompt", "hello"],
-        "synth-model": ["--layers", "2", "--embd", "64", "--ff", "128", "--heads", "2", "--kv-heads", "1",
-                        "--quant", "Q4_0", "--vocab-from", f"{t}/missing.gguf", "--out", f"{t}/m.gguf"],
+        "synth-model": [
+            "--layers",
+            "2",
+            "--embd",
+            "64",
+            "--ff",
+            "128",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--quant",
+            "Q4_0",
+            "--vocab-from",
+            f"{t}/missing.gguf",
+            "--out",
+            f"{t}/m.gguf",
+        ],
         "profile": ["--no-write", "--types", "nonsense"],
         "netprobe": ["127.0.0.1:1", "--count", "1", "--pings", "1", "--timeout", "0.2"],
         "emulate": ["--scenario", f"{t}/missing.toml"],
@@ -138,7 +167,9 @@ def _check(command: str, args: list[str], rc: int, err: str, names: str = "") ->
         assert rc in (1, 2, 3), f"prima-sim {command} {' '.join(args)}: exit {rc}\n{err}"
         assert len(errors) == 1, f"prima-sim {command} {' '.join(args)}: expected one error line:\n{err}"
         assert errors[0].startswith(f"prima-sim {command}: error:"), errors[0]
-        assert names in errors[0], f"prima-sim {command} {' '.join(args)}: the error does not name {names}: {errors[0]}"
+        assert names in errors[0], (
+            f"prima-sim {command} {' '.join(args)}: the error does not name {names}: {errors[0]}"
+        )
 
 
 @pytest.mark.parametrize(("command", "flag", "value"), list(numeric_cases()))
@@ -162,7 +193,9 @@ def _zero_is_invalid(command: str, flag: str) -> bool:
     return flag not in zero_ok
 
 
-@pytest.mark.parametrize(("command", "extra", "names"), TOO_LARGE, ids=[f"{c} {' '.join(a)}" for c, a, _n in TOO_LARGE])
+@pytest.mark.parametrize(
+    ("command", "extra", "names"), TOO_LARGE, ids=[f"{c} {' '.join(a)}" for c, a, _n in TOO_LARGE]
+)
 def test_values_too_large_in_context(command: str, extra: list[str], names: str, files: dict[str, str],
                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("PRIMA_SIM_CACHE", f"{files['tmp']}/cache")

@@ -293,7 +293,11 @@ def _ours(mine: frozenset[int] = frozenset()) -> tuple[set[str], set[str]]:
     from prima_sim.emulate.resources import list_netns
 
     foreign = _foreign_runs(mine)
-    ns = {n for n in list_netns() if n.startswith("prima-") and not any(n.startswith(f"prima-{r}") for r in foreign)}
+    ns = {
+        n
+        for n in list_netns()
+        if n.startswith("prima-") and not any(n.startswith(f"prima-{r}") for r in foreign)
+    }
     cg = {str(p) for p in cgroups.leftover_dirs("prima-") if not any(f"prima-{r}" in str(p) for r in foreign)}
     return ns, cg
 

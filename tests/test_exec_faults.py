@@ -116,7 +116,9 @@ def _garbage(host: str, port: int, fp: str) -> None:
         [wire.MAGIC + b'{"v": 2, "type": "data"}'],
         [wire.MAGIC + b'{"v": 1, "type": "data", "fp": "' + fp.encode() + b'", "seq": -4}'],
         wire.encode(good.model_copy(update={"fp": "0000000000000000"}), pos, hid),  # another plan
-        wire.encode(good.model_copy(update={"shape": (1, 7)}), pos, np.zeros((1, 7), np.float32)),  # wrong width
+        wire.encode(
+            good.model_copy(update={"shape": (1, 7)}), pos, np.zeros((1, 7), np.float32)
+        ),  # wrong width
         wire.encode(good, pos, hid)[:2],  # payload missing
         wire.encode(good.model_copy(update={"window": 99}), pos, hid),  # not this worker's window
     ]
@@ -142,7 +144,9 @@ def test_garbage_on_the_ports_does_not_crash_anything(smollm2, tmp_path):
 
     o = RunOptions(n_predict=16, ignore_eos=True, threads={"D0": 1, "D1": 1, "D2": 1}, timeout_s=10.0)
     baseline = run_ring(plan, smollm2, toks, o, local=True, hosts=hosts, shard_dir=tmp_path / "s")
-    report = run_ring(plan, smollm2, toks, o, local=True, hosts=hosts, shard_dir=tmp_path / "s", on_text=on_text)
+    report = run_ring(
+        plan, smollm2, toks, o, local=True, hosts=hosts, shard_dir=tmp_path / "s", on_text=on_text
+    )
     assert report.last.token_ids == baseline.last.token_ids
     assert report.rejected["D1"] >= 8 and report.rejected["D2"] >= 8  # every bad message counted and dropped
 
@@ -160,7 +164,9 @@ def test_worker_on_another_plan_is_refused_at_startup(smollm2, tmp_path):
                     check_alive=workers.check_alive)  # fmt: skip
         try:
             head.load()
-            with pytest.raises(WorkerError, match=rf"device D1 runs plan {plan_a.fingerprint()} but the head"):
+            with pytest.raises(
+                WorkerError, match=rf"device D1 runs plan {plan_a.fingerprint()} but the head"
+            ):
                 head.barrier(60)
         finally:
             head.close(graceful=False)
@@ -183,7 +189,9 @@ def _cli(tmp_path: Path, smollm2: Path, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "prima_sim.cli.main", "run", "--local", "--plan", str(tmp_path / "plan.json"),
            "--model", str(smollm2), "--shards", str(tmp_path / "s"), "--prompt", PROMPT, "-n", "200",
            "--ignore-eos", "--threads", "1", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=interruptible)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=interruptible
+    )
 
 
 def test_cli_exits_3_naming_the_dead_worker(smollm2, tmp_path):
@@ -222,12 +230,16 @@ def test_worker_with_a_smaller_batch_is_refused_at_startup(smollm2, tmp_path):
     write_shards(smollm2, plan, tmp_path / "s")
     hosts = HostsFile(base_port=free_base_port(3))
     (tmp_path / "hosts.toml").write_text(f"base_port = {hosts.base_port}\n")
-    with LocalWorkers([("D1", tmp_path / "s" / "D1", 1)], tmp_path / "hosts.toml", tmp_path / "logs", n_batch=8) as w:
+    with LocalWorkers(
+        [("D1", tmp_path / "s" / "D1", 1)], tmp_path / "hosts.toml", tmp_path / "logs", n_batch=8
+    ) as w:
         head = Head(tmp_path / "s" / "D0", load_manifest(tmp_path / "s" / "D0", "D0"), resolve(hosts, plan), 1,
                     check_alive=w.check_alive)  # fmt: skip
         try:
             head.load()
-            with pytest.raises(WorkerError, match=r"device D1 takes batches of up to 8 tokens but the head sends 256"):
+            with pytest.raises(
+                WorkerError, match=r"device D1 takes batches of up to 8 tokens but the head sends 256"
+            ):
                 head.barrier(60)
         finally:
             head.close(graceful=False)

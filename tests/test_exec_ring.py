@@ -37,7 +37,9 @@ def make_plan(n_layers: int, windows: tuple[int, ...], model_id: str = "m") -> P
                 scheduler="manual")  # fmt: skip
 
 
-def reference_run(model: Path, prompt_tokens: list[int], n_new: int, n_batch: int = N_CTX) -> tuple[list[int], list[np.ndarray]]:
+def reference_run(
+    model: Path, prompt_tokens: list[int], n_new: int, n_batch: int = N_CTX
+) -> tuple[list[int], list[np.ndarray]]:
     """Greedy continuation and per-step logits of the whole model in one process."""
     with Reference(model, N_CTX, n_batch, 1) as ref:
         logits = [ref.logits(prompt_tokens, 0)]
@@ -53,7 +55,13 @@ def reference_run(model: Path, prompt_tokens: list[int], n_new: int, n_batch: in
 
 
 def opts(**kw: object) -> RunOptions:
-    base = {"n_predict": N_NEW, "ignore_eos": True, "keep_logits": True, "timeout_s": 15.0, "startup_timeout_s": 120.0}
+    base = {
+        "n_predict": N_NEW,
+        "ignore_eos": True,
+        "keep_logits": True,
+        "timeout_s": 15.0,
+        "startup_timeout_s": 120.0,
+    }
     base.update(kw)
     o = RunOptions(**base)  # type: ignore[arg-type]
     return o
@@ -113,13 +121,17 @@ def test_gemma3_ring_matches_single_process(gemma3, tmp_path):
 def test_batched_prefill_and_kv_cleared_between_prompts(smollm2, tmp_path):
     """A prompt longer than the batch is prefilled in several messages; a second prompt starts clean."""
     with Reference(smollm2, N_CTX, 8, 1) as ref:
-        long_prompt = ref.model.tokenize("Once upon a time, in a small village by the sea, there lived an old fisherman")
+        long_prompt = ref.model.tokenize(
+            "Once upon a time, in a small village by the sea, there lived an old fisherman"
+        )
     assert len(long_prompt) > 8
     ref_toks, ref_logits = reference_run(smollm2, long_prompt, 8, n_batch=8)
     short = long_prompt[:5]
     short_toks, _ = reference_run(smollm2, short, 8, n_batch=8)
     plan = make_plan(30, (10, 12, 8))
-    o = opts(n_predict=8, n_batch=8, threads={d.name: 1 for d in plan.devices}, extra_prompts=(short, long_prompt))
+    o = opts(
+        n_predict=8, n_batch=8, threads={d.name: 1 for d in plan.devices}, extra_prompts=(short, long_prompt)
+    )
     report = run_ring(plan, smollm2, long_prompt, o, local=True, shard_dir=tmp_path / "s")
     first, second, third = report.generations
     assert first.token_ids == ref_toks
@@ -192,13 +204,30 @@ def test_cli_run_real_with_workers_started_by_hand(smollm2, smol_prompt, smol_re
                  str(tmp_path / "shards"), "--quiet"]) == 0  # fmt: skip
     capsys.readouterr()
     base = free_base_port(4)
-    (tmp_path / "hosts.toml").write_text(f'base_port = {base}\n[devices.D2]\nhost = "127.0.0.1"\nport = {base + 2}\n')
+    (tmp_path / "hosts.toml").write_text(
+        f'base_port = {base}\n[devices.D2]\nhost = "127.0.0.1"\nport = {base + 2}\n'
+    )
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     workers = [
-        subprocess.Popen([sys.executable, "-m", "prima_sim.cli.main", "worker", "--hosts", str(tmp_path / "hosts.toml"),
-                          "--device", d, "--shards", str(tmp_path / "shards"), "--threads", "1"], env=env,
-                         stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prima_sim.cli.main",
+                "worker",
+                "--hosts",
+                str(tmp_path / "hosts.toml"),
+                "--device",
+                d,
+                "--shards",
+                str(tmp_path / "shards"),
+                "--threads",
+                "1",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         for d in ("D1", "D2")
     ]
     try:

@@ -51,7 +51,10 @@ def test_manifest_lists_every_file_with_checksum(smol_shards) -> None:
         man = load_manifest(out / dev, dev, verify=True)
         assert man.plan_fingerprint == plan.fingerprint() and man.get_plan() == plan
         for s in man.shards:
-            assert file_sha256(out / dev / s.file) == s.sha256 and (out / dev / s.file).stat().st_size == s.n_bytes
+            assert (
+                file_sha256(out / dev / s.file) == s.sha256
+                and (out / dev / s.file).stat().st_size == s.n_bytes
+            )
     assert sorted(p.name for p in (out / "D1").iterdir()) == [MANIFEST_NAME, "w0_L0-5.gguf", "w3_L15-20.gguf"]
 
 
@@ -76,7 +79,10 @@ def test_middle_window_is_vocabulary_free_with_renamed_layers(smol_shards, smoll
 def test_logits_and_embedding_windows_keep_the_vocabulary(smol_shards, smollm2, tmp_path) -> None:
     _, out = smol_shards
     logits = read_gguf(out / "D0" / "w5_L24-30.gguf")
-    assert logits.metadata["tokenizer.ggml.model"] == "gpt2" and logits.tensor("token_embd.weight").shape == (576, 49152)
+    assert logits.metadata["tokenizer.ggml.model"] == "gpt2" and logits.tensor("token_embd.weight").shape == (
+        576,
+        49152,
+    )
     assert not (out / "D0" / "embed.gguf").exists()
     write_shards(smollm2, make_plan((0, 6, 4)), tmp_path, ["D0"])  # a head without layers: embed.gguf
     emb_path = tmp_path / "D0" / "embed.gguf"
@@ -142,7 +148,9 @@ def test_copy_is_streamed_in_bounded_chunks(smollm2, tmp_path, monkeypatch) -> N
     monkeypatch.setattr(shard_mod, "COPY_CHUNK_BYTES", 1 << 20)
     calls: list[int] = []
     tracemalloc.start()
-    write_shards(smollm2, make_plan((10, 20)), tmp_path, ["D1"], progress=lambda n, total, _l: calls.append(n))
+    write_shards(
+        smollm2, make_plan((10, 20)), tmp_path, ["D1"], progress=lambda n, total, _l: calls.append(n)
+    )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert max(calls) <= 1 << 20 and sum(calls) > 32 << 20  # many 1 MiB pieces, never a whole tensor
@@ -158,7 +166,17 @@ def test_shard_command(smollm2, tmp_path, capsys) -> None:
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert list(res) == ["D1"] and [s["file"] for s in res["D1"]["shards"]] == ["w0_L0-20.gguf"]
-    rc = main(["shard", "--plan", str(tmp_path / "nope.json"), "--model", str(smollm2), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "shard",
+            "--plan",
+            str(tmp_path / "nope.json"),
+            "--model",
+            str(smollm2),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "prima-sim shard: error:" in capsys.readouterr().err
 
 

@@ -22,13 +22,23 @@ def make_plan(windows: tuple[int, ...], n_layers: int = 30) -> Plan:
 
 def data_msg(n: int = 3, width: int = 8, **kw: object) -> list[object]:
     h = wire.Header(type="data", fp=FP, seq=5, step=2, window=1, n_tokens=n, shape=(n, width), **kw)  # type: ignore[arg-type]
-    return wire.encode(h, np.arange(10, 10 + n, dtype=np.int32), np.arange(n * width, dtype=np.float32).reshape(n, width))
+    return wire.encode(
+        h, np.arange(10, 10 + n, dtype=np.int32), np.arange(n * width, dtype=np.float32).reshape(n, width)
+    )
 
 
 def test_data_round_trip() -> None:
     frames = [bytes(memoryview(f)) for f in data_msg()]
     h, pos, hid = wire.decode(frames, FP, 8)
-    assert (h.type, h.seq, h.step, h.window, h.n_tokens, h.shape, h.dtype) == ("data", 5, 2, 1, 3, (3, 8), "f32")
+    assert (h.type, h.seq, h.step, h.window, h.n_tokens, h.shape, h.dtype) == (
+        "data",
+        5,
+        2,
+        1,
+        3,
+        (3, 8),
+        "f32",
+    )
     assert pos.tolist() == [10, 11, 12]
     assert hid.shape == (3, 8) and hid[2, 7] == 23.0
 
@@ -36,7 +46,9 @@ def test_data_round_trip() -> None:
 def test_control_messages_round_trip() -> None:
     h, pos, hid = wire.decode(wire.encode(wire.Header(type="stop", fp=FP, seq=9)), FP, 8)
     assert h.type == "stop" and pos is None and hid is None
-    st = wire.Status(type="status", device="D1", pid=1, fp=FP, state="ready", spans=(("compute", 1.0, 2.0, 0, "w0"),))
+    st = wire.Status(
+        type="status", device="D1", pid=1, fp=FP, state="ready", spans=(("compute", 1.0, 2.0, 0, "w0"),)
+    )
     assert wire.decode_status(wire.encode_status(st)) == st
 
 
@@ -48,7 +60,10 @@ def test_control_messages_round_trip() -> None:
         ([wire.MAGIC + b"{oops"], "not JSON"),
         ([wire.MAGIC + b'{"v": 2, "type": "data"}'], "protocol version 2"),
         ([wire.MAGIC + b'{"v": 1, "type": "dance", "fp": "x", "seq": 1}'], "bad header field type"),
-        ([wire.MAGIC + b'{"v": 1, "type": "data", "fp": "x", "seq": 1, "extra": 1}'], "bad header field extra"),
+        (
+            [wire.MAGIC + b'{"v": 1, "type": "data", "fp": "x", "seq": 1, "extra": 1}'],
+            "bad header field extra",
+        ),
         ([wire.MAGIC + b"x" * 5000], "exceeds"),
     ],
 )
@@ -83,7 +98,9 @@ def test_hosts_defaults_are_loopback_and_consecutive_ports() -> None:
 
 def test_hosts_file_overrides_and_errors(tmp_path) -> None:
     p = tmp_path / "hosts.toml"
-    p.write_text('base_port = 7000\n[devices.D1]\nhost = "10.0.0.2"\n[devices.D2]\nhost = "10.0.0.3"\nport = 9000\n')
+    p.write_text(
+        'base_port = 7000\n[devices.D1]\nhost = "10.0.0.2"\n[devices.D2]\nhost = "10.0.0.3"\nport = 9000\n'
+    )
     ep = resolve(load_hosts(p), make_plan((10, 10, 10)), str(p))
     assert ep.data["D1"] == ("10.0.0.2", 7001) and ep.data["D2"] == ("10.0.0.3", 9000)
     p.write_text("[devices.D9]\nport = 1\n")
@@ -106,15 +123,23 @@ def test_route_follows_the_plan_order() -> None:
     assert r.n_windows == 9 and r.owner(9) == "D0"
     assert r.windows_of("D0") == [2, 5, 8]
     assert r.destinations("D0") == {"D1"} and r.destinations("D2") == {"D0"}
-    assert r.next_own_window("D1", 0) == 3 and r.next_own_window("D1", 6) == 0 and r.next_own_window("D0", -1) == 2
+    assert (
+        r.next_own_window("D1", 0) == 3
+        and r.next_own_window("D1", 6) == 0
+        and r.next_own_window("D0", -1) == 2
+    )
     assert r.prefetch_window("D1", 0, {0}) == 3 and r.prefetch_window("D1", 6, {0, 3, 6}) == 0
 
 
 def test_a_device_with_one_window_does_not_prefetch_it_again() -> None:
     r = Route.of(make_plan((4, 3, 3), n_layers=10))  # k = 1: every device has one window
     assert all(len(r.windows_of(d)) == 1 for d in ("D0", "D1", "D2"))
-    assert [r.next_own_window(d, r.windows_of(d)[0]) == r.windows_of(d)[0] for d in ("D0", "D1", "D2")] == [True] * 3
-    assert [r.prefetch_window(d, r.windows_of(d)[0], set(r.windows_of(d))) for d in ("D0", "D1", "D2")] == [None] * 3
+    assert [r.next_own_window(d, r.windows_of(d)[0]) == r.windows_of(d)[0] for d in ("D0", "D1", "D2")] == [
+        True
+    ] * 3
+    assert [r.prefetch_window(d, r.windows_of(d)[0], set(r.windows_of(d))) for d in ("D0", "D1", "D2")] == [
+        None
+    ] * 3
     assert r.prefetch_window("D0", -1, set()) == r.windows_of("D0")[0], "before its first run (cold) it does"
 
 

@@ -58,7 +58,10 @@ def test_schema_accepts_every_shipped_file(kind: str) -> None:
 
 
 def test_cluster_and_hosts_schemas_accept_the_examples_and_reject_typos() -> None:
-    for kind, files in (("cluster", [*_files("cluster"), EXAMPLES / "home.toml"]), ("hosts", [EXAMPLES / "hosts.toml"])):
+    for kind, files in (
+        ("cluster", [*_files("cluster"), EXAMPLES / "home.toml"]),
+        ("hosts", [EXAMPLES / "hosts.toml"]),
+    ):
         validator = jsonschema.Draft202012Validator(json_schema(kind))
         for f in files:
             data = tomllib.loads(f.read_text(encoding="utf-8"))
@@ -72,7 +75,9 @@ def test_schema_command_prints_json_and_rejects_unknown_kinds() -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["properties"]["ram_total_bytes"]["x-unit"] == "bytes"
     out = cli("schema", "devices")
-    assert out.returncode == 2 and "give one of device, cluster" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2 and "give one of device, cluster" in out.stderr and "Traceback" not in out.stderr
+    )
 
 
 def test_examples_load_and_plan(tmp_path: Path) -> None:
@@ -132,12 +137,19 @@ def test_hand_written_device_needs_no_provenance_and_ignores_case(tmp_path: Path
     ("old", "new", "field", "hint"),
     [
         ("ram_total_bytes", "ram_totl_bytes", "ram_totl_bytes", "did you mean 'ram_total_bytes'"),
-        ('vram_free_bytes = "7 GiB"', 'vram_fre_bytes = "7 GiB"', "gpu.vram_fre_bytes", "did you mean 'vram_free_bytes'"),
-        ('cores = 4', 'cores = 4\ncolour = "red"', "colour", "known fields here"),
+        (
+            'vram_free_bytes = "7 GiB"',
+            'vram_fre_bytes = "7 GiB"',
+            "gpu.vram_fre_bytes",
+            "did you mean 'vram_free_bytes'",
+        ),
+        ("cores = 4", 'cores = 4\ncolour = "red"', "colour", "known fields here"),
         ("F32 =", "F32 = 1\nf32 =", "cpu_flops", "repeat when case is ignored"),
     ],
 )
-def test_misspelled_keys_are_named_as_unknown(tmp_path: Path, old: str, new: str, field: str, hint: str) -> None:
+def test_misspelled_keys_are_named_as_unknown(
+    tmp_path: Path, old: str, new: str, field: str, hint: str
+) -> None:
     p = tmp_path / "box.toml"
     p.write_text(HAND_WRITTEN.replace(old, new, 1), encoding="utf-8")
     with pytest.raises(InputError) as info:

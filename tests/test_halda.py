@@ -98,7 +98,9 @@ def random_cluster(seed: int, model: ModelProfile, n_min: int = 2, n_max: int = 
     n = int(rng.integers(n_min, n_max + 1))
     share = model.total_bytes / n * float(rng.uniform(0.6, 1.8))
     devs = [random_device(f"d{i}", str(rng.choice(kinds)), rng, share) for i in range(n)]
-    return cluster(devs, bandwidth=float(rng.choice([40e6, 300e6, 1e9])), latency=float(rng.choice([2e-4, 3e-3])))
+    return cluster(
+        devs, bandwidth=float(rng.choice([40e6, 300e6, 1e9])), latency=float(rng.choice([2e-4, 3e-3]))
+    )
 
 
 def _tpot(plan: Plan) -> float:
@@ -114,7 +116,11 @@ def _halda_or_none(c: Cluster, m: ModelProfile, **kw: object) -> Plan | None:
 
 
 # --- never worse than what it knows ---------------------------------------------------------------------------
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(st.integers(0, 10**6), st.sampled_from(MODELS))
 def test_halda_is_at_most_every_baseline_and_every_local_move(seed: int, model_name: str) -> None:
     m = _model(model_name)
@@ -149,7 +155,9 @@ def test_halda_is_at_most_every_baseline_and_every_local_move(seed: int, model_n
 def test_generated_clusters_are_mostly_feasible() -> None:
     """The random clusters of these properties give a plan in most cases (else the properties prove little)."""
     cases = [(seed, MODELS[seed % len(MODELS)]) for seed in range(60)]
-    infeasible = sum(_halda_or_none(random_cluster(seed, _model(mn)), _model(mn)) is None for seed, mn in cases)
+    infeasible = sum(
+        _halda_or_none(random_cluster(seed, _model(mn)), _model(mn)) is None for seed, mn in cases
+    )
     assert infeasible <= 0.1 * len(cases), f"{infeasible} of {len(cases)} generated clusters have no plan"
 
 
@@ -187,17 +195,26 @@ def _churn_explains(before: Plan, bigger: Cluster, m: ModelProfile) -> bool:
     for a in before.devices:
         c = DeviceCosts(bigger.device(a.name), m, WL)
         use = memory_use(c, a, a.name == before.head)
-        churn = use.mapped_ram > use.room + 0.5 and float(
-            frozen_active_bytes(use.mapped_ram, use.room, c.memory.kernel_lru, c.memory.fault_bps)) == 0.0
+        churn = (
+            use.mapped_ram > use.room + 0.5
+            and float(frozen_active_bytes(use.mapped_ram, use.room, c.memory.kernel_lru, c.memory.fault_bps))
+            == 0.0
+        )
         if churn and c.memory.kernel_lru:
             return True
     return False
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(st.integers(0, 10**6), st.sampled_from(MODELS), st.sampled_from(["ram", "vram", "disk", "cpu"]),
        st.integers(0, 7))  # fmt: skip
-def test_more_of_any_resource_never_slows_halda_down(seed: int, model_name: str, resource: str, which: int) -> None:
+def test_more_of_any_resource_never_slows_halda_down(
+    seed: int, model_name: str, resource: str, which: int
+) -> None:
     """More of any resource never raises Halda's TPOT, except where Linux itself reads more with more RAM (its
     near-fit churn), which the same plan shows too."""
     m = _model(model_name)
@@ -213,7 +230,11 @@ def test_more_of_any_resource_never_slows_halda_down(seed: int, model_name: str,
     assert after is not None, "a plan that existed disappeared with more resources"
     if _tpot(after) > _tpot(before) * 1.001 + 1e-12:
         assert resource == "ram" and _churn_explains(before, bigger, m), (
-            resource, devs[i].name, _tpot(before), _tpot(after))
+            resource,
+            devs[i].name,
+            _tpot(before),
+            _tpot(after),
+        )
 
 
 def _scale_ram(d: DeviceProfile, f: float) -> DeviceProfile:
@@ -227,7 +248,9 @@ def _scale_ram(d: DeviceProfile, f: float) -> DeviceProfile:
 
 
 @pytest.mark.parametrize(("model", "f"), [("llama1-30b", 1.25), ("llama3-70b", 1.25), ("llama3-70b", 1.05)])
-def test_more_ram_on_the_paper_testbed_never_slows_halda_down_but_for_the_kernels_churn(model: str, f: float) -> None:
+def test_more_ram_on_the_paper_testbed_never_slows_halda_down_but_for_the_kernels_churn(
+    model: str, f: float
+) -> None:
     """Issue 10: D1-D4 with every device's RAM x 1.25 took Llama 1 30B from 141 ms to 3472 ms. With the measured
     page cache, 5% more RAM moves a device of the 70B plan from the frozen regime into the near-fit churn, where
     Linux re-reads more: the same plan predicts more, so the search is not at fault."""
@@ -283,7 +306,9 @@ def test_halda_equals_exhaustive_search_on_small_instances(seed: int, k0: str, k
 
 # --- the bundled datasets ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cluster_name", [c for c in bundled_names("clusters") if c != "default"])
-def test_halda_beats_or_ties_every_baseline_on_every_bundled_cluster_and_catalog_model(cluster_name: str) -> None:
+def test_halda_beats_or_ties_every_baseline_on_every_bundled_cluster_and_catalog_model(
+    cluster_name: str,
+) -> None:
     from prima_sim.devices.catalog import catalog_ids
 
     c = load_cluster(cluster_name)

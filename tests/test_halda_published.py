@@ -58,9 +58,9 @@ def devices(draw: st.DrawFn, name: str) -> object:
 def clusters(draw: st.DrawFn, max_devices: int = 5) -> object:
     n = draw(st.integers(1, max_devices))
     devs = [draw(devices(f"d{i}")) for i in range(n)]
-    return cluster(devs, bandwidth=draw(st.sampled_from([40e6, 80e6, 1e9])), latency=draw(st.sampled_from([0.0, 0.003])))
-
-
+    return cluster(
+        devs, bandwidth=draw(st.sampled_from([40e6, 80e6, 1e9])), latency=draw(st.sampled_from([0.0, 0.003]))
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

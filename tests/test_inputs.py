@@ -63,14 +63,14 @@ def test_good_device_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "field", "message"),
     [
-        (lambda s: s.replace('cores = 8\n', ''), "cores", "required but missing"),
+        (lambda s: s.replace("cores = 8\n", ""), "cores", "required but missing"),
         (lambda s: s + 'colour = "red"\n', "colour", "not a known field"),
         (lambda s: s.replace('"20 GB/s"', '"20 GB"'), "memory_bandwidth_bps", "not a bandwidth"),
-        (lambda s: s.replace('"2 GB/s"', '-2'), "disk_seq_read_bps", "cannot be negative"),
-        (lambda s: s.replace('cores = 8', 'cores = "many"'), "cores", "integer"),
+        (lambda s: s.replace('"2 GB/s"', "-2"), "disk_seq_read_bps", "cannot be negative"),
+        (lambda s: s.replace("cores = 8", 'cores = "many"'), "cores", "integer"),
         (lambda s: s.replace('os = "linux"', 'os = "plan9"'), "os", "linux"),
         (lambda s: s.replace('"8 GiB"', '"32 GiB"'), "", "exceeds ram_total_bytes"),
-        (lambda s: s.replace('q4_k =', 'q4_x ='), "cpu_flops", "unknown ggml type"),
+        (lambda s: s.replace("q4_k =", "q4_x ="), "cpu_flops", "unknown ggml type"),
     ],
 )
 def test_bad_device_fields_are_named(tmp_path: Path, edit: object, field: str, message: str) -> None:
@@ -168,7 +168,11 @@ def test_cli_error_leaves_an_existing_output_intact(tmp_path: Path) -> None:
 
 # --- junk thrown at every loader: only InputError may come out ----------------------------------------
 junk_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
     max_leaves=12,
 )
@@ -196,7 +200,9 @@ def test_junk_structures_only_raise_input_error(tmp_path: Path, data: dict, kind
 @given(st.binary(max_size=4096), st.sampled_from(["x.gguf", "x.toml", "x.json"]))
 def test_junk_bytes_only_raise_input_error(tmp_path: Path, blob: bytes, name: str) -> None:
     p = tmp_path / name
-    p.write_bytes((b"GGUF\x03\x00\x00\x00" + blob) if name.endswith(".gguf") and blob[:1] == b"\x00" else blob)
+    p.write_bytes(
+        (b"GGUF\x03\x00\x00\x00" + blob) if name.endswith(".gguf") and blob[:1] == b"\x00" else blob
+    )
     loaders = {"x.gguf": lambda: model_profile_from_gguf(p), "x.toml": lambda: load_device(str(p)),
                "x.json": lambda: load_cluster(str(p))}  # fmt: skip
     with pytest.raises(InputError):

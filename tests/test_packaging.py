@@ -49,7 +49,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel installed (dependencies from this environment)."""
     v = tmp_path_factory.mktemp("venv") / "v"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(v)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(v)], check=True
+    )
     out = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(v / "bin" / "python"), "install", "--no-deps", "--no-index",
          "-q", str(wheel)],
@@ -95,7 +97,9 @@ def test_installed_wheel_plans_and_lists_models(venv: Path, tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr
     ids = {m["id"] for m in json.loads(out.stdout)["models"]}
     assert {"llama3-70b", "qwen2.5-32b"} <= ids
-    out = _cli(venv, tmp_path, "plan", "--cluster", "examples/home", "--model", "qwen2.5-32b")  # a bundled example
+    out = _cli(
+        venv, tmp_path, "plan", "--cluster", "examples/home", "--model", "qwen2.5-32b"
+    )  # a bundled example
     assert out.returncode == 0, out.stderr
     assert "halda plan of qwen2.5-32b" in out.stdout
 

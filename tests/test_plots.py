@@ -49,6 +49,7 @@ def test_short_spans_are_drawn_at_least_the_minimum_width_and_under_real_work() 
     assert max(widths[send]) == pytest.approx(min_w)  # a 2-us send would be invisible at true width
     assert max(widths[disk]) == pytest.approx(min_w)
     assert min(widths[send]) < min_w  # and is also drawn at its true width, on top
+
     # widened spans are painted before the real work, so they never cover it
     def is_widened(coll) -> bool:  # type: ignore[no-untyped-def]
         xs = coll.get_paths()[0].vertices[:, 0]

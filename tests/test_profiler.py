@@ -299,7 +299,9 @@ def test_disk_rejects_a_read_only_folder(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits (CI runs as root): a read-only mount stops it
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
+        ).returncode:
             pytest.skip("root without permission to mount a read-only tmpfs")
     else:
         ro.chmod(0o555)

@@ -49,14 +49,20 @@ def test_simulating_a_saved_plan_gives_the_same_result(tmp_path, capsys):
                  "--out", str(plan)]) == 0  # fmt: skip
     capsys.readouterr()
     direct = run_json(capsys, ["simulate", *BASE, "--scheduler", "memsched", "--json"])
-    from_file = run_json(capsys, ["simulate", "--plan", str(plan), "--prompt-tokens", "8", "--tokens", "4", "--json"])
+    from_file = run_json(
+        capsys, ["simulate", "--plan", str(plan), "--prompt-tokens", "8", "--tokens", "4", "--json"]
+    )
     assert from_file["tpot_s"] == direct["tpot_s"] and from_file["ttft_s"] == direct["ttft_s"]
 
 
 def test_manual_windows_and_no_prefetch(capsys):
     obj = run_json(capsys, ["simulate", "--cluster", "prefetch-4x8g", "--model", "llama3-8b", "--windows", "8,8,8,8",
                             "--tokens", "2", "--prompt-tokens", "4", "--no-prefetch", "--cold", "--json"])  # fmt: skip
-    assert obj["windows"] == [8, 8, 8, 8] and obj["config"]["prefetch"] is False and obj["config"]["warm"] is False
+    assert (
+        obj["windows"] == [8, 8, 8, 8]
+        and obj["config"]["prefetch"] is False
+        and obj["config"]["warm"] is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,9 +73,38 @@ def test_manual_windows_and_no_prefetch(capsys):
         (["simulate", *BASE, "--jitter", "5"], "jitter"),
         (["simulate", *BASE, "--tokens", "5000"], "exceed n_ctx"),
         (["simulate", *BASE, "--windows", "1,2"], "4 devices"),
-        (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--devices", "9", "--out", "x.csv"], "--devices: must be a number >= 1 and <= 4"),
-        (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--ram-scale", "a", "--out", "x.csv"], "numbers"),
-        (["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--scheduler", "magic", "--out", "x.csv"], "magic"),
+        (
+            ["sweep", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--devices", "9", "--out", "x.csv"],
+            "--devices: must be a number >= 1 and <= 4",
+        ),
+        (
+            [
+                "sweep",
+                "--cluster",
+                "paper-d1-d4",
+                "--model",
+                "llama3-8b",
+                "--ram-scale",
+                "a",
+                "--out",
+                "x.csv",
+            ],
+            "numbers",
+        ),
+        (
+            [
+                "sweep",
+                "--cluster",
+                "paper-d1-d4",
+                "--model",
+                "llama3-8b",
+                "--scheduler",
+                "magic",
+                "--out",
+                "x.csv",
+            ],
+            "magic",
+        ),
     ],
 )
 def test_errors_are_one_line_and_exit_2(capsys, argv, match):
@@ -97,7 +132,13 @@ def test_sweep_writes_one_row_per_variant_in_grid_order_whatever_the_jobs(tmp_pa
     rows = list(csv.DictReader(one.open()))
     assert tuple(rows[0]) == SWEEP_COLUMNS and len(rows) == 8
     assert [(r["n_devices"], r["ram_scale"], r["scheduler"]) for r in rows[:4]] == [
-        ("2", "0.02", "halda"), ("2", "0.02", "even"), ("2", "1", "halda"), ("2", "1", "even")]
+        ("2", "0.02", "halda"),
+        ("2", "0.02", "even"),
+        ("2", "1", "halda"),
+        ("2", "1", "even"),
+    ]
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(float(r["sim_tpot_s"]) > 0 for r in ok)
-    assert any(r["status"] == "infeasible" and r["error"] for r in rows), "2% of the RAM cannot hold the KV cache"
+    assert any(r["status"] == "infeasible" and r["error"] for r in rows), (
+        "2% of the RAM cannot hold the KV cache"
+    )

@@ -270,7 +270,9 @@ def test_water_fill_is_max_min_fair(capacity, caps):
     else:
         assert sum(rates) == pytest.approx(capacity)
         top = max(rates)
-        assert all(r == pytest.approx(c) or r == pytest.approx(top) for r, c in zip(rates, caps, strict=True)), "unsaturated flows share equally"
+        assert all(
+            r == pytest.approx(c) or r == pytest.approx(top) for r, c in zip(rates, caps, strict=True)
+        ), "unsaturated flows share equally"
 
 
 def test_medium_rejects_bad_capacity():
@@ -301,11 +303,15 @@ def test_layout_cpu_layers_are_chunked_gpu_layers_are_not(m8):
     w = lay.works[0]
     cpu_bytes = sum(m8.layer_bytes[i] for i in range(24))
     assert sum(lay.chunk_bytes[c] for c in w.chunks) == cpu_bytes
-    assert [on_gpu for _, on_gpu in w.slots] == [False] * 24 + [True] * 8, "the last gpu_layers of the window run on the GPU"
+    assert [on_gpu for _, on_gpu in w.slots] == [False] * 24 + [True] * 8, (
+        "the last gpu_layers of the window run on the GPU"
+    )
     assert w.gpu_copies
     out = lay.works[OUT]
     assert sum(lay.chunk_bytes[c] for c in out.chunks) == m8.output_bytes
-    assert w.prefetch_chunks[-len(out.chunks):] == out.chunks, "the head's last window advises the output head too"
+    assert w.prefetch_chunks[-len(out.chunks) :] == out.chunks, (
+        "the head's last window advises the output head too"
+    )
     assert lay.load_order == w.chunks + out.chunks
 
 

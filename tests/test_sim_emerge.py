@@ -31,7 +31,11 @@ def llama70():
     ("cluster", "model", "scheduler"),
     [
         ("paper-d1-d4", "llama3-8b", "halda"),  # one CUDA device holds everything
-        ("paper-d1-d4", "llama3-8b", "memsched"),  # Metal, CUDA (host copies) and an Android CPU, all resident
+        (
+            "paper-d1-d4",
+            "llama3-8b",
+            "memsched",
+        ),  # Metal, CUDA (host copies) and an Android CPU, all resident
         ("paper-d1-d4", "llama3-8b", "even"),
         ("paper-d1-d6", "qwen2.5-14b", "memsched"),  # six devices, macOS without Metal included
         ("paper-d1-d6", "qwen2.5-14b", "even"),
@@ -59,7 +63,9 @@ def prefetch_tpots(llama70):
     out = {}
     for w in (20, 10, 5):
         plan = manual_plan(c, llama70, wl, [w] * 4)
-        out[plan.k] = tuple(simulate(plan, c, llama70, wl, SimConfig(prefetch=pf)).tpot_s for pf in (False, True))
+        out[plan.k] = tuple(
+            simulate(plan, c, llama70, wl, SimConfig(prefetch=pf)).tpot_s for pf in (False, True)
+        )
     return out
 
 
@@ -129,7 +135,9 @@ def test_where_the_simulation_departs_from_the_cost_model_it_says_why(llama70):
     lines = res.differences()
     for name, st in res.device_stats.items():
         if st["sim_disk_bytes_per_decode_token"] < 0.95 * st["analytic_disk_bytes_per_token"] - 1e6:
-            assert any(line.startswith(f"{name}: reads") and "less than the cost model" in line for line in lines)
+            assert any(
+                line.startswith(f"{name}: reads") and "less than the cost model" in line for line in lines
+            )
         if st["wasted_prefetch_bytes"] > 1e6 * (WL.decode_tokens + 1):
             assert any(line.startswith(f"{name}:") and "prefetch-release conflict" in line for line in lines)
     assert res.summary()["differences"] == lines

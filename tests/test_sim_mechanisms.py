@@ -24,7 +24,9 @@ def m8():
     return catalog_model("llama3-8b")
 
 
-def with_room(cluster: Cluster, model, windows, gpu, name: str, room_bytes: float, wl: Workload = WL) -> Cluster:
+def with_room(
+    cluster: Cluster, model, windows, gpu, name: str, room_bytes: float, wl: Workload = WL
+) -> Cluster:
     """The cluster with ``name``'s available RAM set so its page cache has exactly ``room_bytes`` for weights."""
     plan = manual_plan(cluster, model, wl, windows, gpu)
     a = plan.device(name)
@@ -85,7 +87,9 @@ def test_prima_cpp_prefetch_conflict_with_one_round(m8):
     assert per_token(on, "B", "disk_read_bytes") == pytest.approx(2 * window, rel=0.01)
     assert on.tpot_s == pytest.approx(off.tpot_s, rel=0.02)
     steps = WL.decode_tokens + 1
-    assert on.device_stats["B"]["wasted_prefetch_bytes"] / steps == pytest.approx(window, rel=0.2), "all of it wasted"
+    assert on.device_stats["B"]["wasted_prefetch_bytes"] / steps == pytest.approx(window, rel=0.2), (
+        "all of it wasted"
+    )
     assert any("prefetch-release conflict" in line for line in on.differences())
 
 
@@ -103,7 +107,9 @@ def test_prefetch_release_conflict_with_windows_larger_than_the_cache(m8):
     assert per_token(on, "B", "disk_read_bytes") == pytest.approx(2 * both, rel=0.03)
     assert on.tpot_s == pytest.approx(off.tpot_s, rel=0.02)
     steps = WL.decode_tokens + 1
-    assert on.device_stats["B"]["wasted_prefetch_bytes"] / steps == pytest.approx(both, rel=0.2), "all of it wasted"
+    assert on.device_stats["B"]["wasted_prefetch_bytes"] / steps == pytest.approx(both, rel=0.2), (
+        "all of it wasted"
+    )
     assert any("prefetch-release conflict" in line for line in on.differences())
 
 
@@ -117,7 +123,9 @@ def test_prefetch_hides_the_next_window_with_two_rounds(m8):
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     wait_off = per_token(off, "B", "disk_wait_s")
     read_s = sum(m8.layer_bytes[0:6]) / 2e9
-    assert per_token(off, "B", "disk_read_bytes") == pytest.approx(2 * read_s * 1e9, rel=0.01), "all 6 layers fault"
+    assert per_token(off, "B", "disk_read_bytes") == pytest.approx(2 * read_s * 1e9, rel=0.01), (
+        "all 6 layers fault"
+    )
     # readahead overlaps B's compute of one chunk with the read of the next; the rest is waited for
     assert read_s - per_token(off, "B", "compute_s") <= wait_off <= read_s
     assert per_token(on, "B", "disk_wait_s") < 0.02 * wait_off
@@ -162,7 +170,9 @@ def test_cold_start_reads_everything_warm_start_nothing(m8):
     mapped = sum(s["mapped_weight_bytes"] for s in cold.device_stats.values())
     prefill_cold = sum(v for (tok, _), v in cold.disk_read.items() if tok == 0)
     assert prefill_cold >= mapped
-    assert cold.ttft_s > mapped / 2e9, "without prefetch the two disks load one after the other, in ring order"
+    assert cold.ttft_s > mapped / 2e9, (
+        "without prefetch the two disks load one after the other, in ring order"
+    )
     # with prefetch the head loads its window while B computes the first one
     pf = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=False, prefetch=True))
     assert warm.ttft_s < pf.ttft_s < cold.ttft_s
@@ -184,7 +194,9 @@ def test_metal_reloads_the_whole_working_set_when_over_its_limit(m8):
     assert per_token(res, "M", "disk_read_bytes") == pytest.approx(window, rel=1e-6)
     # a 10% larger working set holds it: nothing reloads
     c2 = with_room(c, m8, [24, 8], [0, 8], "M", 1.1 * window)
-    res2 = simulate(manual_plan(c2, m8, WL, [24, 8], [0, 8]), c2, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    res2 = simulate(
+        manual_plan(c2, m8, WL, [24, 8], [0, 8]), c2, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+    )
     assert per_token(res2, "M", "disk_read_bytes") == 0
 
 
@@ -202,7 +214,9 @@ def test_cuda_layers_never_page_cpu_layers_of_the_same_device_do(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), pc])
     cpu_bytes = sum(m8.layer_bytes[0:4])
     c = with_room(c, m8, [16, 16], [0, 12], "G", 0.5 * cpu_bytes)
-    res = simulate(manual_plan(c, m8, WL, [16, 16], [0, 12]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    res = simulate(
+        manual_plan(c, m8, WL, [16, 16], [0, 12]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+    )
     assert per_token(res, "G", "disk_read_bytes") == pytest.approx(cpu_bytes, rel=0.01)
     assert res.device_stats["G"]["mapped_weight_bytes"] == cpu_bytes
     assert res.device_stats["G"]["vram_weight_bytes"] == sum(m8.layer_bytes[4:16])
@@ -246,7 +260,10 @@ def test_memory_pressure_is_pinned_ram_over_total(m8):
         d: DeviceProfile = c.device(name)
         use = memory_use(DeviceCosts(d, m8, WL), plan.device(name), name == "H")
         assert res.memory_pressure[name] == pytest.approx(use.pinned_ram / d.ram_total_bytes)
-        assert res.device_stats[name]["model_page_cache_peak_bytes"] == res.device_stats[name]["mapped_weight_bytes"]
+        assert (
+            res.device_stats[name]["model_page_cache_peak_bytes"]
+            == res.device_stats[name]["mapped_weight_bytes"]
+        )
 
 
 def test_infeasible_pinned_memory_is_refused(m8):
@@ -266,7 +283,10 @@ def test_results_converge_as_chunks_get_finer():
     c = load_cluster("prefetch-4x8g")
     wl = Workload(n_ctx=1024, prompt_tokens=4, decode_tokens=2)
     plan = manual_plan(c, m, wl, [10] * 4)
-    tpots = [simulate(plan, c, m, wl, SimConfig(page_cache="lru", chunk_bytes=mib << 20)).tpot_s for mib in (8, 32, 64)]
+    tpots = [
+        simulate(plan, c, m, wl, SimConfig(page_cache="lru", chunk_bytes=mib << 20)).tpot_s
+        for mib in (8, 32, 64)
+    ]
     assert max(tpots) / min(tpots) < 1.005
 
 

@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.dir, "", "exists and is not a folder")
     clash = [f.name for f in files if (dest / f.name).exists()]
     if clash:
-        raise InputError(args.dir, "", f"already has {', '.join(clash)}: nothing copied (choose another folder)")
+        raise InputError(
+            args.dir, "", f"already has {', '.join(clash)}: nothing copied (choose another folder)"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copyfile(f, dest / f.name)

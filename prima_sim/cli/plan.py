@@ -44,22 +44,45 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Assign the model's layers to the cluster's devices and predict TPOT/TTFT. "
         "Without --json prints a table; --compare shows every scheduler side by side.",
     )
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="bundled cluster name or TOML/JSON file (default: %(default)s)")
+    p.add_argument(
+        "--cluster",
+        default=DEFAULT_CLUSTER,
+        help="bundled cluster name or TOML/JSON file (default: %(default)s)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog id or GGUF path (default: %(default)s)")
-    p.add_argument("--scheduler", default="halda", type=str.lower, choices=SCHEDULERS, help="(default: %(default)s)")
-    p.add_argument("--k", type=int, default=None, help="force the number of ring rounds (must divide the layer count)")
-    p.add_argument("--ctx", type=int, default=1024, help="context length to reserve KV cache for (default: %(default)s)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)")
+    p.add_argument(
+        "--scheduler", default="halda", type=str.lower, choices=SCHEDULERS, help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--k", type=int, default=None, help="force the number of ring rounds (must divide the layer count)"
+    )
+    p.add_argument(
+        "--ctx", type=int, default=1024, help="context length to reserve KV cache for (default: %(default)s)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)"
+    )
     p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="plan for a run without prefetch (reads then always stall the device that needs them)")
-    p.add_argument("--cpu-only", action="store_true",
-                   help="ignore every GPU of the cluster (for a real run with a llama.cpp build without a GPU "
-                        "backend; 'run --local' on such a build runs a plan's GPU layers on the CPU by itself)")
-    p.add_argument("--sim-k", action="store_true",
-                   help="plan every valid k with Halda and keep the plan that simulates fastest (prefetch-aware)")
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="plan for a run without prefetch (reads then always stall the device that needs them)",
+    )
+    p.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="ignore every GPU of the cluster (for a real run with a llama.cpp build without a GPU "
+        "backend; 'run --local' on such a build runs a plan's GPU layers on the CPU by itself)",
+    )
+    p.add_argument(
+        "--sim-k",
+        action="store_true",
+        help="plan every valid k with Halda and keep the plan that simulates fastest (prefetch-aware)",
+    )
     p.add_argument("--windows", help="manual windows in ring order (head first), e.g. 10,10,10 (no solving)")
     p.add_argument("--gpu-layers", help="manual GPU layers per window in ring order, e.g. 0,4,0")
     p.add_argument("--out", help="write the plan (JSON) to this file")
@@ -70,14 +93,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--emit", choices=("prima.cpp",),
                     help="print the plan as prima.cpp's llama-cli / llama-server command per device (-lw, -ngl, "
                          "--world, --rank, --master, --next, ports); with --json as one JSON object")  # fmt: skip
-    em.add_argument("--hosts", help="with --emit: hosts.toml giving each device's address (default: 127.0.0.1)")
-    em.add_argument("--gguf", help="with --emit: the GGUF path in the commands (default: --model if it is a file)")
-    em.add_argument("--data-port", type=int, default=DEFAULT_DATA_PORT,
-                    help="with --emit: prima.cpp's data port base, rank r listens on it + r (default: %(default)s)")
-    em.add_argument("--signal-port", type=int, default=DEFAULT_SIGNAL_PORT,
-                    help="with --emit: prima.cpp's signal port base (default: %(default)s)")
-    em.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT,
-                    help="with --emit: llama-server's HTTP port on the head (default: %(default)s)")
+    em.add_argument(
+        "--hosts", help="with --emit: hosts.toml giving each device's address (default: 127.0.0.1)"
+    )
+    em.add_argument(
+        "--gguf", help="with --emit: the GGUF path in the commands (default: --model if it is a file)"
+    )
+    em.add_argument(
+        "--data-port",
+        type=int,
+        default=DEFAULT_DATA_PORT,
+        help="with --emit: prima.cpp's data port base, rank r listens on it + r (default: %(default)s)",
+    )
+    em.add_argument(
+        "--signal-port",
+        type=int,
+        default=DEFAULT_SIGNAL_PORT,
+        help="with --emit: prima.cpp's signal port base (default: %(default)s)",
+    )
+    em.add_argument(
+        "--server-port",
+        type=int,
+        default=DEFAULT_SERVER_PORT,
+        help="with --emit: llama-server's HTTP port on the head (default: %(default)s)",
+    )
     em.add_argument("--force", action="store_true", help="with --emit: add prima.cpp's --force to --prefetch")
     add_serving_args(p)
     p.set_defaults(func=run)
@@ -116,7 +155,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
                 "gpu_layers": d.gpu_layers,
                 "layers": [list(r) for r in d.layers],
                 "predicted_s": per[d.name].model_dump(mode="json") | {"total_s": per[d.name].total_s}
-                if d.name in per else None,
+                if d.name in per
+                else None,
             }
             for d in plan.devices
         ],
@@ -153,7 +193,11 @@ def print_table(plan: Plan) -> None:
         ranges = " ".join(f"[{a},{b})" for a, b in d.layers)
         if len(ranges) > 48:
             ranges = ranges[:45] + "..."
-        times = [_ms(x) for x in (t.compute_s, t.memory_s, t.disk_s, t.comm_s, t.overhead_s, t.total_s)] if t else [""] * 6
+        times = (
+            [_ms(x) for x in (t.compute_s, t.memory_s, t.disk_s, t.comm_s, t.overhead_s, t.total_s)]
+            if t
+            else [""] * 6
+        )
         rows.append([d.name, "head" if d.name == plan.head else "", str(d.window), str(d.gpu_layers),
                      str(d.n_layers), *times, ranges])  # fmt: skip
     headers = ["device", " role", "window", "GPU/window", "layers", "compute", "memory", "disk", "network",
@@ -209,8 +253,7 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
     rows: list[tuple[str, Plan | None, str]] = []
     for s in SCHEDULERS:
         try:
-            rows.append((s, make_plan(cluster, model, wl, s, args.k,
-                                      prefetch=not args.no_prefetch), ""))
+            rows.append((s, make_plan(cluster, model, wl, s, args.k, prefetch=not args.no_prefetch), ""))
         except InfeasiblePlanError as exc:
             rows.append((s, None, str(exc)))
     if args.json:
@@ -225,7 +268,16 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
         cells.append([s, str(p.k), ",".join(d.name for d in p.devices), ",".join(str(w) for w in p.windows),
                       ",".join(str(d.gpu_layers) for d in p.devices), _ms(pr.tpot_s) if pr else "-",
                       _ms(pr.ttft_s) if pr else "-", f"{p.solver.solve_time_s * 1e3:.1f}"])  # fmt: skip
-    headers = ["scheduler", "k", " ring (head first)", " windows", " GPU/window", "TPOT ms", "TTFT ms", "solve ms"]
+    headers = [
+        "scheduler",
+        "k",
+        " ring (head first)",
+        " windows",
+        " GPU/window",
+        "TPOT ms",
+        "TTFT ms",
+        "solve ms",
+    ]
     if cells:
         for line in table(headers, cells):
             print(line)
@@ -288,11 +340,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.sim_k:
             if args.scheduler != "halda" or args.k is not None or args.no_drop:
-                raise InputError("--sim-k", "", "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop")
+                raise InputError(
+                    "--sim-k",
+                    "",
+                    "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop",
+                )
             plan = _plan_by_simulation(cluster, model, wl, quiet=args.json)
         else:
-            plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop,
-                             prefetch=not args.no_prefetch)
+            plan = make_plan(
+                cluster,
+                model,
+                wl,
+                args.scheduler,
+                args.k,
+                allow_drop=not args.no_drop,
+                prefetch=not args.no_prefetch,
+            )
     plan = plan.model_copy(update={"cluster_source": source_of(args.cluster), "model_source": source_of(args.model),
                                    "cpu_only": args.cpu_only})  # fmt: skip
     if args.out:

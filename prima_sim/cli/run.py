@@ -38,9 +38,12 @@ def register(sub: Any) -> None:
     mode.add_argument("--real", action="store_true", help="workers already run on the machines in --hosts")
     mode.add_argument("--local", action="store_true", help="spawn every worker on this host (loopback)")
     p.add_argument("--plan", required=True, help="plan JSON")
-    p.add_argument("--model", default=None,
-                   help="the model's GGUF, or smollm2-135m (default: the GGUF the plan was made from); shards are cut "
-                        "from it and cached ('prima-sim cache' lists them)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model's GGUF, or smollm2-135m (default: the GGUF the plan was made from); shards are cut "
+        "from it and cached ('prima-sim cache' lists them)",
+    )
     p.add_argument("--shards", default=None, help="shard directory (one sub-directory per device)")
     p.add_argument("--hosts", default=None, help="hosts.toml (default: loopback; --local picks free ports)")
     p.add_argument("--prompt", required=True, help="prompt text")
@@ -52,17 +55,28 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)")
+    g.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
+    )
     g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
     p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument("--omp-wait-policy", default="passive", type=str.lower, choices=["passive", "active", "default"],
-                   help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        type=str.lower,
+        choices=["passive", "active", "default"],
+        help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)",
+    )
     p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
+    )
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
     p.add_argument("--out", default=None, help="directory for tokens.csv, trace.json, summary.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     p.set_defaults(func=run)
 
 

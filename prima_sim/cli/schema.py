@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(markdown())
         return 0
     if args.kind not in FORMATS:
-        raise InputError("KIND", "", f"give one of {', '.join(FORMATS)}" + (f", not {args.kind!r}" if args.kind else ""))
+        raise InputError(
+            "KIND", "", f"give one of {', '.join(FORMATS)}" + (f", not {args.kind!r}" if args.kind else "")
+        )
     print_json(json_schema(args.kind))
     return 0

@@ -29,10 +29,15 @@ def register(sub: Any) -> None:
         "is streamed: memory use does not depend on the model's size.",
     )
     p.add_argument("--plan", required=True, help="plan JSON (from 'prima-sim plan')")
-    p.add_argument("--model", default=None,
-                   help="the model's GGUF file, or smollm2-135m (default: the GGUF the plan was made from)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model's GGUF file, or smollm2-135m (default: the GGUF the plan was made from)",
+    )
     p.add_argument("--out", required=True, help="output directory (one sub-directory per device)")
-    p.add_argument("--device", action="append", default=None, help="write only this device's shards (repeatable)")
+    p.add_argument(
+        "--device", action="append", default=None, help="write only this device's shards (repeatable)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the manifests as one JSON object")
     p.set_defaults(func=run)

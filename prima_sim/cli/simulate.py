@@ -44,29 +44,70 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json prints the summary.",
     )
     src = p.add_argument_group("what to simulate")
-    src.add_argument("--plan", help="plan JSON from 'prima-sim plan --out' (cluster and model: the files the plan was "
-                     "made from)")
-    src.add_argument("--cluster", help=f"bundled cluster name or TOML/JSON file (default: the plan's, else {DEFAULT_CLUSTER})")
+    src.add_argument(
+        "--plan",
+        help="plan JSON from 'prima-sim plan --out' (cluster and model: the files the plan was made from)",
+    )
+    src.add_argument(
+        "--cluster",
+        help=f"bundled cluster name or TOML/JSON file (default: the plan's, else {DEFAULT_CLUSTER})",
+    )
     src.add_argument("--model", help=f"catalog id or GGUF path (default: the plan's, else {DEFAULT_MODEL})")
-    src.add_argument("--scheduler", default="halda", type=str.lower, choices=SCHEDULERS,
-                     help="plan with this scheduler (default: %(default)s)")
+    src.add_argument(
+        "--scheduler",
+        default="halda",
+        type=str.lower,
+        choices=SCHEDULERS,
+        help="plan with this scheduler (default: %(default)s)",
+    )
     src.add_argument("--k", type=int, default=None, help="force Halda's number of rounds")
     src.add_argument("--no-drop", action="store_true", help="Halda without device selection")
     src.add_argument("--windows", help="manual windows in ring order, e.g. 10,10,10,10 (no solving)")
     src.add_argument("--gpu-layers", help="manual GPU layers per window in ring order")
     wl = p.add_argument_group("workload")
-    wl.add_argument("--ctx", type=int, default=None, help="context to reserve KV cache for (default: the plan's, else 1024)")
-    wl.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, prefilled for TTFT (default: %(default)s)")
-    wl.add_argument("--tokens", type=int, default=128, help="decode tokens after the first, for TPOT (default: %(default)s)")
-    wl.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)")
+    wl.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        help="context to reserve KV cache for (default: the plan's, else 1024)",
+    )
+    wl.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=64,
+        help="prompt length, prefilled for TTFT (default: %(default)s)",
+    )
+    wl.add_argument(
+        "--tokens",
+        type=int,
+        default=128,
+        help="decode tokens after the first, for TPOT (default: %(default)s)",
+    )
+    wl.add_argument(
+        "--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)"
+    )
     sm = p.add_argument_group("simulator")
-    sm.add_argument("--seed", type=int, default=0, help="root seed of every random stream (default: %(default)s)")
-    sm.add_argument("--jitter", type=float, default=0.0,
-                    help="log-normal sigma of noise on compute times and link latencies (default: 0 = none)")
-    sm.add_argument("--no-prefetch", action="store_true", help="devices do not advise the kernel to load their next window")
-    sm.add_argument("--page-cache", choices=("linux", "lru"), default="linux",
-                    help="linux: Linux devices keep the part of a paging share their kernel's active list freezes "
-                         "(docs/pagecache.md); lru: a plain LRU everywhere (default: %(default)s)")
+    sm.add_argument(
+        "--seed", type=int, default=0, help="root seed of every random stream (default: %(default)s)"
+    )
+    sm.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="log-normal sigma of noise on compute times and link latencies (default: 0 = none)",
+    )
+    sm.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="devices do not advise the kernel to load their next window",
+    )
+    sm.add_argument(
+        "--page-cache",
+        choices=("linux", "lru"),
+        default="linux",
+        help="linux: Linux devices keep the part of a paging share their kernel's active list freezes "
+        "(docs/pagecache.md); lru: a plain LRU everywhere (default: %(default)s)",
+    )
     sm.add_argument("--prima-prefetch", action="store_true",
                     help="predict prima.cpp --prefetch: one WILLNEED per window after sending, which Linux caps "
                          "(--willneed-cap-kib), and also a device's only window after it has run it (this project's "
@@ -79,13 +120,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "range (max(max_sectors_kb, 2 x read_ahead_kb) of the disk; 0 = uncapped; default: "
                          f"{DEFAULT_WILLNEED_CAP_BYTES // 1024})")  # fmt: skip
     start = sm.add_mutually_exclusive_group()
-    start.add_argument("--warm", dest="warm", action="store_true", default=True,
-                       help="page cache as llama.cpp's mmap load leaves it (default; what the executor measures)")
+    start.add_argument(
+        "--warm",
+        dest="warm",
+        action="store_true",
+        default=True,
+        help="page cache as llama.cpp's mmap load leaves it (default; what the executor measures)",
+    )
     start.add_argument("--cold", dest="warm", action="store_false", help="start with every weight on disk")
-    sm.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MiB,
-                    help="largest page-cache chunk of a layer, MiB (default: %(default)g)")
+    sm.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=DEFAULT_CHUNK_BYTES / MiB,
+        help="largest page-cache chunk of a layer, MiB (default: %(default)g)",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--out", help="directory for tokens.csv, summary.json, trace.json, gantt.png, gantt_full.png")
+    out.add_argument(
+        "--out", help="directory for tokens.csv, summary.json, trace.json, gantt.png, gantt_full.png"
+    )
     out.add_argument("--no-gantt", action="store_true", help="skip the PNGs (faster)")
     out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_serving_args(p)
@@ -101,7 +153,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
     try:
-        return Workload.of(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+        return Workload.of(
+            n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch
+        )
     except ValueError as exc:
         raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
 
@@ -114,9 +168,17 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     prima = args.prima_prefetch or args.prima_force
     cap_kib = args.willneed_cap_kib
     if cap_kib is not None and not prima:
-        raise InputError("--willneed-cap-kib", "", "applies to prima.cpp's advice only: add --prima-prefetch or --prima-force")
+        raise InputError(
+            "--willneed-cap-kib",
+            "",
+            "applies to prima.cpp's advice only: add --prima-prefetch or --prima-force",
+        )
     if prima and args.no_prefetch:
-        raise InputError("--no-prefetch", "", "--prima-prefetch/--prima-force predict prima.cpp --prefetch; drop one of them")
+        raise InputError(
+            "--no-prefetch",
+            "",
+            "--prima-prefetch/--prima-force predict prima.cpp --prefetch; drop one of them",
+        )
     if cap_kib is None:
         cap_kib = DEFAULT_WILLNEED_CAP_BYTES / 1024 if prima else 0.0
     check_number("--willneed-cap-kib", cap_kib, minimum=0, maximum=MAX_CHUNK_MIB * 1024)
@@ -145,7 +207,9 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
         cluster = plan_cluster(plan, args.plan, args.cluster)
         model = plan_model(plan, args.plan, args.model)
         if args.ctx is not None and args.ctx != plan.n_ctx:
-            raise InputError("--ctx", "", f"the plan reserves KV cache for {plan.n_ctx} tokens; omit --ctx or re-plan")
+            raise InputError(
+                "--ctx", "", f"the plan reserves KV cache for {plan.n_ctx} tokens; omit --ctx or re-plan"
+            )
         wl = _workload(args, plan.n_ctx)
         return plan, cluster, model, wl
     cluster = load_cluster_arg(args.cluster or DEFAULT_CLUSTER)
@@ -186,7 +250,9 @@ def print_report(res: SimResult, wall_s: float, paths: dict[str, Path] | None) -
               f"{_ms(d.get('send_s')):>8}{_ms(d.get('idle_s')):>9}{_ms(d.get('prefetch_s')):>10}"
               f"{d.get('disk_read_bytes', 0.0) / 1e6:>9.1f}{st['memory_pressure'] * 100:>9.1f}%"
               f"{st['model_page_cache_peak_bytes'] / 2**30:>6.2f}/{st['page_cache_capacity_bytes'] / 2**30:<4.1f}")  # fmt: skip
-    print("(ms per decode token; read MB per decode token; pressure = pinned RAM / total RAM; cache = model pages peak/room)")
+    print(
+        "(ms per decode token; read MB per decode token; pressure = pinned RAM / total RAM; cache = model pages peak/room)"
+    )
     a = s["analytic"] or {}
     print(f"TTFT {_ms(s['ttft_s'])} ms (analytic {_ms(a.get('ttft_s'))} ms); TPOT median {_ms(s['tpot_s'])} ms, mean "
           f"{_ms(s['tpot_mean_s'])} ms, p90 {_ms(s['tpot_p90_s'])} ms (analytic {_ms(a.get('tpot_s'))} ms)")  # fmt: skip
@@ -195,8 +261,10 @@ def print_report(res: SimResult, wall_s: float, paths: dict[str, Path] | None) -
         print("why the simulation differs from the cost model:")
         for line in s["differences"]:
             print(f"  - {line}")
-    print(f"{s['events']} events in {wall_s:.2f} s of wall time ({s['events'] / max(wall_s, 1e-9):,.0f} events/s)",
-          file=sys.stderr)
+    print(
+        f"{s['events']} events in {wall_s:.2f} s of wall time ({s['events'] / max(wall_s, 1e-9):,.0f} events/s)",
+        file=sys.stderr,
+    )
     if paths:
         print("wrote " + ", ".join(str(v) for v in paths.values()))
 

@@ -37,20 +37,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ram-scale", default="1", help="RAM scale factors, e.g. 0.5,1,2 (default: 1)")
     p.add_argument("--disk-scale", default="1", help="disk read bandwidth scale factors (default: 1)")
     p.add_argument("--bandwidth-scale", default="1", help="network bandwidth scale factors (default: 1)")
-    p.add_argument("--scheduler", default="halda", help=f"comma-separated schedulers among {', '.join(SCHEDULERS)}")
+    p.add_argument(
+        "--scheduler", default="halda", help=f"comma-separated schedulers among {', '.join(SCHEDULERS)}"
+    )
     p.add_argument("--k", type=int, default=None, help="force Halda's number of rounds")
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection")
-    p.add_argument("--ctx", type=int, default=1024, help="context to reserve KV cache for (default: %(default)s)")
+    p.add_argument(
+        "--ctx", type=int, default=1024, help="context to reserve KV cache for (default: %(default)s)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=8, help="decode tokens per variant (default: %(default)s)")
-    p.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)")
+    p.add_argument(
+        "--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="root seed (default: %(default)s)")
     p.add_argument("--jitter", type=float, default=0.0, help="log-normal noise sigma (default: 0)")
     p.add_argument("--no-prefetch", action="store_true", help="simulate without prefetch")
-    p.add_argument("--page-cache", choices=("linux", "lru"), default="linux",
-                   help="page-cache model of Linux devices (see prima-sim simulate --help; default: %(default)s)")
+    p.add_argument(
+        "--page-cache",
+        choices=("linux", "lru"),
+        default="linux",
+        help="page-cache model of Linux devices (see prima-sim simulate --help; default: %(default)s)",
+    )
     p.add_argument("--cold", action="store_true", help="start every run with a cold page cache")
-    p.add_argument("--chunk-mib", type=float, default=SWEEP_CHUNK_MIB, help="page-cache chunk, MiB (default: %(default)g)")
+    p.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=SWEEP_CHUNK_MIB,
+        help="page-cache chunk, MiB (default: %(default)g)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -83,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     schedulers = [s.strip().lower() for s in args.scheduler.split(",") if s.strip()]
     bad = [s for s in schedulers if s not in SCHEDULERS]
     if bad or not schedulers:
-        raise InputError("--scheduler", "", f"unknown scheduler(s) {bad}; choose among {', '.join(SCHEDULERS)}")
+        raise InputError(
+            "--scheduler", "", f"unknown scheduler(s) {bad}; choose among {', '.join(SCHEDULERS)}"
+        )
     check_number("--k", args.k, minimum=1, maximum=model.arch.n_layer)
     check_number("--chunk-mib", args.chunk_mib, minimum=PAGE_BYTES / MiB, maximum=MAX_CHUNK_MIB)
     check_number("--jitter", args.jitter, minimum=0, maximum=1)
@@ -93,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     for n in devices or []:
         check_number("--devices", n, minimum=1, maximum=len(base.devices))
     try:
-        wl = Workload.of(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch)
+        wl = Workload.of(
+            n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch
+        )
     except ValueError as exc:
         raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
     try:
@@ -114,5 +133,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_sweep(base, model, wl, variants, cfg, args.jobs, args.k, not args.no_drop, bar)
     path = write_sweep_csv(rows, args.out)
     ok = sum(1 for r in rows if r["status"] == "ok")
-    print(f"{len(rows)} runs ({ok} ok, {len(rows) - ok} infeasible) in {time.perf_counter() - t0:.1f} s; wrote {path}")
+    print(
+        f"{len(rows)} runs ({ok} ok, {len(rows) - ok} infeasible) in {time.perf_counter() - t0:.1f} s; wrote {path}"
+    )
     return 0

@@ -37,7 +37,9 @@ def register(sub: Any) -> None:
         metavar="CATALOG_ID",
         help="copy the architecture of a catalog model (prima-sim model-info --list)",
     )
-    shape.add_argument("--arch", type=str.lower, choices=SYNTH_ARCHS, default=None, help="architecture (default llama)")
+    shape.add_argument(
+        "--arch", type=str.lower, choices=SYNTH_ARCHS, default=None, help="architecture (default llama)"
+    )
     shape.add_argument("--layers", type=int, help="number of transformer blocks")
     shape.add_argument("--embd", type=int, help="hidden width n_embd")
     shape.add_argument("--ff", type=int, help="feed-forward width n_ff")
@@ -66,7 +68,14 @@ def register(sub: Any) -> None:
 
 
 _SHAPE_FLAGS = ("layers", "embd", "ff", "heads", "kv_heads")
-SHAPE_LIMITS = {"--layers": 1024, "--embd": 65536, "--ff": 262144, "--heads": 1024, "--kv-heads": 1024, "--head-dim": 1024}
+SHAPE_LIMITS = {
+    "--layers": 1024,
+    "--embd": 65536,
+    "--ff": 262144,
+    "--heads": 1024,
+    "--kv-heads": 1024,
+    "--head-dim": 1024,
+}
 """Upper limits of a generated shape: several times the largest published models' (Llama 3.1 405B: 126 layers,
 n_embd 16384, n_ff 53248, 128 heads), so that a typo is not taken for a terabyte model."""
 MAX_SYNTH_CTX = 1 << 24

@@ -28,19 +28,38 @@ def register(sub: Any) -> None:
         description="Serve one non-head device of a plan: load its layer-window shards with llama.cpp, receive "
         "hidden states from its predecessor, run its windows and send the results on.",
     )
-    p.add_argument("--hosts", default=None, help="hosts.toml (default: every device on 127.0.0.1, ports from 29500)")
+    p.add_argument(
+        "--hosts", default=None, help="hosts.toml (default: every device on 127.0.0.1, ports from 29500)"
+    )
     p.add_argument("--device", required=True, help="this device's name in the plan")
-    p.add_argument("--shards", required=True, help="shard directory (this device's, or the one holding all devices')")
+    p.add_argument(
+        "--shards", required=True, help="shard directory (this device's, or the one holding all devices')"
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the device profile's, or all CPUs)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads (default: the device profile's, or all CPUs)",
+    )
     g.add_argument("--cluster", default=None, help="cluster file whose device profile gives the thread count")
     p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument("--batch", type=int, default=512, help="largest prefill batch (must match the head's --batch)")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up")
+    p.add_argument(
+        "--batch", type=int, default=512, help="largest prefill batch (must match the head's --batch)"
+    )
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up"
+    )
     p.add_argument("--persist", action="store_true", help="keep serving after the head stops")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="sequences each window's KV cache holds (must match the head's 'serve --parallel')")
-    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="sequences each window's KV cache holds (must match the head's 'serve --parallel')",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     p.set_defaults(func=run)
 
 
@@ -82,4 +101,3 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     return w.run()
-

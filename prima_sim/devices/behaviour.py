@@ -101,8 +101,9 @@ class MemoryBehaviour:
     kernel_lru: bool = False
 
     # --- what a run pins, maps and needs --------------------------------------------------------------------
-    def pinned_ram_bytes(self, kv_cpu: float, buffers_cpu: float, weights_gpu: float, kv_gpu: float,
-                         buffers_gpu: float) -> float:
+    def pinned_ram_bytes(
+        self, kv_cpu: float, buffers_cpu: float, weights_gpu: float, kv_gpu: float, buffers_gpu: float
+    ) -> float:
         """Anonymous RAM a run pins: KV cache and compute buffers, plus the GPU's when its memory is RAM (and
         its layers' weights too when they are copies rather than mapped file pages)."""
         pinned = kv_cpu + buffers_cpu
@@ -147,8 +148,14 @@ class MemoryBehaviour:
         out = paging_fraction(mapped, room, prefetching, largest_window, self.kernel_lru, self.fault_bps)
         return float(out) if out.ndim == 0 else out
 
-    def reread_bytes(self, mapped: float, room: float, k: int = 1, prefetching: bool = False,
-                     largest_window: float | None = None) -> float:
+    def reread_bytes(
+        self,
+        mapped: float,
+        room: float,
+        k: int = 1,
+        prefetching: bool = False,
+        largest_window: float | None = None,
+    ) -> float:
         """Bytes re-read from disk per token (:meth:`reread_fraction` x ``mapped``)."""
         if mapped <= room + 0.5:
             return 0.0
@@ -201,8 +208,6 @@ def inactive_ratio(file_lru_bytes: float) -> int:
     return math.isqrt(10 * gb) if gb else 1
 
 
-
-
 OVERSHOOT_S = 0.075
 """The first decode token deactivates the active list past its balance for about this many seconds of the disk's
 reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
@@ -211,8 +216,6 @@ change it measurably."""
 CASCADE_START, CASCADE_SPAN = 0.85, 0.3
 """Prefetch of a window of ``w`` x the cache reads it ``1 + clamp((w - 0.85) / 0.3, 0, 1)`` times (fitted on the
 grid's 46 prefetch points: 1.05-1.19 below 0.8, 1.4-1.66 at 0.9-1.05, 1.95 from 1.2 on)."""
-
-
 
 
 def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_bytes: float = 1 << 30,
@@ -258,8 +261,13 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
     return float(paging_fraction(ws_bytes, cache, prefetch and k > 1, window, True, disk_bps, overshoot_s))
 
 
-def frozen_active_bytes(mapped: ArrayOrFloat, room: ArrayOrFloat, kernel_lru: bool | np.ndarray,
-                        disk_bps: ArrayOrFloat, overshoot_s: float = OVERSHOOT_S) -> np.ndarray:
+def frozen_active_bytes(
+    mapped: ArrayOrFloat,
+    room: ArrayOrFloat,
+    kernel_lru: bool | np.ndarray,
+    disk_bps: ArrayOrFloat,
+    overshoot_s: float = OVERSHOOT_S,
+) -> np.ndarray:
     """Bytes of a device's weights that Linux keeps resident for good when ``mapped`` bytes are read once per
     token through ``room`` bytes of page cache without prefetch (docs/pagecache.md): below a near fit
     (``room / mapped < 2 / (2 + s)``) the active list freezes after the first token at its balanced share
@@ -269,7 +277,9 @@ def frozen_active_bytes(mapped: ArrayOrFloat, room: ArrayOrFloat, kernel_lru: bo
     c = np.maximum(np.asarray(room, dtype=float), 1.0)
     share = _active_share(c)
     frozen = np.maximum(0.0, share * c - np.asarray(disk_bps, dtype=float) * overshoot_s)
-    out: np.ndarray = np.where(np.asarray(kernel_lru) & (m > c + 0.5) & (c / m < 2.0 / (2.0 + share)), frozen, 0.0)
+    out: np.ndarray = np.where(
+        np.asarray(kernel_lru) & (m > c + 0.5) & (c / m < 2.0 / (2.0 + share)), frozen, 0.0
+    )
     return out
 
 
@@ -286,7 +296,9 @@ def paging_fraction(mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool 
     m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
     c = np.maximum(np.asarray(room, dtype=float), 1.0)
     below = 1.0 - frozen_active_bytes(m, c, kernel_lru, disk_bps, overshoot_s) / m
-    cascade = 1.0 + np.clip((np.asarray(largest_window, dtype=float) / c - CASCADE_START) / CASCADE_SPAN, 0.0, 1.0)
+    cascade = 1.0 + np.clip(
+        (np.asarray(largest_window, dtype=float) / c - CASCADE_START) / CASCADE_SPAN, 0.0, 1.0
+    )
     f = np.where(prefetching, cascade, below)
     out: np.ndarray = np.where(m > c + 0.5, f, 0.0)
     return out

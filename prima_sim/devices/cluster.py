@@ -33,9 +33,13 @@ notes = logging.getLogger("prima_sim.notes")
 class LinkSpec(FrozenModel):
     """Bandwidth and latency of a network path."""
 
-    bandwidth_bps: PositiveBandwidth = Field(description="throughput of one transfer, bytes/s ('450 Mbps' works)")
+    bandwidth_bps: PositiveBandwidth = Field(
+        description="throughput of one transfer, bytes/s ('450 Mbps' works)"
+    )
     latency_s: Seconds = Field(description="one-way latency ('5 ms' works)")
-    medium: str | None = Field(default=None, description="shared medium (e.g. 'wifi', declared in media) whose airtime it uses")
+    medium: str | None = Field(
+        default=None, description="shared medium (e.g. 'wifi', declared in media) whose airtime it uses"
+    )
 
 
 class Link(LinkSpec):
@@ -76,7 +80,9 @@ class Cluster(FrozenModel):
         description="ring order; in a file each entry is a device name (a file beside the cluster file or a "
         "bundled profile), a path, or an inline table",
     )
-    head: str = Field(default="", description="device that tokenizes, embeds, runs the output head; default first")
+    head: str = Field(
+        default="", description="device that tokenizes, embeds, runs the output head; default first"
+    )
     default_link: LinkSpec = Field(
         default=LinkSpec(bandwidth_bps=1.25e8, latency_s=0.0002),
         description="link of every pair not listed in links (default: wired gigabit Ethernet, 1 Gbit/s and "
@@ -97,7 +103,9 @@ class Cluster(FrozenModel):
             if link.medium and link.medium not in media:
                 raise ValueError(f"links[{i}] uses medium {link.medium!r} not declared in [[media]]")
         if self.default_link.medium and self.default_link.medium not in media:
-            raise ValueError(f"default_link uses medium {self.default_link.medium!r} not declared in [[media]]")
+            raise ValueError(
+                f"default_link uses medium {self.default_link.medium!r} not declared in [[media]]"
+            )
         return self
 
     @property
@@ -141,7 +149,9 @@ class Cluster(FrozenModel):
 
     def without_gpus(self) -> Cluster:
         """The same cluster with every GPU removed (what a CPU-only plan is made on)."""
-        return self.model_copy(update={"devices": tuple(d.model_copy(update={"gpu": None}) for d in self.devices)})
+        return self.model_copy(
+            update={"devices": tuple(d.model_copy(update={"gpu": None}) for d in self.devices)}
+        )
 
     def subset(self, names: list[str] | tuple[str, ...]) -> Cluster:
         """The same cluster with only the named devices, in the given (ring) order; the head must stay."""
@@ -223,7 +233,9 @@ def resolve_dataset(kind: str, ref: str, relative_to: Path | None = None) -> Pat
         known = ", ".join(bundled_names(kind)) or "none"
         examples = example_clusters() if kind == "clusters" else []
         hint = f"; examples: {', '.join(examples)}" if examples else ""
-        raise InputError(ref, "", f"no such file and no bundled {kind[:-1]} of that name; bundled: {known}{hint}")
+        raise InputError(
+            ref, "", f"no such file and no bundled {kind[:-1]} of that name; bundled: {known}{hint}"
+        )
     return p
 
 
@@ -254,7 +266,9 @@ def load_cluster(ref: str) -> Cluster:
                 try:
                     resolved.append(load_device(ref_i, relative_to=path.parent))
                 except InputError as exc:
-                    raise InputError(str(path), f"devices[{i}]", f"names unknown device {ref_i!r}: {exc.problem}") from None
+                    raise InputError(
+                        str(path), f"devices[{i}]", f"names unknown device {ref_i!r}: {exc.problem}"
+                    ) from None
         elif isinstance(ref_i, dict):
             resolved.append(validate_model(DeviceProfile, ref_i, f"{path} devices[{i}]"))
         else:
@@ -265,7 +279,9 @@ def load_cluster(ref: str) -> Cluster:
     if "default_link" not in data:
         names = [d.name for d in cluster.devices]
         listed = {frozenset((lk.a, lk.b)) for lk in cluster.links}
-        missing = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if frozenset((a, b)) not in listed]
+        missing = [
+            (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if frozenset((a, b)) not in listed
+        ]
         if missing:
             dl = cluster.default_link
             notes.info(

@@ -87,8 +87,10 @@ class _Cursor:
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > self.size:
             raise InputError(
-                self.path, "", f"truncated GGUF: needed {n} bytes for {what} at byte {self.pos}, "
-                f"but the file has {self.size} bytes (re-download or re-copy the file)"
+                self.path,
+                "",
+                f"truncated GGUF: needed {n} bytes for {what} at byte {self.pos}, "
+                f"but the file has {self.size} bytes (re-download or re-copy the file)",
             )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
@@ -150,7 +152,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise InputError(spath, "", f"is not a GGUF file ({size} bytes; a GGUF file starts with 'GGUF')")
     with p.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != GGUF_MAGIC:
-            raise InputError(spath, "", f"is not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
+            raise InputError(
+                spath, "", f"is not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')"
+            )
         cur = _Cursor(buf, spath)
         cur.pos = 4
         version = cur.scalar("<I", 4, "version")
@@ -192,8 +196,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
         start = data_offset + rel
         if start + nbytes > size:
             raise InputError(
-                spath, "", f"truncated GGUF: tensor '{name}' needs bytes {start}..{start + nbytes} "
-                f"but the file ends at {size} (re-download or re-copy the file)"
+                spath,
+                "",
+                f"truncated GGUF: tensor '{name}' needs bytes {start}..{start + nbytes} "
+                f"but the file ends at {size} (re-download or re-copy the file)",
             )
         tensors.append(GGUFTensor(name, shape, tname, start, nbytes))
     return GGUFFile(spath, version, metadata, tuple(tensors), data_offset, size, alignment)

@@ -53,7 +53,9 @@ class TensorEntry(FrozenModel):
             raise ValueError(f"unknown ggml type {self.ggml_type!r}")
         expected = tensor_nbytes(self.ggml_type, self.shape)
         if expected != self.n_bytes:
-            raise ValueError(f"tensor {self.name}: {self.n_bytes} bytes given, shape and type imply {expected}")
+            raise ValueError(
+                f"tensor {self.name}: {self.n_bytes} bytes given, shape and type imply {expected}"
+            )
         return self
 
 
@@ -73,7 +75,9 @@ class Architecture(FrozenModel):
     tied_embeddings: bool = Field(description="output head reuses token_embd.weight")
     n_expert: int = Field(default=0, ge=0)
     n_expert_used: int = Field(default=0, ge=0)
-    sliding_window: int = Field(default=0, ge=0, description="tokens a sliding-window layer attends to; 0 = none")
+    sliding_window: int = Field(
+        default=0, ge=0, description="tokens a sliding-window layer attends to; 0 = none"
+    )
     sliding_layers: tuple[bool, ...] = Field(default=(), description="per layer: uses the sliding window")
 
     @property
@@ -224,7 +228,10 @@ class ModelProfile(FrozenModel):
         ids: dict[tuple, int] = {}
         out = []
         for i, ts in enumerate(self._layer_tensors):
-            key = (tuple(sorted((t.name.split(".", 2)[2], t.ggml_type, t.shape) for t in ts)), self.arch.is_sliding(i))
+            key = (
+                tuple(sorted((t.name.split(".", 2)[2], t.ggml_type, t.shape) for t in ts)),
+                self.arch.is_sliding(i),
+            )
             out.append(ids.setdefault(key, len(ids)))
         return tuple(out)
 
@@ -272,7 +279,10 @@ class ModelProfile(FrozenModel):
         a = self.arch
         head = self.tensor("output.weight") or self.tensor("token_embd.weight")
         t = head.ggml_type if head else "f32"
-        return {t: 2.0 * a.n_embd * a.n_vocab * n_tokens, "f32": (5.0 * a.n_embd + 1 + 5.0 * a.n_vocab) * n_tokens}
+        return {
+            t: 2.0 * a.n_embd * a.n_vocab * n_tokens,
+            "f32": (5.0 * a.n_embd + 1 + 5.0 * a.n_vocab) * n_tokens,
+        }
 
     @cached_property
     def dominant_type(self) -> str:
@@ -295,7 +305,9 @@ class ModelProfile(FrozenModel):
         prima.cpp reserves ``V*u*4`` on the head; our head asks llama.cpp for the last token's logits only.
         """
         a, u = self.arch, n_ubatch
-        buf = (u + n_ctx * u + 2 * a.n_embd * u) * 4 + max(2 * a.n_ff * u, 2 * a.n_embd * u + n_ctx * u * a.n_head) * 4
+        buf = (u + n_ctx * u + 2 * a.n_embd * u) * 4 + max(
+            2 * a.n_ff * u, 2 * a.n_embd * u + n_ctx * u * a.n_head
+        ) * 4
         return int(buf + n_logit_rows * a.n_vocab * 4)
 
     def summary(self) -> dict[str, Any]:
@@ -396,7 +408,9 @@ def architecture_from_gguf(g: GGUFFile) -> Architecture:
             sliding_layers=sliding,
         )
     except ValueError as exc:
-        raise InputError(g.path, f"{g.architecture}.*", f"inconsistent architecture metadata: {exc}") from None
+        raise InputError(
+            g.path, f"{g.architecture}.*", f"inconsistent architecture metadata: {exc}"
+        ) from None
 
 
 def model_profile_from_gguf(path: str | Path, model_id: str | None = None) -> ModelProfile:
@@ -409,7 +423,9 @@ def model_profile_from_gguf(path: str | Path, model_id: str | None = None) -> Mo
     arch = architecture_from_gguf(g)
     ftype = g.metadata.get("general.file_type")
     quant = _FILE_TYPES.get(int(ftype), f"ftype{ftype}") if ftype is not None else "unknown"
-    tensors = tuple(TensorEntry(name=t.name, ggml_type=t.ggml_type, shape=t.shape, n_bytes=t.n_bytes) for t in g.tensors)
+    tensors = tuple(
+        TensorEntry(name=t.name, ggml_type=t.ggml_type, shape=t.shape, n_bytes=t.n_bytes) for t in g.tensors
+    )
     try:
         return ModelProfile(
             id=model_id or Path(path).stem,

@@ -84,7 +84,9 @@ class Provenance(FrozenModel):
 class GpuProfile(FrozenModel):
     """A GPU (or Apple's Metal device) as llama.cpp's backend sees it."""
 
-    kind: GpuKind = Field(description="llama.cpp backend: cuda (NVIDIA), metal (Apple), vulkan, rocm (AMD), sycl (Intel)")
+    kind: GpuKind = Field(
+        description="llama.cpp backend: cuda (NVIDIA), metal (Apple), vulkan, rocm (AMD), sycl (Intel)"
+    )
     name: str = Field(default="", description="the GPU's name (for people)")
     flops: Annotated[dict[str, FlopRate], BeforeValidator(lower_keys)] = Field(
         description="matmul throughput per weight ggml type, FLOP/s (must include f32)"
@@ -92,7 +94,9 @@ class GpuProfile(FrozenModel):
     vram_total_bytes: Bytes = Field(description="GPU memory (Metal: the working-set limit)")
     vram_free_bytes: Bytes = Field(description="GPU memory free for the model (at most vram_total_bytes)")
     memory_bandwidth_bps: PositiveBandwidth = Field(description="VRAM read bandwidth")
-    kv_copy_s_per_layer: Seconds = Field(default=0.0, description="time to append one token's K and V, per layer")
+    kv_copy_s_per_layer: Seconds = Field(
+        default=0.0, description="time to append one token's K and V, per layer"
+    )
     working_set_limit_bytes: Bytes | None = Field(
         default=None, description="Metal: recommendedMaxWorkingSetSize; over it, weights reload every token"
     )
@@ -115,8 +119,12 @@ class DeviceProfile(FrozenModel):
     """One device of a home cluster, in SI units."""
 
     schema_version: Literal[1] = Field(default=1, description="device format version")
-    name: str = Field(description="identifier used in cluster files and plans (letters, digits, '_', '.', '-')")
-    os: OSFamily = Field(description="operating system: decides how memory is budgeted and how pages are read")
+    name: str = Field(
+        description="identifier used in cluster files and plans (letters, digits, '_', '.', '-')"
+    )
+    os: OSFamily = Field(
+        description="operating system: decides how memory is budgeted and how pages are read"
+    )
     unified_memory: bool = Field(default=False, description="CPU and GPU share RAM (Apple Silicon)")
     cores: int = Field(gt=0, description="CPU cores llama.cpp may use")
     threads: int | None = Field(default=None, gt=0, description="threads llama.cpp uses; default = cores")
@@ -126,18 +134,26 @@ class DeviceProfile(FrozenModel):
     )
     memory_bandwidth_bps: PositiveBandwidth = Field(description="CPU read bandwidth from RAM")
     ram_total_bytes: Bytes = Field(description="installed RAM")
-    ram_available_bytes: Bytes = Field(description="memory the model may use (page cache included; 'available' of free -h)")
+    ram_available_bytes: Bytes = Field(
+        description="memory the model may use (page cache included; 'available' of free -h)"
+    )
     swap_total_bytes: Bytes = Field(default=0, description="swap space")
     swap_available_bytes: Bytes = Field(default=0, description="free swap space")
     swappable_bytes: Bytes = Field(
         default=0, description="memory of other apps the OS would swap out first (Android, macOS)"
     )
-    kv_copy_s_per_layer: Seconds = Field(default=0.0, description="CPU time to append one token's K and V, per layer")
+    kv_copy_s_per_layer: Seconds = Field(
+        default=0.0, description="CPU time to append one token's K and V, per layer"
+    )
     decode_overhead_s: Seconds = Field(
         default=0.0, description="fixed time of one llama_decode call on this device (graph build, threads)"
     )
-    disk_seq_read_bps: PositiveBandwidth = Field(description="sequential read bandwidth of the disk holding the model")
-    disk_rand_read_bps: PositiveBandwidth = Field(description="4 KiB random read bandwidth (macOS pages in with these)")
+    disk_seq_read_bps: PositiveBandwidth = Field(
+        description="sequential read bandwidth of the disk holding the model"
+    )
+    disk_rand_read_bps: PositiveBandwidth = Field(
+        description="4 KiB random read bandwidth (macOS pages in with these)"
+    )
     # Added for prima_sim.emulate (owner: emulation): optional, empty = memory_bandwidth_bps for every type.
     matvec_bps: Annotated[dict[str, PositiveBandwidth], BeforeValidator(lower_keys)] = Field(
         default_factory=dict,
@@ -154,7 +170,8 @@ class DeviceProfile(FrozenModel):
     )
     gpu: GpuProfile | None = Field(default=None, description="its GPU, if llama.cpp can use one")
     provenance: Provenance = Field(
-        default=Provenance(kind="manual"), description="where the figures came from (default: written by hand)"
+        default=Provenance(kind="manual"),
+        description="where the figures came from (default: written by hand)",
     )
     sources: dict[str, str] = Field(default_factory=dict, description="per-field source notes")
 

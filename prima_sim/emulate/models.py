@@ -45,8 +45,10 @@ def ensure_model(spec: ModelSpec, models_dir: Path | None = None, log: object = 
         "--quiet",
     ]
     if callable(log):
-        log(f"generating the model {out} (cached; 'prima-sim cache' lists it): prima-sim synth-model "
-            f"{' '.join(spec.synth_args())}")
+        log(
+            f"generating the model {out} (cached; 'prima-sim cache' lists it): prima-sim synth-model "
+            f"{' '.join(spec.synth_args())}"
+        )
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise EmulationError(f"prima-sim synth-model failed: {(r.stderr or r.stdout).strip()[-600:]}")

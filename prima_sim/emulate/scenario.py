@@ -162,7 +162,9 @@ class ModelSpec(FrozenModel):
     ff: int | None = Field(default=None, gt=0, description="explicit shape: feed-forward width")
     heads: int | None = Field(default=None, gt=0, description="explicit shape: attention heads")
     kv_heads: int | None = Field(default=None, gt=0, description="explicit shape: key/value heads")
-    head_dim: int | None = Field(default=None, gt=0, description="explicit shape: per-head width (default embd/heads)")
+    head_dim: int | None = Field(
+        default=None, gt=0, description="explicit shape: per-head width (default embd/heads)"
+    )
     quant: Annotated[Literal["Q4_0", "Q4_K", "Q8_0", "F16"], BeforeValidator(_upper)] = Field(
         default="Q4_0", description="quantization of a generated model"
     )
@@ -237,7 +239,8 @@ class RunSpec(FrozenModel):
     """What to plan and run."""
 
     schedulers: Annotated[tuple[str, ...], BeforeValidator(_lower_all)] = Field(
-        default=("halda",), description="schedulers to plan, simulate and run: halda, memsched, perfsched, even, freemem"
+        default=("halda",),
+        description="schedulers to plan, simulate and run: halda, memsched, perfsched, even, freemem",
     )
     k: int | None = Field(default=None, gt=0, description="force Halda's number of rounds")
     allow_drop: bool = Field(default=True, description="Halda may drop devices")
@@ -257,7 +260,9 @@ class Scenario(FrozenModel):
     name: str = Field(description="scenario name (letters, digits, '_', '.', '-')")
     description: str = Field(default="", description="a line for people")
     head: str = Field(default="", description="head device (default: the first)")
-    devices: tuple[DeviceSpec, ...] = Field(min_length=1, description="the emulated devices ([[devices]]), ring order")
+    devices: tuple[DeviceSpec, ...] = Field(
+        min_length=1, description="the emulated devices ([[devices]]), ring order"
+    )
     model: ModelSpec = Field(description="the model ([model])")
     workload: WorkloadSpec = Field(default=WorkloadSpec(), description="the request ([workload])")
     network: NetworkSpec = Field(default=NetworkSpec(), description="access links ([network])")

@@ -140,16 +140,24 @@ class Head:
             self.embed_model = self._stack.enter_context(Model(shard_path(self.shard_dir, self.man, emb)))
             if emb.output_head:
                 self.out_ctx = self._stack.enter_context(
-                    Window(self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True)
+                    Window(
+                        self.embed_model, "logits", self.n_batch, self.n_batch, self.n_threads, stateless=True
+                    )
                 )
-        self.windows, wstack = load_windows(self.shard_dir, self.man, self.n_threads, self.n_batch, n_seq=self.n_seq)
+        self.windows, wstack = load_windows(
+            self.shard_dir, self.man, self.n_threads, self.n_batch, n_seq=self.n_seq
+        )
         self._stack.push(wstack)
-        if emb is None:  # the logits window's shard holds the token table: it embeds too (no second copy mapped)
+        if (
+            emb is None
+        ):  # the logits window's shard holds the token table: it embeds too (no second copy mapped)
             logits = self.man.shard_of_kind("logits")
             assert logits is not None, "the head's manifest has neither an embedding nor a logits shard"
             self.embed_model = self.windows[logits.window].model
         # stateless (cleared every call, so a context of one batch): it stops at the first norm's input
-        self.embed = self._stack.enter_context(Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads))
+        self.embed = self._stack.enter_context(
+            Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads)
+        )
         for w in self.windows.values():
             self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
         self._stack.callback(self.prefetcher.close)
@@ -168,7 +176,9 @@ class Head:
             try:
                 sock.bind(f"tcp://{host}:{port}")
             except zmq.ZMQError as exc:
-                raise WorkerError(f"head {self.device} cannot listen for {what} on {host}:{port}: {exc}") from None
+                raise WorkerError(
+                    f"head {self.device} cannot listen for {what} on {host}:{port}: {exc}"
+                ) from None
         self.push: dict[str, zmq.Socket] = {}
         for dest in sorted(self.route.destinations(self.device)):
             s = ctx.socket(zmq.PUSH)
@@ -215,7 +225,9 @@ class Head:
     def _missing(self, what: str) -> str:
         late = [w for w, p in self.peers.items() if p.state != "ready"]
         where = ", ".join(f"{w} at {self.endpoints.url(w)}" for w in late)
-        return f"device(s) {where} {what} (is 'prima-sim worker --device NAME' running there with these shards?)"
+        return (
+            f"device(s) {where} {what} (is 'prima-sim worker --device NAME' running there with these shards?)"
+        )
 
     # --- waiting -----------------------------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -270,7 +282,9 @@ class Head:
             raise WorkerError(why())
         return None
 
-    def _recv(self, deadline: float, why: Callable[[], str]) -> tuple[wire.Header, np.ndarray | None, np.ndarray | None]:
+    def _recv(
+        self, deadline: float, why: Callable[[], str]
+    ) -> tuple[wire.Header, np.ndarray | None, np.ndarray | None]:
         while True:
             if self._wait(deadline, why) is None:
                 continue
@@ -345,7 +359,11 @@ class Head:
             while True:
                 rh, _, hidden = self._recv(deadline, lambda: f"step {step} took longer than {self.step_timeout:g} s"
                                            + self._holder())  # fmt: skip
-                if rh.type == "data" and rh.seq == seq and (rh.window == self.route.n_windows or rh.window in self.windows):
+                if (
+                    rh.type == "data"
+                    and rh.seq == seq
+                    and (rh.window == self.route.n_windows or rh.window in self.windows)
+                ):
                     break
                 log.warning("head: dropped a stale %s message (seq %d, expected %d)", rh.type, rh.seq, seq)
             self.spans.add(SpanKind.RECV_WAIT, t_wait, now(), step)
@@ -356,7 +374,9 @@ class Head:
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of a prompt (through the model's chat template with ``chat``)."""
         if chat:
-            return self.embed_model.tokenize(self.embed_model.chat_prompt(text), add_special=True, parse_special=True)
+            return self.embed_model.tokenize(
+                self.embed_model.chat_prompt(text), add_special=True, parse_special=True
+            )
         return self.embed_model.tokenize(text)
 
     def generate(
@@ -453,7 +473,9 @@ class Head:
         try:
             if graceful and self.workers and self.started:
                 self.push[self.route.successor(self.device)].send_multipart(
-                    wire.encode(wire.Header(type="stop", fp=self.fp, seq=self._next_seq(), origin=self.device))
+                    wire.encode(
+                        wire.Header(type="stop", fp=self.fp, seq=self._next_seq(), origin=self.device)
+                    )
                 )
                 deadline = now() + BYE_TIMEOUT_S
                 while not all(p.bye for p in self.peers.values()) and now() < deadline:

@@ -35,18 +35,30 @@ class HostEntry(FrozenModel):
     """Address of one device."""
 
     host: str = Field(default=DEFAULT_HOST, min_length=1, description="address or host name it listens on")
-    port: int | None = Field(default=None, ge=1, le=65535, description="its data port (default: base_port + ring index)")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="its data port (default: base_port + ring index)"
+    )
 
 
 class HostsFile(FrozenModel):
     """The contents of ``hosts.toml``."""
 
     schema_version: Literal[1] = Field(default=1, description="hosts format version")
-    base_port: int = Field(default=DEFAULT_BASE_PORT, ge=1, le=65535,
-                           description="data port of ring[i] is base_port + i unless the device gives its port")
-    control_port: int | None = Field(default=None, ge=1, le=65535,
-                                     description="the head's control port (default: the port after the data ports)")
-    devices: dict[str, HostEntry] = Field(default_factory=dict, description="[devices.NAME] per device of the plan")
+    base_port: int = Field(
+        default=DEFAULT_BASE_PORT,
+        ge=1,
+        le=65535,
+        description="data port of ring[i] is base_port + i unless the device gives its port",
+    )
+    control_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="the head's control port (default: the port after the data ports)",
+    )
+    devices: dict[str, HostEntry] = Field(
+        default_factory=dict, description="[devices.NAME] per device of the plan"
+    )
 
 
 @dataclass(frozen=True)
@@ -87,17 +99,24 @@ def resolve(hosts: HostsFile, plan: Plan, source: str = "hosts.toml") -> Endpoin
     names = [d.name for d in plan.devices]
     unknown = sorted(set(hosts.devices) - set(names) - {d.name for d in plan.dropped})
     if unknown:
-        raise InputError(source, f"devices.{unknown[0]}", f"is not a device of the plan (devices: {', '.join(names)})")
+        raise InputError(
+            source, f"devices.{unknown[0]}", f"is not a device of the plan (devices: {', '.join(names)})"
+        )
     data: dict[str, tuple[str, int]] = {}
     for i, name in enumerate(names):
         e = hosts.devices.get(name, HostEntry())
         data[name] = (e.host, e.port if e.port is not None else hosts.base_port + i)
     head_host = data[names[0]][0]
-    control = (head_host, hosts.control_port if hosts.control_port is not None else hosts.base_port + len(names))
+    control = (
+        head_host,
+        hosts.control_port if hosts.control_port is not None else hosts.base_port + len(names),
+    )
     seen: dict[tuple[str, int], str] = {}
     for name, addr in [*data.items(), ("<control>", control)]:
         if addr in seen:
-            raise InputError(source, f"devices.{name}", f"uses {addr[0]}:{addr[1]}, already used by {seen[addr]}")
+            raise InputError(
+                source, f"devices.{name}", f"uses {addr[0]}:{addr[1]}, already used by {seen[addr]}"
+            )
         seen[addr] = name
     return Endpoints(data, control)
 

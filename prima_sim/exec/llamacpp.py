@@ -43,7 +43,9 @@ def _llama() -> Any:
     try:
         import llama_cpp
     except ImportError:  # expected on installs without the [real] extra
-        raise MissingDependencyError("llama-cpp-python is not installed: pip install 'prima-sim[real]'") from None
+        raise MissingDependencyError(
+            "llama-cpp-python is not installed: pip install 'prima-sim[real]'"
+        ) from None
     return llama_cpp
 
 
@@ -83,7 +85,12 @@ class _Runtime:
         self.lc = lc
         libdir = Path(lc.__file__).parent / "lib"
         self.ggml = ctypes.CDLL(str(libdir / "libggml-base.so"))
-        self.ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self.ggml.ggml_backend_tensor_get.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+        ]
         self.ggml.ggml_backend_tensor_get.restype = None
         self.ggml.ggml_op_name.argtypes = [ctypes.c_int]
         self.ggml.ggml_op_name.restype = ctypes.c_char_p
@@ -199,13 +206,19 @@ class Model:
         """
         tmpl = self._lc.llama_model_chat_template(self.ptr, None)
         if not tmpl:
-            raise InputError(str(self.path), "tokenizer.chat_template", "the model has no chat template; drop --chat")
-        msgs = (self._lc.llama_chat_message * 1)(self._lc.llama_chat_message(b"user", user_text.encode("utf-8")))
+            raise InputError(
+                str(self.path), "tokenizer.chat_template", "the model has no chat template; drop --chat"
+            )
+        msgs = (self._lc.llama_chat_message * 1)(
+            self._lc.llama_chat_message(b"user", user_text.encode("utf-8"))
+        )
         size = 4 * len(user_text.encode("utf-8")) + 1024
         buf = ctypes.create_string_buffer(size)
         n = self._lc.llama_chat_apply_template(tmpl, msgs, 1, True, buf, size)
         if n < 0:
-            raise InputError(str(self.path), "tokenizer.chat_template", "llama.cpp does not support this chat template")
+            raise InputError(
+                str(self.path), "tokenizer.chat_template", "llama.cpp does not support this chat template"
+            )
         if n > size:
             buf = ctypes.create_string_buffer(n)
             n = self._lc.llama_chat_apply_template(tmpl, msgs, 1, True, buf, n)
@@ -266,7 +279,9 @@ class Window:
         self.n_seq = 1 if self.stateless else n_seq
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * self.n_seq, n_batch, n_batch, self.n_seq
         if self.n_seq > 1:
-            p.kv_unified = True  # any mix of sequences in one ubatch (one decode = one ubatch: the capture relies on it)
+            p.kv_unified = (
+                True  # any mix of sequences in one ubatch (one decode = one ubatch: the capture relies on it)
+            )
         p.n_threads = p.n_threads_batch = n_threads
         p.no_perf = True
         p.flash_attn_type = FLASH_ATTN_DISABLED
@@ -341,7 +356,9 @@ class Window:
     def _decode(self, pos0: int, n: int) -> None:
         rc = self._lc.llama_decode(self.ptr, self.batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} on {self.model.path.name} at position {pos0}")
+            raise RuntimeError(
+                f"llama_decode failed with status {rc} on {self.model.path.name} at position {pos0}"
+            )
         self.seq_next[0] = pos0 + n
 
     def _prepare_rows(
@@ -375,7 +392,9 @@ class Window:
         self._rows = 0
         return positions, seqs
 
-    def run_rows(self, hidden: np.ndarray, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]) -> np.ndarray:
+    def run_rows(
+        self, hidden: np.ndarray, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]
+    ) -> np.ndarray:
         """Run the window on rows of several sequences: row ``i`` is sequence ``seqs[i]`` at ``positions[i]``
         (``hidden`` is [n, n_embd] hidden states, or [n] token ids for a token-batch window).
 
@@ -400,7 +419,9 @@ class Window:
         if self.mode == "logits":
             return self._out[:0]
         if not self._captured or self._rows != n:
-            raise RuntimeError(f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})")
+            raise RuntimeError(
+                f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})"
+            )
         return self._out[:n]
 
     def logits_at(self, row: int) -> np.ndarray:
@@ -421,7 +442,9 @@ class Window:
             self.batch.token[i] = int(tok)
         self._decode(pos0, n)
         if not self._captured or self._rows != n:
-            raise RuntimeError(f"embedding capture failed on {self.model.path.name} ({self._rows} rows for {n} tokens)")
+            raise RuntimeError(
+                f"embedding capture failed on {self.model.path.name} ({self._rows} rows for {n} tokens)"
+            )
         return self._out[:n]
 
     def run_hidden(self, hidden: np.ndarray, pos0: int) -> np.ndarray:
@@ -439,7 +462,9 @@ class Window:
         if self.mode == "logits":
             return self.last_logits()
         if not self._captured or self._rows != n:
-            raise RuntimeError(f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})")
+            raise RuntimeError(
+                f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})"
+            )
         return self._out[:n]
 
     def run_tokens_logits(self, tokens: list[int], pos0: int) -> np.ndarray:
@@ -470,7 +495,9 @@ class Reference:
     def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1) -> None:
         self.model = Model(path)
         try:
-            self.window = Window(self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq)
+            self.window = Window(
+                self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq
+            )
         except BaseException:
             self.model.close()
             raise

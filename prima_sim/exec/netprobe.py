@@ -362,7 +362,9 @@ def probe(
         NetprobeError: the server does not answer within ``timeout_s`` or is not a netprobe server.
     """
     if not 1 <= size <= MAX_TRANSFER:
-        raise InputError("--size", "", f"must be from 1 byte to {fmt_bytes(MAX_TRANSFER)}, got {fmt_bytes(size)}")
+        raise InputError(
+            "--size", "", f"must be from 1 byte to {fmt_bytes(MAX_TRANSFER)}, got {fmt_bytes(size)}"
+        )
     if count < 1:
         raise InputError("--count", "", f"must be at least 1, got {count}")
     if pings < 1:

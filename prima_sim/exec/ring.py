@@ -259,11 +259,14 @@ class LinkLatency:
                 try:
                     table = json.loads(raw)
                     assert isinstance(table, dict) and all(
-                        isinstance(v, dict) and all(isinstance(x, (int, float)) and x >= 0 for x in v.values())
+                        isinstance(v, dict)
+                        and all(isinstance(x, (int, float)) and x >= 0 for x in v.values())
                         for v in table.values()
                     )
                 except (ValueError, AssertionError):
-                    raise InputError(LINK_LATENCY_ENV, "", "must be a JSON object {receiver: {sender: seconds}}") from None
+                    raise InputError(
+                        LINK_LATENCY_ENV, "", "must be a JSON object {receiver: {sender: seconds}}"
+                    ) from None
         self.delay: dict[str, float] = {k: float(v) for k, v in table.get(device, {}).items()}
 
     def hold(self, sender: str, t_arrived: float) -> float:

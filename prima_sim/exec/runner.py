@@ -89,7 +89,9 @@ class RunReport:
             "rejected_messages": self.rejected,
             "plan_fingerprint": self.plan.fingerprint(),
             "devices": [d.name for d in self.plan.devices],
-            "t0_unix_s": g.t0 if g else None,  # wall clock of t = 0 in tokens.csv/trace.json (for prima_sim.emulate)
+            "t0_unix_s": g.t0
+            if g
+            else None,  # wall clock of t = 0 in tokens.csv/trace.json (for prima_sim.emulate)
         }
         if self.error:
             out["error"] = self.error
@@ -99,7 +101,9 @@ class RunReport:
         """tokens.csv, trace.json and summary.json (the simulator's formats)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         write_token_csv(self.rows, out_dir / "tokens.csv")
-        write_chrome_trace(self.spans, [d.name for d in self.plan.devices], out_dir / "trace.json", "prima-sim run")
+        write_chrome_trace(
+            self.spans, [d.name for d in self.plan.devices], out_dir / "trace.json", "prima-sim run"
+        )
         atomic_write_text(out_dir / "summary.json", json.dumps(_finite(self.to_json()), indent=2) + "\n")
 
 
@@ -139,11 +143,15 @@ def check_gpu(plan: Plan, source: str = "plan", devices: list[str] | None = None
 def default_shard_dir(model: Path, plan: Plan) -> Path:
     """Cache directory for the shards of ``model`` under ``plan`` (keyed by file identity and plan)."""
     st = model.stat()
-    key = hashlib.sha256(f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{plan.fingerprint()}".encode()).hexdigest()
+    key = hashlib.sha256(
+        f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{plan.fingerprint()}".encode()
+    ).hexdigest()
     return cache_root() / "shards" / key[:20]
 
 
-def ensure_shards(model: Path, plan: Plan, shard_dir: Path, devices: list[str], progress: bool = False) -> None:
+def ensure_shards(
+    model: Path, plan: Plan, shard_dir: Path, devices: list[str], progress: bool = False
+) -> None:
     """Write the shards of ``devices`` unless a matching manifest is already there (``progress``: show it)."""
     todo = []
     for d in devices:

@@ -165,7 +165,9 @@ def read_metadata(path: Path, data_offset: int | None = None) -> dict[str, tuple
     import struct
 
     with path.open("rb") as fh:
-        buf = fh.read(data_offset or read_gguf(path).data_offset)  # the header: metadata and tensor table, never weights
+        buf = fh.read(
+            data_offset or read_gguf(path).data_offset
+        )  # the header: metadata and tensor table, never weights
         if buf[:4] != b"GGUF":
             raise InputError(str(path), "", "is not a GGUF file")
         pos = 24
@@ -238,7 +240,9 @@ class ShardWriter:
         InputError: the model is not a GGUF file, does not match the plan, or has an unsupported layout.
     """
 
-    def __init__(self, model: str | Path, plan: Plan, progress: Callable[[int, int, str], None] | None = None) -> None:
+    def __init__(
+        self, model: str | Path, plan: Plan, progress: Callable[[int, int, str], None] | None = None
+    ) -> None:
         self.path = Path(model)
         if not self.path.is_file():
             raise InputError(str(model), "", "model file not found")
@@ -252,14 +256,19 @@ class ShardWriter:
         n_layer = int(self.meta.get(f"{self.arch}.block_count", (0,))[0])
         if n_layer != plan.n_layers:
             raise InputError(
-                str(model), f"{self.arch}.block_count",
+                str(model),
+                f"{self.arch}.block_count",
                 f"the model has {n_layer} layers but the plan was made for {plan.n_layers}; re-plan for this model",
             )
         self.n_layer = n_layer
         self.tensors = {t.name: t for t in self.gguf.tensors}
         for bad in _UNSUPPORTED_INPUT_NORM:
             if bad in self.tensors:
-                raise InputError(str(model), "", f"architecture {self.arch!r} has {bad}: its embedding window is not supported")
+                raise InputError(
+                    str(model),
+                    "",
+                    f"architecture {self.arch!r} has {bad}: its embedding window is not supported",
+                )
         if "token_embd.weight" not in self.tensors:
             raise InputError(str(model), "", "has no token_embd.weight tensor")
         self.n_embd = int(self.meta[f"{self.arch}.embedding_length"][0])
@@ -276,13 +285,21 @@ class ShardWriter:
                 continue
             if vocab_free and key.startswith("tokenizer."):
                 continue
-            if key.startswith(f"{self.arch}.") and vtype == gguf.GGUFValueType.ARRAY and len(val) == self.n_layer:
+            if (
+                key.startswith(f"{self.arch}.")
+                and vtype == gguf.GGUFValueType.ARRAY
+                and len(val) == self.n_layer
+            ):
                 val = val[a:b]  # per-layer hyperparameters follow the global layer index
             out[key] = (val, vtype, sub)
         out[f"{self.arch}.block_count"] = (n, gguf.GGUFValueType.UINT32, None)
         swa = _swa_array(self.arch, self.meta, (a, b))
         if swa is not None:
-            out[f"{self.arch}.attention.sliding_window_pattern"] = (swa, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+            out[f"{self.arch}.attention.sliding_window_pattern"] = (
+                swa,
+                gguf.GGUFValueType.ARRAY,
+                gguf.GGUFValueType.BOOL,
+            )
         if vocab_free:
             out["tokenizer.ggml.model"] = ("none", gguf.GGUFValueType.STRING, None)
             out[f"{self.arch}.vocab_size"] = (1, gguf.GGUFValueType.UINT32, None)
@@ -336,7 +353,9 @@ class ShardWriter:
                 w.add_tensor_info(name, (1, self.n_embd), np.dtype(np.float32), 4 * self.n_embd)
             else:
                 shape = tuple(int(x) for x in reversed(t.shape))
-                w.add_tensor_info(name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=TYPE_BY_NAME[t.ggml_type])
+                w.add_tensor_info(
+                    name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=TYPE_BY_NAME[t.ggml_type]
+                )
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -347,7 +366,9 @@ class ShardWriter:
             data_offset = fout.tell()
             fout.flush()
             names = {name for name, _, _ in tensors}
-            skip_table = "output.weight" in names and tensors[0][0] == "token_embd.weight" and tensors[0][2] == "copy"
+            skip_table = (
+                "output.weight" in names and tensors[0][0] == "token_embd.weight" and tensors[0][2] == "copy"
+            )
             prefetch_offset: int | None = None
             with self.path.open("rb") as src:
                 for i, (name, t, how) in enumerate(tensors):
@@ -389,7 +410,9 @@ class ShardWriter:
         return sum(int(t.n_bytes) for _, t, how in self._tensor_list(spec) if how == "copy")
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, at: int, nbytes: int, tick: Callable[[int], None]) -> None:
+def _copy_range(
+    src_fd: int, dst_fd: int, offset: int, at: int, nbytes: int, tick: Callable[[int], None]
+) -> None:
     """Copy ``nbytes`` from ``src_fd`` at ``offset`` to ``dst_fd`` at ``at``, in fixed-size chunks."""
     os.lseek(dst_fd, at, os.SEEK_SET)
     done = 0
@@ -490,7 +513,9 @@ def load_manifest(shard_dir: str | Path, device: str | None = None, verify: bool
             raise InputError(str(f), "", f"has {fmt_bytes(f.stat().st_size)} ({f.stat().st_size} bytes), the manifest "
                              f"says {fmt_bytes(s.n_bytes)} ({s.n_bytes} bytes): re-copy it")  # fmt: skip
         if verify and file_sha256(f) != s.sha256:
-            raise InputError(str(f), "", "SHA-256 does not match the manifest: the file is corrupt, re-copy it")
+            raise InputError(
+                str(f), "", "SHA-256 does not match the manifest: the file is corrupt, re-copy it"
+            )
     return man
 
 

@@ -56,7 +56,9 @@ class Header(FrozenModel):
     dtype: Literal["f32"] = DTYPE
     origin: str = ""
     t_step: float = Field(default=0.0, description="wall time the head started this step (for receive-wait)")
-    rows: bool = Field(default=False, description="a sequence-id frame follows the positions (several sequences)")
+    rows: bool = Field(
+        default=False, description="a sequence-id frame follows the positions (several sequences)"
+    )
 
 
 class Status(FrozenModel):
@@ -91,7 +93,9 @@ def encode(
     return frames
 
 
-def decode(frames: list[Any], fingerprint: str, n_embd: int) -> tuple[Header, np.ndarray | None, np.ndarray | None]:
+def decode(
+    frames: list[Any], fingerprint: str, n_embd: int
+) -> tuple[Header, np.ndarray | None, np.ndarray | None]:
     """Parse and check one ring message (:func:`decode_rows` without the sequence ids)."""
     h, positions, _, hidden = decode_rows(frames, fingerprint, n_embd)
     return h, positions, hidden
@@ -143,12 +147,16 @@ def decode_rows(
         raise WireError(f"data message with {len(frames)} frames, expected {want}")
     n, width = h.shape
     if n != h.n_tokens or n <= 0 or width != n_embd:
-        raise WireError(f"shape {list(h.shape)} with n_tokens {h.n_tokens}; expected [n_tokens >= 1, {n_embd}]")
+        raise WireError(
+            f"shape {list(h.shape)} with n_tokens {h.n_tokens}; expected [n_tokens >= 1, {n_embd}]"
+        )
     pos_buf, hid_buf = memoryview(frames[1]), memoryview(frames[-1])
     if pos_buf.nbytes != 4 * n:
         raise WireError(f"positions frame has {pos_buf.nbytes} bytes, expected {4 * n}")
     if hid_buf.nbytes != 4 * n * width:
-        raise WireError(f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {list(h.shape)}")
+        raise WireError(
+            f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {list(h.shape)}"
+        )
     positions = np.frombuffer(pos_buf, dtype="<i4")
     seqs = None
     if h.rows:

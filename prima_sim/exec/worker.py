@@ -60,7 +60,12 @@ class LoadedWindow:
 
 
 def load_windows(
-    shard_dir: Path, man: DeviceManifest, n_threads: int, n_batch: int, on_progress: object = None, n_seq: int = 1
+    shard_dir: Path,
+    man: DeviceManifest,
+    n_threads: int,
+    n_batch: int,
+    on_progress: object = None,
+    n_seq: int = 1,
 ) -> tuple[dict[int, LoadedWindow], ExitStack]:
     """Load every window shard of ``man`` (not the embedding shard); each context holds ``n_seq`` sequences.
 
@@ -117,7 +122,9 @@ class Worker:
         self.device = man.device
         self.fp = man.plan_fingerprint
         if self.plan.fingerprint() != self.fp:
-            raise InputError(str(shard_dir), "plan_fingerprint", "does not match the plan stored in the manifest")
+            raise InputError(
+                str(shard_dir), "plan_fingerprint", "does not match the plan stored in the manifest"
+            )
         if self.device == self.plan.head:
             raise InputError("--device", "", f"{self.device} is the head: run it with 'prima-sim run --real'")
         self.route = Route.of(self.plan)
@@ -218,9 +225,13 @@ class Worker:
                 if hdr.type == "data" and hdr.window not in windows:
                     raise wire.WireError(f"window {hdr.window} is not run by {self.device}")
                 if hdr.type == "data" and hdr.n_tokens > self.n_batch:
-                    raise wire.WireError(f"{hdr.n_tokens} tokens exceed this worker's batch of {self.n_batch}")
+                    raise wire.WireError(
+                        f"{hdr.n_tokens} tokens exceed this worker's batch of {self.n_batch}"
+                    )
                 if seqs is not None and int(seqs.max()) >= self.n_seq:
-                    raise wire.WireError(f"sequence {int(seqs.max())} but this worker holds {self.n_seq} (--parallel)")
+                    raise wire.WireError(
+                        f"sequence {int(seqs.max())} but this worker holds {self.n_seq} (--parallel)"
+                    )
             except wire.WireError as exc:  # expected: garbage or a foreign ring must not kill the worker
                 self.rejected += 1
                 log.warning("%s: rejected a message: %s", self.device, exc)

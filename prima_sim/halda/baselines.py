@@ -102,7 +102,9 @@ def perfsched(costs: list[DeviceCosts], L: int) -> list[int]:
     w = largest_remainder([effective_flops(c, model) for c in costs], L)
     per_layer = model.mean_layer_bytes + costs[0].kv_bytes_per_layer
     capacity = [max(0, int((usable_memory(c) - c.compute_buffer_bytes()) // per_layer)) for c in costs]
-    capacity[0] = max(0, int((usable_memory(costs[0]) - costs[0].compute_buffer_bytes() - model.output_bytes) // per_layer))
+    capacity[0] = max(
+        0, int((usable_memory(costs[0]) - costs[0].compute_buffer_bytes() - model.output_bytes) // per_layer)
+    )
     excess = 0
     for i in range(len(w)):  # OOM migration: take the layers that do not fit
         keep = max(1, min(w[i], capacity[i]))

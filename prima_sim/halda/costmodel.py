@@ -111,7 +111,12 @@ class LayerSums:
         the GPU."""
         split = end - gpu_layers
         total = self.cpu[split] - self.cpu[start] + self.gpu[end] - self.gpu[split]
-        comp = self.cpu_compute[split] - self.cpu_compute[start] + self.gpu_compute[end] - self.gpu_compute[split]
+        comp = (
+            self.cpu_compute[split]
+            - self.cpu_compute[start]
+            + self.gpu_compute[end]
+            - self.gpu_compute[split]
+        )
         return float(comp), float(total - comp)
 
 
@@ -172,7 +177,9 @@ class DeviceCosts:
                          for t in (self.layer_time(i, False, n_tokens, n_kv), self.layer_time(i, on_gpu, n_tokens, n_kv))
                          ]).reshape(len(reps), 2, 2)  # fmt: skip
         per = vals[np.asarray(group)]  # (L, cpu/gpu, total/compute)
-        out = LayerSums(_prefix(per[:, 0, 0]), _prefix(per[:, 0, 1]), _prefix(per[:, 1, 0]), _prefix(per[:, 1, 1]))
+        out = LayerSums(
+            _prefix(per[:, 0, 0]), _prefix(per[:, 0, 1]), _prefix(per[:, 1, 0]), _prefix(per[:, 1, 1])
+        )
         self._cache[key] = out
         return out
 
@@ -224,7 +231,10 @@ class DeviceCosts:
         nbytes = m.output_bytes + m.embedding_row_bytes * n_tokens
         c, mem = roofline(flops, d.cpu_rate, nbytes, d.memory_bandwidth_bps)
         if d.matvec_bps:  # per-type streaming rates (added for prima_sim.emulate; empty = the line above)
-            mem = _typed_stream_s(output_tensors(m), d) + m.embedding_row_bytes * n_tokens / d.memory_bandwidth_bps
+            mem = (
+                _typed_stream_s(output_tensors(m), d)
+                + m.embedding_row_bytes * n_tokens / d.memory_bandwidth_bps
+            )
         return LayerTime(c, mem)
 
     def window_overhead_s(self, n_tokens: int, gpu_layers: int) -> float:
@@ -232,7 +242,13 @@ class DeviceCosts:
         discrete GPU and back when the window has GPU layers."""
         t = self.device.decode_overhead_s
         if gpu_layers and self.memory.host_copy_bps > 0:
-            t += 2 * ACTIVATION_BYTES_PER_ELEMENT * self.model.arch.n_embd * n_tokens / self.memory.host_copy_bps
+            t += (
+                2
+                * ACTIVATION_BYTES_PER_ELEMENT
+                * self.model.arch.n_embd
+                * n_tokens
+                / self.memory.host_copy_bps
+            )
         return t
 
     # --- memory ---------------------------------------------------------------------------------------
@@ -267,7 +283,9 @@ class DeviceCosts:
         n_ubatch = min(self.workload.n_ubatch, self.workload.n_ctx)
         if touched:
             n_ubatch = min(n_ubatch, self.workload.prompt_tokens)
-        return self.model.compute_buffer_bytes(self.workload.n_ctx, n_ubatch, n_logit_rows=1 if with_logits else 0)
+        return self.model.compute_buffer_bytes(
+            self.workload.n_ctx, n_ubatch, n_logit_rows=1 if with_logits else 0
+        )
 
     def buffers(self, n_windows: int, is_head: bool) -> tuple[float, float]:
         """(CPU bytes, GPU bytes) of compute buffers for a device running ``n_windows`` windows.
@@ -302,7 +320,11 @@ def _layer_kv_bytes(model: ModelProfile, n_ctx: int) -> tuple[int, ...]:
 
 def output_tensors(model: ModelProfile) -> list[TensorEntry]:
     """The output head's tensors: final norm and ``output.weight`` (the embedding table when tied)."""
-    out = [t for t in model.tensors if t.name in ("output_norm.weight", "output_norm.bias", "output.weight", "output.bias")]
+    out = [
+        t
+        for t in model.tensors
+        if t.name in ("output_norm.weight", "output_norm.bias", "output.weight", "output.bias")
+    ]
     if model.tensor("output.weight") is None and (emb := model.tensor("token_embd.weight")) is not None:
         out.append(emb)
     return out
@@ -325,7 +347,10 @@ def hop_time(cluster: Cluster, src: str, dst: str, n_embd: int, n_tokens: int = 
     if src == dst:
         return 0.0
     link = cluster.link(src, dst)
-    return link.latency_s + (ACTIVATION_BYTES_PER_ELEMENT * n_embd * n_tokens + HEADER_BYTES) / link.bandwidth_bps
+    return (
+        link.latency_s
+        + (ACTIVATION_BYTES_PER_ELEMENT * n_embd * n_tokens + HEADER_BYTES) / link.bandwidth_bps
+    )
 
 
 # --- memory of an assignment -------------------------------------------------------------------------------
@@ -378,8 +403,19 @@ def derive_memory(mem: MemoryBehaviour, w_cpu: float, w_gpu: float, kv_cpu: floa
     pinned = mem.pinned_ram_bytes(kv_cpu, buffers_cpu, w_gpu, kv_gpu, buffers_gpu)
     mapped = mem.mapped_ram_bytes(w_cpu, w_gpu, head)
     room = mem.weights_room(pinned)
-    return MemoryUse(w_cpu, w_gpu, kv_cpu, kv_gpu, buffers_cpu, buffers_gpu, head, pinned_ram=pinned,
-                     mapped_ram=mapped, vram_need=mem.vram_need_bytes(w_gpu, kv_gpu, buffers_gpu), room=room)
+    return MemoryUse(
+        w_cpu,
+        w_gpu,
+        kv_cpu,
+        kv_gpu,
+        buffers_cpu,
+        buffers_gpu,
+        head,
+        pinned_ram=pinned,
+        mapped_ram=mapped,
+        vram_need=mem.vram_need_bytes(w_gpu, kv_gpu, buffers_gpu),
+        room=room,
+    )
 
 
 @dataclass(frozen=True)
@@ -400,7 +436,9 @@ class Paging:
     prefetching: bool
 
 
-def device_paging(costs: DeviceCosts, a: DeviceAssignment, use: MemoryUse, n_devices: int, prefetch: bool) -> Paging:
+def device_paging(
+    costs: DeviceCosts, a: DeviceAssignment, use: MemoryUse, n_devices: int, prefetch: bool
+) -> Paging:
     """The disk reads of device assignment ``a`` per token (docs/halda.md, "Paging").
 
     A device prefetches when prefetch is on, it runs several windows per token and it hands its activations to
@@ -461,8 +499,15 @@ def memory_problems(costs: DeviceCosts, name: str, use: MemoryUse, gpu_layers: i
 
 
 def step_breakdown(
-    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_tokens: int = 1, n_kv: int | None = None,
-    prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None, n_logits: int = 1,
+    plan: Plan,
+    cluster: Cluster,
+    model: ModelProfile,
+    workload: Workload,
+    n_tokens: int = 1,
+    n_kv: int | None = None,
+    prefetch: bool = True,
+    costs: dict[str, DeviceCosts] | None = None,
+    n_logits: int = 1,
 ) -> StepBreakdown:
     """Per-device time of one step (``n_tokens`` tokens through every window, then the head's output head for
     ``n_logits`` rows).
@@ -559,7 +604,9 @@ def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
     done = 0
     while done < workload.prompt_tokens:
         n = min(workload.n_ubatch, workload.prompt_tokens - done)
-        ttft += step_breakdown(plan, cluster, model, workload, n, n_kv=done + n, prefetch=prefetch, costs=costs).total_s
+        ttft += step_breakdown(
+            plan, cluster, model, workload, n, n_kv=done + n, prefetch=prefetch, costs=costs
+        ).total_s
         done += n
     return Prediction(
         method="halda-analytic",
@@ -651,7 +698,9 @@ def speculation(
     if draft_max < 1:
         raise ValueError(f"draft_max must be at least 1, got {draft_max}")
     plain = step_breakdown(plan, cluster, model, workload, 1, prefetch=prefetch)
-    verify = step_breakdown(plan, cluster, model, workload, draft_max + 1, prefetch=prefetch, n_logits=draft_max + 1)
+    verify = step_breakdown(
+        plan, cluster, model, workload, draft_max + 1, prefetch=prefetch, n_logits=draft_max + 1
+    )
     dc = DeviceCosts(cluster.device(plan.head), draft, workload)
     comp, mem = dc.layer_sums(1).window(0, draft.arch.n_layer, 0)
     draft_s = comp + mem + dc.head_time(1, 1).total_s

@@ -56,7 +56,10 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
                        f"approximates) took the plan from {_ms(pol['before_s'])} to {_ms(pol['tpot_s'])}")  # fmt: skip
     overall += [n for n in details.get("notes", []) if n.startswith("warning")]
     if "sets" in details:
-        overall.append("prima.cpp's published algorithm: sets " + ", ".join(f"{k}={v}" for k, v in details["sets"].items()))
+        overall.append(
+            "prima.cpp's published algorithm: sets "
+            + ", ".join(f"{k}={v}" for k, v in details["sets"].items())
+        )
     if overall:
         out["overall"] = overall
     for a in plan.devices:

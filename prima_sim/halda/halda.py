@@ -103,13 +103,20 @@ def select_devices(
                f"{best.objective_s * 1e3:.1f} ms without it" if alt is not None else
                "no plan that keeps it is faster than the plan without it")  # fmt: skip
         dropped.append((name, why))
-    log.append("best plan per k: " + ", ".join(f"k={k} {by_k[k].objective_s * 1e3:.1f} ms" for k in sorted(by_k)))
+    log.append(
+        "best plan per k: " + ", ".join(f"k={k} {by_k[k].objective_s * 1e3:.1f} ms" for k in sorted(by_k))
+    )
     return Selection(best, per_k, dropped, time.perf_counter() - t0, searches, log)
 
 
 def _preselect(
-    cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None,
-    prefetch: bool, costs: dict[str, DeviceCosts],
+    cluster: Cluster,
+    ring: list[str],
+    model: ModelProfile,
+    workload: Workload,
+    k_user: int | None,
+    prefetch: bool,
+    costs: dict[str, DeviceCosts],
 ) -> tuple[list[str], list[tuple[str, str]], int]:
     """Large-cluster path: rank devices, search rings made of the head and the best n others, keep the best.
 

@@ -122,7 +122,10 @@ def coefficients(
     costs: dict[str, DeviceCosts],
 ) -> list[Coefficients]:
     """The objective and constraint numbers of every device for k rounds and the given sets (§3.2)."""
-    return [device_coefficients(cluster, ring, idx, model, k, sets[name], costs[name]) for idx, name in enumerate(ring)]
+    return [
+        device_coefficients(cluster, ring, idx, model, k, sets[name], costs[name])
+        for idx, name in enumerate(ring)
+    ]
 
 
 def device_coefficients(
@@ -204,12 +207,17 @@ class KSolution:
     binding: dict[str, list[str]]  # per device, the names of constraints that are tight at the optimum
 
 
-def build_problem(coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY
-                  ) -> tuple[pulp.LpProblem, dict[str, pulp.LpVariable], dict[str, pulp.LpVariable]]:
+def build_problem(
+    coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY
+) -> tuple[pulp.LpProblem, dict[str, pulp.LpVariable], dict[str, pulp.LpVariable]]:
     """The PuLP model of Eqs 6-10 for one k, with every variable and constraint named."""
     prob = pulp.LpProblem(f"halda_k{k}", pulp.LpMinimize)
-    w = {c.name: prob.add_variable(f"w_{c.name}", lowBound=1, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
-    n = {c.name: prob.add_variable(f"n_{c.name}", lowBound=0, upBound=W, cat=pulp.LpInteger) for c in coefs}  # (7)
+    w = {
+        c.name: prob.add_variable(f"w_{c.name}", lowBound=1, upBound=W, cat=pulp.LpInteger) for c in coefs
+    }  # (7)
+    n = {
+        c.name: prob.add_variable(f"n_{c.name}", lowBound=0, upBound=W, cat=pulp.LpInteger) for c in coefs
+    }  # (7)
     # (6) objective: k (a^T w + b^T n) + k sum(xi) + kappa; the head's window cost divided by the priority
     prob += (
         pulp.lpSum(k * (c.a / (master_priority if i == 0 else 1.0)) * w[c.name] + k * c.b * n[c.name]
@@ -260,7 +268,9 @@ def quiet_solver() -> Iterator[None]:
         os.close(devnull)
 
 
-def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY) -> KSolution | None:
+def solve_k(
+    coefs: list[Coefficients], k: int, W: int, master_priority: float = MASTER_PRIORITY
+) -> KSolution | None:
     """Solve the program for one k with HiGHS (in-process, through PuLP). None when infeasible.
 
     The rows are a laminar family (the window sum, per-device rows on w, w - n and n), so the constraint
@@ -276,9 +286,13 @@ def solve_k(coefs: list[Coefficients], k: int, W: int, master_priority: float = 
     with quiet_solver():
         prob.solve(pulp.HiGHS(msg=False, mip=False, timeLimit=SOLVER_TIME_LIMIT_S, solver="simplex"))
     values = [v.value() for v in (*w.values(), *n.values())]
-    if pulp.LpStatus[prob.status] == "Optimal" and any(abs(x - round(x)) > 1e-7 for x in values if x is not None):
+    if pulp.LpStatus[prob.status] == "Optimal" and any(
+        abs(x - round(x)) > 1e-7 for x in values if x is not None
+    ):
         with quiet_solver():
-            prob.solve(pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S))  # integrality lost: branch and bound
+            prob.solve(
+                pulp.HiGHS(msg=False, timeLimit=SOLVER_TIME_LIMIT_S)
+            )  # integrality lost: branch and bound
     status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         return None

@@ -71,7 +71,9 @@ def _baseline(name: str) -> Callable[[Cluster, ModelProfile, Workload, PlanOptio
             raise InfeasiblePlanError(f"{name} needs at least one layer per device: {len(ring)} devices, {L} layers",
                                       resource="layers")  # fmt: skip
         w, n = baseline_windows(name, cluster, ring, model, workload)
-        return _plan_from_windows(cluster, model, workload, ring, w, n, name, time.perf_counter() - t0, o.prefetch)
+        return _plan_from_windows(
+            cluster, model, workload, ring, w, n, name, time.perf_counter() - t0, o.prefetch
+        )
 
     return plan
 
@@ -87,6 +89,8 @@ def register(s: Scheduler) -> None:
     global SCHEDULERS
     REGISTRY[s.name] = s
     SCHEDULERS = tuple(REGISTRY)
+
+
 AGREEMENT_TOLERANCE = 0.01
 """Halda's search objective and ``predict()`` must agree within this fraction (they are one model)."""
 POLISH_MAX_EVALUATIONS = 200
@@ -125,9 +129,15 @@ def make_plan(
     """
     s = REGISTRY.get(scheduler)
     if s is None:
-        raise InputError("--scheduler", "", f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    return s.plan(cluster, model, workload, PlanOptions(k if s.searches_k else None, allow_drop, prefetch,
-                                                        master_priority))
+        raise InputError(
+            "--scheduler", "", f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+        )
+    return s.plan(
+        cluster,
+        model,
+        workload,
+        PlanOptions(k if s.searches_k else None, allow_drop, prefetch, master_priority),
+    )
 
 
 def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
@@ -176,13 +186,15 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
         notes.append(f"warning: the search's objective ({res.objective_s * 1e3:.1f} ms) and predict() "
                      f"({searched * 1e3:.1f} ms) differ by {agreement:+.1%}")  # fmt: skip
     details = dict(plan.solver.details)
-    details.update({
-        "search_objective_s": res.objective_s,
-        "search_vs_predict": agreement,
-        "fallback": fallback,
-        "polish": polished_info,
-        "notes": notes,
-    })
+    details.update(
+        {
+            "search_objective_s": res.objective_s,
+            "search_vs_predict": agreement,
+            "fallback": fallback,
+            "polish": polished_info,
+            "notes": notes,
+        }
+    )
     solver = plan.solver.model_copy(update={"details": details, "solve_time_s": time.perf_counter() - t0})
     return plan.model_copy(update={"solver": solver})
 
@@ -196,8 +208,16 @@ def _halda_plan_of(cluster: Cluster, model: ModelProfile, workload: Workload, ri
         "bound": "disk" if res.load_s > res.chain_s else "ring",
         "chain_s": res.chain_s,
         "load_s": res.load_s,
-        "k_candidates": [{"k": r.k, "objective_s": r.objective_s, "devices": r.ring, "windows": list(r.w),
-                          "gpu_layers": list(r.n)} for r in sel.per_k],
+        "k_candidates": [
+            {
+                "k": r.k,
+                "objective_s": r.objective_s,
+                "devices": r.ring,
+                "windows": list(r.w),
+                "gpu_layers": list(r.n),
+            }
+            for r in sel.per_k
+        ],
         "dynamic_programs": sum(r.dps for r in sel.per_k),
         "searches": sel.searches,
         "log": sel.log,
@@ -236,7 +256,7 @@ def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload
                 continue
             for dn in (1, -1):
                 if 0 <= n[i] + dn <= w[i]:
-                    moves.append((w, [*n[:i], n[i] + dn, *n[i + 1:]]))
+                    moves.append((w, [*n[:i], n[i] + dn, *n[i + 1 :]]))
         if layer_moves:
             for i in range(len(names)):
                 for j in range(len(names)):
@@ -250,7 +270,9 @@ def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload
                 break
             if L % sum(w2):
                 continue
-            trial = best.model_copy(update={"devices": make_assignments(names, w2, n2, L), "prediction": None})
+            trial = best.model_copy(
+                update={"devices": make_assignments(names, w2, n2, L), "prediction": None}
+            )
             p = predict(trial, cluster, model, workload, prefetch, costs)
             evals += 1
             if p.tpot_s < best_t * (1 - 1e-9):
@@ -340,7 +362,11 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
                        n: list[int], scheduler: str, solve_time: float, prefetch: bool = True) -> Plan:  # fmt: skip
     L = model.arch.n_layer
     keep = [i for i, wi in enumerate(w) if wi > 0 or i == 0]
-    dropped = tuple(Dropped(name=ring[i], reason=f"{scheduler} gave it no layers") for i in range(len(ring)) if i not in keep)
+    dropped = tuple(
+        Dropped(name=ring[i], reason=f"{scheduler} gave it no layers")
+        for i in range(len(ring))
+        if i not in keep
+    )
     names = [ring[i] for i in keep]
     ws = [w[i] for i in keep]
     ns = [min(n[i], w[i]) for i in keep]
@@ -353,10 +379,22 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
     return _finish(plan, cluster, model, workload, prefetch)
 
 
-register(Scheduler("halda", "the exact search of the cost model over every k, window, GPU count and device set",
-                   True, _halda_plan))
-register(Scheduler("prima", "prima.cpp's Halda as published (sets M1-M4, one integer program per k)", True,
-                   _published_plan))
+register(
+    Scheduler(
+        "halda",
+        "the exact search of the cost model over every k, window, GPU count and device set",
+        True,
+        _halda_plan,
+    )
+)
+register(
+    Scheduler(
+        "prima",
+        "prima.cpp's Halda as published (sets M1-M4, one integer program per k)",
+        True,
+        _published_plan,
+    )
+)
 for _name, _what in (("memsched", "exo: layers in proportion to usable memory"),
                      ("perfsched", "Galaxy: layers in proportion to compute, then OOM migration"),
                      ("even", "distributed-llama: equal windows"),

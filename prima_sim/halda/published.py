@@ -78,8 +78,15 @@ def initial_windows(costs: list[DeviceCosts], n_layer: int) -> list[int]:
 class _Programs:
     """The per-k programs of one ring: cached coefficients, exact greedy optima, HiGHS solves of record."""
 
-    def __init__(self, cluster: Cluster, ring: list[str], model: ModelProfile, ks: list[int],
-                 costs: dict[str, DeviceCosts], master_priority: float) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        ring: list[str],
+        model: ModelProfile,
+        ks: list[int],
+        costs: dict[str, DeviceCosts],
+        master_priority: float,
+    ) -> None:
         self.cluster, self.ring, self.model, self.ks = cluster, ring, model, ks
         self.costs, self.priority = costs, master_priority
         self._coef: dict[tuple[str, DeviceSet, int], Coefficients] = {}
@@ -195,7 +202,10 @@ def halda_published(
         gpu_free = any(c.gpu_max_layers >= 1 and c.beta < 0 and ni < math.floor(c.gpu_max_layers + 1e-9)
                        for c, ni in zip(coefs, sol.n, strict=True))  # fmt: skip
         weak = any(wi == 1 and ni == 0 for wi, ni in zip(sol.w, sol.n, strict=True))
-        gpu_over = any(costs[c.name].device.gpu is not None and wi > ni for c, wi, ni in zip(coefs, sol.w, sol.n, strict=True))
+        gpu_over = any(
+            costs[c.name].device.gpu is not None and wi > ni
+            for c, wi, ni in zip(coefs, sol.w, sol.n, strict=True)
+        )
         cpu_over = any(costs[c.name].device.gpu is None and sets[c.name] is not DeviceSet.M4 for c in coefs)
         candidates = [c for c in coefs if sets[c.name] is not DeviceSet.M4 and c.name not in forced]
         if not weak and gpu_free and (gpu_over or cpu_over) and candidates:
@@ -204,12 +214,21 @@ def halda_published(
             log.append(f"calibration: GPU memory unused while {slowest.name} pages weights; force it into M4")
             continue
         w, n = list(sol.w), list(sol.n)
-        if final is not None and final.solution.w == sol.w and final.solution.n == sol.n and final.solution.k == sol.k:
+        if (
+            final is not None
+            and final.solution.w == sol.w
+            and final.solution.n == sol.n
+            and final.solution.k == sol.k
+        ):
             break
         final = result
     # prima.cpp returns the last feasible iterate; every iterate is a valid plan for its sets, so we return
     # the one with the lowest objective (the same one whenever the loop ends normally)
-    if final is not None and best_seen is not None and best_seen.solution.objective_s < final.solution.objective_s:
+    if (
+        final is not None
+        and best_seen is not None
+        and best_seen.solution.objective_s < final.solution.objective_s
+    ):
         log.append(f"returning the best iterate (iteration {best_seen.iterations}) rather than the last")
         final = best_seen
     if final is not None and refine:
@@ -220,7 +239,9 @@ def halda_published(
     return final
 
 
-def _refine_sets(res: HaldaResult, progs: _Programs, costs: dict[str, DeviceCosts], log: list[str]) -> HaldaResult:
+def _refine_sets(
+    res: HaldaResult, progs: _Programs, costs: dict[str, DeviceCosts], log: list[str]
+) -> HaldaResult:
     """Local search over set assignments after the published loop (beyond prima.cpp).
 
     A set's RAM row pins its device in one regime (an overloaded device must stay overloaded), so the
@@ -310,7 +331,9 @@ def select_devices_published(
         raise _diagnose(cluster, ring, model, workload, k_user, allow_drop)
     rounds = 1
     while allow_drop:
-        drop = [name for name, wi in zip(res.ring, res.solution.w, strict=True) if wi <= 1 and name != res.ring[0]]
+        drop = [
+            name for name, wi in zip(res.ring, res.solution.w, strict=True) if wi <= 1 and name != res.ring[0]
+        ]
         if not drop:
             break
         trial_ring = [name for name in res.ring if name not in drop]
@@ -327,8 +350,13 @@ def select_devices_published(
 
 
 def _preselect(
-    cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, k_user: int | None,
-    master_priority: float, costs: dict[str, DeviceCosts],
+    cluster: Cluster,
+    ring: list[str],
+    model: ModelProfile,
+    workload: Workload,
+    k_user: int | None,
+    master_priority: float,
+    costs: dict[str, DeviceCosts],
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Large-cluster path: rank devices, try rings made of the head and the best n others, keep the best.
 
@@ -356,7 +384,7 @@ def _preselect(
         if res is not None and (best is None or res.solution.objective_s < best[0]):
             best = (res.solution.objective_s, trial_ring)
     if best is None:  # nothing smaller works: fall back to every device that fits the layer count
-        keep_ring = [head, *ranked[:L - 1]]
+        keep_ring = [head, *ranked[: L - 1]]
         return keep_ring, [(nm, f"more devices than the model's {L} layers; slower per layer than those kept")
                            for nm in others if nm not in keep_ring]  # fmt: skip
     kept = best[1]

@@ -87,8 +87,11 @@ class KTables:
 
     def pick(self, threshold: float, p: int, s: int, e: int) -> int:
         """Index of the candidate :meth:`best` chose for device ``p`` and window [s, e)."""
-        col = self.chain[p, :, s, e] if threshold == INF else np.where(
-            self.load[p, :, s, e] <= threshold, self.chain[p, :, s, e], INF)
+        col = (
+            self.chain[p, :, s, e]
+            if threshold == INF
+            else np.where(self.load[p, :, s, e] <= threshold, self.chain[p, :, s, e], INF)
+        )
         return int(col.argmin())
 
     def loads(self) -> np.ndarray:
@@ -117,7 +120,7 @@ def _sum_rounds(prefix: np.ndarray, k: int, W: int) -> np.ndarray:
     Q[e] - Q[s]."""
     out = np.empty(W + 1)
     out[:W] = prefix[: k * W].reshape(k, W).sum(axis=0)
-    out[W] = prefix[W: k * W + 1: W].sum()
+    out[W] = prefix[W : k * W + 1 : W].sum()
     return out
 
 
@@ -169,7 +172,7 @@ def _sum_rounds_all(prefix: np.ndarray, k: int, W: int) -> np.ndarray:
     M = prefix.shape[0]
     out = np.empty((M, W + 1))
     out[:, :W] = prefix[:, : k * W].reshape(M, k, W).sum(axis=1)
-    out[:, W] = prefix[:, W: k * W + 1: W].sum(axis=1)
+    out[:, W] = prefix[:, W : k * W + 1 : W].sum(axis=1)
     return out
 
 
@@ -263,8 +266,18 @@ def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.
     return out
 
 
-def _gpu_candidates(costs: DeviceCosts, Qb: np.ndarray, Qkv: np.ndarray, s: np.ndarray, e: np.ndarray, k: int,
-                    buf_cpu: float, buf_gpu: float, head_b: float, prefetch: bool) -> list[np.ndarray]:
+def _gpu_candidates(
+    costs: DeviceCosts,
+    Qb: np.ndarray,
+    Qkv: np.ndarray,
+    s: np.ndarray,
+    e: np.ndarray,
+    k: int,
+    buf_cpu: float,
+    buf_gpu: float,
+    head_b: float,
+    prefetch: bool,
+) -> list[np.ndarray]:
     """GPU layer counts worth trying for every window [s, e) (1-D arrays of window starts and ends), where a
     device's regime can change.
 

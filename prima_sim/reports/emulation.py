@@ -415,8 +415,12 @@ def tpot_bars(scenario: str, plans: Sequence[PlanRun], path: Path) -> Path:
     from matplotlib.patches import Patch
 
     handles, _ = ax.get_legend_handles_labels()
-    handles.append(Patch(facecolor="none", edgecolor="none", label="+n% over a blue bar: simulated vs measured"))
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    handles.append(
+        Patch(facecolor="none", edgecolor="none", label="+n% over a blue bar: simulated vs measured")
+    )
+    ax.legend(
+        handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False
+    )
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the +n% labels
     fig.tight_layout()
     return _save(fig, path)
@@ -492,5 +496,7 @@ def scatter(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> Path
         from prima_sim.reports.plots import place_labels
 
         marks = [(m, a) for m, a in zip(meas, ana, strict=True) if math.isfinite(a) and a > 0]
-        place_labels(ax, [(m, s) for m, s, _ in labelled], [t for _, _, t in labelled], fontsize=5.5, avoid=marks)
+        place_labels(
+            ax, [(m, s) for m, s, _ in labelled], [t for _, _, t in labelled], fontsize=5.5, avoid=marks
+        )
     return _save(fig, path)

@@ -95,7 +95,9 @@ def _token_lines(ax: Any, spans: Sequence[Span], lo: float, hi: float, scale: fl
     starts = sorted((t, x) for t, x in token_starts(spans).items() if lo <= x <= hi)
     if len(starts) < 2:
         return False
-    step = next(s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if len(starts) / s <= MAX_TOKEN_LINES)
+    step = next(
+        s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if len(starts) / s <= MAX_TOKEN_LINES
+    )
     for t, x in starts:
         if t % step:
             continue
@@ -169,7 +171,9 @@ def _legend(fig: Any, kinds: set[SpanKind], tokens: bool = False, measured: bool
         handles.append(Line2D([], [], color="#4a5568", linewidth=0.7, linestyle=(0, (2, 2)),
                               label="start of token N (0 = the prompt)"))  # fmt: skip
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=7.5, frameon=False)
+        fig.legend(
+            handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=7.5, frameon=False
+        )
 
 
 def _kinds_drawn(spans: Sequence[Span], lanes: Sequence[str]) -> set[SpanKind]:
@@ -261,7 +265,9 @@ def gantt_side_by_side(
     """
     plt = _plt()
 
-    def prep(spans: Sequence[Span], tr: tuple[float, float] | None) -> tuple[list[Span], tuple[float, float] | None]:
+    def prep(
+        spans: Sequence[Span], tr: tuple[float, float] | None
+    ) -> tuple[list[Span], tuple[float, float] | None]:
         shown = _clip(spans, tr)
         if not align or not shown:
             return shown, tr
@@ -281,9 +287,14 @@ def gantt_side_by_side(
     height = 2.6 + 0.9 * len(lanes) + legend_in
     fig, axes = plt.subplots(2, 1, figsize=(12, height), sharex=align)
     tokens = False
-    for ax, sp, tr, lab, meas in ((axes[0], a, ra, labels[0], measured[0]), (axes[1], b, rb, labels[1], measured[1])):
+    for ax, sp, tr, lab, meas in (
+        (axes[0], a, ra, labels[0], measured[0]),
+        (axes[1], b, rb, labels[1], measured[1]),
+    ):
         tokens = _draw(ax, sp, lanes, tr, scale, meas) or tokens
-        ax.set_title(lab + (": compute includes page-fault stalls" if meas else ""), fontsize=9, loc="left", pad=10)
+        ax.set_title(
+            lab + (": compute includes page-fault stalls" if meas else ""), fontsize=9, loc="left", pad=10
+        )
     axes[1].set_xlabel(f"time ({unit})" + (" from the start of the window shown" if align else ""))
     fig.suptitle(title, fontsize=10)
     _legend(fig, kinds, tokens, any(measured))

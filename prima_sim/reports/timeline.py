@@ -21,4 +21,7 @@ def draw_simulation(res: SimResult, out_dir: str | Path) -> dict[str, Path]:
                       t_range=(decode[0][3], last[4]))  # fmt: skip
     else:
         first = gantt(res.spans, res.devices, out / "gantt.png", f"{title}: prefill")
-    return {"gantt": first, "gantt_full": gantt(res.spans, res.devices, out / "gantt_full.png", f"{title}: whole run")}
+    return {
+        "gantt": first,
+        "gantt_full": gantt(res.spans, res.devices, out / "gantt_full.png", f"{title}: whole run"),
+    }

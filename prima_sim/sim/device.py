@@ -112,7 +112,9 @@ class SimDevice:
         self.swapped_at_start = (max(0.0, use.pinned_ram - (mem.ram_budget_bytes - mem.swap_out_first_bytes))
                                  if mem.swap_out_first_bytes > 0 else 0.0)  # fmt: skip
         self.disk = Disk(self.env, self.name, self._read_starts, self._read_done)
-        self.cpu = ComputeUnit(self.name, "cpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/cpu")))
+        self.cpu = ComputeUnit(
+            self.name, "cpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/cpu"))
+        )
         self.gpu = (ComputeUnit(self.name, "gpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/gpu")))
                     if profile.gpu is not None else None)  # fmt: skip
         self.sampler = component_rng(cfg.seed, f"{self.name}/sampler")
@@ -344,7 +346,13 @@ class SimDevice:
         total = sum(times)
         extra = self.profile.decode_overhead_s
         if work.gpu_copies and self.profile.gpu is not None and self.profile.gpu.host_link_bps > 0:
-            extra += 2 * ACTIVATION_BYTES_PER_ELEMENT * self.costs.model.arch.n_embd * n / self.profile.gpu.host_link_bps
+            extra += (
+                2
+                * ACTIVATION_BYTES_PER_ELEMENT
+                * self.costs.model.arch.n_embd
+                * n
+                / self.profile.gpu.host_link_bps
+            )
         extra *= cf
         n_gpu = sum(1 for _, g in work.slots if g)
         cpu.layers_run += len(work.slots) - n_gpu
@@ -482,7 +490,9 @@ class SimDevice:
             "memory_pressure": self.pinned_ram_bytes / p.ram_total_bytes if p.ram_total_bytes else 0.0,
             "swapped_out_bytes": self.swapped_at_start + c.swapped_out_bytes,
             "mapped_weight_bytes": c.mapped_bytes,
-            "vram_weight_bytes": float(self.use.weights_gpu) if not self.costs.memory.gpu_memory_is_ram else 0.0,
+            "vram_weight_bytes": float(self.use.weights_gpu)
+            if not self.costs.memory.gpu_memory_is_ram
+            else 0.0,
             "page_cache_capacity_bytes": c.capacity,
             "model_page_cache_peak_bytes": c.peak_used,
             "model_page_cache_end_bytes": c.used,
@@ -494,7 +504,9 @@ class SimDevice:
             "disk_read_bps": self.fault_bps,
             "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
             "page_faults": float(self.faults),
-            "sim_disk_bytes_per_decode_token": dec_bytes / max(1, decode_tokens) if decode_tokens else math.nan,
+            "sim_disk_bytes_per_decode_token": dec_bytes / max(1, decode_tokens)
+            if decode_tokens
+            else math.nan,
             "analytic_disk_bytes_per_token": analytic_disk_bytes,
             "cpu_busy_s": self.cpu.busy_s,
             "gpu_busy_s": self.gpu.busy_s if self.gpu is not None else 0.0,
@@ -504,4 +516,3 @@ class SimDevice:
     def pinned_ram_bytes(self) -> float:
         """Memory the run pins in this device's RAM (KV cache, compute buffers; GPU ones too with unified memory)."""
         return self.use.pinned_ram
-

@@ -44,7 +44,18 @@ class Read:
         end_s: when its service ends (set when it starts).
     """
 
-    __slots__ = ("batch", "bps", "chunk", "done", "end_ev", "end_s", "nbytes", "prefetch", "readahead", "state")
+    __slots__ = (
+        "batch",
+        "bps",
+        "chunk",
+        "done",
+        "end_ev",
+        "end_s",
+        "nbytes",
+        "prefetch",
+        "readahead",
+        "state",
+    )
 
     def __init__(self, chunk: int, nbytes: float, bps: float, prefetch: bool = False, readahead: bool = False,
                  batch: Batch | None = None) -> None:  # fmt: skip

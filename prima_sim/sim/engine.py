@@ -44,7 +44,9 @@ class CountingEnvironment(simpy.Environment):
         if not hasattr(self, "_eid"):
             self.schedule = self._counting_schedule  # type: ignore[method-assign]
 
-    def _counting_schedule(self, event: simpy.Event, priority: EventPriority = NORMAL, delay: float = 0) -> None:
+    def _counting_schedule(
+        self, event: simpy.Event, priority: EventPriority = NORMAL, delay: float = 0
+    ) -> None:
         self._counted += 1
         simpy.Environment.schedule(self, event, priority, delay)
 
@@ -54,7 +56,9 @@ class CountingEnvironment(simpy.Environment):
         eid = getattr(self, "_eid", None)
         if eid is None:
             return self._counted
-        n: int = next(eid)  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
+        n: int = next(
+            eid
+        )  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
         return n
 
 
@@ -142,14 +146,16 @@ class Simulation:
     # --- the head's token loop ------------------------------------------------------------------------------
     def _driver(self) -> Generator[simpy.Event, Any, None]:
         env, head, cfg, ring = self.env, self.head, self.cfg, self.ring
-        prompt = [int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, self.workload.prompt_tokens)]
+        prompt = [
+            int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, self.workload.prompt_tokens)
+        ]
         next_token = 0
         for st in steps_for(self.workload):
             ring.begin_step(st.index)
             ids = prompt if st.phase == "prefill" else [next_token]
             done = 0
             for n, n_kv in st.batches:
-                yield from head.embed(ids[done:done + n], st.index)
+                yield from head.embed(ids[done : done + n], st.index)
                 done += n
                 msg = Message(st.index, 0, n, n_kv)
                 batch_done = ring.expect_batch()
@@ -182,7 +188,9 @@ class Simulation:
         analytic = (self.analytic if self.analytic is not None else
                     predict(self.plan, self.cluster, self.model, wl, prefetch=self.cfg.prefetch))  # fmt: skip
         analytic_reads = {t.name: t.read_bytes for t in analytic.per_device}
-        stats = {name: d.stats(wl.decode_tokens, analytic_reads.get(name, 0.0)) for name, d in self.devices.items()}
+        stats = {
+            name: d.stats(wl.decode_tokens, analytic_reads.get(name, 0.0)) for name, d in self.devices.items()
+        }
         spans = self.rec.spans()
         return SimResult(
             plan=self.plan, cluster_name=self.cluster.name, model_id=self.model.id,
@@ -204,4 +212,3 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Worklo
         InfeasiblePlanError: the plan's pinned memory or VRAM does not fit.
     """
     return Simulation(plan, cluster, model, workload, config, analytic).run()
-

@@ -771,5 +771,3 @@ def replay_cyclic(window_bytes: Sequence[int], cache_bytes: float, cfg: ReplayCo
         flush_interval_s=flush_interval_s,
     )
     return replay(cache, wins, cfg, nxt)
-
-

@@ -197,7 +197,9 @@ class Network:
             spec = self.cluster.link(src, dst)
             medium = self.media.get(spec.medium) if spec.medium else None
             name = f"link {key[0]}<->{key[1]}"
-            lk = Link(self.env, key[0], key[1], spec, medium, Jitter(self.jitter, component_rng(self.seed, name)))
+            lk = Link(
+                self.env, key[0], key[1], spec, medium, Jitter(self.jitter, component_rng(self.seed, name))
+            )
             self._links[key] = lk
         return lk
 

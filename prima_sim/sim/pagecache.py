@@ -38,7 +38,9 @@ class PageCache:
     def __init__(self, name: str, chunk_bytes: Sequence[int], chunk_group: Sequence[int], n_groups: int,
                  capacity_bytes: float, growth_bytes: float = 0.0, protected_bytes: float = 0.0) -> None:  # fmt: skip
         if len(chunk_bytes) != len(chunk_group):
-            raise ValueError(f'"chunk_bytes" ({len(chunk_bytes)}) and "chunk_group" ({len(chunk_group)}) differ in length')
+            raise ValueError(
+                f'"chunk_bytes" ({len(chunk_bytes)}) and "chunk_group" ({len(chunk_group)}) differ in length'
+            )
         if capacity_bytes < 0 or growth_bytes < 0 or protected_bytes < 0:
             raise ValueError('"capacity_bytes", "growth_bytes" and "protected_bytes" must be >= 0')
         if any(b < 0 for b in chunk_bytes):
@@ -171,8 +173,11 @@ class PageCache:
             AssertionError: the bookkeeping is inconsistent.
         """
         assert abs(self.used - sum(self.size[c] for c in (*self._lru, *self._protected))) < 1e-6, (
-            "used bytes disagree with contents")
-        assert self.used <= self.capacity + 1e-6, f"{self.name}: {self.used} bytes resident over capacity {self.capacity}"
+            "used bytes disagree with contents"
+        )
+        assert self.used <= self.capacity + 1e-6, (
+            f"{self.name}: {self.used} bytes resident over capacity {self.capacity}"
+        )
         counts = [0] * len(self.missing)
         for c, g in enumerate(self.group):
             if not self.resident(c):

@@ -26,7 +26,13 @@ class SpanRecorder:
             return
         lane = (device, kind if kind in _BACKGROUND else None)
         last = self._last.get(lane)
-        if last is not None and last[1] is kind and last[3] == start and last[4] == token and last[5] == label:
+        if (
+            last is not None
+            and last[1] is kind
+            and last[3] == start
+            and last[4] == token
+            and last[5] == label
+        ):
             last[3] = end
             return
         s = [device, kind, start, end, token, label]

@@ -73,13 +73,18 @@ def plan_by_simulated_k(
         progress(len(ks), len(ks))
     ok = [c for c in candidates if c.plan is not None and math.isfinite(c.simulated_tpot_s)]
     if not ok:
-        raise InfeasiblePlanError("no k gives a feasible Halda plan for this cluster and model", resource="memory")
+        raise InfeasiblePlanError(
+            "no k gives a feasible Halda plan for this cluster and model", resource="memory"
+        )
     best = min(ok, key=lambda c: (c.simulated_tpot_s, c.k))
     chosen = best.plan
     assert chosen is not None
     table = [{"k": c.k, "analytic_tpot_s": c.analytic_tpot_s, "simulated_tpot_s": c.simulated_tpot_s,
               "windows": list(c.plan.windows) if c.plan else None, "note": c.note} for c in candidates]  # fmt: skip
-    details = dict(chosen.solver.details) | {"k_by_simulation": table, "simulated_tpot_s": best.simulated_tpot_s}
+    details = dict(chosen.solver.details) | {
+        "k_by_simulation": table,
+        "simulated_tpot_s": best.simulated_tpot_s,
+    }
     solver = SolverInfo(status=chosen.solver.status, objective_s=chosen.solver.objective_s,
                         solve_time_s=chosen.solver.solve_time_s, details=details)  # fmt: skip
     return chosen.model_copy(update={"solver": solver, "scheduler": "halda"}), candidates

@@ -134,7 +134,13 @@ class SimResult:
             wait_s = per.get(name, {}).get("disk_wait_s", 0.0)
             useful_s = max(0.0, sim_b - wasted) / st["disk_read_bps"]
             a = analytic.get(name)
-            if a is not None and a.read_bytes > 1e6 and not a.prefetch and sim_b > 1e6 and wait_s < 0.5 * a.disk_s:
+            if (
+                a is not None
+                and a.read_bytes > 1e6
+                and not a.prefetch
+                and sim_b > 1e6
+                and wait_s < 0.5 * a.disk_s
+            ):
                 out.append(f"{name}: the cost model charges {a.disk_s * 1e3:.0f} ms per token of page-fault stalls "
                            "(its windows do not fit the room left for them, so it assumes prefetch cannot hold them), "
                            f"but in the simulation part of each prefetch lands in time: it waits {wait_s * 1e3:.0f} ms")  # fmt: skip
@@ -172,7 +178,9 @@ class SimResult:
             "tpot_max_s": s["tpot_max_s"],
             "n_decode": s["n_decode"],
             "tokens_per_s": 1.0 / tpot if tpot and tpot > 0 else None,
-            "analytic": {"tpot_s": self.analytic.tpot_s, "ttft_s": self.analytic.ttft_s} if self.analytic else None,
+            "analytic": {"tpot_s": self.analytic.tpot_s, "ttft_s": self.analytic.ttft_s}
+            if self.analytic
+            else None,
             "differences": self.differences() if self.spans else [],
             "per_device": s["per_device"],
             "memory_pressure": self.memory_pressure,
@@ -190,6 +198,8 @@ class SimResult:
         out.mkdir(parents=True, exist_ok=True)
         return {
             "tokens": write_token_csv(self.rows, out / "tokens.csv"),
-            "summary": atomic_write_text(out / "summary.json", json.dumps(clean_json(self.summary()), indent=2) + "\n"),
+            "summary": atomic_write_text(
+                out / "summary.json", json.dumps(clean_json(self.summary()), indent=2) + "\n"
+            ),
             "trace": write_chrome_trace(self.spans, [*self.devices, *self.lanes], out / "trace.json"),
         }

@@ -54,7 +54,9 @@ class Ring:
         disk_read: bytes read from disk per (step, device).
     """
 
-    def __init__(self, env: simpy.Environment, cfg: SimConfig, rec: SpanRecorder, net: Network, plan: Plan) -> None:
+    def __init__(
+        self, env: simpy.Environment, cfg: SimConfig, rec: SpanRecorder, net: Network, plan: Plan
+    ) -> None:
         self.env, self.cfg, self.rec, self.net = env, cfg, rec, net
         self.order = plan.execution_order()
         self.n_windows = len(self.order)

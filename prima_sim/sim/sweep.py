@@ -86,12 +86,17 @@ def _scale_device(d: DeviceProfile, ram: float, disk: float) -> DeviceProfile:
         )
         if d.gpu is not None and behaviour_of(d).gpu_memory_is_ram:  # the GPU's memory is this RAM
             g = d.gpu
-            gu: dict[str, Any] = {"vram_total_bytes": int(g.vram_total_bytes * ram), "vram_free_bytes": int(g.vram_free_bytes * ram)}
+            gu: dict[str, Any] = {
+                "vram_total_bytes": int(g.vram_total_bytes * ram),
+                "vram_free_bytes": int(g.vram_free_bytes * ram),
+            }
             if g.working_set_limit_bytes is not None:
                 gu["working_set_limit_bytes"] = int(g.working_set_limit_bytes * ram)
             upd["gpu"] = g.model_copy(update=gu)
     if disk != 1.0:
-        upd.update(disk_seq_read_bps=d.disk_seq_read_bps * disk, disk_rand_read_bps=d.disk_rand_read_bps * disk)
+        upd.update(
+            disk_seq_read_bps=d.disk_seq_read_bps * disk, disk_rand_read_bps=d.disk_rand_read_bps * disk
+        )
     return d.model_copy(update=upd) if upd else d
 
 
@@ -103,7 +108,9 @@ def derive_cluster(base: Cluster, v: Variant) -> Cluster:
     upd: dict[str, Any] = {"devices": devices, "name": f"{base.name}[{v.name}]"}
     if v.bandwidth_scale != 1.0:
         s = v.bandwidth_scale
-        upd["default_link"] = c.default_link.model_copy(update={"bandwidth_bps": c.default_link.bandwidth_bps * s})
+        upd["default_link"] = c.default_link.model_copy(
+            update={"bandwidth_bps": c.default_link.bandwidth_bps * s}
+        )
         upd["links"] = tuple(lk.model_copy(update={"bandwidth_bps": lk.bandwidth_bps * s}) for lk in c.links)
         upd["media"] = tuple(m.model_copy(update={"capacity_bps": m.capacity_bps * s}) for m in c.media)
     return c.model_copy(update=upd)
@@ -144,12 +151,16 @@ def run_variant(v: Variant, base: Cluster, model: ModelProfile, workload: Worklo
 _CTX: dict[str, Any] = {}
 
 
-def _init(base: Cluster, model: ModelProfile, workload: Workload, cfg: SimConfig, k: int | None, allow_drop: bool) -> None:
+def _init(
+    base: Cluster, model: ModelProfile, workload: Workload, cfg: SimConfig, k: int | None, allow_drop: bool
+) -> None:
     _CTX.update(base=base, model=model, workload=workload, cfg=cfg, k=k, allow_drop=allow_drop)
 
 
 def _work(v: Variant) -> dict[str, Any]:
-    return run_variant(v, _CTX["base"], _CTX["model"], _CTX["workload"], _CTX["cfg"], _CTX["k"], _CTX["allow_drop"])
+    return run_variant(
+        v, _CTX["base"], _CTX["model"], _CTX["workload"], _CTX["cfg"], _CTX["k"], _CTX["allow_drop"]
+    )
 
 
 def run_sweep(base: Cluster, model: ModelProfile, workload: Workload, variants: Sequence[Variant],
@@ -168,7 +179,9 @@ def run_sweep(base: Cluster, model: ModelProfile, workload: Workload, variants: 
         _init(base, model, workload, cfg, k, allow_drop)
         return list(wrap((_work(v) for v in variants), len(variants)))
     chunk = max(1, min(16, len(variants) // (jobs * 8)))
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
     with ctx.Pool(jobs, initializer=_init, initargs=(base, model, workload, cfg, k, allow_drop)) as pool:
         return list(wrap(pool.imap(_work, variants, chunksize=chunk), len(variants)))
 

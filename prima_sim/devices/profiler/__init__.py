@@ -380,7 +380,8 @@ def _batch_efficiency(lib: Ggml, cpu: Backend, layer: compute.LayerShape, cpu_fl
         out[n] = round(r.flops / rate, 4)
         notes.append(f"{n} tokens: {out[n]:.3f} ({r.describe()})")
     sources["cpu_batch_efficiency"] = (
-        f"rate of the layer's matrix products at n tokens / cpu_flops.{main} ({fmt_flop_rate(rate)}): " + "; ".join(notes)
+        f"rate of the layer's matrix products at n tokens / cpu_flops.{main} ({fmt_flop_rate(rate)}): "
+        + "; ".join(notes)
     )
     return out
 

@@ -263,7 +263,9 @@ def batch_flops(
         raise GgmlError(f"batch_flops needs at least 2 tokens, got {n_tokens}")
     layer, per_layer = _scaled_layer(lib, layer, target_bytes)
     reps = max(1, -(-target_bytes // per_layer))
-    _nbytes, _by_type, timing = _layer_graph_timing(lib, backend, layer, reps, n_tokens, budget_s, max_runs=10)
+    _nbytes, _by_type, timing = _layer_graph_timing(
+        lib, backend, layer, reps, n_tokens, budget_s, max_runs=10
+    )
     flops = 2.0 * reps * n_tokens * sum(k * n for _, k, n in layer)
     return BatchResult(n_tokens, flops / timing.median_s, reps, tuple(layer), timing)
 
