@@ -232,10 +232,10 @@ def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any)
     if (args.draft is None) != (args.accept is None):
         raise InputError("--accept" if args.draft else "--draft", "", "speculative decoding needs both --draft MODEL "
                          "and --accept P")  # fmt: skip
+    if args.draft_max < 1:  # checked even without --draft: a value out of range is never silently ignored
+        raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
     if args.draft is not None:
         check_number("--accept", args.accept, minimum=0, maximum=1)
-        if args.draft_max < 1:
-            raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
         s = speculation(plan, cluster, model, wl, load_model_arg(args.draft), args.accept, args.draft_max)
         out["speculation"] = {"draft": s.draft_id, "draft_max": s.draft_max, "accept": s.accept,
                               "expected_tokens_per_pass": s.expected_tokens, "draft_s": s.draft_s,
