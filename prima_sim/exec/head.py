@@ -43,6 +43,12 @@ from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.worker import DEFAULT_BATCH, LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
 
+EMBED_CHUNK = 32
+"""Tokens the head embeds per llama.cpp call. Its embedding context runs on the logits window's model (or on
+embed.gguf), whose every layer gets a KV cache as large as the context, although the graph stops before the first
+layer: a small context keeps that memory small (with the full 512-token batch it was 11 MiB on a 1B-shape head of 11
+layers, enough to push a window that fit into Linux's near-fit re-reads)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -148,15 +154,14 @@ class Head:
             self.shard_dir, self.man, self.n_threads, self.n_batch, n_seq=self.n_seq
         )
         self._stack.push(wstack)
-        if (
-            emb is None
-        ):  # the logits window's shard holds the token table: it embeds too (no second copy mapped)
+        if emb is None:  # the logits window's shard holds the token table: it embeds too (one copy mapped)
             logits = self.man.shard_of_kind("logits")
             assert logits is not None, "the head's manifest has neither an embedding nor a logits shard"
             self.embed_model = self.windows[logits.window].model
-        # stateless (cleared every call, so a context of one batch): it stops at the first norm's input
+        # stateless (cleared every call) and small: it stops at the first norm's input, so its KV cache (one per
+        # layer of the model it runs on) only has to hold one call's tokens
         self.embed = self._stack.enter_context(
-            Window(self.embed_model, "embed", self.n_batch, self.n_batch, self.n_threads)
+            Window(self.embed_model, "embed", EMBED_CHUNK, EMBED_CHUNK, self.n_threads)
         )
         for w in self.windows.values():
             self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
@@ -310,6 +315,13 @@ class Head:
         (:meth:`Window.logits_at`, :meth:`Sampler.sample` with the row)."""
         return self._step(tokens, int(positions[0]), step, now(), (positions, seqs, out_rows))
 
+    def _embed(self, tokens: list[int]) -> np.ndarray:
+        """The layer-0 input of ``tokens``, embedded :data:`EMBED_CHUNK` tokens per call."""
+        if len(tokens) <= EMBED_CHUNK:
+            return self.embed.run_tokens(tokens, 0)
+        return np.concatenate([self.embed.run_tokens(tokens[i : i + EMBED_CHUNK], 0).copy()
+                               for i in range(0, len(tokens), EMBED_CHUNK)])  # fmt: skip
+
     def _step(
         self, tokens: list[int], pos0: int, step: int, t_step: float,
         rows: tuple[np.ndarray, np.ndarray, set[int]] | None = None,
@@ -318,7 +330,7 @@ class Head:
         model; returns the window holding the logits."""
         n = len(tokens)
         t0 = now()
-        h: np.ndarray = self.embed.run_tokens(tokens, pos0)
+        h: np.ndarray = self._embed(tokens)
         self.spans.add(SpanKind.HEAD, t0, now(), step, "embed")
         positions = np.arange(pos0, pos0 + n, dtype=np.int32) if rows is None else rows[0]
         seqs = None if rows is None else rows[1]

@@ -294,7 +294,7 @@ class DeviceCosts:
         micro-batch touches; on a GPU: the whole reserve); the head's last window also holds one row of logits. A device with a GPU backend also has GPU compute buffers and the backend's
         reserve, even without offloaded layers (llama.cpp initializes a present backend).
         """
-        n_ctx_windows = max(n_windows, 1 if is_head else 0)
+        n_ctx_windows = n_windows + (1 if is_head else 0)  # the head also has its embedding context
         per_ctx = self.compute_buffer_bytes(touched=True) + CONTEXT_ANON_BYTES
         cpu = n_ctx_windows * per_ctx + (self.model.arch.n_vocab * 4 if is_head else 0)
         mem = self.memory
