@@ -26,8 +26,11 @@ import pytest
 from prima_sim.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPROCESS = {"run", "worker", "profile", "netprobe", "emulate"}
+SUBPROCESS = {"run", "worker", "profile", "netprobe", "emulate", "serve", "chat"}
 """Commands swept in a child process (they load llama.cpp, bind sockets or need root)."""
+LONG_RUNNING = {"serve": 8.0, "chat": 8.0}
+"""Commands that keep running when their options are valid (a server waiting for its ring): a valid value is one
+they are still running with after this many seconds; an invalid one must end them at once with one error line."""
 SKIP_OPTIONS = {
     # These only select among valid inputs, or are covered below with their meaningful limits.
     ("emulate", "--suite"),
@@ -69,6 +72,8 @@ def base_args(command: str, f: dict[str, str]) -> list[str]:
         "shard": ["--plan", f["small"], "--model", f"{t}/missing.gguf", "--out", f"{t}/shards"],
         "worker": ["--device", "mac", "--shards", f"{t}/no-shards"],
         "run": ["--local", "--plan", f["small"], "--shards", f"{t}/no-shards", "--prompt", "hello"],
+        "serve": ["--local", "--plan", f["small"], "--shards", f"{t}/no-shards"],
+        "chat": ["--local", "--plan", f["small"], "--shards", f"{t}/no-shards"],
         "synth-model": [
             "--layers",
             "2",
@@ -147,8 +152,15 @@ TOO_LARGE: list[tuple[str, list[str], str]] = [
 def _run(command: str, args: list[str], capsys: pytest.CaptureFixture[str], tmp: str) -> tuple[int, str]:
     if command in SUBPROCESS:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PRIMA_SIM_CACHE=f"{tmp}/cache")
-        r = subprocess.run([sys.executable, "-m", "prima_sim.cli.main", command, *args], capture_output=True,
-                           text=True, timeout=120, env=env)  # fmt: skip
+        try:
+            r = subprocess.run([sys.executable, "-m", "prima_sim.cli.main", command, *args], capture_output=True,
+                               text=True, timeout=LONG_RUNNING.get(command, 120), env=env,
+                               stdin=subprocess.DEVNULL)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            if command not in LONG_RUNNING:
+                raise
+            err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            return 0, err  # still running: the options were accepted
         return r.returncode, r.stderr
     capsys.readouterr()
     try:
@@ -187,7 +199,7 @@ def test_numeric_options_out_of_range(command: str, flag: str, value: str, files
 def _zero_is_invalid(command: str, flag: str) -> bool:
     """Options where 0 makes no sense (counts of things that must exist, sizes, time limits)."""
     zero_ok = {"--seed", "--jitter", "--temperature", "--top-k", "--head-dim", "--prompt-tokens", "--older-than",
-               "--k", "--tokens"}  # fmt: skip
+               "--k", "--tokens", "--queue"}  # fmt: skip
     if command == "simulate" and flag == "--tokens":
         return False
     return flag not in zero_ok
