@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -257,3 +258,26 @@ def print_serving(obj: dict[str, Any]) -> None:
               f"{s['accept']:.2f}; cost model): {s['expected_tokens_per_pass']:.2f} tokens per verification pass of "
               f"{s['verify_s'] * 1e3:.1f} ms, draft {s['draft_s'] * 1e3:.1f} ms/token: TPOT {s['tpot_s'] * 1e3:.1f} ms "
               f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip
+
+
+def add_ring_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How a real ring runs (threads, prefetch, OpenMP waiting, prefill batch, timeouts): shared by ``run``,
+    ``serve`` and ``chat``, so each default exists once."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
+    )
+    g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
+    p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        type=str.lower,
+        choices=["passive", "active", "default"],
+        help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)",
+    )
+    p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
+    )
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import check_number, check_threads, plan_gguf, print_json
+from prima_sim.cli.common import add_ring_runtime_args, check_number, check_threads, plan_gguf, print_json
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
 
@@ -54,24 +54,7 @@ def register(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
-    )
-    g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
-    p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument(
-        "--omp-wait-policy",
-        default="passive",
-        type=str.lower,
-        choices=["passive", "active", "default"],
-        help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)",
-    )
-    p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
-    p.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
-    )
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
+    add_ring_runtime_args(p)
     p.add_argument("--out", default=None, help="directory for tokens.csv, trace.json, summary.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument(

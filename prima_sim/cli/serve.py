@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import check_number, check_threads, plan_gguf
+from prima_sim.cli.common import add_ring_runtime_args, check_number, check_threads, plan_gguf
 from prima_sim.errors import InputError, MissingDependencyError
 from prima_sim.plan import Plan
 
@@ -43,24 +43,7 @@ def add_ring_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
     p.add_argument("--shards", default=None, help="shard directory (one sub-directory per device)")
     p.add_argument("--hosts", default=None, help="hosts.toml (--real; default: loopback)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
-    )
-    g.add_argument("--cluster", default=None, help="cluster file: threads per device from its profiles")
-    p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument(
-        "--omp-wait-policy",
-        default="passive",
-        type=str.lower,
-        choices=["passive", "active", "default"],
-        help="OMP_WAIT_POLICY of the processes of a --local ring (default passive)",
-    )
-    p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
-    p.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
-    )
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
+    add_ring_runtime_args(p)
     p.add_argument(
         "--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
