@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -214,6 +215,14 @@ class Bench:
                 em.work / "model.gguf"
             )  # the unsplit GGUF on the emulated disk (prima.cpp, stock llama.cpp)
             shutil.copyfile(model_path, whole)
+            # One copy per prima.cpp rank, as on separate machines: ranks mapping one file on one host share its
+            # page cache across their cgroups (a page is charged to the cgroup that read it first, and a page
+            # another rank keeps referencing stays active in the cgroup that holds it), so in a paging scenario
+            # three 200 MiB devices would cache one shared 600 MB file like a 600 MiB device (measured: 274 MiB
+            # read per token over one shared file against 600 over prima-sim's per-device shards).
+            copies = {d.name: em.work / f"model-{d.name}.gguf" for d in em.ring}
+            for dst in copies.values():
+                shutil.copyfile(model_path, dst)
             assert em.disk is not None
             cap = willneed_cap(em.disk.device)
             self.say(f"{name}: one WILLNEED reads at most {cap // 1024} KiB on {em.disk.device}")
@@ -264,7 +273,7 @@ class Bench:
                             else:
                                 row.errors.append(pr.run_errors[-1] if pr.run_errors else "failed")
                         elif kind.startswith("prima.cpp"):
-                            self.run_primacpp(em, row, pr, whole, rep, force=kind.endswith("--force"))
+                            self.run_primacpp(em, row, pr, copies, rep, force=kind.endswith("--force"))
                         else:
                             self.run_stock(em, row, whole, rep)
             finally:
@@ -356,7 +365,9 @@ class Bench:
             )
         return cluster.model_copy(update={"devices": tuple(devs)})
 
-    def run_primacpp(self, em: Any, row: Row, pr: Any, whole: Path, rep: int, force: bool = False) -> None:
+    def run_primacpp(
+        self, em: Any, row: Row, pr: Any, copies: dict[str, Path], rep: int, force: bool = False
+    ) -> None:
         if self.prima is None:
             row.skipped = self.prima_why
             return
@@ -364,8 +375,13 @@ class Bench:
         hosts = {d.name: em.net.nodes[d.name].ip for d in plan.devices}
         # prima.cpp's perf counters leave out the first 5 decode calls ("preheat"): 5 more tokens, so that its
         # "eval time" covers --tokens decode steps
-        cmds = primacpp_commands(plan, str(whole), hosts, prompt=PROMPT, n_predict=self.args.tokens + 6,
+        cmds = primacpp_commands(plan, "MODEL", hosts, prompt=PROMPT, n_predict=self.args.tokens + 6,
                                  threads={d.name: 1 for d in plan.devices}, binary_dir=str(self.prima.parent), force=force)  # fmt: skip
+        # each rank maps its own copy (see run_group)
+        cmds = [
+            dataclasses.replace(c, cli=[str(copies[c.device]) if a == "MODEL" else a for a in c.cli])
+            for c in cmds
+        ]
         extra = ["--temp", "0", "--ignore-eos", "-b", "64", "-ub", "64"]
         rep_dir = em.out / "runs" / f"{pr.label}-prima.cpp{'-force' if force else ''}" / f"rep{rep}"
         rep_dir.mkdir(parents=True, exist_ok=True)
