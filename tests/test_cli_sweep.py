@@ -199,7 +199,7 @@ def test_numeric_options_out_of_range(command: str, flag: str, value: str, files
 def _zero_is_invalid(command: str, flag: str) -> bool:
     """Options where 0 makes no sense (counts of things that must exist, sizes, time limits)."""
     zero_ok = {"--seed", "--jitter", "--temperature", "--top-k", "--head-dim", "--prompt-tokens", "--older-than",
-               "--k", "--tokens", "--queue"}  # fmt: skip
+               "--k", "--tokens", "--queue", "--busy-retries"}  # fmt: skip
     if command == "simulate" and flag == "--tokens":
         return False
     return flag not in zero_ok
