@@ -165,6 +165,11 @@ class Plan(FrozenModel):
     )
     k: int = Field(gt=0, description="rounds of the ring per token")
     n_ctx: int = Field(gt=0, description="context length the plan reserves KV cache for")
+    n_seq: int = Field(
+        default=1,
+        ge=1,
+        description="sequences every window's KV cache holds, each of n_ctx tokens (prima-sim serve --parallel)",
+    )
     devices: tuple[DeviceAssignment, ...] = Field(min_length=1, description="ring order, head first")
     dropped: tuple[Dropped, ...] = Field(default=(), description="devices of the cluster left out")
     scheduler: str = Field(description="halda, a baseline's name, or manual")
@@ -217,6 +222,9 @@ class Plan(FrozenModel):
         if workload is not None and workload.n_ctx != self.n_ctx:
             raise InputError(source, "n_ctx", f"the plan reserves KV cache for {self.n_ctx} tokens but the workload "
                              f"asks for a context of {workload.n_ctx}: use the plan's n_ctx")  # fmt: skip
+        if workload is not None and workload.n_seq != self.n_seq:
+            raise InputError(source, "n_seq", f"the plan reserves KV cache for {self.n_seq} sequence(s) but the "
+                             f"workload asks for {workload.n_seq}: re-plan with --parallel {workload.n_seq}")  # fmt: skip
 
     def check_model(self, model: ModelProfile, source: str = "plan", model_ref: str = "") -> None:
         """That this plan was made for ``model`` (``model_ref``: how the user named it, for the advice).
@@ -287,6 +295,8 @@ class Plan(FrozenModel):
             "devices": [(d.name, d.gpu_layers, d.layers) for d in self.devices],
             "n_ctx": self.n_ctx,
         }
+        if self.n_seq != 1:  # left out at 1: plans made before the field keep their fingerprint (and shards)
+            core["n_seq"] = self.n_seq
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
     def on_cpus(self) -> Plan:

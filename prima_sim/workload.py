@@ -16,6 +16,8 @@ from prima_sim.schema import FrozenModel
 
 DEFAULT_UBATCH = 512
 """llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens."""
+MAX_SEQ = 256
+"""Most sequences one KV cache is planned for (llama.cpp's own limit, LLAMA_MAX_SEQ)."""
 DEFAULT_CTX = 1024
 """The context every command reserves KV cache for unless told otherwise (prima.cpp's examples use ``-c 1024``)."""
 
@@ -28,6 +30,8 @@ class Workload(FrozenModel):
         prompt_tokens: prompt length (prefill, TTFT).
         decode_tokens: tokens generated after the first (TPOT is their median).
         n_ubatch: prefill micro-batch size.
+        n_seq: sequences every window's KV cache holds (``prima-sim serve --parallel``): the KV cache is
+            ``n_seq`` x ``n_ctx`` tokens.
     """
 
     n_ctx: int = Field(
@@ -38,6 +42,12 @@ class Workload(FrozenModel):
         default=128, ge=0, description="tokens generated after the first (TPOT: their median)"
     )
     n_ubatch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill micro-batch size")
+    n_seq: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SEQ,
+        description="sequences every window's KV cache holds (prima-sim serve --parallel): n_seq x n_ctx tokens",
+    )
 
     @classmethod
     def of(cls, **fields: Any) -> Workload:
@@ -67,5 +77,9 @@ class Workload(FrozenModel):
     def with_decode_tokens(self, n: int) -> Workload:
         """The same workload generating ``n`` tokens (validated)."""
         return Workload.of(
-            n_ctx=self.n_ctx, prompt_tokens=self.prompt_tokens, decode_tokens=n, n_ubatch=self.n_ubatch
+            n_ctx=self.n_ctx,
+            prompt_tokens=self.prompt_tokens,
+            decode_tokens=n,
+            n_ubatch=self.n_ubatch,
+            n_seq=self.n_seq,
         )

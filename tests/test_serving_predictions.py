@@ -83,3 +83,46 @@ def test_plan_and_simulate_flags(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--accept" in r.stderr and "Traceback" not in r.stderr
     r = _cli("plan", "--model", "llama3-8b", "--concurrency", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--concurrency" in r.stderr
+
+
+# --- planning for serve --parallel N: the KV cache holds N sequences ------------------------------------------
+def test_parallel_sequences_reserve_n_times_the_kv_cache() -> None:
+    from prima_sim.halda.costmodel import DeviceCosts
+
+    cluster = load_cluster_arg("paper-d1-d4")
+    model = load_model_arg("qwen2.5-32b")
+    one, four = Workload(n_ctx=1024), Workload(n_ctx=1024, n_seq=4)
+    dev = cluster.devices[0]
+    kv1, kv4 = DeviceCosts(dev, model, one).layer_kv_bytes, DeviceCosts(dev, model, four).layer_kv_bytes
+    assert kv4 == tuple(4 * b for b in kv1) and sum(kv1) > 0
+    p1, p4 = make_plan(cluster, model, one), make_plan(cluster, model, four)
+    assert (p1.n_seq, p4.n_seq) == (1, 4)
+    # less RAM left for weights: the same cluster can only be slower for four sequences' caches
+    assert p4.prediction.tpot_s >= p1.prediction.tpot_s
+
+
+def test_n_seq_is_in_the_contract_but_leaves_old_fingerprints_alone(setup) -> None:
+    from prima_sim.errors import InputError
+    from prima_sim.plan import Plan
+
+    plan, cluster, model, wl = setup
+    assert Plan.from_json(plan.to_json()) == plan
+    legacy = json.loads(plan.to_json())
+    del legacy["n_seq"]  # a plan written before the field
+    assert Plan.from_json(json.dumps(legacy)).fingerprint() == plan.fingerprint()
+    two = plan.model_copy(update={"n_seq": 2})
+    assert two.fingerprint() != plan.fingerprint()  # shards for one sequence are not shards for two
+    with pytest.raises(InputError, match="n_seq.*--parallel 2"):
+        plan.check_against(cluster, model, Workload(n_ctx=plan.n_ctx, n_seq=2))
+
+
+def test_plan_and_simulate_take_parallel(tmp_path: Path) -> None:
+    from prima_sim.cli.main import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "--cluster", "paper-d1-d4", "--model", "qwen2.5-32b", "--parallel", "4", "--out", str(out),
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["n_seq"] == 4
+    assert main(["simulate", "--plan", str(out), "--tokens", "2", "--no-gantt", "--out", str(tmp_path / "s")]) == 0
+    assert main(["simulate", "--plan", str(out), "--parallel", "2", "--tokens", "2", "--no-gantt"]) == 2
+    assert main(["plan", "--cluster", "paper-d1-d4", "--model", "qwen2.5-32b", "--ctx", "4096", "--parallel", "64"]) != 0

@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)"
     )
     p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="plan for 'prima-sim serve --parallel N': every window's KV cache holds N sequences of --ctx "
+        "tokens (default: %(default)s)",
+    )
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
     p.add_argument(
         "--no-prefetch",
@@ -133,9 +140,9 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     """The workload the CLI flags describe (validated)."""
     try:
         return Workload.of(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
-                           n_ubatch=args.ubatch)  # fmt: skip
+                           n_ubatch=args.ubatch, n_seq=args.parallel)  # fmt: skip
     except ValueError as exc:
-        raise InputError("--ctx/--prompt-tokens/--tokens", "", str(exc)) from None
+        raise InputError("--ctx/--prompt-tokens/--tokens/--parallel", "", str(exc)) from None
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
@@ -148,6 +155,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "cluster": plan.cluster_name,
         "k": plan.k,
         "n_ctx": plan.n_ctx,
+        "n_seq": plan.n_seq,
         "devices": [
             {
                 "name": d.name,
@@ -183,8 +191,9 @@ def print_table(plan: Plan) -> None:
     """Human-readable plan: one row per device, one header per column."""
     pred = plan.prediction
     rounds = "round" if plan.k == 1 else "rounds"
+    seqs = f" x {plan.n_seq} sequences" if plan.n_seq > 1 else ""
     print(f"{plan.scheduler} plan of {plan.model_id} ({plan.n_layers} layers) on {plan.cluster_name}"
-          f"{' (CPUs only)' if plan.cpu_only else ''}, context {plan.n_ctx}: {len(plan.devices)} devices, "
+          f"{' (CPUs only)' if plan.cpu_only else ''}, context {plan.n_ctx}{seqs}: {len(plan.devices)} devices, "
           f"k = {plan.k} {rounds} of the ring per token")  # fmt: skip
     per = {t.name: t for t in (pred.per_device if pred else ())}
     rows = []

@@ -113,6 +113,12 @@ def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) 
     from prima_sim.exec.runner import check_gpu, default_shard_dir, ensure_shards
 
     plan = Plan.load(args.plan)
+    if parallel > plan.n_seq:
+        logging.getLogger("prima_sim.notes").warning(
+            "the plan reserves KV cache for %d sequence(s) per window and --parallel %d needs %d times as much: its "
+            "memory check does not cover this; re-plan with 'prima-sim plan --parallel %d'",
+            plan.n_seq, parallel, parallel, parallel,
+        )  # fmt: skip
     model = plan_gguf(plan, args.plan, args.model, required=args.shards is None)
     if args.local and any(d.gpu_layers for d in plan.devices) and not supports_gpu_offload():
         logging.getLogger("prima_sim.notes").info(

@@ -86,6 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     wl.add_argument(
         "--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)"
     )
+    wl.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="sequences every window's KV cache holds, as 'prima-sim serve --parallel' (default: the plan's, "
+        "else 1)",
+    )
     sm = p.add_argument_group("simulator")
     sm.add_argument(
         "--seed", type=int, default=0, help="root seed of every random stream (default: %(default)s)"
@@ -151,13 +158,12 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise InputError(flag, "", f"expected comma-separated integers like 10,10,10, got {text!r}") from None
 
 
-def _workload(args: argparse.Namespace, n_ctx: int) -> Workload:
+def _workload(args: argparse.Namespace, n_ctx: int, n_seq: int) -> Workload:
     try:
-        return Workload.of(
-            n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch
-        )
+        return Workload.of(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
+                           n_ubatch=args.ubatch, n_seq=n_seq)  # fmt: skip
     except ValueError as exc:
-        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
+        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch/--parallel", "", str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -210,11 +216,14 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
             raise InputError(
                 "--ctx", "", f"the plan reserves KV cache for {plan.n_ctx} tokens; omit --ctx or re-plan"
             )
-        wl = _workload(args, plan.n_ctx)
+        if args.parallel is not None and args.parallel != plan.n_seq:
+            raise InputError("--parallel", "", f"the plan reserves KV cache for {plan.n_seq} sequence(s); omit "
+                             "--parallel or re-plan with it")  # fmt: skip
+        wl = _workload(args, plan.n_ctx, plan.n_seq)
         return plan, cluster, model, wl
     cluster = load_cluster_arg(args.cluster or DEFAULT_CLUSTER)
     model = load_model_arg(args.model or DEFAULT_MODEL)
-    wl = _workload(args, args.ctx if args.ctx is not None else 1024)
+    wl = _workload(args, args.ctx if args.ctx is not None else 1024, args.parallel or 1)
     if args.windows:
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
         plan = manual_plan(cluster, model, wl, _int_list(args.windows, "--windows"), gpu)

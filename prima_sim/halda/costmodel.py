@@ -255,7 +255,8 @@ class DeviceCosts:
     @cached_property
     def layer_kv_bytes(self) -> tuple[int, ...]:
         """KV-cache bytes every layer reserves for the workload's context."""
-        return _layer_kv_bytes(self.model, self.workload.n_ctx)
+        n_seq = self.workload.n_seq  # serve --parallel: one n_ctx-token cache per sequence
+        return tuple(b * n_seq for b in _layer_kv_bytes(self.model, self.workload.n_ctx))
 
     @cached_property
     def kv_bytes_per_layer(self) -> float:

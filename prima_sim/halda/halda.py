@@ -165,9 +165,13 @@ def _diagnose(cluster: Cluster, ring: list[str], model: ModelProfile, workload: 
     need = kv_total + buffers
     if need > pinnable + vram:
         return InfeasiblePlanError(
-            f"the KV cache for a context of {workload.n_ctx} tokens ({fmt_bytes(kv_total)}) plus compute buffers "
+            f"the KV cache for a context of {workload.n_ctx} tokens"
+            + (f" x {workload.n_seq} sequences" if workload.n_seq > 1 else "")
+            + f" ({fmt_bytes(kv_total)}) plus compute buffers "
             f"({fmt_bytes(buffers)}) cannot fit in the RAM+swap+VRAM of all devices ({fmt_bytes(pinnable + vram)}): "
-            f"short by {fmt_bytes(need - pinnable - vram)}; lower --ctx or add memory",
+            f"short by {fmt_bytes(need - pinnable - vram)}; lower --ctx"
+            + (" or --parallel" if workload.n_seq > 1 else "")
+            + " or add memory",
             resource="RAM+VRAM of all devices",
             shortfall_bytes=int(need - pinnable - vram),
         )

@@ -224,7 +224,7 @@ def _halda_plan_of(cluster: Cluster, model: ModelProfile, workload: Workload, ri
     }
     return Plan(
         model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L, cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(), k=res.k, n_ctx=workload.n_ctx,
+        cluster_fingerprint=cluster.fingerprint(), k=res.k, n_ctx=workload.n_ctx, n_seq=workload.n_seq,
         devices=make_assignments(ring, w, n, L),
         dropped=tuple(Dropped(name=nm, reason=r) for nm, r in sel.dropped),
         scheduler="halda",
@@ -307,7 +307,7 @@ def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o
     }  # fmt: skip
     plan = Plan(
         model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L,
-        cluster_name=cluster.name, cluster_fingerprint=cluster.fingerprint(), k=sol.k, n_ctx=workload.n_ctx,
+        cluster_name=cluster.name, cluster_fingerprint=cluster.fingerprint(), k=sol.k, n_ctx=workload.n_ctx, n_seq=workload.n_seq,
         devices=make_assignments(res.ring, sol.w, sol.n, L),
         dropped=tuple(Dropped(name=n, reason=r) for n, r in sel.dropped),
         scheduler="prima",
@@ -372,7 +372,7 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
     ns = [min(n[i], w[i]) for i in keep]
     plan = Plan(
         model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L, cluster_name=cluster.name,
-        cluster_fingerprint=cluster.fingerprint(), k=rounds_for(ws, L), n_ctx=workload.n_ctx,
+        cluster_fingerprint=cluster.fingerprint(), k=rounds_for(ws, L), n_ctx=workload.n_ctx, n_seq=workload.n_seq,
         devices=make_assignments(names, ws, ns, L), dropped=dropped, scheduler=scheduler,
         solver=SolverInfo(status="heuristic" if scheduler != "manual" else "manual", solve_time_s=solve_time),
     )  # fmt: skip
