@@ -105,14 +105,14 @@ def test_n_seq_is_in_the_contract_but_leaves_old_fingerprints_alone(setup) -> No
     from prima_sim.errors import InputError
     from prima_sim.plan import Plan
 
-    plan, cluster, model, wl = setup
+    plan, cluster, model, _wl = setup
     assert Plan.from_json(plan.to_json()) == plan
     legacy = json.loads(plan.to_json())
     del legacy["n_seq"]  # a plan written before the field
     assert Plan.from_json(json.dumps(legacy)).fingerprint() == plan.fingerprint()
     two = plan.model_copy(update={"n_seq": 2})
     assert two.fingerprint() != plan.fingerprint()  # shards for one sequence are not shards for two
-    with pytest.raises(InputError, match="n_seq.*--parallel 2"):
+    with pytest.raises(InputError, match=r"n_seq.*--parallel 2"):
         plan.check_against(cluster, model, Workload(n_ctx=plan.n_ctx, n_seq=2))
 
 
