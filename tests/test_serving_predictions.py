@@ -123,6 +123,24 @@ def test_plan_and_simulate_take_parallel(tmp_path: Path) -> None:
     assert main(["plan", "--cluster", "paper-d1-d4", "--model", "qwen2.5-32b", "--parallel", "4", "--out", str(out),
                  "--json"]) == 0  # fmt: skip
     assert json.loads(out.read_text())["n_seq"] == 4
-    assert main(["simulate", "--plan", str(out), "--tokens", "2", "--no-gantt", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(["simulate", "--plan", str(out), "--tokens", "2", "--no-gantt", "--out", str(tmp_path / "s")])
+        == 0
+    )
     assert main(["simulate", "--plan", str(out), "--parallel", "2", "--tokens", "2", "--no-gantt"]) == 2
-    assert main(["plan", "--cluster", "paper-d1-d4", "--model", "qwen2.5-32b", "--ctx", "4096", "--parallel", "64"]) != 0
+    assert (
+        main(
+            [
+                "plan",
+                "--cluster",
+                "paper-d1-d4",
+                "--model",
+                "qwen2.5-32b",
+                "--ctx",
+                "4096",
+                "--parallel",
+                "64",
+            ]
+        )
+        != 0
+    )
