@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
             # uvicorn re-raises a captured SIGINT/SIGTERM after its shutdown, which would end this process
             # before the ring is stopped: forget it, return, stop the ring, exit 0
-            getattr(self, "_captured_signals", []).clear()
+            self._captured_signals.clear()  # uvicorn >= 0.29 (pyproject) has it
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), lifespan="off",
                             timeout_graceful_shutdown=5)  # fmt: skip

@@ -131,6 +131,8 @@ class Head:
         self._seq = 0
         self.windows: dict[int, LoadedWindow] = {}
         self.started = False
+        self.closing = False  # close() has begun: a worker's 'bye' is expected from now on
+        self._kept: list[Span] = []  # every span all_spans() has returned (it returns them all again)
 
     # --- start-up ----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -260,7 +262,7 @@ class Head:
             )
         if st.state == "failed":
             raise WorkerError(f"device {st.device} failed: {st.detail}")
-        if st.type == "bye" and not getattr(self, "closing", False):
+        if st.type == "bye" and not self.closing:
             raise WorkerError(f"device {st.device} left the ring (it stopped before the head did)")
 
     def _check_liveness(self) -> None:
@@ -476,7 +478,7 @@ class Head:
         for w, p in self.peers.items():
             out += to_spans(w, p.spans, t0)
             p.spans = []
-        self._kept = getattr(self, "_kept", []) + out
+        self._kept += out
         return list(self._kept)
 
     def close(self, graceful: bool = True) -> None:

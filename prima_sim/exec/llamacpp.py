@@ -132,6 +132,7 @@ class Model:
     def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
         rt = _Runtime.get()
         self._lc = rt.lc
+        self.ptr: Any = None  # llama_model *, None until loaded and after close()
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(str(path), "", "file not found")
@@ -149,7 +150,7 @@ class Model:
 
     def close(self) -> None:
         """Free the model."""
-        if getattr(self, "ptr", None):
+        if self.ptr:
             self._lc.llama_model_free(self.ptr)
             self.ptr = None
 

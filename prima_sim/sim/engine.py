@@ -9,7 +9,7 @@ with the context: a decode step at position ``P + s - 1`` attends to ``P + s`` c
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,9 @@ class CountingEnvironment(simpy.Environment):
     def __init__(self) -> None:
         super().__init__()
         self._counted = 0
-        if not hasattr(self, "_eid"):
+        # SimPy's event-id counter (an itertools.count), read once here; None where this SimPy has none
+        self._ids: Iterator[int] | None = vars(self).get("_eid")
+        if self._ids is None:
             self.schedule = self._counting_schedule  # type: ignore[method-assign]
 
     def _counting_schedule(
@@ -53,13 +55,10 @@ class CountingEnvironment(simpy.Environment):
     @property
     def n_events(self) -> int:
         """Events scheduled so far."""
-        eid = getattr(self, "_eid", None)
-        if eid is None:
+        if self._ids is None:
             return self._counted
-        n: int = next(
-            eid
-        )  # the next id is the number scheduled so far; consuming it only skips a tie-breaker
-        return n
+        # the next id is the number scheduled so far; consuming it only skips a tie-breaker
+        return next(self._ids)
 
 
 @dataclass(frozen=True)
