@@ -8,7 +8,7 @@ import pytest
 from prima_sim.errors import InputError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import HostsFile, load_hosts, resolve
-from prima_sim.exec.ring import Route
+from prima_sim.exec.ring import Route, WorkerFailed, WorkerIdle, WorkerLoading, WorkerReady, WorkerRunning
 from prima_sim.plan import Plan, make_assignments
 
 FP = "0123456789abcdef"
@@ -46,10 +46,54 @@ def test_data_round_trip() -> None:
 def test_control_messages_round_trip() -> None:
     h, pos, hid = wire.decode(wire.encode(wire.Header(type="stop", fp=FP, seq=9)), FP, 8)
     assert h.type == "stop" and pos is None and hid is None
-    st = wire.Status(
-        type="status", device="D1", pid=1, fp=FP, state="ready", spans=(("compute", 1.0, 2.0, 0, "w0"),)
+    for state in (WorkerIdle(), WorkerLoading(loaded=1, total=3), WorkerReady(), WorkerRunning(step=4, window=2),
+                  WorkerFailed(reason="out of memory")):  # fmt: skip
+        st = wire.Status(
+            type="status", device="D1", pid=1, fp=FP, state=state, spans=(("compute", 1.0, 2.0, 0, "w0"),)
+        )
+        back = wire.decode_status(wire.encode_status(st))
+        assert back == st and type(back.state) is type(state)
+
+
+def status_json(state: str) -> bytes:
+    return (
+        wire.MAGIC
+        + b'{"v": 2, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": '
+        + state.encode()
+        + b"}"
     )
-    assert wire.decode_status(wire.encode_status(st)) == st
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (
+            '"ready"',
+            r"^bad status field state: Input should be .*object",
+        ),  # the bare string of wire version 1
+        (
+            '{"name": "dancing"}',
+            r"^bad status field state: Input tag 'dancing' .* expected tags: 'idle', 'loading'",
+        ),
+        ('{"step": 1}', r"^bad status field state: Unable to extract tag using discriminator 'name'"),
+        ('{"name": "running", "step": 1}', r"^bad status field state\.running\.window: Field required"),
+        (
+            '{"name": "loading", "loaded": -1, "total": 2}',
+            r"^bad status field state\.loading\.loaded: .*greater than",
+        ),
+        ('{"name": "ready", "detail": "x"}', r"^bad status field state\.ready\.detail: Extra inputs"),
+    ],
+)
+def test_malformed_worker_state_is_rejected_naming_the_field(state: str, reason: str) -> None:
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_status(status_json(state))
+    assert wire.decode_status(status_json('{"name": "ready"}')).state == WorkerReady()
+
+
+def test_status_of_another_protocol_version_says_so() -> None:
+    old = wire.MAGIC + b'{"v": 1, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": "ready"}'
+    with pytest.raises(wire.WireError, match=r"^bad status message: protocol version 1, this side speaks 2$"):
+        wire.decode_status(old)
 
 
 @pytest.mark.parametrize(
@@ -58,10 +102,10 @@ def test_control_messages_round_trip() -> None:
         ([], "empty message"),
         ([b"hello"], "not a prima-sim message"),
         ([wire.MAGIC + b"{oops"], "not JSON"),
-        ([wire.MAGIC + b'{"v": 2, "type": "data"}'], "protocol version 2"),
-        ([wire.MAGIC + b'{"v": 1, "type": "dance", "fp": "x", "seq": 1}'], "bad header field type"),
+        ([wire.MAGIC + b'{"v": 1, "type": "data"}'], "protocol version 1, this side speaks 2"),
+        ([wire.MAGIC + b'{"v": 2, "type": "dance", "fp": "x", "seq": 1}'], "bad header field type"),
         (
-            [wire.MAGIC + b'{"v": 1, "type": "data", "fp": "x", "seq": 1, "extra": 1}'],
+            [wire.MAGIC + b'{"v": 2, "type": "data", "fp": "x", "seq": 1, "extra": 1}'],
             "bad header field extra",
         ),
         ([wire.MAGIC + b"x" * 5000], "exceeds"),

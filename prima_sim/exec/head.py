@@ -36,6 +36,12 @@ from prima_sim.exec.ring import (
     Prefetcher,
     Route,
     SpanLog,
+    WorkerFailed,
+    WorkerIdle,
+    WorkerReady,
+    WorkerRunning,
+    WorkerState,
+    describe,
     now,
     to_spans,
 )  # fmt: skip
@@ -80,8 +86,7 @@ class _Peer:
     """What the head knows about one worker from its heartbeats."""
 
     last_seen: float = 0.0
-    state: str = ""
-    detail: str = ""
+    state: WorkerState = field(default_factory=WorkerIdle)
     fp: str = ""
     pid: int = 0
     rejected: int = 0
@@ -207,7 +212,7 @@ class Head:
             self.started = True
             return
         deadline = now() + startup_timeout
-        while not all(p.state == "ready" for p in self.peers.values()):
+        while not all(isinstance(p.state, WorkerReady) for p in self.peers.values()):
             self._wait(deadline, lambda: self._missing(f"did not report ready within {startup_timeout:g} s"))
         for w, p in self.peers.items():
             if p.n_batch < self.n_batch:
@@ -230,7 +235,7 @@ class Head:
         self.started = True
 
     def _missing(self, what: str) -> str:
-        late = [w for w, p in self.peers.items() if p.state != "ready"]
+        late = [w for w, p in self.peers.items() if not isinstance(p.state, WorkerReady)]
         where = ", ".join(f"{w} at {self.endpoints.url(w)}" for w in late)
         return (
             f"device(s) {where} {what} (is 'prima-sim worker --device NAME' running there with these shards?)"
@@ -251,7 +256,7 @@ class Head:
         if p is None:
             log.warning("head: status from unknown device %r ignored", st.device)
             return
-        p.last_seen, p.state, p.detail, p.fp, p.pid = now(), st.state, st.detail, st.fp, st.pid
+        p.last_seen, p.state, p.fp, p.pid = now(), st.state, st.fp, st.pid
         p.rejected, p.n_batch, p.n_seq = st.rejected, st.n_batch, st.n_seq
         p.spans.extend(st.spans)
         p.bye = p.bye or st.type == "bye"
@@ -260,8 +265,8 @@ class Head:
                 f"device {st.device} runs plan {st.fp} but the head runs plan {self.fp}: "
                 f"give it the shards of this plan ('prima-sim shard') and restart it"
             )
-        if st.state == "failed":
-            raise WorkerError(f"device {st.device} failed: {st.detail}")
+        if isinstance(st.state, WorkerFailed):
+            raise WorkerError(f"device {st.device} failed: {st.state.reason}")
         if st.type == "bye" and not self.closing:
             raise WorkerError(f"device {st.device} left the ring (it stopped before the head did)")
 
@@ -270,9 +275,10 @@ class Head:
         t = now()
         for w, p in self.peers.items():
             if p.last_seen and t - p.last_seen > self.timeout and not p.bye:
+                last = f"{p.state.name} {describe(p.state)}".rstrip()
                 raise WorkerError(
                     f"device {w} ({self.endpoints.url(w)}) stopped answering: no heartbeat for "
-                    f"{t - p.last_seen:.1f} s (timeout {self.timeout:g} s; last state: {p.state} {p.detail})".rstrip()
+                    f"{t - p.last_seen:.1f} s (timeout {self.timeout:g} s; last state: {last})"
                 )
 
     def _wait(self, deadline: float, why: Callable[[], str]) -> zmq.Socket | None:
@@ -305,8 +311,10 @@ class Head:
                 log.warning("head: rejected a message: %s", exc)
 
     def _holder(self) -> str:
-        busy = [w for w, p in self.peers.items() if p.state == "running"]
-        return f"; device {busy[0]} is still computing ({self.peers[busy[0]].detail})" if busy else ""
+        busy = [w for w, p in self.peers.items() if isinstance(p.state, WorkerRunning)]
+        return (
+            f"; device {busy[0]} is still computing ({describe(self.peers[busy[0]].state)})" if busy else ""
+        )
 
     # --- one step ---------------------------------------------------------------------------------------------
     def step_rows(

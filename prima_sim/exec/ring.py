@@ -13,10 +13,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from prima_sim.metrics import Span, SpanKind
 from prima_sim.plan import LayerRange, Plan, next_own_window, prefetch_window
+from prima_sim.schema import FrozenModel
 
 log = logging.getLogger(__name__)
 
@@ -78,47 +81,46 @@ class Route:
 
 
 # --- lifecycle -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerIdle:
+# A worker's state is a tagged union (the tag is ``name``): the worker holds one of these, and its heartbeat
+# carries the same typed value to the head (:class:`prima_sim.exec.wire.Status`), validated on arrival.
+class WorkerIdle(FrozenModel):
     """Started, nothing loaded yet."""
 
-    name: str = "idle"
+    name: Literal["idle"] = "idle"
 
 
-@dataclass(frozen=True)
-class WorkerLoading:
+class WorkerLoading(FrozenModel):
     """Loading its shards."""
 
-    loaded: int
-    total: int
-    name: str = "loading"
+    name: Literal["loading"] = "loading"
+    loaded: int = Field(ge=0)
+    total: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
-class WorkerReady:
+class WorkerReady(FrozenModel):
     """Shards loaded, waiting for messages."""
 
-    name: str = "ready"
+    name: Literal["ready"] = "ready"
 
 
-@dataclass(frozen=True)
-class WorkerRunning:
+class WorkerRunning(FrozenModel):
     """Computing a window."""
 
-    step: int
-    window: int
-    name: str = "running"
+    name: Literal["running"] = "running"
+    step: int = Field(ge=0)
+    window: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
-class WorkerFailed:
+class WorkerFailed(FrozenModel):
     """Cannot go on; ``reason`` says why."""
 
+    name: Literal["failed"] = "failed"
     reason: str
-    name: str = "failed"
 
 
-WorkerState = WorkerIdle | WorkerLoading | WorkerReady | WorkerRunning | WorkerFailed
+WorkerState = Annotated[
+    WorkerIdle | WorkerLoading | WorkerReady | WorkerRunning | WorkerFailed, Field(discriminator="name")
+]
 
 
 def describe(state: WorkerState) -> str:

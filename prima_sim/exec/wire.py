@@ -28,10 +28,12 @@ from typing import Any, Final, Literal
 import numpy as np
 from pydantic import Field, ValidationError
 
+from prima_sim.exec.ring import WorkerState
 from prima_sim.schema import FrozenModel
 
 MAGIC = b"PRSM"
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2
+"""2: a status message carries the worker's state as a tagged union (was a bare string and a detail string)."""
 MAX_HEADER_BYTES = 4096
 DTYPE: Final = "f32"
 
@@ -45,7 +47,7 @@ class WireError(ValueError):
 class Header(FrozenModel):
     """First frame of every ring message."""
 
-    v: Literal[1] = WIRE_VERSION
+    v: Literal[2] = WIRE_VERSION
     type: MsgType
     fp: str = Field(min_length=1, description="plan fingerprint")
     seq: int = Field(ge=0, description="head's message counter; every hop of one batch carries the same seq")
@@ -62,15 +64,15 @@ class Header(FrozenModel):
 
 
 class Status(FrozenModel):
-    """A worker's heartbeat on the control channel: its state, new measurements, and any error."""
+    """A worker's heartbeat on the control channel: its state (a tagged union on ``state.name``: idle, loading,
+    ready, running, failed, each with its own fields; a failed state carries the error), new measurements."""
 
-    v: Literal[1] = WIRE_VERSION
+    v: Literal[2] = WIRE_VERSION
     type: Literal["status", "bye"]
     device: str
     pid: int
     fp: str
-    state: str
-    detail: str = ""
+    state: WorkerState
     rejected: int = 0
     n_batch: int = Field(default=0, ge=0, description="largest batch the worker accepts")
     n_seq: int = Field(default=1, ge=1, description="sequences each of its windows' KV caches holds")
@@ -127,15 +129,8 @@ def decode_rows(
         raise WireError(f"header of {len(first)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         h = Header.model_validate_json(first[len(MAGIC) :])  # parsed and checked in one pass (pydantic-core)
-    except ValidationError as exc:  # find the most useful reason
-        try:
-            raw = json.loads(first[len(MAGIC) :])
-        except (UnicodeDecodeError, json.JSONDecodeError) as jexc:
-            raise WireError(f"header is not JSON: {jexc}") from None
-        if isinstance(raw, dict) and raw.get("v") != WIRE_VERSION:
-            raise WireError(f"protocol version {raw.get('v')!r}, this worker speaks {WIRE_VERSION}") from None
-        err = exc.errors(include_url=False)[0]
-        raise WireError(f"bad header field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    except ValidationError as exc:
+        raise WireError(f"bad header {_reason(exc, first[len(MAGIC) :])}") from None
     if h.fp != fingerprint:
         raise WireError(f"message for plan {h.fp}, this worker runs plan {fingerprint}")
     if h.type != "data":
@@ -195,4 +190,17 @@ def decode_status(frame: Any) -> Status:
     try:
         return Status.model_validate_json(raw[len(MAGIC) :])
     except ValidationError as exc:
-        raise WireError(f"bad status message: {exc.errors(include_url=False)[0]['msg']}") from None
+        raise WireError(f"bad status {_reason(exc, raw[len(MAGIC) :])}") from None
+
+
+def _reason(exc: ValidationError, body: bytes) -> str:
+    """The one most useful reason a message body failed validation: not JSON, another protocol version, or
+    the first invalid field (its dotted path; a union member's tag is part of it, as in ``state.running.step``)."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as jexc:
+        return f"message: not JSON: {jexc}"
+    if isinstance(raw, dict) and raw.get("v") != WIRE_VERSION:
+        return f"message: protocol version {raw.get('v')!r}, this side speaks {WIRE_VERSION}"
+    err = exc.errors(include_url=False)[0]
+    return f"field {'.'.join(map(str, err['loc']))}: {err['msg']}"

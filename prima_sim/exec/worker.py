@@ -38,7 +38,6 @@ from prima_sim.exec.ring import (
     WorkerReady,
     WorkerRunning,
     WorkerState,
-    describe,
     now,
 )  # fmt: skip
 from prima_sim.exec.shard import DeviceManifest, shard_path
@@ -143,9 +142,8 @@ class Worker:
     # --- control channel -------------------------------------------------------------------------------------
     def _status(self, kind: Literal["status", "bye"] = "status") -> wire.Status:
         return wire.Status(
-            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state.name,
-            detail=describe(self.state), rejected=self.rejected, n_batch=self.n_batch, n_seq=self.n_seq,
-            spans=tuple(self.spans.drain()),
+            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state, rejected=self.rejected,
+            n_batch=self.n_batch, n_seq=self.n_seq, spans=tuple(self.spans.drain()),
         )  # fmt: skip
 
     def _reporter(self, done: threading.Event) -> None:
@@ -171,10 +169,10 @@ class Worker:
         reporter.start()
         stack = ExitStack()
         try:
-            self.state = WorkerLoading(0, len(self.route.windows_of(self.device)))
+            self.state = WorkerLoading(loaded=0, total=len(self.route.windows_of(self.device)))
             windows, wstack = load_windows(
                 self.shard_dir, self.man, self.n_threads, self.n_batch,
-                lambda i, n: setattr(self, "state", WorkerLoading(i, n)), self.n_seq,
+                lambda i, n: setattr(self, "state", WorkerLoading(loaded=i, total=n)), self.n_seq,
             )  # fmt: skip
             stack.push(wstack)
             for w in windows.values():
@@ -200,7 +198,7 @@ class Worker:
             self._serve(pull, push, windows)
             return 0
         except (InputError, WorkerError, RuntimeError) as exc:
-            self.state = WorkerFailed(str(exc))
+            self.state = WorkerFailed(reason=str(exc))
             raise
         finally:
             stack.close()
@@ -254,7 +252,7 @@ class Worker:
                   push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any = None) -> None:  # fmt: skip
         j, h = hdr.window, hidden
         while True:
-            self.state = WorkerRunning(hdr.step, j)
+            self.state = WorkerRunning(step=hdr.step, window=j)
             t0 = now()
             if seqs is None:
                 out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
