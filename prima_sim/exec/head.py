@@ -46,6 +46,7 @@ from prima_sim.exec.ring import (
     to_spans,
 )  # fmt: skip
 from prima_sim.exec.shard import DeviceManifest, shard_path
+from prima_sim.exec.transport import open_socket
 from prima_sim.exec.worker import DEFAULT_BATCH, LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
 
@@ -178,26 +179,26 @@ class Head:
             self._open_sockets()
 
     def _open_sockets(self) -> None:
-        ctx: zmq.Context[Any] = zmq.Context.instance()
-        self.pull = ctx.socket(zmq.PULL)
-        self.control = ctx.socket(zmq.PULL)
-        self._stack.callback(self.pull.close, 0)
-        self._stack.callback(self.control.close, 0)
-        for sock, (host, port), what in ((self.pull, self.endpoints.data[self.device], "data"),
-                                         (self.control, self.endpoints.control, "control")):  # fmt: skip
+        pulls: list[zmq.Socket[Any]] = []
+        for (host, port), what in (
+            (self.endpoints.data[self.device], "data"),
+            (self.endpoints.control, "control"),
+        ):
             try:
-                sock.bind(f"tcp://{host}:{port}")
+                pulls.append(
+                    self._stack.enter_context(open_socket(zmq.PULL, host, port, bind=True, linger_ms=0))
+                )
             except zmq.ZMQError as exc:
                 raise WorkerError(
                     f"head {self.device} cannot listen for {what} on {host}:{port}: {exc}"
                 ) from None
-        self.push: dict[str, zmq.Socket] = {}
+        self.pull, self.control = pulls
+        self.push: dict[str, zmq.Socket[Any]] = {}
         for dest in sorted(self.route.destinations(self.device)):
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, LINGER_MS)
-            s.connect(self.endpoints.url(dest))
-            self._stack.callback(s.close)
-            self.push[dest] = s
+            host, port = self.endpoints.data[dest]
+            self.push[dest] = self._stack.enter_context(
+                open_socket(zmq.PUSH, host, port, bind=False, linger_ms=LINGER_MS)
+            )
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from prima_sim.errors import InputError
+from prima_sim.exec.transport import endpoint
 from prima_sim.plan import Plan
 from prima_sim.schema import FrozenModel, load_model
 
@@ -70,13 +71,12 @@ class Endpoints:
 
     def url(self, device: str) -> str:
         """``tcp://host:port`` of ``device``'s data socket."""
-        host, port = self.data[device]
-        return f"tcp://{host}:{port}"
+        return endpoint(*self.data[device])
 
     @property
     def control_url(self) -> str:
         """``tcp://host:port`` of the head's control socket."""
-        return f"tcp://{self.control[0]}:{self.control[1]}"
+        return endpoint(*self.control)
 
 
 def load_hosts(path: str | Path | None) -> HostsFile:

@@ -22,7 +22,6 @@ that already timed out are told apart by ``seq`` and dropped.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import socket
 import statistics
@@ -36,6 +35,7 @@ import zmq
 
 from prima_sim import __version__
 from prima_sim.errors import InputError, PrimaSimError
+from prima_sim.exec.transport import open_socket
 from prima_sim.units import fmt_bandwidth, fmt_bytes, fmt_seconds
 
 MAGIC = b"PSNP1"
@@ -91,17 +91,6 @@ def parse_address(
     return host, int(port_s)
 
 
-def _is_v6(host: str) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
-    except ValueError:
-        return False
-
-
-def _endpoint(host: str, port: int | str) -> str:
-    return f"tcp://[{host}]:{port}" if _is_v6(host) else f"tcp://{host}:{port}"
-
-
 def resolve(host: str, port: int, source: str = "HOST:PORT") -> str:
     """A numeric address for ``host`` (ZeroMQ connects to what it is given; a name that does not resolve would
     otherwise only show as a timeout).
@@ -144,15 +133,11 @@ class Server:
     def __init__(self, bind: str = f"0.0.0.0:{DEFAULT_PORT}") -> None:
         host, port = parse_address(bind, default_port=DEFAULT_PORT, source="--bind")
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_TRANSFER + 4096)
-        if _is_v6(host) or host in ("::", "*6"):
-            self.sock.setsockopt(zmq.IPV6, 1)
         try:
-            self.sock.bind(_endpoint(host if host != "*6" else "::", port or "*"))
+            self.sock = open_socket(zmq.ROUTER, host if host != "*6" else "::", port or "*", bind=True, linger_ms=0,
+                                    max_msg_size=MAX_TRANSFER + 4096, ctx=self.ctx)  # fmt: skip
         except zmq.ZMQError as exc:
-            self.close()
+            self.ctx.term()
             raise InputError("--bind", "", f"cannot listen on {bind}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.port = int(self.endpoint.rsplit(":", 1)[1])
@@ -285,10 +270,7 @@ class Client:
         self.address = address
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IPV6, 1 if _is_v6(ip) else 0)
-        self.sock.connect(_endpoint(ip, port))
+        self.sock = open_socket(zmq.DEALER, ip, port, bind=False, linger_ms=0, ctx=self.ctx)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self._seq = 0

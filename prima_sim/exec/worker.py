@@ -41,6 +41,7 @@ from prima_sim.exec.ring import (
     now,
 )  # fmt: skip
 from prima_sim.exec.shard import DeviceManifest, shard_path
+from prima_sim.exec.transport import open_socket
 from prima_sim.metrics import SpanKind
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,6 @@ class Worker:
         self.state: WorkerState = WorkerIdle()
         self.rejected = 0
         self.stopping = threading.Event()
-        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self.n_embd = 0
 
     # --- control channel -------------------------------------------------------------------------------------
@@ -147,9 +147,7 @@ class Worker:
         )  # fmt: skip
 
     def _reporter(self, done: threading.Event) -> None:
-        sock = self._ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.connect(self.endpoints.control_url)
+        sock = open_socket(zmq.PUSH, *self.endpoints.control, bind=False, linger_ms=LINGER_MS)
         try:
             while not done.wait(HEARTBEAT_INTERVAL_S):
                 sock.send(wire.encode_status(self._status()))
@@ -179,20 +177,16 @@ class Worker:
                 self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
             stack.callback(self.prefetcher.close)
             self.n_embd = next(iter(windows.values())).model.n_embd
-            pull = self._ctx.socket(zmq.PULL)
-            stack.callback(pull.close, 0)
             host, port = self.endpoints.data[self.device]
             try:
-                pull.bind(f"tcp://{host}:{port}")
+                pull = stack.enter_context(open_socket(zmq.PULL, host, port, bind=True, linger_ms=0))
             except zmq.ZMQError as exc:
                 raise WorkerError(f"device {self.device} cannot listen on {host}:{port}: {exc}") from None
-            push = {}
-            for dest in sorted(self.route.destinations(self.device)):
-                s = self._ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, LINGER_MS)
-                s.connect(self.endpoints.url(dest))
-                stack.callback(s.close)
-                push[dest] = s
+            push = {
+                dest: stack.enter_context(open_socket(zmq.PUSH, *self.endpoints.data[dest], bind=False,
+                                                      linger_ms=LINGER_MS))
+                for dest in sorted(self.route.destinations(self.device))
+            }  # fmt: skip
             self.state = WorkerReady()
             log.info("%s ready: windows %s on %s:%d", self.device, sorted(windows), host, port)
             self._serve(pull, push, windows)
