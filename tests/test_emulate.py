@@ -121,21 +121,20 @@ def test_latency_table_and_burst() -> None:
     assert htb_burst_bytes(1e3) == 2 * 1514 and htb_burst_bytes(125e6) == 125000
 
 
-def test_link_latency_holds_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prima_sim.exec.ring import LINK_LATENCY_ENV, LinkLatency
+def test_link_latency_holds_messages() -> None:
+    from prima_sim.exec.ring import LinkLatency, parse_latency_table
 
-    monkeypatch.setenv(LINK_LATENCY_ENV, json.dumps({"B": {"A": 0.03}}))
-    lat = LinkLatency("B")
+    table = parse_latency_table(json.dumps({"B": {"A": 0.03}}))
+    lat = LinkLatency("B", table)
     t0 = time.time()
     end = lat.hold("A", t0)
     assert end - t0 >= 0.03 and time.time() - t0 < 0.5
     assert lat.hold("C", t0) == t0  # no entry: no delay
-    assert LinkLatency("A").delay == {}
-    monkeypatch.setenv(LINK_LATENCY_ENV, "[1, 2]")
-    with pytest.raises(InputError):
-        LinkLatency("B")
-    monkeypatch.delenv(LINK_LATENCY_ENV)
-    assert LinkLatency("B").delay == {}
+    assert LinkLatency("A", table).delay == {}
+    for bad in ("[1, 2]", '{"B": {"A": -1}}', '{"B": 3}', "{oops"):
+        with pytest.raises(InputError, match="--link-latency: must be a JSON object"):
+            parse_latency_table(bad)
+    assert parse_latency_table("") == {} and LinkLatency("B").delay == {}
 
 
 # --- cgroups on fake trees -------------------------------------------------------------------------------

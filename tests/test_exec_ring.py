@@ -189,6 +189,23 @@ def test_cli_run_local_json_and_measurements(smollm2, tmp_path, capsys):
     assert summary["token_ids"] == res["token_ids"]
 
 
+def test_cli_run_local_adds_the_emulated_link_latency(smollm2, tmp_path, capsys):
+    """--link-latency reaches the head and (as a worker flag) every local worker: each hold shows in TPOT."""
+    from prima_sim.cli.main import main
+
+    make_plan(30, (10, 10, 10)).save(tmp_path / "plan.json")
+    table = {"D1": {"D0": 0.05}, "D0": {"D2": 0.05}}  # D0 -> D1 held by D1, D2 -> D0 held by the head
+    rc = main(["run", "--local", "--plan", str(tmp_path / "plan.json"), "--model", str(smollm2), "--prompt", PROMPT,
+               "-n", "4", "--ignore-eos", "--threads", "1", "--json", "--shards", str(tmp_path / "shards"),
+               "--link-latency", json.dumps(table)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tpot_s"] >= 0.1 and res["ttft_s"] >= 0.1
+    assert main(["run", "--local", "--plan", str(tmp_path / "plan.json"), "--prompt", PROMPT,
+                 "--link-latency", "[1]"]) != 0  # fmt: skip
+    assert "--link-latency: must be a JSON object" in capsys.readouterr().err
+
+
 def test_cli_run_real_with_workers_started_by_hand(smollm2, smol_prompt, smol_ref, tmp_path, capsys):
     """`prima-sim worker` on each device (here: this host), `prima-sim run --real --hosts` on the head."""
     import os

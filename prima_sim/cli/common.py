@@ -260,6 +260,12 @@ def print_serving(obj: dict[str, Any]) -> None:
               f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip
 
 
+LINK_LATENCY_HELP = (
+    "emulated link latency the receivers add, JSON {receiver: {sender: seconds}} (prima-sim emulate passes it; "
+    "default none)"
+)
+
+
 def add_ring_runtime_args(p: argparse.ArgumentParser) -> None:
     """How a real ring runs (threads, prefetch, OpenMP waiting, prefill batch, timeouts): shared by ``run``,
     ``serve`` and ``chat``, so each default exists once."""

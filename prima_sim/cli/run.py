@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import add_ring_runtime_args, check_number, check_threads, plan_gguf, print_json
+from prima_sim.cli.common import (
+    LINK_LATENCY_HELP,
+    add_ring_runtime_args,
+    check_number,
+    check_threads,
+    plan_gguf,
+    print_json,
+)
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
 
@@ -55,6 +62,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
     add_ring_runtime_args(p)
+    p.add_argument("--link-latency", default="", metavar="JSON", help=LINK_LATENCY_HELP)
     p.add_argument("--out", default=None, help="directory for tokens.csv, trace.json, summary.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument(
@@ -85,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from prima_sim.exec.head import SamplingParams
     from prima_sim.exec.hosts import load_hosts
     from prima_sim.exec.llamacpp import supports_gpu_offload
+    from prima_sim.exec.ring import parse_latency_table
     from prima_sim.exec.runner import RunOptions, run_ring
+
+    link_latency = parse_latency_table(args.link_latency)
 
     plan = Plan.load(args.plan)
     if args.n_predict >= plan.n_ctx:
@@ -104,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
         prefetch=not args.no_prefetch, n_batch=args.batch, timeout_s=args.timeout,
         startup_timeout_s=args.startup_timeout, omp_wait_policy=policy, progress=True,
+        link_latency=link_latency,
     )  # fmt: skip
     hosts = load_hosts(args.hosts) if args.hosts else None
 

@@ -16,7 +16,7 @@ import logging
 import signal
 from typing import Any
 
-from prima_sim.cli.common import check_number, check_threads
+from prima_sim.cli.common import LINK_LATENCY_HELP, check_number, check_threads
 from prima_sim.errors import InputError
 
 
@@ -51,6 +51,7 @@ def register(sub: Any) -> None:
         "--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up"
     )
     p.add_argument("--persist", action="store_true", help="keep serving after the head stops")
+    p.add_argument("--link-latency", default="", metavar="JSON", help=LINK_LATENCY_HELP)
     p.add_argument(
         "--parallel",
         type=int,
@@ -88,16 +89,18 @@ def run(args: argparse.Namespace) -> int:
     check_number("--batch", args.batch, minimum=1)
     check_number("--parallel", args.parallel, minimum=1)
     from prima_sim.exec.hosts import load_hosts, resolve
+    from prima_sim.exec.ring import parse_latency_table
     from prima_sim.exec.shard import load_manifest, shard_path
     from prima_sim.exec.worker import Worker
 
+    link_latency = parse_latency_table(args.link_latency)
     man = load_manifest(args.shards, args.device, verify=not args.no_verify)
     shard_dir = shard_path(args.shards, man, man.shards[0]).parent
     plan = man.get_plan()
     endpoints = resolve(load_hosts(args.hosts), plan, args.hosts or "hosts.toml")
     w = Worker(shard_dir, man, endpoints, threads_for(args.device, args.threads, args.cluster),
                prefetch=not args.no_prefetch, n_batch=args.batch, persist=args.persist,
-               n_seq=args.parallel)  # fmt: skip
+               n_seq=args.parallel, link_latency=link_latency)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     signal.signal(signal.SIGINT, lambda *_: w.stop())
     return w.run()

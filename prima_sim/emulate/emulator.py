@@ -5,8 +5,8 @@
 1. the model: generated (``prima-sim synth-model``, cached) or the scenario's GGUF;
 2. an emulated disk (a loop device with a typical readahead) for the shards, per device a cgroup (memory limit
    with page cache, CPU quota or cpuset, disk read limit) and a network namespace on a shared bridge; HTB
-   classes shape every pair's bandwidth, user-space latency is handed to the workers through
-   ``PRIMA_SIM_LINK_LATENCY``;
+   classes shape every pair's bandwidth, user-space latency is handed to the head and workers as
+   ``--link-latency``;
 3. ``prima-sim profile`` inside every distinct device, repeated (the median kept), then the decode
    calibration (llama.cpp's own streaming rates, :meth:`_Emulation.calibrate_decode`) and the executor's
    footprint subtracted from the available memory (:func:`with_executor_overhead`);
@@ -50,7 +50,7 @@ from prima_sim.emulate import cgroups as cg
 from prima_sim.emulate.disk import EmulatedDisk
 from prima_sim.emulate.memory import MemorySampler
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model
-from prima_sim.emulate.netns import LATENCY_ENV, Network, latency_table
+from prima_sim.emulate.netns import Network, latency_table
 from prima_sim.emulate.records import PlanRun
 from prima_sim.emulate.resources import Registry
 from prima_sim.emulate.scenario import DeviceSpec, Scenario
@@ -711,7 +711,6 @@ class _Emulation:
             if self.sc.run.omp_wait_policy != "default"
             else {}
         )
-        env[LATENCY_ENV] = self.latency_env
         rep_dir = pr.run_dir / f"rep{r}"
         if self.sc.run.cold:
             cg.drop_caches()
@@ -770,6 +769,9 @@ class _Emulation:
         rep_dir.mkdir(parents=True, exist_ok=True)
         workers: dict[str, subprocess.Popen[bytes]] = {}
         prefetch = [] if self.sc.run.prefetch else ["--no-prefetch"]
+        prefetch += (
+            ["--link-latency", self.latency_env] if self.latency_env else []
+        )  # head and workers take it
         batch = str(wl.n_ubatch)
         try:
             for d in plan.devices[1:]:

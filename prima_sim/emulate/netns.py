@@ -9,9 +9,9 @@ Bandwidth is shaped where a real link serializes: on the sender's ``eth0`` egres
 class per peer (``rate`` = ``ceil`` = the pair's bandwidth) selected by a u32 filter on the destination
 address, so every pair of devices can have its own bandwidth. Latency cannot be added by the kernel here
 (``netem`` is not available on this project's machines), so it is added in user space by the receiving
-process: :func:`latency_table` builds the table the executor's workers read from the environment variable
-``PRIMA_SIM_LINK_LATENCY`` (see :class:`prima_sim.exec.ring.LinkLatency`), and every received message is held
-for its link's latency before it is processed.
+process: :func:`latency_table` builds the table the emulation passes to the head and every worker as
+``--link-latency`` (see :class:`prima_sim.exec.ring.LinkLatency`), and every received message is held for its
+link's latency before it is processed.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ SUBNET = "10.77.0"
 IFACE = "eth0"
 BRIDGE = "br0"
 MTU_BYTES = 1514
-LATENCY_ENV = "PRIMA_SIM_LINK_LATENCY"
-"""Environment variable holding the user-space latency table (JSON) of the emulated links."""
 
 
 def _run(cmd: Sequence[str], what: str) -> str:
@@ -159,7 +157,7 @@ def htb_burst_bytes(bps: float) -> int:
 
 
 def latency_table(latency_s: dict[tuple[str, str], float]) -> str:
-    """The JSON of ``PRIMA_SIM_LINK_LATENCY``: ``{receiver: {sender: seconds}}`` from per-(sender, receiver)
+    """The JSON of ``--link-latency``: ``{receiver: {sender: seconds}}`` from per-(sender, receiver)
     latencies (zero entries left out)."""
     table: dict[str, dict[str, float]] = {}
     for (src, dst), s in sorted(latency_s.items()):

@@ -32,6 +32,7 @@ from prima_sim.exec.ring import (
     POLL_SLICE_MS,
     STARTUP_TIMEOUT_S,
     STEP_TIMEOUT_S,
+    LatencyTable,
     LinkLatency,
     Prefetcher,
     Route,
@@ -111,12 +112,14 @@ class Head:
         step_timeout: seconds one step may take while every worker is alive.
         check_alive: called while waiting; raises :class:`WorkerError` when a local worker process is gone.
         n_seq: sequences every window's KV cache holds (``prima-sim serve --parallel``; :meth:`step_rows`).
+        link_latency: emulated link latencies ``{receiver: {sender: seconds}}`` the head adds to what it
+            receives (:class:`~prima_sim.exec.ring.LinkLatency`; ``prima-sim emulate``); None: none.
     """
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int, prefetch: bool = True,
         n_batch: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT_S, step_timeout: float = STEP_TIMEOUT_S,
-        check_alive: Callable[[], None] | None = None, n_seq: int = 1,
+        check_alive: Callable[[], None] | None = None, n_seq: int = 1, link_latency: LatencyTable | None = None,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
         self.n_seq = n_seq
@@ -130,7 +133,9 @@ class Head:
         self.check_alive = check_alive or (lambda: None)
         self.prefetcher = Prefetcher(prefetch)
         self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
-        self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
+        self.latency = LinkLatency(
+            self.device, link_latency
+        )  # emulated links (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.peers: dict[str, _Peer] = {w: _Peer() for w in self.workers}
         self._stack = ExitStack()

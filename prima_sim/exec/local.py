@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -42,15 +43,18 @@ class LocalWorkers:
         n_seq: sequences each window's KV cache holds (``--parallel``).
         omp_wait_policy: ``OMP_WAIT_POLICY`` of the workers: "passive" (idle OpenMP threads sleep at once),
             "active" (they spin), or None (libgomp's default: spin a while, then sleep).
+        link_latency: emulated link latencies, passed as ``--link-latency``.
     """
 
     def __init__(
         self, devices: list[tuple[str, Path, int]], hosts_file: Path, log_dir: Path, prefetch: bool = True,
         n_batch: int = 512, omp_wait_policy: str | None = "passive", n_seq: int = 1,
+        link_latency: dict[str, dict[str, float]] | None = None,
     ) -> None:  # fmt: skip
         self.devices, self.hosts_file, self.log_dir = devices, hosts_file, log_dir
         self.prefetch, self.n_batch, self.omp_wait_policy = prefetch, n_batch, omp_wait_policy
         self.n_seq = n_seq
+        self.link_latency = link_latency
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pgid: int | None = None
 
@@ -71,6 +75,8 @@ class LocalWorkers:
                 cmd.append("--no-prefetch")
             if self.n_seq > 1:
                 cmd += ["--parallel", str(self.n_seq)]
+            if self.link_latency:
+                cmd += ["--link-latency", json.dumps(self.link_latency, sort_keys=True)]
             with (self.log_dir / f"{name}.log").open("wb") as logf:
                 group = {"process_group": 0 if self.pgid is None else self.pgid}
                 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,

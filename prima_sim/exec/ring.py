@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat, TypeAdapter, ValidationError
 
+from prima_sim.errors import InputError
 from prima_sim.metrics import Span, SpanKind
 from prima_sim.plan import LayerRange, Plan, next_own_window, prefetch_window
 from prima_sim.schema import FrozenModel
@@ -233,43 +234,45 @@ def now() -> float:
 
 
 # --- user-space link latency (added for one-host emulation, prima_sim.emulate; owner: emulation) ---------------
-LINK_LATENCY_ENV = "PRIMA_SIM_LINK_LATENCY"
-"""Environment variable: JSON ``{receiver: {sender: seconds}}`` of link latencies to add in user space."""
+LatencyTable = dict[str, dict[str, float]]
+"""Link latencies to add in user space: ``{receiver: {sender: seconds}}``."""
+
+_LATENCY_TABLE: TypeAdapter[dict[str, dict[str, NonNegativeFloat]]] = TypeAdapter(
+    dict[str, dict[str, NonNegativeFloat]]
+)
+
+
+def parse_latency_table(text: str, source: str = "--link-latency") -> LatencyTable:
+    """The table of a ``--link-latency`` value: JSON ``{receiver: {sender: seconds}}`` ('' or absent: none).
+
+    Raises:
+        InputError: it is not a JSON object of objects of non-negative numbers.
+    """
+    if not text:
+        return {}
+    try:
+        return _LATENCY_TABLE.validate_json(text)
+    except ValidationError:
+        raise InputError(source, "", "must be a JSON object {receiver: {sender: seconds}}") from None
 
 
 class LinkLatency:
     """Latency of emulated links, added by the receiver (``prima-sim emulate``; a no-op otherwise).
 
     On one host the kernel shapes bandwidth, but ``netem`` (which would delay packets) is not always
-    available, so the emulation sets :data:`LINK_LATENCY_ENV` and every receiver holds a message from
-    ``sender`` until ``latency`` seconds after it arrived, before processing it. In the ring one message is in
-    flight at a time and its receiver is idle waiting for it, so this is the same as a link with that latency.
+    available, so the emulation gives the head and every worker the table of link latencies
+    (``--link-latency``, passed on to :class:`~prima_sim.exec.head.Head` and :class:`~prima_sim.exec.worker.Worker`),
+    and every receiver holds a message from ``sender`` until ``latency`` seconds after it arrived, before
+    processing it. In the ring one message is in flight at a time and its receiver is idle waiting for it, so
+    this is the same as a link with that latency.
 
-    Raises:
-        InputError: the variable is set but is not a JSON object of objects of numbers.
+    Args:
+        device: the receiver.
+        table: ``{receiver: {sender: seconds}}`` (None: no latency).
     """
 
-    def __init__(self, device: str, table: dict[str, dict[str, float]] | None = None) -> None:
-        if table is None:
-            raw = os.environ.get(LINK_LATENCY_ENV, "")
-            table = {}
-            if raw:
-                import json
-
-                from prima_sim.errors import InputError
-
-                try:
-                    table = json.loads(raw)
-                    assert isinstance(table, dict) and all(
-                        isinstance(v, dict)
-                        and all(isinstance(x, (int, float)) and x >= 0 for x in v.values())
-                        for v in table.values()
-                    )
-                except (ValueError, AssertionError):
-                    raise InputError(
-                        LINK_LATENCY_ENV, "", "must be a JSON object {receiver: {sender: seconds}}"
-                    ) from None
-        self.delay: dict[str, float] = {k: float(v) for k, v in table.get(device, {}).items()}
+    def __init__(self, device: str, table: LatencyTable | None = None) -> None:
+        self.delay: dict[str, float] = {k: float(v) for k, v in (table or {}).get(device, {}).items()}
 
     def hold(self, sender: str, t_arrived: float) -> float:
         """Sleep until ``t_arrived`` + the latency of the link from ``sender``; returns the time it ends."""

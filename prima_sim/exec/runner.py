@@ -25,7 +25,7 @@ from prima_sim.exec.head import Generation, Head, SamplingParams
 from prima_sim.exec.hosts import HostsFile, local_hosts, resolve
 from prima_sim.exec.llamacpp import default_threads, supports_gpu_offload
 from prima_sim.exec.local import LocalWorkers
-from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
+from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S, LatencyTable
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest, write_shards
 from prima_sim.exec.worker import DEFAULT_BATCH
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
@@ -54,6 +54,7 @@ class RunOptions:
     omp_wait_policy: str | None = "passive"
     extra_prompts: tuple[str | list[int], ...] = ()
     progress: bool = False  # show the progress of cutting shards on stderr
+    link_latency: LatencyTable | None = None  # emulated link latencies (--link-latency; prima_sim.emulate)
 
 
 @dataclass
@@ -243,14 +244,15 @@ def run_ring(
             if local and len(names) > 1:
                 devs = [(d, shard_dir / d, threads[d]) for d in names[1:]]
                 workers = LocalWorkers(devs, hosts_file, (out_dir or Path(tmp)) / "logs", opts.prefetch,
-                                       opts.n_batch, opts.omp_wait_policy)  # fmt: skip
+                                       opts.n_batch, opts.omp_wait_policy, link_latency=opts.link_latency)  # fmt: skip
                 workers.start()
             man = load_manifest(shard_dir / plan.head, plan.head)
             if man.plan_fingerprint != plan.fingerprint():
                 raise InputError(str(shard_dir / plan.head / MANIFEST_NAME), "plan_fingerprint",
                                  f"shards are for plan {man.plan_fingerprint}, not {plan.fingerprint()}")  # fmt: skip
             head = Head(shard_dir / plan.head, man, endpoints, threads[plan.head], opts.prefetch, opts.n_batch,
-                        opts.timeout_s, check_alive=workers.check_alive if workers else None)  # fmt: skip
+                        opts.timeout_s, check_alive=workers.check_alive if workers else None,
+                        link_latency=opts.link_latency)  # fmt: skip
             head.load()
             head.barrier(opts.startup_timeout_s)
             for i, p in enumerate([prompt, *opts.extra_prompts]):

@@ -28,6 +28,7 @@ from prima_sim.exec.ring import (
     HEARTBEAT_INTERVAL_S,
     LINGER_MS,
     POLL_SLICE_MS,
+    LatencyTable,
     LinkLatency,
     Prefetcher,
     Route,
@@ -111,11 +112,14 @@ class Worker:
         n_batch: the largest batch a message may carry.
         persist: keep serving after a ``stop`` (for the next head) instead of exiting.
         n_seq: sequences each window's KV cache holds (``prima-sim serve --parallel``; the head checks it).
+        link_latency: emulated link latencies ``{receiver: {sender: seconds}}`` the worker adds to what it
+            receives (:class:`~prima_sim.exec.ring.LinkLatency`; ``--link-latency``); None: none.
     """
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int,
         prefetch: bool = True, n_batch: int = DEFAULT_BATCH, persist: bool = False, n_seq: int = 1,
+        link_latency: LatencyTable | None = None,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
         self.plan = man.get_plan()
@@ -132,7 +136,9 @@ class Worker:
         self.n_seq = n_seq
         self.prefetcher = Prefetcher(prefetch)
         self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
-        self.latency = LinkLatency(self.device)  # emulated link latency (prima_sim.emulate); no-op by default
+        self.latency = LinkLatency(
+            self.device, link_latency
+        )  # emulated links (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.state: WorkerState = WorkerIdle()
         self.rejected = 0
