@@ -136,6 +136,12 @@ def test_manifest_problems_are_one_line_input_errors(smol_shards, tmp_path) -> N
 def test_model_that_does_not_fit_the_plan_is_refused(smollm2, tmp_path) -> None:
     with pytest.raises(InputError, match="has 30 layers but the plan was made for 32"):
         write_shards(smollm2, make_plan((16, 16), n_layers=32), tmp_path)
+    other = make_plan((10, 20)).model_copy(update={"model_fingerprint": "0123456789abcdef"})
+    with pytest.raises(
+        InputError,
+        match=r"^plan: field 'model_fingerprint': the plan was made for m, not for .*tensor tables differ",
+    ):
+        write_shards(smollm2, other, tmp_path)  # another quantization of the same architecture, say
     with pytest.raises(InputError, match=r"device 'D7' is not in the plan"):
         write_shards(smollm2, make_plan((10, 20)), tmp_path, ["D7"])
     bad = tmp_path / "bad.gguf"

@@ -46,6 +46,7 @@ from pydantic import Field
 
 from prima_sim.devices.ggml_types import TYPE_BY_NAME
 from prima_sim.devices.gguf_file import read_gguf
+from prima_sim.devices.model import model_profile_from_gguf
 from prima_sim.errors import InputError
 from prima_sim.plan import LayerRange, Plan
 from prima_sim.schema import FrozenModel, atomic_write_text, read_structured, validate_model
@@ -237,7 +238,8 @@ class ShardWriter:
         progress: called with (bytes done, bytes total, label) while data is copied.
 
     Raises:
-        InputError: the model is not a GGUF file, does not match the plan, or has an unsupported layout.
+        InputError: the model is not a GGUF file, does not match the plan (its layer count, and its tensor table
+            where the plan records one: :meth:`Plan.check_model`), or has an unsupported layout.
     """
 
     def __init__(
@@ -260,6 +262,9 @@ class ShardWriter:
                 f"{self.arch}.block_count",
                 f"the model has {n_layer} layers but the plan was made for {plan.n_layers}; re-plan for this model",
             )
+        # a plan made from a model's tensor table (Plan.check_model): this file must have the same one
+        if plan.model_fingerprint:
+            plan.check_model(model_profile_from_gguf(self.path), model_ref=str(model))
         self.n_layer = n_layer
         self.tensors = {t.name: t for t in self.gguf.tensors}
         for bad in _UNSUPPORTED_INPUT_NORM:
