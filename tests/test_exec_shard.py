@@ -12,7 +12,14 @@ import pytest
 from prima_sim.devices.gguf_file import read_gguf
 from prima_sim.errors import InputError
 from prima_sim.exec import shard as shard_mod
-from prima_sim.exec.shard import MANIFEST_NAME, device_shard_specs, file_sha256, load_manifest, write_shards
+from prima_sim.exec.shard import (
+    MANIFEST_NAME,
+    DeviceManifest,
+    device_shard_specs,
+    file_sha256,
+    load_manifest,
+    write_shards,
+)
 from prima_sim.plan import Plan, make_assignments
 
 
@@ -49,13 +56,28 @@ def test_manifest_lists_every_file_with_checksum(smol_shards) -> None:
     plan, out = smol_shards
     for dev in ("D0", "D1", "D2"):
         man = load_manifest(out / dev, dev, verify=True)
-        assert man.plan_fingerprint == plan.fingerprint() and man.get_plan() == plan
+        assert man.plan_fingerprint == plan.fingerprint() and man.plan == plan
         for s in man.shards:
             assert (
                 file_sha256(out / dev / s.file) == s.sha256
                 and (out / dev / s.file).stat().st_size == s.n_bytes
             )
     assert sorted(p.name for p in (out / "D1").iterdir()) == [MANIFEST_NAME, "w0_L0-5.gguf", "w3_L15-20.gguf"]
+
+
+def test_manifest_plan_is_typed_and_its_json_unchanged(smol_shards) -> None:
+    """The manifest's plan is a Plan (validated once, on reading), stored as the plan's own JSON, as before."""
+    plan, out = smol_shards
+    raw = json.loads((out / "D1" / MANIFEST_NAME).read_text())
+    assert raw["plan"] == plan.model_dump(mode="json")
+    assert isinstance(load_manifest(out / "D1", "D1").plan, Plan)
+    old = {**raw, "plan": {**raw["plan"], "schema_version": 1}}  # a manifest cut by a version writing plan v1
+    assert DeviceManifest.model_validate(old).plan == plan
+    broken = {**raw, "plan": {**raw["plan"], "n_layers": 31}}
+    (out / "bad").mkdir()
+    (out / "bad" / MANIFEST_NAME).write_text(json.dumps(broken))
+    with pytest.raises(InputError, match=r"manifest\.json.*plan"):
+        load_manifest(out / "bad")
 
 
 def test_middle_window_is_vocabulary_free_with_renamed_layers(smol_shards, smollm2) -> None:

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     link_latency = parse_latency_table(args.link_latency)
     man = load_manifest(args.shards, args.device, verify=not args.no_verify)
     shard_dir = shard_path(args.shards, man, man.shards[0]).parent
-    plan = man.get_plan()
+    plan = man.plan
     endpoints = resolve(load_hosts(args.hosts), plan, args.hosts or "hosts.toml")
     w = Worker(shard_dir, man, endpoints, threads_for(args.device, args.threads, args.cluster),
                prefetch=not args.no_prefetch, n_batch=args.batch, persist=args.persist,

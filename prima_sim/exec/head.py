@@ -123,7 +123,7 @@ class Head:
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
         self.n_seq = n_seq
-        self.plan = man.get_plan()
+        self.plan = man.plan
         self.fp = man.plan_fingerprint
         self.route = Route.of(self.plan)
         self.device = self.plan.head

@@ -76,7 +76,7 @@ def load_windows(
     Raises:
         InputError: a shard cannot be loaded.
     """
-    plan = man.get_plan()
+    plan = man.plan
     stack = ExitStack()
     out: dict[int, LoadedWindow] = {}
     shards = [s for s in man.shards if s.window >= 0]
@@ -122,7 +122,7 @@ class Worker:
         link_latency: LatencyTable | None = None,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
-        self.plan = man.get_plan()
+        self.plan = man.plan
         self.device = man.device
         self.fp = man.plan_fingerprint
         if self.plan.fingerprint() != self.fp:
