@@ -14,12 +14,20 @@ from pydantic import Field, ValidationError, model_validator
 
 from prima_sim.schema import FrozenModel
 
+# Every default of a workload exists here once: the Workload's fields, the CLI flags generated from them
+# (prima_sim.cli.common.add_workload_args) and the real ring's prefill batch (--batch) use these.
 DEFAULT_UBATCH = 512
-"""llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens."""
+"""llama.cpp's default micro-batch: prompts are prefilled in chunks of this many tokens. The simulator's and
+planner's ``--ubatch`` and the real ring's ``--batch`` (tokens per prefill message, llama.cpp's n_batch = n_ubatch
+in every window) are this one quantity."""
 MAX_SEQ = 256
 """Most sequences one KV cache is planned for (llama.cpp's own limit, LLAMA_MAX_SEQ)."""
 DEFAULT_CTX = 1024
 """The context every command reserves KV cache for unless told otherwise (prima.cpp's examples use ``-c 1024``)."""
+DEFAULT_PROMPT_TOKENS = 64
+"""Prompt length of a prediction unless told otherwise."""
+DEFAULT_DECODE_TOKENS = 128
+"""Tokens generated after the first in a prediction unless told otherwise."""
 
 
 class Workload(FrozenModel):
@@ -35,13 +43,17 @@ class Workload(FrozenModel):
     """
 
     n_ctx: int = Field(
-        default=4096, gt=0, description="context length reserved in every window's KV cache (tokens)"
+        default=DEFAULT_CTX, gt=0, description="context length reserved in every window's KV cache (tokens)"
     )
-    prompt_tokens: int = Field(default=64, ge=1, description="prompt length (prefill, TTFT)")
+    prompt_tokens: int = Field(
+        default=DEFAULT_PROMPT_TOKENS, ge=1, description="prompt length (prefill, TTFT)"
+    )
     decode_tokens: int = Field(
-        default=128, ge=0, description="tokens generated after the first (TPOT: their median)"
+        default=DEFAULT_DECODE_TOKENS,
+        ge=0,
+        description="tokens generated after the first (TPOT: their median)",
     )
-    n_ubatch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill micro-batch size")
+    n_ubatch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill micro-batch size (tokens)")
     n_seq: int = Field(
         default=1,
         ge=1,

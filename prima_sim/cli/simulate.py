@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prima_sim.cli.common import (
     add_serving_args,
+    add_workload_args,
     check_number,
     load_cluster_arg,
     load_model_arg,
@@ -18,6 +19,7 @@ from prima_sim.cli.common import (
     print_json,
     print_serving,
     serving_predictions,
+    workload_from_args,
 )
 from prima_sim.cli.plan import DEFAULT_CLUSTER, DEFAULT_MODEL
 from prima_sim.devices.cluster import Cluster
@@ -28,7 +30,7 @@ from prima_sim.plan import Plan
 from prima_sim.sim import DEFAULT_CHUNK_BYTES, SimConfig, SimResult, simulate
 from prima_sim.sim.config import DEFAULT_WILLNEED_CAP_BYTES, PAGE_BYTES
 from prima_sim.units import MiB
-from prima_sim.workload import DEFAULT_UBATCH, Workload
+from prima_sim.workload import DEFAULT_CTX, Workload
 
 MAX_CHUNK_MIB = 1024 * 1024.0
 """Largest page-cache chunk the flags accept (1 TiB: larger than any layer, so every layer is one chunk)."""
@@ -65,34 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--windows", help="manual windows in ring order, e.g. 10,10,10,10 (no solving)")
     src.add_argument("--gpu-layers", help="manual GPU layers per window in ring order")
     wl = p.add_argument_group("workload")
-    wl.add_argument(
-        "--ctx",
-        type=int,
-        default=None,
-        help="context to reserve KV cache for (default: the plan's, else 1024)",
-    )
-    wl.add_argument(
-        "--prompt-tokens",
-        type=int,
-        default=64,
-        help="prompt length, prefilled for TTFT (default: %(default)s)",
-    )
-    wl.add_argument(
-        "--tokens",
-        type=int,
-        default=128,
-        help="decode tokens after the first, for TPOT (default: %(default)s)",
-    )
-    wl.add_argument(
-        "--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)"
-    )
-    wl.add_argument(
-        "--parallel",
-        type=int,
-        default=None,
-        help="sequences every window's KV cache holds, as 'prima-sim serve --parallel' (default: the plan's, "
-        "else 1)",
-    )
+    add_workload_args(wl, unset={"n_ctx": f"the plan's, else {DEFAULT_CTX}", "n_seq": "the plan's, else 1"})
     sm = p.add_argument_group("simulator")
     sm.add_argument(
         "--seed", type=int, default=0, help="root seed of every random stream (default: %(default)s)"
@@ -158,14 +133,6 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise InputError(flag, "", f"expected comma-separated integers like 10,10,10, got {text!r}") from None
 
 
-def _workload(args: argparse.Namespace, n_ctx: int, n_seq: int) -> Workload:
-    try:
-        return Workload.of(n_ctx=n_ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
-                           n_ubatch=args.ubatch, n_seq=n_seq)  # fmt: skip
-    except ValueError as exc:
-        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch/--parallel", "", str(exc)) from None
-
-
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The simulator settings the flags describe (validated)."""
     check_number("--chunk-mib", args.chunk_mib, minimum=PAGE_BYTES / MiB, maximum=MAX_CHUNK_MIB)
@@ -219,11 +186,13 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
         if args.parallel is not None and args.parallel != plan.n_seq:
             raise InputError("--parallel", "", f"the plan reserves KV cache for {plan.n_seq} sequence(s); omit "
                              "--parallel or re-plan with it")  # fmt: skip
-        wl = _workload(args, plan.n_ctx, plan.n_seq)
+        wl = workload_from_args(args, n_ctx=plan.n_ctx, n_seq=plan.n_seq)
         return plan, cluster, model, wl
     cluster = load_cluster_arg(args.cluster or DEFAULT_CLUSTER)
     model = load_model_arg(args.model or DEFAULT_MODEL)
-    wl = _workload(args, args.ctx if args.ctx is not None else 1024, args.parallel or 1)
+    wl = workload_from_args(
+        args, n_ctx=args.ctx if args.ctx is not None else DEFAULT_CTX, n_seq=args.parallel or 1
+    )
     if args.windows:
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
         plan = manual_plan(cluster, model, wl, _int_list(args.windows, "--windows"), gpu)

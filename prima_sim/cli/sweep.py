@@ -7,7 +7,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from prima_sim.cli.common import check_number, load_cluster_arg, load_model_arg
+from prima_sim.cli.common import (
+    add_workload_args,
+    check_number,
+    load_cluster_arg,
+    load_model_arg,
+    workload_from_args,
+)
 from prima_sim.cli.plan import DEFAULT_MODEL
 from prima_sim.cli.simulate import MAX_CHUNK_MIB
 from prima_sim.errors import InputError
@@ -15,7 +21,6 @@ from prima_sim.halda.planner import SCHEDULERS
 from prima_sim.sim.config import PAGE_BYTES, SimConfig
 from prima_sim.sim.sweep import grid, run_sweep, write_sweep_csv
 from prima_sim.units import MiB
-from prima_sim.workload import DEFAULT_UBATCH, Workload
 
 SWEEP_CHUNK_MIB = 64.0
 """Default page-cache chunk of sweeps: coarser than ``simulate``'s 32 MiB (half the events), still under 1% of
@@ -42,14 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--k", type=int, default=None, help="force Halda's number of rounds")
     p.add_argument("--no-drop", action="store_true", help="Halda without device selection")
-    p.add_argument(
-        "--ctx", type=int, default=1024, help="context to reserve KV cache for (default: %(default)s)"
-    )
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=8, help="decode tokens per variant (default: %(default)s)")
-    p.add_argument(
-        "--ubatch", type=int, default=DEFAULT_UBATCH, help="prefill micro-batch (default: %(default)s)"
-    )
+    # small requests (a sweep simulates many variants), one sequence per KV cache
+    add_workload_args(p, fields=("n_ctx", "prompt_tokens", "decode_tokens", "n_ubatch"), prompt_tokens=16,
+                      decode_tokens=8)  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="root seed (default: %(default)s)")
     p.add_argument("--jitter", type=float, default=0.0, help="log-normal noise sigma (default: 0)")
     p.add_argument("--no-prefetch", action="store_true", help="simulate without prefetch")
@@ -109,12 +109,7 @@ def run(args: argparse.Namespace) -> int:
     devices = _ints(args.devices, "--devices") if args.devices else None
     for n in devices or []:
         check_number("--devices", n, minimum=1, maximum=len(base.devices))
-    try:
-        wl = Workload.of(
-            n_ctx=args.ctx, prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens, n_ubatch=args.ubatch
-        )
-    except ValueError as exc:
-        raise InputError("--ctx/--prompt-tokens/--tokens/--ubatch", "", str(exc)) from None
+    wl = workload_from_args(args)
     try:
         cfg = SimConfig(prefetch=not args.no_prefetch, warm=not args.cold, chunk_bytes=int(args.chunk_mib * MiB),
                         jitter=args.jitter, seed=args.seed, record_spans=False, page_cache=args.page_cache)  # fmt: skip

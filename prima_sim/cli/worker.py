@@ -16,8 +16,9 @@ import logging
 import signal
 from typing import Any
 
-from prima_sim.cli.common import LINK_LATENCY_HELP, check_number, check_threads
+from prima_sim.cli.common import BATCH_HELP, LINK_LATENCY_HELP, check_number, check_threads
 from prima_sim.errors import InputError
+from prima_sim.workload import DEFAULT_UBATCH
 
 
 def register(sub: Any) -> None:
@@ -44,9 +45,8 @@ def register(sub: Any) -> None:
     )
     g.add_argument("--cluster", default=None, help="cluster file whose device profile gives the thread count")
     p.add_argument("--no-prefetch", action="store_true", help="do not advise readahead of the next window")
-    p.add_argument(
-        "--batch", type=int, default=512, help="largest prefill batch (must match the head's --batch)"
-    )
+    p.add_argument("--batch", type=int, default=DEFAULT_UBATCH,
+                   help="largest " + BATCH_HELP + ", at least the head's --batch (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--no-verify", action="store_true", help="skip the SHA-256 check of the shards at start-up"
     )

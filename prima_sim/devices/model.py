@@ -29,6 +29,7 @@ from prima_sim.devices.ggml_types import TYPE_BY_NAME, tensor_nbytes
 from prima_sim.devices.gguf_file import ArrayInfo, GGUFFile, read_gguf
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel
+from prima_sim.workload import DEFAULT_UBATCH
 
 KV_CACHE_TYPE = "f16"
 """Type of llama.cpp's default KV cache; attention FLOPs against the cache are counted under it."""
@@ -297,7 +298,7 @@ class ModelProfile(FrozenModel):
         return {t.ggml_type for t in self.tensors} | {KV_CACHE_TYPE, "f32"}
 
     # --- compute buffer (llama_model_compute_buf_size, prima.cpp) -----------------------------------------
-    def compute_buffer_bytes(self, n_ctx: int, n_ubatch: int = 512, n_logit_rows: int = 0) -> int:
+    def compute_buffer_bytes(self, n_ctx: int, n_ubatch: int = DEFAULT_UBATCH, n_logit_rows: int = 0) -> int:
         """Scratch memory llama.cpp's CPU backend reserves for one context (prima.cpp's estimate).
 
         ``(u + n_ctx*u + 2e*u)*4 + max(2f*u, 2e*u + n_ctx*u*h)*4`` bytes (``llama_model_compute_buf_size``),

@@ -57,6 +57,7 @@ from prima_sim.devices.profile import NAME_PATTERN, OSFamily, check_name, lower_
 from prima_sim.errors import InputError
 from prima_sim.schema import FrozenModel, load_model
 from prima_sim.units import Bandwidth, Bytes, MiB, Seconds
+from prima_sim.workload import DEFAULT_UBATCH
 
 
 def _upper(v: object) -> object:
@@ -220,7 +221,7 @@ class WorkloadSpec(FrozenModel):
     decode_tokens: int = Field(default=24, ge=2, description="timed decode steps after the first token")
     n_ctx: int = Field(default=512, ge=16, description="context length of the plans")
     repetitions: int = Field(default=3, ge=1, description="fresh, cold-cache runs per plan")
-    batch: int = Field(default=512, ge=1, description="prefill batch (tokens per message)")
+    batch: int = Field(default=DEFAULT_UBATCH, ge=1, description="prefill batch (tokens per message)")
 
 
 class ManualPlan(FrozenModel):

@@ -47,8 +47,8 @@ from prima_sim.exec.llamacpp import Sampler
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest
-from prima_sim.exec.worker import DEFAULT_BATCH
 from prima_sim.plan import Plan
+from prima_sim.workload import DEFAULT_UBATCH
 
 log = logging.getLogger(__name__)
 notes = logging.getLogger("prima_sim.notes")
@@ -131,7 +131,7 @@ class RingSpec:
     hosts_source: str = "hosts.toml"
     threads: dict[str, int] = field(default_factory=dict)
     prefetch: bool = True
-    n_batch: int = DEFAULT_BATCH
+    n_batch: int = DEFAULT_UBATCH
     timeout_s: float = DEFAULT_TIMEOUT_S
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     omp_wait_policy: str | None = "passive"

@@ -48,8 +48,9 @@ from prima_sim.exec.ring import (
 )  # fmt: skip
 from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.transport import open_socket
-from prima_sim.exec.worker import DEFAULT_BATCH, LoadedWindow, load_windows
+from prima_sim.exec.worker import LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
+from prima_sim.workload import DEFAULT_UBATCH
 
 EMBED_CHUNK = 32
 """Tokens the head embeds per llama.cpp call. Its embedding context runs on the logits window's model (or on
@@ -118,7 +119,7 @@ class Head:
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int, prefetch: bool = True,
-        n_batch: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT_S, step_timeout: float = STEP_TIMEOUT_S,
+        n_batch: int = DEFAULT_UBATCH, timeout: float = DEFAULT_TIMEOUT_S, step_timeout: float = STEP_TIMEOUT_S,
         check_alive: Callable[[], None] | None = None, n_seq: int = 1, link_latency: LatencyTable | None = None,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints

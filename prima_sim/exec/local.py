@@ -19,6 +19,7 @@ from pathlib import Path
 
 import prima_sim
 from prima_sim.errors import WorkerError
+from prima_sim.workload import DEFAULT_UBATCH
 
 GRACEFUL_EXIT_S = 5.0  # after 'stop', how long workers get to exit on their own
 TERM_GRACE_S = 2.0  # after SIGTERM, how long before SIGKILL
@@ -48,7 +49,7 @@ class LocalWorkers:
 
     def __init__(
         self, devices: list[tuple[str, Path, int]], hosts_file: Path, log_dir: Path, prefetch: bool = True,
-        n_batch: int = 512, omp_wait_policy: str | None = "passive", n_seq: int = 1,
+        n_batch: int = DEFAULT_UBATCH, omp_wait_policy: str | None = "passive", n_seq: int = 1,
         link_latency: dict[str, dict[str, float]] | None = None,
     ) -> None:  # fmt: skip
         self.devices, self.hosts_file, self.log_dir = devices, hosts_file, log_dir

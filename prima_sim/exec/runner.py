@@ -27,11 +27,11 @@ from prima_sim.exec.llamacpp import default_threads, supports_gpu_offload
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S, LatencyTable
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest, write_shards
-from prima_sim.exec.worker import DEFAULT_BATCH
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
 from prima_sim.plan import Plan
 from prima_sim.progress import Progress
 from prima_sim.schema import atomic_write_text
+from prima_sim.workload import DEFAULT_UBATCH
 
 log = logging.getLogger(__name__)
 notes = logging.getLogger("prima_sim.notes")
@@ -47,7 +47,7 @@ class RunOptions:
     ignore_eos: bool = False
     threads: dict[str, int] = field(default_factory=dict)
     prefetch: bool = True
-    n_batch: int = DEFAULT_BATCH
+    n_batch: int = DEFAULT_UBATCH
     timeout_s: float = DEFAULT_TIMEOUT_S
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     keep_logits: bool = False

@@ -24,6 +24,7 @@ import numpy as np
 
 from prima_sim.errors import InputError
 from prima_sim.exec.llamacpp import Reference, default_threads
+from prima_sim.workload import DEFAULT_UBATCH
 
 
 @dataclass
@@ -49,7 +50,7 @@ class StockRun:
 
 
 def run_stock(model_path: str | Path, prompt: str | list[int], n_predict: int, n_ctx: int = 256,
-              n_threads: int | None = None, n_batch: int = 512) -> StockRun:  # fmt: skip
+              n_threads: int | None = None, n_batch: int = DEFAULT_UBATCH) -> StockRun:  # fmt: skip
     """Load ``model_path`` whole and generate ``n_predict`` tokens greedily after ``prompt``.
 
     Raises:

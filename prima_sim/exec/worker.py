@@ -44,10 +44,11 @@ from prima_sim.exec.ring import (
 from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.transport import open_socket
 from prima_sim.metrics import SpanKind
+from prima_sim.workload import (
+    DEFAULT_UBATCH,  # tokens per prefill message (n_batch); head and workers must agree
+)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH = 512  # tokens per prefill message (llama.cpp's n_batch); head and workers must agree
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Worker:
 
     def __init__(
         self, shard_dir: Path, man: DeviceManifest, endpoints: Endpoints, n_threads: int,
-        prefetch: bool = True, n_batch: int = DEFAULT_BATCH, persist: bool = False, n_seq: int = 1,
+        prefetch: bool = True, n_batch: int = DEFAULT_UBATCH, persist: bool = False, n_seq: int = 1,
         link_latency: LatencyTable | None = None,
     ) -> None:  # fmt: skip
         self.shard_dir, self.man, self.endpoints = shard_dir, man, endpoints
