@@ -6,7 +6,8 @@ process (the whole model on the head), each with ``--parallel 1`` (one sequence 
 
 1. **Concurrency sweep**: 1, 2, 4, 8 concurrent streaming clients, each sending requests back to back
    (``--sweep-requests`` per client, ``--sweep-tokens`` greedy tokens each, end-of-generation ignored):
-   aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency. With one
+   aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency, beside the
+   cost model's prediction of each (``serving_curve`` on a quick profile of this host). With one
    sequence at a time aggregate throughput stays flat and latency grows with the queue; with batching it grows
    with the number of streams.
 2. **Load test** (the ring, ``--parallel P``): ``--clients`` concurrent streaming clients sending ``--requests``
@@ -40,7 +41,14 @@ from typing import Any
 import httpx
 
 from prima_sim.devices.bundled import smollm2_path
+from prima_sim.devices.cluster import Cluster, LinkSpec
+from prima_sim.devices.model import model_profile_from_gguf
+from prima_sim.devices.profile import DeviceProfile
+from prima_sim.halda.costmodel import serving_curve
+from prima_sim.halda.planner import manual_plan
 from prima_sim.plan import Plan, make_assignments
+from prima_sim.schema import load_model
+from prima_sim.workload import Workload
 
 WALL_LIMIT_S = 900.0  # the whole load phase stops sending after this long
 
@@ -62,7 +70,7 @@ class Server:
         shards: Path | None,
     ) -> None:
         names = [f"D{i}" for i in range(len(windows))]
-        plan = Plan(model_id="smollm2", n_layers=30, cluster_name="loopback", k=1, n_ctx=1024,
+        plan = Plan(model_id="smollm2", n_layers=30, cluster_name="loopback", k=1, n_ctx=1024, n_seq=parallel,
                     devices=make_assignments(names, windows, [0] * len(windows), 30), scheduler="manual")  # fmt: skip
         plan.save(tmp / "plan.json")
         self.port = free_port()
@@ -167,6 +175,33 @@ def tpot(r: dict[str, Any]) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
+PROMPT_TOKENS = 12  # "Request {i}: count slowly from one to fifty." with SmolLM2's tokenizer, about
+LOOPBACK = LinkSpec(bandwidth_bps=10e9, latency_s=100e-6)  # one ZeroMQ hop on loopback (docs/exec.md)
+
+
+def predictions(tmp: Path, threads: int, levels: list[int], parallels: tuple[int, ...], tokens: int
+                ) -> dict[tuple[str, int], tuple[float, float]]:  # fmt: skip
+    """(label, streams) -> (predicted per-request TPOT s, aggregate tok/s) from the cost model, on a profile of this
+    host measured now (``prima-sim profile --quick``) given to every process of the ring."""
+    prof_file = tmp / "host.toml"
+    subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "profile", "--quick", "--name", "host", "--threads",
+                    str(threads), "--model", str(smollm2_path()), "--disk-dir", str(tmp), "--out", str(prof_file),
+                    "--no-progress", "--busy-retries", "1"], check=True, capture_output=True)  # fmt: skip
+    prof = load_model(DeviceProfile, prof_file)
+    model = model_profile_from_gguf(smollm2_path())
+    out: dict[tuple[str, int], tuple[float, float]] = {}
+    for what, windows in (("ring", (10, 12, 8)), ("single", (30,))):
+        devs = tuple(prof.model_copy(update={"name": f"D{i}"}) for i in range(len(windows)))
+        cluster = Cluster(name="loopback", devices=devs, head="D0", default_link=LOOPBACK)
+        for par in parallels:
+            wl = Workload(n_ctx=1024, prompt_tokens=PROMPT_TOKENS, decode_tokens=tokens, n_seq=par)
+            plan = manual_plan(cluster, model, wl, list(windows))
+            pts = serving_curve(plan, cluster, model, wl, [min(n, par) for n in levels])
+            for n, pt in zip(levels, pts, strict=True):
+                out[(f"{what} --parallel {par}", n)] = (pt.tpot_s, pt.throughput_tps)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=32)
@@ -190,6 +225,8 @@ def main() -> int:
     ]  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        pred = {} if args.skip_sweep else predictions(Path(tmp), args.threads, levels, (1, args.parallel),
+                                                       args.sweep_tokens)  # fmt: skip
         shards: dict[tuple[int, ...], Path] = {}
         for label, windows, par in configs:
             d = Path(tmp) / label.replace(" ", "_")
@@ -223,10 +260,17 @@ def main() -> int:
     if rows:
         print("\nconcurrency sweep (SmolLM2-135M, greedy, end-of-generation ignored; ring = 3 processes, windows "
               "10/12/8):")  # fmt: skip
-        print(f"{'server':<22} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'TPOT ms':>8} "
-              f"{'p50 latency s':>13}")  # fmt: skip
+        print(
+            "predicted: the cost model (serving_curve) on a quick profile of this host, every process alike, "
+            "loopback hops of 100 us; aggregate = streams served at once / pass time (prefill and HTTP left out)"
+        )
+        print(f"{'server':<22} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'pred':>7} "
+              f"{'TPOT ms':>8} {'pred':>7} {'err%':>6} {'p50 latency s':>13}")  # fmt: skip
         for label, n, sent, done_n, tps, tp, p50 in rows:
-            print(f"{label:<22} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {tp:>8.2f} {p50:>13.2f}")
+            p_tpot, p_tps = pred.get((label, n), (float("nan"), float("nan")))
+            err = 100.0 * (p_tpot * 1e3 - tp) / tp if tp else float("nan")
+            print(f"{label:<22} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {p_tps:>7.1f} {tp:>8.2f} "
+                  f"{p_tpot * 1e3:>7.2f} {err:>+6.1f} {p50:>13.2f}")  # fmt: skip
         by = {(lab, n): tps for lab, n, _, _, tps, _, _ in rows}
         for par in (1, args.parallel):
             print(f"ring/single aggregate tok/s at --parallel {par}: " + ", ".join(
