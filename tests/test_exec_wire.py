@@ -8,8 +8,9 @@ import pytest
 from prima_sim.errors import InputError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import HostsFile, load_hosts, resolve
-from prima_sim.exec.ring import Route, WorkerFailed, WorkerIdle, WorkerLoading, WorkerReady, WorkerRunning
+from prima_sim.exec.ring import WorkerFailed, WorkerIdle, WorkerLoading, WorkerReady, WorkerRunning
 from prima_sim.plan import Plan, make_assignments
+from prima_sim.route import Route
 
 FP = "0123456789abcdef"
 
@@ -217,3 +218,23 @@ def test_prefetch_advises_the_tensor_data_of_the_shard(tmp_path, monkeypatch) ->
     off.register(f, 0)
     off.advise(f)
     assert len(calls) == 1
+
+
+def test_the_simulator_routes_with_the_executors_route() -> None:
+    """One routing for both: the simulator's ring answers every routing question with prima_sim.route.Route."""
+    import simpy
+
+    from prima_sim.sim.config import SimConfig
+    from prima_sim.sim.ring import Ring
+
+    plan = Plan(model_id="m", n_layers=8, cluster_name="c", k=2, n_ctx=64, scheduler="manual",
+                devices=make_assignments(["A", "B"], [2, 2], [0, 0], 8))  # fmt: skip
+    route = Route.of(plan)
+    assert [route.owner(j) for j in range(5)] == ["B", "A", "B", "A", "A"]  # the head ends each round
+    assert route.windows_of("B") == [0, 2] and route.destinations("A") == {"B"}
+    assert route.next_own_window("B", 0) == 2 and route.next_own_window("B", 2) == 0
+    assert route.prefetch_window("A", 1, {1}) == 3
+    env = simpy.Environment()
+    ring = Ring(env, SimConfig(), None, None, plan)  # type: ignore[arg-type]
+    assert ring.route == route
+    assert all(ring.owner(j) == route.owner(j) for j in range(route.n_windows + 1))

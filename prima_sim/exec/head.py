@@ -35,7 +35,6 @@ from prima_sim.exec.ring import (
     LatencyTable,
     LinkLatency,
     Prefetcher,
-    Route,
     SpanLog,
     WorkerFailed,
     WorkerIdle,
@@ -50,6 +49,7 @@ from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.transport import open_socket
 from prima_sim.exec.worker import LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
+from prima_sim.route import Route
 from prima_sim.workload import DEFAULT_UBATCH
 
 EMBED_CHUNK = 32

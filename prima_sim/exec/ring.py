@@ -1,8 +1,7 @@
-"""Pieces shared by the head and the workers: routing, lifecycle states, prefetch, span logging, sockets.
+"""Pieces shared by the head and the workers: lifecycle states, prefetch, span logging, sockets.
 
-Routing is a pure function of the plan: windows run in the plan's execution order; after window ``j`` the
-hidden state goes to the owner of window ``j + 1``, or to the head after the last window (then the head runs
-only the output head). Control messages (``hello``, ``stop``) go round the ring in ring order.
+Routing (who runs which window, where each message goes next) is :class:`prima_sim.route.Route`, shared with the
+simulator.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +17,6 @@ from pydantic import Field, NonNegativeFloat, TypeAdapter, ValidationError
 
 from prima_sim.errors import InputError
 from prima_sim.metrics import Span, SpanKind
-from prima_sim.plan import LayerRange, Plan, next_own_window, prefetch_window
 from prima_sim.schema import FrozenModel
 
 log = logging.getLogger(__name__)
@@ -31,54 +28,6 @@ STEP_TIMEOUT_S = 600.0  # one step (prefill or one token) may take this long whi
 POLL_SLICE_MS = 20  # granularity of waits: bounds how late a failure is noticed
 BYE_TIMEOUT_S = 5.0  # how long the head waits for workers' final measurements at shutdown
 LINGER_MS = 1000  # how long a closing socket may keep trying to deliver queued messages
-
-
-@dataclass(frozen=True)
-class Route:
-    """Who runs which window, and where each message goes next."""
-
-    head: str
-    ring: tuple[str, ...]
-    order: tuple[tuple[str, LayerRange], ...]
-
-    @classmethod
-    def of(cls, plan: Plan) -> Route:
-        """The route of ``plan``."""
-        return cls(plan.head, tuple(d.name for d in plan.devices), tuple(plan.execution_order()))
-
-    @property
-    def n_windows(self) -> int:
-        """Windows per token."""
-        return len(self.order)
-
-    def owner(self, window: int) -> str:
-        """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
-        return self.head if window >= self.n_windows else self.order[window][0]
-
-    def windows_of(self, device: str) -> list[int]:
-        """Indices of the windows ``device`` runs, in execution order."""
-        return [j for j, (d, _) in enumerate(self.order) if d == device]
-
-    def successor(self, device: str) -> str:
-        """Next device in ring order (the head after the last)."""
-        i = self.ring.index(device)
-        return self.ring[(i + 1) % len(self.ring)]
-
-    def destinations(self, device: str) -> set[str]:
-        """Every device ``device`` ever sends to: owners of the windows after its own, and its successor."""
-        out = {self.owner(j + 1) for j in self.windows_of(device)}
-        out.add(self.successor(device))
-        out.discard(device)
-        return out
-
-    def next_own_window(self, device: str, after: int) -> int | None:
-        """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
-        return next_own_window(self.windows_of(device), after)
-
-    def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
-        """The window ``device`` advises after sending the output of window ``after``
-        (:func:`prima_sim.plan.prefetch_window`: not its only window once it has run it)."""
-        return prefetch_window(self.windows_of(device), after, ran)
 
 
 # --- lifecycle -------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from prima_sim.exec.ring import (
     LatencyTable,
     LinkLatency,
     Prefetcher,
-    Route,
     SpanLog,
     WorkerFailed,
     WorkerIdle,
@@ -44,6 +43,7 @@ from prima_sim.exec.ring import (
 from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.transport import open_socket
 from prima_sim.metrics import SpanKind
+from prima_sim.route import Route
 from prima_sim.workload import (
     DEFAULT_UBATCH,  # tokens per prefill message (n_batch); head and workers must agree
 )

@@ -39,7 +39,7 @@ class SimConfig:
         prefetch: after sending its activations a device advises the kernel to load its next window
             (prima.cpp's ``--prefetch``); False = pages come in only by demand faults.
         prefetch_own_window: also advise a device's only window after it has run it (prima.cpp does; this
-            project's executor does not, see ``prima_sim.exec.ring.Route.prefetch_window``): True predicts
+            project's executor does not, see ``prima_sim.route.Route.prefetch_window``): True predicts
             prima.cpp itself, with its k = 1 prefetch-release conflict.
         willneed_cap_bytes: 0: an advice reads its whole range (this project's executor advises a window in
             pieces the kernel does not cap); > 0: one advice reads at most this many bytes from the start of

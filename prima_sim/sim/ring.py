@@ -13,7 +13,8 @@ from typing import Protocol
 
 import simpy
 
-from prima_sim.plan import Plan, next_own_window, prefetch_window
+from prima_sim.plan import Plan
+from prima_sim.route import Route
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
@@ -58,33 +59,30 @@ class Ring:
         self, env: simpy.Environment, cfg: SimConfig, rec: SpanRecorder, net: Network, plan: Plan
     ) -> None:
         self.env, self.cfg, self.rec, self.net = env, cfg, rec, net
-        self.order = plan.execution_order()
-        self.n_windows = len(self.order)
+        self.route = Route.of(plan)
+        self.order = list(self.route.order)
+        self.n_windows = self.route.n_windows
         self.n_devices = len(plan.devices)
         self.head = plan.head
-        self._owners = [name for name, _ in self.order] + [plan.head]
-        self._own: dict[str, list[int]] = {d.name: [] for d in plan.devices}
-        for j, (name, _) in enumerate(self.order):
-            self._own[name].append(j)
         self.devices: dict[str, Member] = {}
         self.step = 0
         self.step_start = 0.0
         self.disk_read: dict[tuple[int, str], float] = {}
         self._batch_done: simpy.Event | None = None
 
-    # --- the route (the executor's Route) --------------------------------------------------------------------
+    # --- the route (the executor's, prima_sim.route.Route) ---------------------------------------------------
     def owner(self, window: int) -> str:
         """Device that runs ``window``; the head for ``window == n_windows`` (the output head)."""
-        return self._owners[window]
+        return self.route.owner(window)
 
     def next_own_window(self, device: str, after: int) -> int | None:
         """The window ``device`` runs next after window ``after`` (wrapping to the next token), or None."""
-        return next_own_window(self._own[device], after)
+        return self.route.next_own_window(device, after)
 
     def prefetch_window(self, device: str, after: int, ran: set[int]) -> int | None:
-        """The window ``device`` advises after sending the output of window ``after``: the executor's rule,
-        :func:`prima_sim.plan.prefetch_window` (``SimConfig.prefetch_own_window``: prima.cpp's)."""
-        return prefetch_window(self._own[device], after, ran, self.cfg.prefetch_own_window)
+        """The window ``device`` advises after sending the output of window ``after``: the executor's rule
+        (``SimConfig.prefetch_own_window``: prima.cpp's)."""
+        return self.route.prefetch_window(device, after, ran, self.cfg.prefetch_own_window)
 
     def deliver(self, dest: str, msg: Message) -> None:
         """Hand a hidden state that has crossed the link to ``dest``."""
