@@ -46,6 +46,7 @@ from prima_sim.exec.ring import (
     to_spans,
 )  # fmt: skip
 from prima_sim.exec.shard import DeviceManifest, shard_path
+from prima_sim.exec.spec import Draft, SpecStats
 from prima_sim.exec.transport import open_socket
 from prima_sim.exec.worker import LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
@@ -82,6 +83,7 @@ class Generation:
     logits: list[np.ndarray] = field(default_factory=list)
     steps: list[tuple[int, str, int, float, float]] = field(default_factory=list)
     t0: float = 0.0
+    spec: SpecStats | None = None  # what speculative decoding did (with a draft model)
 
 
 @dataclass
@@ -145,6 +147,8 @@ class Head:
         self.started = False
         self.closing = False  # close() has begun: a worker's 'bye' is expected from now on
         self._kept: list[Span] = []  # every span all_spans() has returned (it returns them all again)
+        self.draft: Draft | None = None  # speculative decoding (use_draft)
+        self.draft_max = 0
 
     # --- start-up ----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -183,6 +187,21 @@ class Head:
         self.n_embd = self.embed_model.n_embd
         if self.workers:
             self._open_sockets()
+
+    def use_draft(self, path: Path, draft_max: int, source: str = "--draft") -> None:
+        """Load a draft model for speculative decoding (greedy generation proposes up to ``draft_max`` tokens per
+        step with it; :mod:`prima_sim.exec.spec`). Call after :meth:`load`.
+
+        Raises:
+            InputError: the draft cannot be loaded, its vocabulary is not the model's, or ``draft_max`` does
+                not fit the batch.
+        """
+        if not 1 <= draft_max < self.n_batch:
+            raise InputError("--draft-max", "", f"must be 1..{self.n_batch - 1} (one verification pass carries the "
+                             f"drafts and the last token in one batch of --batch {self.n_batch}), got {draft_max}")  # fmt: skip
+        draft = self._stack.enter_context(Draft(path, self.plan.n_ctx, self.n_batch, self.n_threads, source))
+        draft.check_vocab(self.embed_model)
+        self.draft, self.draft_max = draft, draft_max
 
     def _open_sockets(self) -> None:
         pulls: list[zmq.Socket[Any]] = []
@@ -438,14 +457,28 @@ class Head:
             t_step = now()
             for i in range(0, len(prompt_tokens), self.n_batch):  # pos 0: every window clears its KV cache
                 ctx = self._step(prompt_tokens[i : i + self.n_batch], i, 0, t_step)
+            spec = self.draft is not None and sampling.temperature <= 0  # only greedy output is speculated
+            if spec:  # the draft reads the prompt too, as part of the prefill
+                assert self.draft is not None
+                t0 = now()
+                self.draft.catch_up(prompt_tokens)
+                self.spans.add(SpanKind.HEAD, t0, now(), 0, "draft prefill")
+                gen.spec = SpecStats(self.draft_max, draft_s=now() - t0)
             gen.steps.append((0, "prefill", len(prompt_tokens), t_step - gen.t0, now() - gen.t0))
             pos = len(prompt_tokens)
+            # tokens a verification pass chose (and their logits), not given out yet
+            verified: list[tuple[int, np.ndarray | None]] = []
             while True:
-                if keep_logits:
-                    gen.logits.append(ctx.last_logits())
-                t0 = now()
-                tok = sampler.sample(ctx)
-                self.spans.add(SpanKind.HEAD, t0, now(), len(gen.token_ids), "sample")
+                if verified:
+                    tok, lg = verified.pop(0)
+                    if keep_logits and lg is not None:
+                        gen.logits.append(lg)
+                else:
+                    if keep_logits:
+                        gen.logits.append(ctx.last_logits())
+                    t0 = now()
+                    tok = sampler.sample(ctx)
+                    self.spans.add(SpanKind.HEAD, t0, now(), len(gen.token_ids), "sample")
                 if not ignore_eos and self.embed_model.is_eog(tok):
                     gen.stop_reason = "eos"
                     break
@@ -456,11 +489,21 @@ class Head:
                     on_text(piece)
                 if len(gen.token_ids) >= n_predict:
                     break
+                if verified:  # chosen by the last pass already: no ring pass for it
+                    continue
                 step = len(gen.token_ids)
                 t_step = now()
-                ctx = self._step([tok], pos, step, t_step)
-                gen.steps.append((step, "decode", 1, t_step - gen.t0, now() - gen.t0))
-                pos += 1
+                if not spec:
+                    ctx = self._step([tok], pos, step, t_step)
+                    gen.steps.append((step, "decode", 1, t_step - gen.t0, now() - gen.t0))
+                    pos += 1
+                    continue
+                # at most the tokens still wanted: the pass itself yields one more than it accepts
+                verified, n_rows = self._speculate(
+                    gen, tok, pos, step, sampler, n_predict - step - 1, keep_logits
+                )
+                gen.steps.append((step, "decode", n_rows, t_step - gen.t0, now() - gen.t0))
+                pos += len(verified)
             tail = utf8.decode(b"", final=True)
             gen.text += tail
             if on_text and tail:
@@ -468,6 +511,45 @@ class Head:
         finally:
             sampler.close()
         return gen
+
+    def _speculate(
+        self, gen: Generation, tok: int, pos: int, step: int, sampler: Sampler, room: int, keep_logits: bool
+    ) -> tuple[list[tuple[int, np.ndarray | None]], int]:
+        """One speculative step: the draft proposes up to ``room`` (at most ``draft_max``) tokens after the
+        accepted ones and ``tok``; the ring runs ``tok`` and the drafts at ``pos..`` as one batch whose every row
+        gives logits; returns the tokens the target chose (the accepted drafts, then its own next token) with
+        their logits (with ``keep_logits``), and the rows of the batch. The rejected rows stay in the KV caches
+        until the next batch, which starts at the first rejected position and so cuts them (every window's
+        ``llama_memory_seq_rm``)."""
+        assert self.draft is not None and gen.spec is not None
+        st = gen.spec
+        drafts: list[int] = []
+        if room > 0:
+            t0 = now()
+            drafts = self.draft.propose(gen.prompt_tokens + gen.token_ids, min(self.draft_max, room))
+            t1 = now()
+            st.draft_s += t1 - t0
+            self.spans.add(SpanKind.HEAD, t0, t1, step, f"draft {len(drafts)}")
+        rows = [tok, *drafts]
+        n = len(rows)
+        ctx = self.step_rows(rows, np.arange(pos, pos + n, dtype=np.int32), np.zeros(n, dtype=np.int32),
+                             set(range(n)), step)  # fmt: skip
+        t0 = now()
+        out: list[tuple[int, np.ndarray | None]] = []
+        for i in range(n):  # the target's greedy choice after row i, as far as the drafts agree with it
+            t = sampler.sample(ctx, i)
+            out.append((t, ctx.logits_at(i) if keep_logits else None))
+            if i == len(drafts) or drafts[i] != t or self.embed_model.is_eog(t):
+                break
+        self.spans.add(SpanKind.HEAD, t0, now(), step, "verify")
+        m = len(out) - 1
+        if drafts:
+            st.passes += 1
+            st.drafted += len(drafts)
+            st.accepted += m
+            st.rejections += m < len(drafts)
+            st.tokens += len(out)
+        return out, n
 
     # --- serving (prima_sim.exec.engine) ---------------------------------------------------------------------
     def watch(self) -> None:

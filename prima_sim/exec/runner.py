@@ -27,6 +27,7 @@ from prima_sim.exec.llamacpp import default_threads, supports_gpu_offload
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S, LatencyTable
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest, write_shards
+from prima_sim.exec.spec import DEFAULT_DRAFT_MAX
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
 from prima_sim.plan import Plan
 from prima_sim.progress import Progress
@@ -55,6 +56,8 @@ class RunOptions:
     extra_prompts: tuple[str | list[int], ...] = ()
     progress: bool = False  # show the progress of cutting shards on stderr
     link_latency: LatencyTable | None = None  # emulated link latencies (--link-latency; prima_sim.emulate)
+    draft: Path | None = None  # speculative decoding: this whole GGUF drafts on the head (greedy only)
+    draft_max: int = DEFAULT_DRAFT_MAX  # tokens the draft proposes per verification pass
 
 
 @dataclass
@@ -94,6 +97,8 @@ class RunReport:
             if g
             else None,  # wall clock of t = 0 in tokens.csv/trace.json (for prima_sim.emulate)
         }
+        if g is not None and g.spec is not None:
+            out["speculation"] = g.spec.to_json() | {"decode_tokens_per_s": decode_rate(g)}
         if self.error:
             out["error"] = self.error
         return out
@@ -106,6 +111,14 @@ class RunReport:
             self.spans, [d.name for d in self.plan.devices], out_dir / "trace.json", "prima-sim run"
         )
         atomic_write_text(out_dir / "summary.json", json.dumps(_finite(self.to_json()), indent=2) + "\n")
+
+
+def decode_rate(g: Generation) -> float:
+    """Generated tokens per second of decoding: the tokens after the first (which the prefill yields) over the
+    decode steps' time; with speculative decoding a step (one verification pass) yields several (NaN without
+    decode steps)."""
+    t = sum(t1 - t0 for _, phase, _, t0, t1 in g.steps if phase == "decode")
+    return (len(g.token_ids) - 1) / t if t > 0 else math.nan
 
 
 def _finite(obj: Any) -> Any:
@@ -254,6 +267,8 @@ def run_ring(
                         opts.timeout_s, check_alive=workers.check_alive if workers else None,
                         link_latency=opts.link_latency)  # fmt: skip
             head.load()
+            if opts.draft is not None:
+                head.use_draft(opts.draft, opts.draft_max)
             head.barrier(opts.startup_timeout_s)
             for i, p in enumerate([prompt, *opts.extra_prompts]):
                 toks = p if isinstance(p, list) else head.tokenize(p, opts.chat)
