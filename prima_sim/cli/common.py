@@ -193,6 +193,10 @@ def print_json(obj: Any) -> None:
 
 
 # --- serving predictions (plan and simulate: --concurrency, --draft/--accept) -----------------------------------
+DEFAULT_DRAFT_MAX = 4
+"""Tokens a draft model proposes per verification pass unless ``--draft-max`` says (prima.cpp's default too)."""
+
+
 def add_serving_args(p: Any) -> None:
     """``--concurrency``, ``--draft``, ``--accept``, ``--draft-max``: predictions for ``prima-sim serve``."""
     g = p.add_argument_group("serving predictions (cost model; docs/serve.md)")
@@ -210,7 +214,36 @@ def add_serving_args(p: Any) -> None:
         default=None,
         help="the draft's acceptance rate per token, 0..1 (with --draft)",
     )
-    g.add_argument("--draft-max", type=int, default=4, help="tokens the draft proposes per pass (default 4)")
+    g.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
+                   help=f"tokens the draft proposes per pass (default {DEFAULT_DRAFT_MAX})")  # fmt: skip
+
+
+def add_draft_args(p: Any) -> None:
+    """``--draft`` and ``--draft-max`` of a real ring (``run``): speculative decoding with a draft model on the head
+    (the same names and default as the predictions of :func:`add_serving_args`)."""
+    g = p.add_argument_group("speculative decoding (greedy only; docs/exec.md)")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a small GGUF (or smollm2-135m) with the model's vocabulary, loaded whole on the head: per step "
+                        "it proposes up to --draft-max tokens and the ring verifies them in one pass; the output is "
+                        "the model's own greedy output")  # fmt: skip
+    g.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
+                   help=f"tokens the draft proposes per verification pass (default {DEFAULT_DRAFT_MAX})")  # fmt: skip
+
+
+def check_draft_args(args: Any) -> Path | None:
+    """The draft GGUF of :func:`add_draft_args` (None without ``--draft``).
+
+    Raises:
+        InputError: ``--draft-max`` below 1, or ``--draft`` with ``--temperature`` above 0.
+    """
+    if args.draft_max < 1:  # checked even without --draft: a value out of range is never silently ignored
+        raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
+    if args.draft is None:
+        return None
+    if args.temperature > 0:
+        raise InputError("--draft", "", "speculative decoding verifies greedy choices only: drop --temperature "
+                         "(or --draft)")  # fmt: skip
+    return gguf_arg(args.draft)
 
 
 def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Examples::
     prima-sim run --local --plan plan.json --model model.gguf --prompt "Hello" -n 32 --json
     # real machines, each running 'prima-sim worker --hosts hosts.toml --device NAME --shards DIR'
     prima-sim run --real --plan plan.json --model model.gguf --hosts hosts.toml --prompt "Hello" -n 32 --out m/
+    # speculative decoding: a small draft model with the same vocabulary proposes, the ring verifies
+    prima-sim run --local --plan plan.json --model model.gguf --draft small.gguf --draft-max 4 --prompt "Hello"
 
 This process is the head (ring[0]): it tokenizes, embeds, runs the last window of every round, the output
 head and sampling. ``--out DIR`` writes tokens.csv, trace.json and summary.json in the simulator's formats.
@@ -23,7 +25,9 @@ from typing import Any
 
 from prima_sim.cli.common import (
     LINK_LATENCY_HELP,
+    add_draft_args,
     add_ring_runtime_args,
+    check_draft_args,
     check_number,
     check_threads,
     plan_gguf,
@@ -63,6 +67,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
     add_ring_runtime_args(p)
     p.add_argument("--link-latency", default="", metavar="JSON", help=LINK_LATENCY_HELP)
+    add_draft_args(p)
     p.add_argument("--out", default=None, help="directory for tokens.csv, trace.json, summary.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument(
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--top-p", args.top_p, above=0, maximum=1)
     check_number("--seed", args.seed, minimum=0)
     check_threads("--threads", args.threads)
+    draft = check_draft_args(args)
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.head import SamplingParams
     from prima_sim.exec.hosts import load_hosts
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
         prefetch=not args.no_prefetch, n_batch=args.batch, timeout_s=args.timeout,
         startup_timeout_s=args.startup_timeout, omp_wait_policy=policy, progress=True,
-        link_latency=link_latency,
+        link_latency=link_latency, draft=draft, draft_max=args.draft_max,
     )  # fmt: skip
     hosts = load_hosts(args.hosts) if args.hosts else None
 
@@ -135,4 +141,9 @@ def run(args: argparse.Namespace) -> int:
         print(flush=True)
         print(f"[{len(report.last.token_ids) if report.last else 0} tokens; TTFT {s.get('ttft_s', 0) * 1e3:.1f} ms; "
               f"TPOT {s.get('tpot_s', float('nan')) * 1e3:.2f} ms]", file=sys.stderr)  # fmt: skip
+        spec = report.to_json().get("speculation")
+        if spec:
+            print(f"[speculative decoding: {spec['accepted']} of {spec['drafted']} drafted tokens accepted "
+                  f"(acceptance {spec['accept_rate']:.2f}), {spec['tokens_per_pass']:.2f} tokens per verification "
+                  f"pass (TPOT above is per pass), {spec['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
     return 0
