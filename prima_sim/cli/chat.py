@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "--url", "", "talk to a running server (--url) or build a ring (--local/--real --plan), not both"
         )
+    if args.url and args.draft:
+        raise InputError("--draft", "", "a server speculates with its own draft model ('prima-sim serve --draft'); "
+                         "drop --draft with --url")  # fmt: skip
     if not args.url and not (args.local or args.real):
         raise InputError("--url", "", "give --url of a running server, or --local/--real with --plan")
     turn, close = _http_turn(args) if args.url else _engine_turn(args)

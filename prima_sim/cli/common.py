@@ -219,13 +219,13 @@ def add_serving_args(p: Any) -> None:
 
 
 def add_draft_args(p: Any) -> None:
-    """``--draft`` and ``--draft-max`` of a real ring (``run``): speculative decoding with a draft model on the head
-    (the same names and default as the predictions of :func:`add_serving_args`)."""
-    g = p.add_argument_group("speculative decoding (greedy only; docs/exec.md)")
+    """``--draft`` and ``--draft-max`` of a real ring (``run``, ``serve``): speculative decoding with a draft model on
+    the head (the same names and default as the predictions of :func:`add_serving_args`)."""
+    g = p.add_argument_group("speculative decoding (greedy generation only; docs/exec.md)")
     g.add_argument("--draft", default=None, metavar="MODEL",
                    help="a small GGUF (or smollm2-135m) with the model's vocabulary, loaded whole on the head: per step "
                         "it proposes up to --draft-max tokens and the ring verifies them in one pass; the output is "
-                        "the model's own greedy output")  # fmt: skip
+                        "the model's own greedy choices, checked row by row (docs/exec.md)")  # fmt: skip
     g.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
                    help=f"tokens the draft proposes per verification pass (default {DEFAULT_DRAFT_MAX})")  # fmt: skip
 
@@ -234,15 +234,20 @@ def check_draft_args(args: Any) -> Path | None:
     """The draft GGUF of :func:`add_draft_args` (None without ``--draft``).
 
     Raises:
-        InputError: ``--draft-max`` below 1, or ``--draft`` with ``--temperature`` above 0.
+        InputError: ``--draft-max`` below 1 or not below ``--batch``, or ``--draft`` with ``--temperature`` above 0.
     """
     if args.draft_max < 1:  # checked even without --draft: a value out of range is never silently ignored
         raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
     if args.draft is None:
         return None
-    if args.temperature > 0:
+    if (
+        getattr(args, "temperature", 0.0) > 0
+    ):  # serve has none: its requests say, and only greedy ones speculate
         raise InputError("--draft", "", "speculative decoding verifies greedy choices only: drop --temperature "
                          "(or --draft)")  # fmt: skip
+    if args.draft_max >= args.batch:
+        raise InputError("--draft-max", "", f"must be 1..{args.batch - 1}: one verification pass carries the drafts "
+                         f"and the last token in one batch of --batch {args.batch}, got {args.draft_max}")  # fmt: skip
     return gguf_arg(args.draft)
 
 

@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prima_sim.cli.common import add_ring_runtime_args, check_number, check_threads, plan_gguf
+from prima_sim.cli.common import (
+    add_draft_args,
+    add_ring_runtime_args,
+    check_draft_args,
+    check_number,
+    check_threads,
+    plan_gguf,
+)
 from prima_sim.errors import InputError, MissingDependencyError
 from prima_sim.plan import Plan
 
@@ -44,6 +51,7 @@ def add_ring_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--shards", default=None, help="shard directory (one sub-directory per device)")
     p.add_argument("--hosts", default=None, help="hosts.toml (--real; default: loopback)")
     add_ring_runtime_args(p)
+    add_draft_args(p)
     p.add_argument(
         "--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -106,11 +114,13 @@ def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) 
     check_threads("--threads", args.threads)
     if not 1 <= parallel <= args.batch:
         raise InputError("--parallel", "", f"must be 1..--batch ({args.batch}), got {parallel}")
+    draft = check_draft_args(args)
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.engine import Engine, RingSpec
     from prima_sim.exec.hosts import load_hosts
     from prima_sim.exec.llamacpp import supports_gpu_offload
     from prima_sim.exec.runner import check_gpu, default_shard_dir, ensure_shards
+    from prima_sim.exec.spec import DEFAULT_DRAFT_MAX
 
     plan = Plan.load(args.plan)
     if parallel > plan.n_seq:
@@ -134,7 +144,8 @@ def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) 
     spec = RingSpec(plan, shard_dir, local=args.local, hosts=load_hosts(args.hosts) if args.hosts else None,
                     hosts_source=args.hosts or "hosts.toml", threads=threads, prefetch=not args.no_prefetch,
                     n_batch=args.batch, timeout_s=args.timeout, startup_timeout_s=args.startup_timeout,
-                    omp_wait_policy=policy, n_seq=parallel)  # fmt: skip
+                    omp_wait_policy=policy, n_seq=parallel, draft=draft,
+                    draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX))  # fmt: skip
     return Engine(spec, queue_limit)
 
 

@@ -47,6 +47,7 @@ from prima_sim.exec.llamacpp import Sampler
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest
+from prima_sim.exec.spec import DEFAULT_DRAFT_MAX
 from prima_sim.plan import Plan
 from prima_sim.workload import DEFAULT_UBATCH
 
@@ -122,6 +123,8 @@ class RingSpec:
         hosts_source: what to name in errors about ``hosts``.
         threads: llama.cpp threads per device.
         n_seq: sequences in flight at once (``--parallel``): every window's KV cache holds that many.
+        draft: a draft model (the same vocabulary) that proposes up to ``draft_max`` tokens per pass for every
+            greedy request; the ring verifies them in the same pass (:mod:`prima_sim.exec.spec`).
     """
 
     plan: Plan
@@ -137,6 +140,8 @@ class RingSpec:
     omp_wait_policy: str | None = "passive"
     log_dir: Path | None = None
     n_seq: int = 1
+    draft: Path | None = None  # speculative decoding of greedy requests: this whole GGUF drafts on the head
+    draft_max: int = DEFAULT_DRAFT_MAX
 
 
 class Ring:
@@ -167,6 +172,8 @@ class Ring:
                              check_alive=self.workers.check_alive if self.workers else None,
                              n_seq=spec.n_seq)  # fmt: skip
             self.head.load()
+            if spec.draft is not None:
+                self.head.use_draft(spec.draft, spec.draft_max)
             self.head.barrier(spec.startup_timeout_s)
         except BaseException:
             self.close(graceful=False)
@@ -259,6 +266,8 @@ class Engine:
         self.rebuilds = 0
         self.steps = 0  # window passes (batches) run
         self.batched_rows = 0  # decode rows of those batches that came from more than one sequence
+        self.drafted = 0  # tokens a draft model proposed (spec.draft)
+        self.accepted = 0  # of them, accepted by the ring
         self._queue: collections.deque[Job] = collections.deque()
         self._slots = [_Slot(i) for i in range(spec.n_seq)]
         self._busy = 0  # slots in use
@@ -312,6 +321,8 @@ class Engine:
             "rebuilds": self.rebuilds,
             "steps": self.steps,
             "batched_rows": self.batched_rows,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
             "devices": [d.name for d in self.spec.plan.devices],
             "pids": ring.pids() if ring is not None and self.state == "ready" else {},
             "n_ctx": self.n_ctx,
@@ -488,15 +499,27 @@ class Engine:
         seqs: list[int] = []
         outs: dict[int, _Slot] = {}
         fed: list[tuple[_Slot, int]] = []
+        drafts: dict[int, list[int]] = {}  # slot index -> the tokens its draft proposed after its pending one
         for sl in sorted(active, key=lambda x: len(x.pending) > 1):  # decoding sequences first, then prefill
             if budget == 0:
                 break
             chunk = sl.pending[:budget]
+            room = min(head.draft_max, budget - 1, sl.n_max - sl.n_gen - 1)
+            assert sl.job is not None
+            greedy = sl.job.sampling.temperature <= 0
+            if (
+                len(sl.pending) == 1 and room > 0 and head.draft is not None and greedy
+            ):  # speculate (exec.spec)
+                drafts[sl.index] = head.draft.propose(sl.kv + chunk, room, sl.index)
+                chunk = chunk + drafts[sl.index]
+                self.drafted += len(drafts[sl.index])
             start = len(sl.kv)
             tokens += chunk
             positions += range(start, start + len(chunk))
             seqs += [sl.index] * len(chunk)
-            if len(chunk) == len(sl.pending):
+            if sl.index in drafts:
+                outs.update(dict.fromkeys(range(len(tokens) - len(chunk), len(tokens)), sl))
+            elif len(chunk) == len(sl.pending):
                 outs[len(tokens) - 1] = sl
             fed.append((sl, len(chunk)))
             budget -= len(chunk)
@@ -507,11 +530,29 @@ class Engine:
             ctx = head.step_rows(tokens, np.array(positions, dtype=np.int32), np.array(seqs, dtype=np.int32),
                                  set(outs), self.steps)  # fmt: skip
             for sl, n in fed:
-                sl.kv += sl.pending[:n]
-                sl.pending = sl.pending[n:]
+                if sl.index in drafts:  # the pending token and the drafts the ring accepts (cut below)
+                    sl.kv += sl.pending + drafts[sl.index]
+                    sl.pending = []
+                else:
+                    sl.kv += sl.pending[:n]
+                    sl.pending = sl.pending[n:]
+            rows_of: dict[int, list[int]] = {}
             for row, sl in outs.items():
-                assert sl.sampler is not None
-                self._advance(sl, sl.sampler.sample(ctx, row))
+                rows_of.setdefault(sl.index, []).append(row)
+            for idx, rows in rows_of.items():
+                sl = self._slots[idx]
+                d = drafts.get(idx, [])
+                for i, row in enumerate(rows):  # row i: the target's choice after the drafts before it
+                    assert sl.sampler is not None
+                    tok = sl.sampler.sample(ctx, row)
+                    agree = i < len(d) and d[i] == tok
+                    self.accepted += agree
+                    self._advance(sl, tok)
+                    if sl.job is None or not agree:
+                        # done, or the target's own token: the drafts after it are not the target's (their KV
+                        # entries are cut when the slot's next batch starts where they start)
+                        del sl.kv[len(sl.kv) - len(d) + i + agree :]
+                        break
         except WorkerError as exc:
             for sl in active:
                 if sl.job is not None:

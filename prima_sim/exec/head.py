@@ -199,7 +199,9 @@ class Head:
         if not 1 <= draft_max < self.n_batch:
             raise InputError("--draft-max", "", f"must be 1..{self.n_batch - 1} (one verification pass carries the "
                              f"drafts and the last token in one batch of --batch {self.n_batch}), got {draft_max}")  # fmt: skip
-        draft = self._stack.enter_context(Draft(path, self.plan.n_ctx, self.n_batch, self.n_threads, source))
+        draft = self._stack.enter_context(
+            Draft(path, self.plan.n_ctx, self.n_batch, self.n_threads, source, self.n_seq)
+        )
         draft.check_vocab(self.embed_model)
         self.draft, self.draft_max = draft, draft_max
 

@@ -61,8 +61,9 @@ class SpecStats:
 class Draft:
     """A draft model: a whole GGUF in one llama.cpp context, proposing tokens greedily.
 
-    Its context remembers which tokens its KV cache holds; a proposal after other tokens (a rejection, a new
-    prompt) re-decodes from the first position that differs, and llama.cpp drops the cache from there on.
+    Its context remembers which tokens its KV cache holds (per sequence); a proposal after other tokens (a
+    rejection, a new prompt) re-decodes from the first position that differs, and llama.cpp drops the cache from
+    there on.
 
     Args:
         path: the draft GGUF (whole model).
@@ -70,20 +71,25 @@ class Draft:
         n_batch: tokens per llama.cpp call when catching up (a prompt).
         n_threads: CPU threads.
         source: what to name in errors (the flag).
+        n_seq: sequences the cache holds (``prima-sim serve --parallel``: one per slot).
 
     Raises:
         InputError: the file cannot be loaded.
     """
 
-    def __init__(self, path: Path, n_ctx: int, n_batch: int, n_threads: int, source: str = "--draft") -> None:
+    def __init__(
+        self, path: Path, n_ctx: int, n_batch: int, n_threads: int, source: str = "--draft", n_seq: int = 1
+    ) -> None:
         self.source = source
         self.model = Model(path)
         try:
-            self.window = Window(self.model, "logits", n_ctx, n_batch, n_threads, token_input=True)
+            self.window = Window(
+                self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq
+            )
         except BaseException:
             self.model.close()
             raise
-        self.cached: list[int] = []  # the tokens at positions 0.. of the draft's KV cache
+        self.cached: list[list[int]] = [[] for _ in range(n_seq)]  # per sequence: the tokens at positions 0..
 
     def check_vocab(self, target: Model) -> None:
         """Refuse a draft whose vocabulary is not the target's (size and every token's text).
@@ -102,32 +108,41 @@ class Draft:
                 raise InputError(self.source, "", f"token {t} is {ta!r} in the draft but {tb!r} in the model: a "
                                  "draft must share the model's tokenizer")  # fmt: skip
 
-    def catch_up(self, context: list[int]) -> np.ndarray:
-        """Decode what of ``context`` the cache does not hold (at least its last token) and return the logits
-        after it; a cache that holds other tokens from some position on is cut there first."""
+    def _decode(self, tokens: list[int], pos0: int, seq: int) -> np.ndarray:
+        """Decode ``tokens`` of sequence ``seq`` at ``pos0..`` (a position the cache does not continue is cut
+        first) and return the logits after the last one."""
+        n = len(tokens)
+        self.window.run_rows(np.array(tokens, dtype=np.int32), np.arange(pos0, pos0 + n, dtype=np.int32),
+                             np.full(n, seq, dtype=np.int32), {n - 1})  # fmt: skip
+        return self.window.logits_at(n - 1)
+
+    def catch_up(self, context: list[int], seq: int = 0) -> np.ndarray:
+        """Decode what of ``context`` the cache of ``seq`` does not hold (at least its last token) and return the
+        logits after it."""
+        cached = self.cached[seq]
         c = 0
-        lim = min(len(self.cached), len(context))
-        while c < lim and self.cached[c] == context[c]:
+        lim = min(len(cached), len(context))
+        while c < lim and cached[c] == context[c]:
             c += 1
         c = min(c, len(context) - 1)  # at least one token to decode: its logits give the first draft
-        w = self.window
         logits = np.empty(0)
-        for i in range(c, len(context), w.n_batch):  # a position the cache does not continue: cut there
-            logits = w.run_tokens_logits(context[i : i + w.n_batch], i)
-        self.cached = list(context)
+        for i in range(c, len(context), self.window.n_batch):
+            logits = self._decode(context[i : i + self.window.n_batch], i, seq)
+        self.cached[seq] = list(context)
         return logits
 
-    def propose(self, context: list[int], n: int) -> list[int]:
+    def propose(self, context: list[int], n: int, seq: int = 0) -> list[int]:
         """Up to ``n`` greedy tokens after ``context`` (fewer when one ends generation)."""
-        logits = self.catch_up(context)
+        logits = self.catch_up(context, seq)
+        cached = self.cached[seq]
         out: list[int] = []
         while True:
             tok = int(np.argmax(logits))
             out.append(tok)
             if len(out) >= n or self.model.is_eog(tok):
                 return out
-            logits = self.window.run_tokens_logits([tok], len(self.cached))
-            self.cached.append(tok)
+            logits = self._decode([tok], len(cached), seq)
+            cached.append(tok)
 
     def close(self) -> None:
         """Free the context and the model."""
