@@ -141,6 +141,7 @@ TOO_LARGE: list[tuple[str, list[str], str]] = [
     ("run", ["-n", "100000"], "-n"),
     ("run", ["--top-p", "2"], "--top-p"),
     ("run", ["--threads", "100000"], "--threads"),
+    ("run", ["--draft", "smollm2-135m", "--draft-max", "512"], "--draft-max"),
     ("worker", ["--threads", "100000"], "--threads"),
     ("synth-model", ["--layers", "100000", "--embd", "100000"], "--layers"),
     ("profile", ["--threads", "100000"], "--threads"),
