@@ -89,8 +89,11 @@ def test_draft_with_another_vocabulary_is_refused(smollm2, gemma3, smol_prompt, 
         )
 
 
-def test_cli_run_local_draft(smollm2, smol_ref, tmp_path, capsys):
+def test_cli_run_local_draft(smollm2, smol_ref, tmp_path, capsys, monkeypatch):
     from prima_sim.cli.main import main
+    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, "0")  # restored after the test: --flash-attn sets it in this process
 
     plan = make_plan(30, (15, 15))
     plan.save(tmp_path / "plan.json")
@@ -100,6 +103,10 @@ def test_cli_run_local_draft(smollm2, smol_ref, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["token_ids"] == smol_ref[0][:12]
     assert res["speculation"]["draft_max"] == 2 and res["speculation"]["accepted"] > 0
+    # every process of the ring with flash attention: every draft of the target itself is accepted
+    assert main([*base, "-n", "12", "--json", "--draft", "smollm2-135m", "--flash-attn"]) == 0
+    spec_fa = json.loads(capsys.readouterr().out)["speculation"]
+    assert spec_fa["accept_rate"] == 1.0 and spec_fa["accepted"] == spec_fa["drafted"] > 0
     for extra, err in ((["--temperature", "0.7"], "--draft: speculative decoding verifies greedy choices only"),
                        (["--draft-max", "0"], "--draft-max: must be at least 1, got 0"),
                        (["--draft-max", "8", "--batch", "8"], "--draft-max: must be 1..7")):  # fmt: skip
@@ -157,3 +164,23 @@ def test_engine_speculates_for_every_greedy_sequence(smollm2, smol_prompt, smol_
         assert st["drafted"] > st["accepted"] > 0
     finally:
         engine.close()
+
+
+def test_flash_attention_makes_verification_exact(smollm2, tmp_path, monkeypatch):
+    """A prompt where, without flash attention, the verification batch's rounding changes a close greedy choice
+    (docs/exec.md): with ``--flash-attn`` (every context of the ring, workers included) the draft = target is
+    accepted at every position and the output is exactly the plain greedy output with the same option."""
+    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, "1")  # what --flash-attn does; run --local's workers inherit it
+    prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    plan = make_plan(30, (10, 12, 8), "smollm2")
+    base = {"threads": {d.name: 1 for d in plan.devices}, "n_predict": 24}
+    plain = run_ring(plan, smollm2, prompt, opts(**base), local=True, shard_dir=tmp_path / "s")
+    fast = run_ring(plan, smollm2, prompt, opts(**base, draft=smollm2, draft_max=4), local=True,
+                    shard_dir=tmp_path / "s")  # fmt: skip
+    assert fast.last.token_ids == plain.last.token_ids
+    assert fast.last.spec.rejections == 0 and fast.last.spec.accepted == fast.last.spec.drafted
+    # and every verified row's logits are the single-token ones, bit for bit (max |diff| 0.0 measured)
+    pairs = zip(fast.last.logits, plain.last.logits, strict=True)
+    assert max(float(np.max(np.abs(a - b))) for a, b in pairs) <= 1e-3

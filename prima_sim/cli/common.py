@@ -228,6 +228,29 @@ def add_draft_args(p: Any) -> None:
                         "the model's own greedy choices, checked row by row (docs/exec.md)")  # fmt: skip
     g.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
                    help=f"tokens the draft proposes per verification pass (default {DEFAULT_DRAFT_MAX})")  # fmt: skip
+    add_flash_attn_arg(g)
+
+
+def add_flash_attn_arg(p: Any) -> None:
+    """``--flash-attn`` (``run``, ``serve``, ``chat`` and ``worker``; :func:`apply_flash_attn`)."""
+    p.add_argument("--flash-attn", action="store_true",
+                   help="llama.cpp's flash attention in every window (a --local ring's workers too; start --real "
+                        "workers with it as well): a row's logits are then the same in a batch as alone, so --draft "
+                        "gives exactly the plain greedy output")  # fmt: skip
+
+
+def apply_flash_attn(args: Any, inherit: bool = False) -> None:
+    """Switch llama.cpp's flash attention on or off for this process and the workers it spawns (an environment
+    variable: ``prima_sim.exec.llamacpp.FLASH_ATTN_ENV``), before any context is created. ``inherit`` (a worker):
+    without the flag, keep what the parent process set (``run --local --flash-attn`` spawns workers without it)."""
+    import os
+
+    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
+
+    if getattr(args, "flash_attn", False):
+        os.environ[FLASH_ATTN_ENV] = "1"
+    elif not inherit:
+        os.environ.pop(FLASH_ATTN_ENV, None)
 
 
 def check_draft_args(args: Any) -> Path | None:

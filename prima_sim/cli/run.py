@@ -27,6 +27,7 @@ from prima_sim.cli.common import (
     LINK_LATENCY_HELP,
     add_draft_args,
     add_ring_runtime_args,
+    apply_flash_attn,
     check_draft_args,
     check_number,
     check_threads,
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--seed", args.seed, minimum=0)
     check_threads("--threads", args.threads)
     draft = check_draft_args(args)
+    apply_flash_attn(args)
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.head import SamplingParams
     from prima_sim.exec.hosts import load_hosts

@@ -24,6 +24,7 @@ from typing import Any
 from prima_sim.cli.common import (
     add_draft_args,
     add_ring_runtime_args,
+    apply_flash_attn,
     check_draft_args,
     check_number,
     check_threads,
@@ -115,6 +116,7 @@ def build_engine(args: argparse.Namespace, queue_limit: int, parallel: int = 1) 
     if not 1 <= parallel <= args.batch:
         raise InputError("--parallel", "", f"must be 1..--batch ({args.batch}), got {parallel}")
     draft = check_draft_args(args)
+    apply_flash_attn(args)
     from prima_sim.cli.worker import threads_for
     from prima_sim.exec.engine import Engine, RingSpec
     from prima_sim.exec.hosts import load_hosts

@@ -16,7 +16,14 @@ import logging
 import signal
 from typing import Any
 
-from prima_sim.cli.common import BATCH_HELP, LINK_LATENCY_HELP, check_number, check_threads
+from prima_sim.cli.common import (
+    BATCH_HELP,
+    LINK_LATENCY_HELP,
+    add_flash_attn_arg,
+    apply_flash_attn,
+    check_number,
+    check_threads,
+)
 from prima_sim.errors import InputError
 from prima_sim.workload import DEFAULT_UBATCH
 
@@ -52,6 +59,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--persist", action="store_true", help="keep serving after the head stops")
     p.add_argument("--link-latency", default="", metavar="JSON", help=LINK_LATENCY_HELP)
+    add_flash_attn_arg(p)
     p.add_argument(
         "--parallel",
         type=int,
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     check_threads("--threads", args.threads)
     check_number("--batch", args.batch, minimum=1)
     check_number("--parallel", args.parallel, minimum=1)
+    apply_flash_attn(args, inherit=True)
     from prima_sim.exec.hosts import load_hosts, resolve
     from prima_sim.exec.ring import parse_latency_table
     from prima_sim.exec.shard import load_manifest, shard_path
