@@ -84,3 +84,18 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.Monk
     (pkg / "c.py").write_text("from cyc import a\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_cycles("cyc") == [["cyc.a", "cyc.b"]]
+
+
+def test_a_long_module_says_why_it_is_one_module() -> None:
+    """Modules stay small (issue 13): one of more than 500 lines says at its top why it is one module."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "prima_sim"
+    silent = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 500:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Why one module of this size" not in doc:
+                silent.append(str(path.relative_to(root.parent)))
+    assert not silent, f"split these, or say at their top why each is one module: {silent}"

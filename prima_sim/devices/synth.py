@@ -24,6 +24,9 @@ seed (each tensor has its own random stream, ``SeedSequence([seed, index])``).
 ``n_vocab`` is always the donor tokenizer's size: ``--like llama3-70b`` keeps the catalog entry's layer shapes
 and head counts, but its embedding and output head have the donor's vocabulary (49152 rows for SmolLM2), so
 the file is smaller than the real model by the difference in those two tensors.
+
+Why one module of this size: the quantizers of every ggml block type the generator writes (each a few lines) and the
+writer that uses them; nothing else uses them.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Every group of one run sits under ``<mount>/prima-<runid>/`` (v2 needs the inter
 controllers for its children; v1 uses the same layout so that ``--cleanup`` finds everything the same way).
 Problems that a user can fix (not root, a controller not mounted or not enabled, a read-only hierarchy)
 raise :class:`~prima_sim.errors.EmulationError` naming the controller and what to do.
+
+Why one module of this size: one interface over two kernel ABIs (cgroup v1 and v2) for four controllers; each
+operation is written for both versions next to each other so that they cannot drift apart.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ that closes a stream), every waiting request gets ``unavailable`` (503), and the
 with ``local`` it respawns the workers; otherwise it waits again for every worker of the hosts file to report
 ready (start the lost one again; run workers with ``--persist`` so that they outlive a head). Until then
 :meth:`Engine.submit` raises :class:`NotReady` (503).
+
+Why one module of this size: the engine's one llama.cpp thread owns the queue, the slots, admission, batching and
+finishing; they share that thread's state, and splitting them would add locks where today there are none.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ windows as the hidden state comes back (the last window of every round), and sam
 logits window (or, when the plan gives the head no window, from its output head). It watches the workers'
 heartbeats the whole time: a worker that dies or goes silent for ``timeout`` seconds ends the run with a
 :class:`~prima_sim.errors.WorkerError` naming the device.
+
+Why one module of this size: the head is one object on one thread that embeds, runs its windows, samples, speculates
+and keeps the ring's clock; its steps share its sockets, contexts and caches (the draft model itself lives in
+:mod:`prima_sim.exec.spec`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ the whole model, bit for bit:
 
 Models are always loaded with ``use_extra_bufts = False`` and ``load_mode = MMAP``: weights stay file-backed
 page cache (what prefetch and eviction rely on) and AMX repacking, which dies with SIGILL on some CPUs, is off.
+
+Why one module of this size: every ctypes call into llama.cpp goes through it, so memory ownership and the binding's
+version are reviewed in one place; ``Model``, ``Window``, ``Reference`` and ``Sampler`` share the runtime handle.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Layer tensors ``blk.<a+i>.*`` are renamed ``blk.<i>.*``. Per-layer metadata arra
 are sliced by *global* layer index; for Gemma 2/3 and Cohere 2, whose sliding-window pattern llama.cpp
 derives from the local layer index, the explicit per-layer ``sliding_window_pattern`` array is written.
 Tensor data is streamed with ``os.sendfile`` in fixed chunks: memory use does not grow with the model.
+
+Why one module of this size: the shard writer and the manifest reader are the two halves of one on-disk format, kept
+together so that a change to the format changes both.
 """
 
 from __future__ import annotations

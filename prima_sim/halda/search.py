@@ -25,6 +25,9 @@ the window), between which its cost is linear in n.
 This replaces prima.cpp's fixed-point iteration over the sets M1-M4 (whose RAM rows can hold a device in a
 poor regime) with a search that sees every regime at once. :mod:`prima_sim.halda.ilp` still states the
 program of the regimes the optimum lies in, and HiGHS solves it as an independent check (docs/halda.md).
+
+Why one module of this size: the per-device tables, the dynamic program and the bisection over loads are one
+algorithm (above) whose parts share its array layout.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Every plan an emulation runs becomes one row of ``reports/emulation.csv`` (colum
 are signed percentages of the measurement: ``err_sim_pct = 100 * (simulated - measured) / measured``
 (positive = the prediction is slower than reality). :func:`summarize_csv` gives the distribution of their
 absolute values and a per-scenario table (``prima-sim report``).
+
+Why one module of this size: the CSV's columns, the summary and the plots read the same rows; kept together so that
+a new column is added in one place.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ while the thread computes.
 
 The head also embeds the input tokens (reading each new token's row of the embedding table), runs the
 output head after the last window, and samples.
+
+Why one module of this size: the device loop (receive, compute, send, prefetch, page faults) is one SimPy process
+whose steps share the device's cache and disk state.
 """
 
 from __future__ import annotations

@@ -45,6 +45,11 @@ shadow-node reclaim, kswapd and global reclaim, the mmap-miss heuristic and faul
 one device of a ring (k windows scanned in turn in llama.cpp's order, optional ``WILLNEED`` prefetch, a throttled
 FIFO disk); use 256 KiB chunks (llama.cpp's readahead folios) for fidelity. :func:`reread_fraction` is the closed
 form the analytic cost model can use.
+
+Why one module of this size: it is one mechanism. The cgroup's two lists, readahead, WILLNEED and reclaim share one
+state (the chunk table), and the replay harness (``Window``, ``ReplayConfig``, ``ReplayResult``, ``_Disk``) drives
+exactly that state and is checked against the same measurements; split, the harness would reach into the cache's
+internals.
 """
 
 from __future__ import annotations
