@@ -28,7 +28,6 @@ Run it on a quiet machine (``flock -x /tmp/prima-cpu.lock``); the numbers are pr
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -40,7 +39,7 @@ from prima_sim.devices.bundled import smollm2_path
 from prima_sim.devices.cluster import Cluster, LinkSpec, load_device
 from prima_sim.devices.model import model_profile_from_gguf
 from prima_sim.exec import spec
-from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
+from prima_sim.exec.llamacpp import use_flash_attn
 from prima_sim.exec.runner import RunOptions, decode_rate, run_ring
 from prima_sim.halda.costmodel import expected_tokens, speculation
 from prima_sim.plan import Plan, make_assignments
@@ -105,10 +104,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-spec-") as tmp:
         for r in range(args.rounds):
             for name, draft, wrong, fa in configs:
-                if fa:  # every process of the ring (run --local's workers inherit the environment)
-                    os.environ[FLASH_ATTN_ENV] = "1"
-                else:
-                    os.environ.pop(FLASH_ATTN_ENV, None)
+                use_flash_attn(fa)  # every process of the ring: the --local ring passes --flash-attn on
                 opts = RunOptions(n_predict=args.tokens, ignore_eos=True, threads=dict.fromkeys(names, args.threads),
                                   draft=model if draft else None, draft_max=args.draft_max)  # fmt: skip
                 saved = spec.Draft.propose

@@ -90,10 +90,10 @@ def test_draft_with_another_vocabulary_is_refused(smollm2, gemma3, smol_prompt, 
 
 
 def test_cli_run_local_draft(smollm2, smol_ref, tmp_path, capsys, monkeypatch):
+    import prima_sim.exec.llamacpp as llamacpp
     from prima_sim.cli.main import main
-    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
 
-    monkeypatch.setenv(FLASH_ATTN_ENV, "0")  # restored after the test: --flash-attn sets it in this process
+    monkeypatch.setattr(llamacpp, "_flash_attn", False)  # restored after the test: --flash-attn sets it here
 
     plan = make_plan(30, (15, 15))
     plan.save(tmp_path / "plan.json")
@@ -170,9 +170,11 @@ def test_flash_attention_makes_verification_exact(smollm2, tmp_path, monkeypatch
     """A prompt where, without flash attention, the verification batch's rounding changes a close greedy choice
     (docs/exec.md): with ``--flash-attn`` (every context of the ring, workers included) the draft = target is
     accepted at every position and the output is exactly the plain greedy output with the same option."""
-    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
+    import prima_sim.exec.llamacpp as llamacpp
 
-    monkeypatch.setenv(FLASH_ATTN_ENV, "1")  # what --flash-attn does; run --local's workers inherit it
+    monkeypatch.setattr(
+        llamacpp, "_flash_attn", True
+    )  # what --flash-attn does; the --local ring passes it on
     prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     plan = make_plan(30, (10, 12, 8), "smollm2")
     base = {"threads": {d.name: 1 for d in plan.devices}, "n_predict": 24}

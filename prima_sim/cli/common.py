@@ -239,18 +239,12 @@ def add_flash_attn_arg(p: Any) -> None:
                         "gives exactly the plain greedy output")  # fmt: skip
 
 
-def apply_flash_attn(args: Any, inherit: bool = False) -> None:
-    """Switch llama.cpp's flash attention on or off for this process and the workers it spawns (an environment
-    variable: ``prima_sim.exec.llamacpp.FLASH_ATTN_ENV``), before any context is created. ``inherit`` (a worker):
-    without the flag, keep what the parent process set (``run --local --flash-attn`` spawns workers without it)."""
-    import os
+def apply_flash_attn(args: Any) -> None:
+    """Switch llama.cpp's flash attention on or off for every context this process creates (before any is
+    created); a ``--local`` ring passes ``--flash-attn`` on to its workers explicitly (``LocalWorkers``)."""
+    from prima_sim.exec.llamacpp import use_flash_attn
 
-    from prima_sim.exec.llamacpp import FLASH_ATTN_ENV
-
-    if getattr(args, "flash_attn", False):
-        os.environ[FLASH_ATTN_ENV] = "1"
-    elif not inherit:
-        os.environ.pop(FLASH_ATTN_ENV, None)
+    use_flash_attn(bool(getattr(args, "flash_attn", False)))
 
 
 def check_draft_args(args: Any) -> Path | None:

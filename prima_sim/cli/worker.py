@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     check_threads("--threads", args.threads)
     check_number("--batch", args.batch, minimum=1)
     check_number("--parallel", args.parallel, minimum=1)
-    apply_flash_attn(args, inherit=True)
+    apply_flash_attn(args)
     from prima_sim.exec.hosts import load_hosts, resolve
     from prima_sim.exec.ring import parse_latency_table
     from prima_sim.exec.shard import load_manifest, shard_path

@@ -39,11 +39,24 @@ log = logging.getLogger(__name__)
 LOAD_MODE_MMAP = 1
 FLASH_ATTN_DISABLED = 0
 FLASH_ATTN_ENABLED = 1
-FLASH_ATTN_ENV = "PRIMA_SIM_FLASH_ATTN"
-"""Set to 1 (``--flash-attn``; ``run --local`` passes the environment to its workers), every context of the process
-uses llama.cpp's flash attention. On the CPU its kernel computes each row's attention alone, so a row gives the same
+_flash_attn = False
+"""With :func:`use_flash_attn` on (``--flash-attn``; ``run --local`` and ``serve --local`` pass the flag to their workers),
+every context the process creates uses llama.cpp's flash attention. On the CPU its kernel computes each row's attention alone, so a row gives the same
 logits in a batch of several rows as decoded alone (without it llama.cpp's batched attention rounds differently once
 the KV cache passes a length): the rows of a speculative verification pass are then the single-token results."""
+
+
+def use_flash_attn(on: bool) -> None:
+    """Every llama.cpp context this process creates from now on uses flash attention (``on``) or not."""
+    global _flash_attn
+    _flash_attn = bool(on)
+
+
+def flash_attn_enabled() -> bool:
+    """Whether contexts created now use flash attention (:func:`use_flash_attn`)."""
+    return _flash_attn
+
+
 LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR: llama.cpp's chatter below this is dropped
 _NORM_OPS = (b"RMS_NORM", b"NORM")
 
@@ -294,9 +307,7 @@ class Window:
             )
         p.n_threads = p.n_threads_batch = n_threads
         p.no_perf = True
-        p.flash_attn_type = (
-            FLASH_ATTN_ENABLED if os.environ.get(FLASH_ATTN_ENV) == "1" else FLASH_ATTN_DISABLED
-        )
+        p.flash_attn_type = FLASH_ATTN_ENABLED if _flash_attn else FLASH_ATTN_DISABLED
         if mode in ("hidden", "embed"):
             cb = self._cb_embed if mode == "embed" else self._cb_hidden
             self._cb = lc.ggml_backend_sched_eval_callback(cb)

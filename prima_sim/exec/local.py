@@ -19,6 +19,7 @@ from pathlib import Path
 
 import prima_sim
 from prima_sim.errors import WorkerError
+from prima_sim.exec.llamacpp import flash_attn_enabled
 from prima_sim.workload import DEFAULT_UBATCH
 
 GRACEFUL_EXIT_S = 5.0  # after 'stop', how long workers get to exit on their own
@@ -45,17 +46,20 @@ class LocalWorkers:
         omp_wait_policy: ``OMP_WAIT_POLICY`` of the workers: "passive" (idle OpenMP threads sleep at once),
             "active" (they spin), or None (libgomp's default: spin a while, then sleep).
         link_latency: emulated link latencies, passed as ``--link-latency``.
+        flash_attn: the workers' contexts use flash attention (``--flash-attn``); None: as this process's
+            (:func:`prima_sim.exec.llamacpp.flash_attn_enabled`, what ``--flash-attn`` set).
     """
 
     def __init__(
         self, devices: list[tuple[str, Path, int]], hosts_file: Path, log_dir: Path, prefetch: bool = True,
         n_batch: int = DEFAULT_UBATCH, omp_wait_policy: str | None = "passive", n_seq: int = 1,
-        link_latency: dict[str, dict[str, float]] | None = None,
+        link_latency: dict[str, dict[str, float]] | None = None, flash_attn: bool | None = None,
     ) -> None:  # fmt: skip
         self.devices, self.hosts_file, self.log_dir = devices, hosts_file, log_dir
         self.prefetch, self.n_batch, self.omp_wait_policy = prefetch, n_batch, omp_wait_policy
         self.n_seq = n_seq
         self.link_latency = link_latency
+        self.flash_attn = flash_attn
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pgid: int | None = None
 
@@ -68,6 +72,7 @@ class LocalWorkers:
         env.pop("OMP_WAIT_POLICY", None)
         if self.omp_wait_policy:
             env["OMP_WAIT_POLICY"] = self.omp_wait_policy
+        flash = flash_attn_enabled() if self.flash_attn is None else self.flash_attn
         for name, shards, threads in self.devices:
             cmd = [sys.executable, "-m", "prima_sim.cli.main", "worker", "--hosts", str(self.hosts_file),
                    "--device", name, "--shards", str(shards), "--threads", str(threads), "--batch", str(self.n_batch),
@@ -78,6 +83,8 @@ class LocalWorkers:
                 cmd += ["--parallel", str(self.n_seq)]
             if self.link_latency:
                 cmd += ["--link-latency", json.dumps(self.link_latency, sort_keys=True)]
+            if flash:
+                cmd.append("--flash-attn")
             with (self.log_dir / f"{name}.log").open("wb") as logf:
                 group = {"process_group": 0 if self.pgid is None else self.pgid}
                 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
