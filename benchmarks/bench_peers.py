@@ -271,14 +271,17 @@ class Bench:
                 for rep in range(a.reps):
                     for row, (kind, pr) in jobs:
                         if kind == "prima-sim":
-                            n_before = len(pr.rep_tpot_s)
-                            runs.run_rep(pr, wl, rep)
-                            if len(pr.rep_tpot_s) > n_before:
-                                row.tpot.append(pr.rep_tpot_s[-1])
-                                row.ttft.append(pr.rep_ttft_s[-1])
-                                row.read_meas.append(sum(v[-1] for v in pr.decode_disk_bytes.values() if v))
+                            m = runs.run_rep(pr, wl, rep)
+                            if m is not None and m.ok:
+                                row.tpot.append(m.tpot_s)
+                                row.ttft.append(m.ttft_s)
+                                row.read_meas.append(sum(m.decode_disk_bytes.values()))
                             else:
-                                row.errors.append(pr.run_errors[-1] if pr.run_errors else "failed")
+                                row.errors.append(
+                                    f"rep {rep}: {m.error}"
+                                    if m is not None
+                                    else "an earlier repetition failed"
+                                )
                         elif kind.startswith("prima.cpp"):
                             self.run_primacpp(tb, out, row, pr, copies, rep, force=kind.endswith("--force"))
                         else:

@@ -44,7 +44,7 @@ from prima_sim.emulate.calibrate import Calibrator, executor_overhead, with_exec
 from prima_sim.emulate.links import measure_links
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model
 from prima_sim.emulate.predict import make_plans, predict_at_run, simulate_plan
-from prima_sim.emulate.records import PlanRun
+from prima_sim.emulate.records import PlanRun, RunPrediction
 from prima_sim.emulate.runs import RunSupervisor
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.emulate.testbed import Testbed
@@ -195,19 +195,21 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
             default_link=LinkSpec(bandwidth_bps=sc.network.bandwidth, latency_s=sc.network.latency), links=tuple(links),
         )  # fmt: skip
         dump_model(cluster, out / "cluster.json")
-        plans = make_plans(sc, cluster, model, wl, out, schedulers=opts.schedulers, raw_profiles=raw_profiles,
+        preds = make_plans(sc, cluster, model, wl, out, schedulers=opts.schedulers, raw_profiles=raw_profiles,
                            overheads=(runtime_anon, vocab_anon))  # fmt: skip
-        for pr in plans:
-            if pr.plan is None:
+        for i, pr in enumerate(preds):
+            plan = pr.plan
+            if plan is None:
                 say(f"{pr.label}: {pr.error}")
                 continue
-            simulate_plan(pr, sc, model, wl, out)
-            say(f"{pr.label}: k={pr.plan.k} windows {list(pr.plan.windows)} on {', '.join(d.name for d in pr.plan.devices)}; "
+            preds[i] = pr = simulate_plan(pr, sc, model, wl, out)
+            say(f"{pr.label}: k={plan.k} windows {list(plan.windows)} on {', '.join(d.name for d in plan.devices)}; "
                 f"analytic TPOT {pr.analytic_tpot_s * 1e3:.1f} ms, simulated {pr.sim_tpot_s * 1e3:.1f} ms")  # fmt: skip
-        runnable = [pr for pr in plans if pr.plan is not None and not pr.error]
+        runnable = [pr for pr in preds if pr.runnable]
+        runs = RunSupervisor(tb, cal, out, raw_profiles, keep_shards=opts.keep_shards,
+                             calibrate_runs=opts.calibrate_runs, say=tell)  # fmt: skip
+        at_run: dict[str, RunPrediction] = {}
         if opts.run_real:
-            runs = RunSupervisor(tb, cal, out, raw_profiles, keep_shards=opts.keep_shards,
-                                 calibrate_runs=opts.calibrate_runs, say=tell)  # fmt: skip
             try:
                 for pr in runnable:
                     runs.prepare_plan(pr, model_path)
@@ -225,8 +227,9 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
                     f"GB/s (median of {len(runs.run_probes[k])} probes)")  # fmt: skip
             if rates:
                 for pr in runnable:
-                    if pr.rep_tpot_s:
-                        predict_at_run(pr, sc, model, wl, cal, rates)
+                    if runs.record(pr).rep_tpot_s:
+                        at_run[pr.label] = predict_at_run(pr, sc, model, wl, cal, rates)
+        plans = [runs.record(pr, at_run.get(pr.label)) for pr in preds]
     host = socket.gethostname()
     date = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     rows = [

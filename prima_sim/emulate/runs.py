@@ -4,9 +4,8 @@
 (:meth:`~RunSupervisor.prepare_plan`), runs it from a cold page cache (:meth:`~RunSupervisor.run_rep`:
 ``prima-sim worker`` processes and the head, ``prima-sim run --real``, each inside its device; memory, disk
 reads and CPU throttling sampled from the cgroups; a worker that dies or a run that hangs is stopped and named),
-adds the measurements to the plan's :class:`~prima_sim.emulate.records.PlanRun`, and with contemporaneous
-calibration probes the devices' streaming rates just before and after every run
-(:meth:`~RunSupervisor.rates_during_runs`).
+keeps one :class:`~prima_sim.emulate.records.RunMeasurement` per run, and with contemporaneous calibration probes
+the devices' streaming rates just before and after every run (:meth:`~RunSupervisor.rates_during_runs`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from prima_sim.devices.profile import DeviceProfile
 from prima_sim.emulate import cgroups as cg
 from prima_sim.emulate.calibrate import Calibrator
 from prima_sim.emulate.memory import MemorySampler
-from prima_sim.emulate.records import PlanRun
+from prima_sim.emulate.records import PlanPrediction, PlanRun, RunMeasurement, RunPrediction
 from prima_sim.emulate.spawn import cli_command, log_tail, stop
 from prima_sim.emulate.testbed import Testbed
 from prima_sim.halda.costmodel import Workload
@@ -69,6 +68,12 @@ class RunSupervisor:
         self.calibrate_runs = calibrate_runs
         self.say = say
         self.run_probes: dict[str, list[tuple[float, float]]] = {}  # per device: (layer, head) rates probed
+        self.dirs: dict[str, tuple[Path, Path]] = {}  # per plan label: its shard directory and run directory
+        self.measurements: dict[str, list[RunMeasurement]] = {}  # per plan label: its runs, in order
+
+    def record(self, pr: PlanPrediction, at_run: RunPrediction | None = None) -> PlanRun:
+        """The plan's prediction, runs so far and prediction at run time, as one record."""
+        return PlanRun(pr, tuple(self.measurements.get(pr.label, ())), at_run)
 
     def rates_during_runs(self) -> dict[str, tuple[float, float]]:
         """Per calibrated device: the median (layer, output-head) rate of every probe taken around the runs."""
@@ -78,7 +83,7 @@ class RunSupervisor:
             if v
         }
 
-    def prepare_plan(self, pr: PlanRun, model_path: Path) -> None:
+    def prepare_plan(self, pr: PlanPrediction, model_path: Path) -> None:
         """Cut the plan's shards and write the files its processes read (hosts, cluster, plan)."""
         from prima_sim.exec.hosts import HostEntry, HostsFile
         from prima_sim.exec.shard import write_shards
@@ -86,35 +91,39 @@ class RunSupervisor:
         assert pr.plan is not None and pr.cluster is not None
         plan = pr.plan
         names = [d.name for d in plan.devices]
-        pr.shard_dir = self.tb.work / "shards" / pr.label
+        shard_dir = self.tb.work / "shards" / pr.label
         t0 = time.monotonic()
-        write_shards(model_path, plan, pr.shard_dir)
+        write_shards(model_path, plan, shard_dir)
         self.say(f"{pr.label}: shards written in {time.monotonic() - t0:.0f} s")
         hosts = HostsFile(base_port=DATA_PORT, control_port=CONTROL_PORT,
                           devices={n: HostEntry(host=self.tb.ip(n), port=DATA_PORT) for n in names})  # fmt: skip
-        pr.run_dir = self.out / "runs" / pr.label
-        pr.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_model(hosts, pr.run_dir / "hosts.toml")
-        dump_model(pr.cluster, pr.run_dir / "cluster.json")
-        plan.save(pr.run_dir / "plan.json")
+        run_dir = self.out / "runs" / pr.label
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_model(hosts, run_dir / "hosts.toml")
+        dump_model(pr.cluster, run_dir / "cluster.json")
+        plan.save(run_dir / "plan.json")
+        self.dirs[pr.label] = (shard_dir, run_dir)
 
-    def finish_plan(self, pr: PlanRun) -> None:
+    def finish_plan(self, pr: PlanPrediction) -> None:
         """Remove the plan's shards (unless kept)."""
-        if pr.shard_dir is not None and not self.keep_shards:
-            shutil.rmtree(pr.shard_dir, ignore_errors=True)
+        if pr.label in self.dirs and not self.keep_shards:
+            shutil.rmtree(self.dirs[pr.label][0], ignore_errors=True)
 
-    def run_rep(self, pr: PlanRun, wl: Workload, r: int, calibrate: bool = True) -> None:
-        """Repetition ``r`` of the plan: a cold run, its measurements added to ``pr``. With contemporaneous
-        calibration (and ``calibrate``), the streaming rates of the plan's devices are also measured just before
-        and just after the run (:attr:`run_probes`)."""
-        assert pr.plan is not None and pr.run_dir is not None and pr.shard_dir is not None
-        if pr.run_errors:  # an earlier repetition failed: the plan does not run here
-            return
+    def run_rep(self, pr: PlanPrediction, wl: Workload, r: int) -> RunMeasurement | None:
+        """Repetition ``r`` of the (prepared) plan: a cold run, its measurement kept (:attr:`measurements`) and
+        returned; None if an earlier repetition failed (the plan does not run again). With contemporaneous
+        calibration, the streaming rates of the plan's devices are also measured just before and just after the
+        run (:attr:`run_probes`)."""
+        assert pr.plan is not None and pr.label in self.dirs, "prepare_plan first"
+        done = self.measurements.setdefault(pr.label, [])
+        if any(m.error for m in done):  # an earlier repetition failed: the plan does not run here
+            return None
+        shard_dir, run_dir = self.dirs[pr.label]
         sc, tb, cal = self.tb.sc, self.tb, self.cal
         plan = pr.plan
         names = [d.name for d in plan.devices]
         srcs = sorted({cal.key_of[n] for n in names if n in cal.key_of})
-        calibrate = bool(self.calibrate_runs and calibrate and cal.probe is not None and srcs)
+        calibrate = bool(self.calibrate_runs and cal.probe is not None and srcs)
         before = (
             {k: cal.probe_rates(k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.before") for k in srcs}
             if calibrate
@@ -123,27 +132,26 @@ class RunSupervisor:
         env: dict[str, str] = (
             {"OMP_WAIT_POLICY": sc.run.omp_wait_policy} if sc.run.omp_wait_policy != "default" else {}
         )
-        rep_dir = pr.run_dir / f"rep{r}"
+        rep_dir = run_dir / f"rep{r}"
         if sc.run.cold:
             cg.drop_caches()
         sampler = MemorySampler({n: tb.groups[n] for n in names}, device=tb.disk_dev or None).start()
         err = ""
         try:
-            err = self._run_once(plan, pr.shard_dir, pr.run_dir / "hosts.toml", pr.run_dir / "cluster.json",
-                                 pr.run_dir / "plan.json", rep_dir, wl, env)  # fmt: skip
+            err = self._run_once(plan, shard_dir, run_dir / "hosts.toml", run_dir / "cluster.json",
+                                 run_dir / "plan.json", rep_dir, wl, env)  # fmt: skip
         finally:
             peaks = sampler.stop()
         for n, pk in peaks.items():
-            pr.memory[n] = pr.memory[n].merge(pk) if n in pr.memory else pk
             if pk.oom_kills:
                 err = (err + "; " if err else "") + (
                     f"the kernel's OOM killer killed a process of {n} "
                     f"(its anonymous memory did not fit its {pk.limit / 2**20:.0f} MiB limit)"
                 )
         if err:
-            pr.run_errors.append(f"rep {r}: {err}")
+            done.append(RunMeasurement(r, error=err, memory=peaks))
             self.say(f"{pr.label} rep {r}: FAILED: {err}")
-            return
+            return done[-1]
         if calibrate:
             after = {
                 k: cal.probe_rates(k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.after") for k in srcs
@@ -152,9 +160,6 @@ class RunSupervisor:
                 self.run_probes.setdefault(k, []).extend([before[k], after[k]])
         rows = read_token_csv(rep_dir / "tokens.csv")
         s = summarize(rows)
-        pr.meas_per_device.append(dict(s["per_device"]))
-        pr.rep_tpot_s.append(float(s["tpot_s"]))
-        pr.rep_ttft_s.append(float(s["ttft_s"]))
         steps: dict[int, Any] = {}
         for row in rows:
             steps.setdefault(row.token, row)
@@ -163,17 +168,20 @@ class RunSupervisor:
         with contextlib.suppress(OSError, ValueError):
             summary = json.loads((rep_dir / "summary.json").read_text())
         t0 = summary.get("t0_unix_s")
+        disk: dict[str, float] = {}
         if t0 is not None and dec:
             t_a, t_b = t0 + dec[0].t_start_s, t0 + dec[-1].t_start_s + dec[-1].latency_s
-            for n in names:
-                pr.decode_disk_bytes.setdefault(n, []).append(sampler.io_between(n, t_a, t_b) / len(dec))
-        pr.token_latencies_s += [row.latency_s for row in dec]
-        if not pr.measured_spans:
-            pr.measured_spans = spans_from_chrome_trace(rep_dir / "trace.json")
-            pr.measured_steps = [(row.token, row.phase, row.batch_tokens, row.t_start_s,
-                                  row.t_start_s + row.latency_s) for row in steps.values()]  # fmt: skip
-            pr.prompt_tokens_measured = int(summary.get("prompt_tokens") or 0)
+            disk = {n: sampler.io_between(n, t_a, t_b) / len(dec) for n in names}
+        done.append(RunMeasurement(
+            r, memory=peaks, tpot_s=float(s["tpot_s"]), ttft_s=float(s["ttft_s"]),
+            token_latencies_s=tuple(row.latency_s for row in dec), per_device=dict(s["per_device"]),
+            decode_disk_bytes=disk, spans=tuple(spans_from_chrome_trace(rep_dir / "trace.json")),
+            steps=tuple((row.token, row.phase, row.batch_tokens, row.t_start_s, row.t_start_s + row.latency_s)
+                        for row in steps.values()),
+            prompt_tokens=int(summary.get("prompt_tokens") or 0),
+        ))  # fmt: skip
         self.say(f"{pr.label} rep {r}: TPOT {s['tpot_s'] * 1e3:.1f} ms, TTFT {s['ttft_s'] * 1e3:.0f} ms")
+        return done[-1]
 
     def _run_once(self, plan: Plan, shard_dir: Path, hosts_file: Path, cluster_file: Path, plan_file: Path,
                   rep_dir: Path, wl: Workload, env: dict[str, str]) -> str:  # fmt: skip
