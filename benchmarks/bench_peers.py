@@ -54,13 +54,17 @@ sys.path.insert(0, str(ROOT))
 
 from prima_sim.devices.cluster import Cluster, LinkSpec  # noqa: E402
 from prima_sim.devices.model import model_profile_from_gguf  # noqa: E402
+from prima_sim.emulate import calibrate as cal_mod  # noqa: E402
 from prima_sim.emulate import cgroups as cg  # noqa: E402
-from prima_sim.emulate import emulator as em_mod  # noqa: E402
+from prima_sim.emulate.emulator import EmulateOptions  # noqa: E402
+from prima_sim.emulate.links import measure_links  # noqa: E402
 from prima_sim.emulate.memory import MemorySampler  # noqa: E402
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model  # noqa: E402
-from prima_sim.emulate.resources import Registry  # noqa: E402
+from prima_sim.emulate.predict import make_plans, simulate_plan  # noqa: E402
+from prima_sim.emulate.runs import RunSupervisor  # noqa: E402
 from prima_sim.emulate.scenario import Scenario  # noqa: E402
-from prima_sim.emulate.spawn import stop  # noqa: E402
+from prima_sim.emulate.spawn import log_tail, stop  # noqa: E402
+from prima_sim.emulate.testbed import Testbed  # noqa: E402
 from prima_sim.errors import PrimaSimError  # noqa: E402
 from prima_sim.halda.planner import manual_plan  # noqa: E402
 from prima_sim.peers import primacpp_commands  # noqa: E402
@@ -176,7 +180,7 @@ class Bench:
             **spec,
         })  # fmt: skip
         out = Path(a.out) / name
-        opts = em_mod.EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=a.quick_profile,
+        opts = EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=a.quick_profile,
                                      profile_repeats=a.profile_repeats, calibrate_runs=not a.no_run_calibration, plots=False, on_progress=self.say)  # fmt: skip
         model_path = ensure_model(sc.model, log=self.say)
         model = model_profile_from_gguf(model_path)
@@ -190,29 +194,32 @@ class Bench:
             + ", "
             + spec["network"]["bandwidth"]
         )
-        reg = Registry()
-        with reg:
-            em = em_mod._Emulation(sc, opts, reg)
-            em.setup_disk(model_path.stat().st_size)
-            em.setup_devices()
-            profiles = em.profile_devices(model_path, model)
-            profiles = em.calibrate_decode(model_path, model, profiles)
-            em.raw_profiles = dict(profiles)
-            runtime_anon, vocab_anon = em.runtime_footprint(model_path)
-            for d in em.ring:
-                ov = em_mod.executor_overhead(runtime_anon, vocab_anon, d.name == sc.head_name)
-                profiles[d.name] = em_mod.with_executor_overhead(
+        out.mkdir(parents=True, exist_ok=True)
+        n_plans = len(sc.run.schedulers) + len(sc.run.manual) + len(sc.run.single)
+        with Testbed(sc, out / "work", model_bytes=model_path.stat().st_size, n_plans=n_plans,
+                     say=self.say) as tb:  # fmt: skip
+            cal = cal_mod.Calibrator(
+                tb, out, quick=opts.quick_profile, repeats=opts.profile_repeats, say=self.say
+            )
+            profiles = cal.profile_devices(model_path, model)
+            profiles = cal.calibrate_decode(model_path, model, profiles)
+            raw_profiles = dict(profiles)
+            runtime_anon, vocab_anon = cal.runtime_footprint(model_path)
+            for d in tb.ring:
+                ov = cal_mod.executor_overhead(runtime_anon, vocab_anon, d.name == sc.head_name)
+                profiles[d.name] = cal_mod.with_executor_overhead(
                     profiles[d.name], d.memory, ov, d.name == sc.head_name
                 )
-            em.overheads = (runtime_anon, vocab_anon)
-            links, _ = em.measure_links()
-            cluster = Cluster(name=sc.name, devices=tuple(profiles[d.name] for d in em.ring), head=sc.head_name,
+            links, _ = measure_links(tb, out, self.say)
+            cluster = Cluster(name=sc.name, devices=tuple(profiles[d.name] for d in tb.ring), head=sc.head_name,
                               default_link=LinkSpec(bandwidth_bps=sc.network.bandwidth, latency_s=0.0),
                               links=tuple(links))  # fmt: skip
             dump_model(cluster, out / "cluster.json")
-            plans = em.make_plans(cluster, model, wl)
+            plans = make_plans(sc, cluster, model, wl, out, raw_profiles=raw_profiles,
+                               overheads=(runtime_anon, vocab_anon))  # fmt: skip
+            runs = RunSupervisor(tb, cal, out, raw_profiles, calibrate_runs=opts.calibrate_runs, say=self.say)
             whole = (
-                em.work / "model.gguf"
+                tb.work / "model.gguf"
             )  # the unsplit GGUF on the emulated disk (prima.cpp, stock llama.cpp)
             shutil.copyfile(model_path, whole)
             # One copy per prima.cpp rank, as on separate machines: ranks mapping one file on one host share its
@@ -220,17 +227,17 @@ class Bench:
             # another rank keeps referencing stays active in the cgroup that holds it), so in a paging scenario
             # three 200 MiB devices would cache one shared 600 MB file like a 600 MiB device (measured: 274 MiB
             # read per token over one shared file against 600 over prima-sim's per-device shards).
-            copies = {d.name: em.work / f"model-{d.name}.gguf" for d in em.ring}
+            copies = {d.name: tb.work / f"model-{d.name}.gguf" for d in tb.ring}
             for dst in copies.values():
                 shutil.copyfile(model_path, dst)
-            assert em.disk is not None
-            cap = willneed_cap(em.disk.device)
-            self.say(f"{name}: one WILLNEED reads at most {cap // 1024} KiB on {em.disk.device}")
+            assert tb.disk is not None
+            cap = willneed_cap(tb.disk.device)
+            self.say(f"{name}: one WILLNEED reads at most {cap // 1024} KiB on {tb.disk.device}")
             jobs: list[tuple[Row, Any]] = []
             for pr in plans:
                 if pr.plan is None:
                     raise SystemExit(f"{pr.label}: {pr.error}")
-                em.simulate(pr, model, wl)
+                simulate_plan(pr, sc, model, wl, out)
                 if pr.label.startswith("single"):
                     r = Row(cases[0][0], "llama.cpp", mem + "; one process in D0", [model.arch.n_layer], 1)
                     r.tpot_pred, r.ttft_pred, r.predicted_as = (
@@ -259,43 +266,45 @@ class Bench:
                          f"{r_pc.tpot_pred * 1e3:.0f} ms")  # fmt: skip
             for pr in plans:
                 if not pr.label.startswith("single"):
-                    em.prepare_plan(pr, model_path)
+                    runs.prepare_plan(pr, model_path)
             try:
                 for rep in range(a.reps):
                     for row, (kind, pr) in jobs:
                         if kind == "prima-sim":
-                            n_before = len(pr.rep_tpot_s)
-                            em.run_rep(pr, wl, rep, model)
-                            if len(pr.rep_tpot_s) > n_before:
-                                row.tpot.append(pr.rep_tpot_s[-1])
-                                row.ttft.append(pr.rep_ttft_s[-1])
-                                row.read_meas.append(sum(v[-1] for v in pr.decode_disk_bytes.values() if v))
+                            m = runs.run_rep(pr, wl, rep)
+                            if m is not None and m.ok:
+                                row.tpot.append(m.tpot_s)
+                                row.ttft.append(m.ttft_s)
+                                row.read_meas.append(sum(m.decode_disk_bytes.values()))
                             else:
-                                row.errors.append(pr.run_errors[-1] if pr.run_errors else "failed")
+                                row.errors.append(
+                                    f"rep {rep}: {m.error}"
+                                    if m is not None
+                                    else "an earlier repetition failed"
+                                )
                         elif kind.startswith("prima.cpp"):
-                            self.run_primacpp(em, row, pr, copies, rep, force=kind.endswith("--force"))
+                            self.run_primacpp(tb, out, row, pr, copies, rep, force=kind.endswith("--force"))
                         else:
-                            self.run_stock(em, row, whole, rep)
+                            self.run_stock(tb, out, row, whole, rep)
             finally:
                 for pr in plans:
-                    em.finish_plan(pr)
+                    runs.finish_plan(pr)
             # Predict every system again with what the profiles could not know (docs/emulation.md findings 1 and 10):
             # the layers' streaming rate measured by llama.cpp in the devices around prima-sim's runs (this host's
             # memory bandwidth drifts by tens of percent within minutes), and for prima.cpp the room its own
             # processes leave for the page cache (C++, no Python runtime; the planner's cluster has prima-sim's
             # executor footprint). The predictions from the profiles alone stay in tpot_pred_profile_s.
-            rates = {k: (statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
-                     for k, v in em.run_probes.items() if v}  # fmt: skip
+            rates = runs.rates_during_runs()
             for k, (lay, outr) in rates.items():
                 self.say(
                     f"{name}: rates during the runs ({k}): layers {lay / 1e9:.2f} GB/s, output head {outr / 1e9:.2f} GB/s"
                 )
             for row, (kind, pr) in jobs:
                 row.tpot_pred_before = row.tpot_pred
-                base = self.with_run_rates(em, pr.cluster, rates)
+                base = self.with_run_rates(cal, pr.cluster, rates)
                 if kind.startswith("prima.cpp"):
                     if row.anon_peak:
-                        base = self.primacpp_cluster(em, sc, base, pr.plan, model, wl, row.anon_peak)
+                        base = self.primacpp_cluster(sc, base, pr.plan, model, wl, row.anon_peak)
                     self.predict_primacpp(row, pr, base, model, wl, cap, force=kind.endswith("--force"))
                     row.predicted_as += (
                         "; memory: limit - prima.cpp's measured anonymous memory beyond KV and buffers"
@@ -331,21 +340,23 @@ class Bench:
             f"simulate --prima-{'force' if force else 'prefetch'} --willneed-cap-kib {cap // 1024} --cold"
         )
 
-    def with_run_rates(self, em: Any, cluster: Cluster, rates: dict[str, tuple[float, float]]) -> Cluster:
+    def with_run_rates(
+        self, cal: cal_mod.Calibrator, cluster: Cluster, rates: dict[str, tuple[float, float]]
+    ) -> Cluster:
         """``cluster`` with the streaming rates measured around the runs (as ``prima-sim emulate`` does)."""
         devs = []
         for d in cluster.devices:
-            k = em.key_of.get(d.name)
-            if k in rates:
+            k = cal.key_of.get(d.name)
+            if k is not None and k in rates:
                 lay, outr = rates[k]
                 devs.append(
-                    em.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the runs")
+                    cal.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the runs")
                 )
             else:
                 devs.append(d)
         return cluster.model_copy(update={"devices": tuple(devs)})
 
-    def primacpp_cluster(self, em: Any, sc: Scenario, cluster: Cluster, plan: Any, model: Any, wl: Workload,
+    def primacpp_cluster(self, sc: Scenario, cluster: Cluster, plan: Any, model: Any, wl: Workload,
                          anon: dict[str, int]) -> Cluster:  # fmt: skip
         """The cluster with each device's room as prima.cpp leaves it: its limit minus what prima.cpp's process
         pinned beyond the cost model's KV cache and compute buffers (measured: peak anonymous memory)."""
@@ -361,18 +372,25 @@ class Bench:
             pinned = memory_use(DeviceCosts(raw, model, wl), a, d.name == plan.head).pinned_ram
             over = max(0, int(anon[d.name] - pinned))
             devs.append(
-                em_mod.with_executor_overhead(raw, sc.device(d.name).memory, over, d.name == plan.head)
+                cal_mod.with_executor_overhead(raw, sc.device(d.name).memory, over, d.name == plan.head)
             )
         return cluster.model_copy(update={"devices": tuple(devs)})
 
     def run_primacpp(
-        self, em: Any, row: Row, pr: Any, copies: dict[str, Path], rep: int, force: bool = False
+        self,
+        tb: Testbed,
+        out: Path,
+        row: Row,
+        pr: Any,
+        copies: dict[str, Path],
+        rep: int,
+        force: bool = False,
     ) -> None:
         if self.prima is None:
             row.skipped = self.prima_why
             return
         plan = pr.plan
-        hosts = {d.name: em.net.nodes[d.name].ip for d in plan.devices}
+        hosts = {d.name: tb.ip(d.name) for d in plan.devices}
         # prima.cpp's perf counters leave out the first 5 decode calls ("preheat"): 5 more tokens, so that its
         # "eval time" covers --tokens decode steps
         cmds = primacpp_commands(plan, "MODEL", hosts, prompt=PROMPT, n_predict=self.args.tokens + 6,
@@ -383,22 +401,22 @@ class Bench:
             for c in cmds
         ]
         extra = ["--temp", "0", "--ignore-eos", "-b", "64", "-ub", "64"]
-        rep_dir = em.out / "runs" / f"{pr.label}-prima.cpp{'-force' if force else ''}" / f"rep{rep}"
+        rep_dir = out / "runs" / f"{pr.label}-prima.cpp{'-force' if force else ''}" / f"rep{rep}"
         rep_dir.mkdir(parents=True, exist_ok=True)
         row.command = " ; ".join(" ".join(c.cli) for c in cmds)
         env = {"OMP_WAIT_POLICY": "passive"}
         cg.drop_caches()
         procs: dict[str, subprocess.Popen[bytes]] = {}
         sampler = MemorySampler(
-            {d.name: em.groups[d.name] for d in plan.devices}, device=em.disk_dev or None
+            {d.name: tb.groups[d.name] for d in plan.devices}, device=tb.disk_dev or None
         ).start()
         try:
             for c in cmds[1:]:
-                procs[c.device] = em.spawn_in(
+                procs[c.device] = tb.spawn_in(
                     c.device, [*c.cli, "-b", "64", "-ub", "64"], rep_dir / f"{c.device}.log", env
                 )
             head = cmds[0]
-            p = em.spawn_in(head.device, head.cli + extra, rep_dir / f"{head.device}.log", env)
+            p = tb.spawn_in(head.device, head.cli + extra, rep_dir / f"{head.device}.log", env)
             t_end = time.monotonic() + PRIMA_TIMEOUT_S
             while p.poll() is None:
                 if time.monotonic() > t_end:
@@ -407,14 +425,14 @@ class Bench:
                 dead = [n for n, q in procs.items() if q.poll() is not None and q.returncode != 0]
                 if dead:
                     row.errors.append(f"rep {rep}: rank {dead[0]} exited {procs[dead[0]].returncode}: "
-                                      f"{em_mod._tail(rep_dir / f'{dead[0]}.log', 300)}")  # fmt: skip
+                                      f"{log_tail(rep_dir / f'{dead[0]}.log', 300)}")  # fmt: skip
                     return
                 time.sleep(0.2)
             text = (rep_dir / f"{head.device}.log").read_text(errors="replace")
             tpot, ttft = parse_primacpp(text)
             if p.returncode != 0 or math.isnan(tpot):
                 row.errors.append(
-                    f"rep {rep}: llama-cli exited {p.returncode}: {em_mod._tail(rep_dir / f'{head.device}.log', 300)}"
+                    f"rep {rep}: llama-cli exited {p.returncode}: {log_tail(rep_dir / f'{head.device}.log', 300)}"
                 )
                 return
             row.tpot.append(tpot)
@@ -439,14 +457,14 @@ class Bench:
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
 
-    def run_stock(self, em: Any, row: Row, whole: Path, rep: int) -> None:
-        rep_dir = em.out / "runs" / "stock" / f"rep{rep}"
+    def run_stock(self, tb: Testbed, out: Path, row: Row, whole: Path, rep: int) -> None:
+        rep_dir = out / "runs" / "stock" / f"rep{rep}"
         rep_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "prima_sim.exec.stock", "--model", str(whole), "--prompt", PROMPT, "-n",
                str(self.args.tokens + 1), "--ctx", "256", "--threads", "1", "--json"]  # fmt: skip
         row.command = " ".join(cmd[1:])
         cg.drop_caches()
-        p = em.spawn_in("D0", cmd, rep_dir / "D0.log", {"OMP_WAIT_POLICY": "passive"})
+        p = tb.spawn_in("D0", cmd, rep_dir / "D0.log", {"OMP_WAIT_POLICY": "passive"})
         try:
             p.wait(timeout=PRIMA_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -457,7 +475,7 @@ class Bench:
         try:
             obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
         except ValueError:
-            row.errors.append(f"rep {rep}: exited {p.returncode}: {em_mod._tail(rep_dir / 'D0.log', 300)}")
+            row.errors.append(f"rep {rep}: exited {p.returncode}: {log_tail(rep_dir / 'D0.log', 300)}")
             return
         row.tpot.append(float(obj["tpot_s"]))
         row.ttft.append(float(obj["ttft_s"]))

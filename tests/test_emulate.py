@@ -317,20 +317,21 @@ def _tiny(tmp_path: Path, **over: object) -> Path:
 @pytest.mark.root
 @needs_root
 def test_failure_mid_setup_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prima_sim.emulate import emulator
+    from prima_sim.emulate.calibrate import Calibrator
     from prima_sim.emulate.emulator import EmulateOptions, emulate
 
     before = _ours()
     pids: list[int] = []
 
-    def boom(self: emulator._Emulation, *a: object) -> None:
-        p = self.spawn_in(self.ring[1].name, ["sleep", "60"], self.out / "sleep.log")
+    def boom(self: Calibrator, *a: object) -> None:
+        tb = self.tb
+        p = tb.spawn_in(tb.ring[1].name, ["sleep", "60"], self.out / "sleep.log")
         pids.append(p.pid)
-        assert self.groups[self.ring[1].name].pids() == {p.pid}
+        assert tb.groups[tb.ring[1].name].pids() == {p.pid}
         assert len(_ours()[0]) == len(before[0]) + 3  # bridge + two devices exist now
         raise RuntimeError("boom in the middle of the set-up")
 
-    monkeypatch.setattr(emulator._Emulation, "profile_devices", boom)
+    monkeypatch.setattr(Calibrator, "profile_devices", boom)
     sc = load_scenario(_tiny(tmp_path))
     with pytest.raises(RuntimeError, match="boom"):
         emulate(sc, EmulateOptions(out_dir=tmp_path / "out", reports_dir=tmp_path / "rep"))
@@ -418,7 +419,7 @@ def test_small_scenario_end_to_end(tmp_path: Path) -> None:
 
 
 def test_executor_overhead_lowers_the_budget() -> None:
-    from prima_sim.emulate.emulator import executor_overhead, with_executor_overhead
+    from prima_sim.emulate.calibrate import executor_overhead, with_executor_overhead
     from tests.factories import device
 
     assert executor_overhead(30, 10, is_head=True) == 40 and executor_overhead(30, 10, is_head=False) == 30

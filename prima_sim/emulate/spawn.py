@@ -17,10 +17,12 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import prima_sim
 from prima_sim.errors import EmulationError
 
 CLONE_NEWNET = 0x40000000
@@ -98,3 +100,34 @@ def stop(proc: subprocess.Popen[bytes], term_grace_s: float = 3.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=term_grace_s)
+
+
+def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a Python child: this checkout of prima_sim first on ``PYTHONPATH``,
+    unbuffered output, and ``extra`` on top."""
+    env = dict(os.environ)
+    root = str(Path(prima_sim.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    """``prima-sim ARGS`` as a command line of this interpreter."""
+    return [sys.executable, "-m", "prima_sim.cli.main", *args]
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m MODULE ARGS`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def log_tail(path: Path, n: int = 600) -> str:
+    """The last four non-blank lines of a log, joined with `` | `` and cut to ``n`` characters ('' if unreadable)."""
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[-4:])[-n:]

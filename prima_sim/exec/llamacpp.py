@@ -135,6 +135,11 @@ def _log_sink(level: int, text: bytes, _user: Any) -> None:
         log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
+def load_runtime() -> None:
+    """Load llama.cpp and initialise its backend (what the first :class:`Model` does; idempotent)."""
+    _Runtime.get()
+
+
 def supports_gpu_offload() -> bool:
     """Whether this llama.cpp build has a GPU backend (``llama_supports_gpu_offload``)."""
     return bool(_Runtime.get().lc.llama_supports_gpu_offload())
@@ -146,12 +151,13 @@ class Model:
     Args:
         path: the shard file.
         n_gpu_layers: how many of its last layers to offload to the GPU.
+        vocab_only: load the vocabulary and hyperparameters only (no tensors: tokenizing, no decoding).
 
     Raises:
         InputError: llama.cpp could not load the file.
     """
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> None:
         rt = _Runtime.get()
         self._lc = rt.lc
         self.ptr: Any = None  # llama_model *, None until loaded and after close()
@@ -162,6 +168,7 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         params.use_extra_bufts = False
         params.load_mode = LOAD_MODE_MMAP
+        params.vocab_only = vocab_only
         self.ptr = self._lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise InputError(str(path), "", "llama.cpp could not load this GGUF (see the log above)")

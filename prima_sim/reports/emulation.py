@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,7 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _median_per_device(reps: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+def _median_per_device(reps: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for dev in {d for r in reps for d in r}:
         cols = {c for r in reps for c in r.get(dev, {})}
@@ -66,7 +66,7 @@ def _median_per_device(reps: Sequence[dict[str, dict[str, float]]]) -> dict[str,
     return out
 
 
-def _per_device(per_device: dict[str, dict[str, float]], col: str, names: Sequence[str]) -> str:
+def _per_device(per_device: Mapping[str, Mapping[str, float]], col: str, names: Sequence[str]) -> str:
     """``D0:12.3;D1:4.5``: a per-device column of a summary in milliseconds per decode token."""
     return ";".join(
         f"{n}:{1e3 * per_device[n][col]:.1f}" for n in names if n in per_device and col in per_device[n]
@@ -85,13 +85,19 @@ def make_row(sc: Scenario, model_path: Path, model: ModelProfile, wl: Workload, 
     model_pressure = {n: max(0.0, pr.memory[n].anon - runtime_anon) / pr.memory[n].limit
                       for n in names if n in pr.memory and pr.memory[n].limit}  # fmt: skip
     # the predictions: from the profiles measured (inside the limits) before the runs, what the planner saw
-    sim, ana, sim_ttft, ana_ttft = pr.sim_tpot_s, pr.analytic_tpot_s, pr.sim_ttft_s, pr.analytic_ttft_s
+    pred = pr.prediction
+    sim, ana, sim_ttft, ana_ttft = (
+        pred.sim_tpot_s,
+        pred.analytic_tpot_s,
+        pred.sim_ttft_s,
+        pred.analytic_ttft_s,
+    )
     status = (
         "ok"
         if plan is not None and pr.rep_tpot_s and not pr.run_errors
         else ("failed" if plan else "infeasible")
     )
-    errors = "; ".join([e for e in [pr.error, *pr.run_errors] if e])
+    errors = "; ".join([e for e in [pred.error, *pr.run_errors] if e])
     return {
         "scenario": sc.name,
         "model": sc.model.label(),
@@ -130,16 +136,14 @@ def make_row(sc: Scenario, model_path: Path, model: ModelProfile, wl: Workload, 
         "tpot_analytic_run_s": pr.run_analytic_tpot_s,
         "err_sim_run_pct": _pct(pr.run_sim_tpot_s, meas),
         "err_analytic_run_pct": _pct(pr.run_analytic_tpot_s, meas),
-        "run_bw_gbps": ";".join(
-            f"{n}:{statistics.median(v) / 1e9:.2f}" for n, v in pr.run_rates.items() if v
-        ),
+        "run_bw_gbps": ";".join(f"{n}:{v / 1e9:.2f}" for n, v in pr.run_rates.items()),
         "mem_limits_mib": ";".join(f"{n}:{limits[n] / 2**20:.0f}" for n in names if n in limits),
         "mem_pressure": ";".join(f"{n}:{100 * v:.1f}%" for n, v in pressure.items()),
         "mem_pressure_max_pct": 100 * max(pressure.values()) if pressure else math.nan,
         "mem_pressure_model_max_pct": 100 * max(model_pressure.values()) if model_pressure else math.nan,
         "page_cache_mib": ";".join(f"{n}:{pr.memory[n].file / 2**20:.0f}" for n in names if n in pr.memory),
-        "sim_mem_pressure_max_pct": 100 * max(pr.sim_memory_pressure.values())
-        if pr.sim_memory_pressure
+        "sim_mem_pressure_max_pct": 100 * max(pred.sim_memory_pressure.values())
+        if pred.sim_memory_pressure
         else math.nan,
         "runtime_anon_mib": runtime_anon / 2**20 if runtime_anon else math.nan,
         "disk_read_mib_per_token": (
@@ -150,15 +154,15 @@ def make_row(sc: Scenario, model_path: Path, model: ModelProfile, wl: Workload, 
         "disk_read_per_device_mib": ";".join(
             f"{n}:{v / 2**20:.1f}" for n, v in pr.decode_disk_bytes_per_token.items()
         ),
-        "sim_disk_read_mib_per_token": pr.sim_disk_bytes_per_token / 2**20
-        if math.isfinite(pr.sim_disk_bytes_per_token)
+        "sim_disk_read_mib_per_token": pred.sim_disk_bytes_per_token / 2**20
+        if math.isfinite(pred.sim_disk_bytes_per_token)
         else math.nan,
         "cpu_throttled_ms_per_token": ";".join(
             f"{n}:{1e3 * pr.memory[n].cpu_throttled_s / max(1, len(pr.token_latencies_s)):.1f}"
             for n in names
             if n in pr.memory
         ),
-        "compute_sim_ms": _per_device(pr.sim_per_device, "compute_s", names),
+        "compute_sim_ms": _per_device(pred.sim_per_device, "compute_s", names),
         "compute_meas_ms": _per_device(_median_per_device(pr.meas_per_device), "compute_s", names),
         "recv_wait_meas_ms": _per_device(_median_per_device(pr.meas_per_device), "recv_wait_s", names),
         "host": host,
@@ -387,8 +391,8 @@ def tpot_bars(scenario: str, plans: Sequence[PlanRun], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(plans) + 2), 4.8))
     x = list(range(len(plans)))
     w = 0.26
-    ana = [p.analytic_tpot_s * 1e3 for p in plans]
-    sim = [p.sim_tpot_s * 1e3 for p in plans]
+    ana = [p.prediction.analytic_tpot_s * 1e3 for p in plans]
+    sim = [p.prediction.sim_tpot_s * 1e3 for p in plans]
     run = [p.run_sim_tpot_s * 1e3 for p in plans]
     meas = [p.measured_tpot_s * 1e3 for p in plans]
     lo = [
@@ -450,15 +454,16 @@ def scenario_plots(scenario: str, plans: Sequence[PlanRun], out_dir: Path) -> li
     if shown:
         out.append(tpot_bars(scenario, shown, out_dir / f"{scenario}-tpot.png"))
     for p in shown:
-        if not p.measured_spans or not p.sim_spans:
+        pred, plan = p.prediction, p.plan
+        if not p.measured_spans or not pred.sim_spans or plan is None:
             continue
-        devices = [d.name for d in p.plan.devices]  # type: ignore[union-attr]
+        devices = [d.name for d in plan.devices]
         out.append(gantt_side_by_side(
-            p.sim_spans, p.measured_spans, devices, out_dir / f"{scenario}-{p.label}-gantt.png",
-            f"{scenario}, {p.label} (k={p.plan.k}): simulated {p.sim_tpot_s * 1e3:.0f} ms (profile) vs measured "  # type: ignore[union-attr]
+            pred.sim_spans, p.measured_spans, devices, out_dir / f"{scenario}-{p.label}-gantt.png",
+            f"{scenario}, {p.label} (k={plan.k}): simulated {pred.sim_tpot_s * 1e3:.0f} ms (profile) vs measured "
             f"{p.measured_tpot_s * 1e3:.0f} ms per token",
             labels=("simulated", "measured (emulated devices, first repetition)"),
-            t_range_a=_decode_window(p.sim_steps), t_range_b=_decode_window(p.measured_steps),
+            t_range_a=_decode_window(pred.sim_steps), t_range_b=_decode_window(p.measured_steps),
         ))  # fmt: skip
     return out
 

@@ -1,0 +1,368 @@
+"""What every emulated device can do, measured inside its limits: profiles, decode streaming rates, the
+executor's own memory.
+
+:class:`Calibrator` runs, inside a :class:`~prima_sim.emulate.testbed.Testbed`:
+
+- ``prima-sim profile`` in every distinct device, repeated (the median of every rate kept: :func:`median_profile`);
+  devices with identical limits share one measurement (:func:`profile_key`), optionally cached across runs;
+- the decode calibration (:meth:`Calibrator.calibrate_decode`): llama.cpp's own streaming rates on two small
+  shards of the model (:class:`ProbeShards`), measured by :mod:`prima_sim.exec.stream_probe` in a cgroup with
+  the device's CPU limits, written into the profiles (:func:`with_rates`);
+- the executor's footprint (:meth:`Calibrator.runtime_footprint`, :mod:`prima_sim.exec.footprint_probe`),
+  which :func:`with_executor_overhead` subtracts from the memory a device has for the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import prima_sim
+from prima_sim.devices.model import ModelProfile
+from prima_sim.devices.profile import DeviceProfile
+from prima_sim.emulate import cgroups as cg
+from prima_sim.emulate.scenario import DeviceSpec
+from prima_sim.emulate.spawn import cli_command, log_tail, module_command, stop
+from prima_sim.emulate.testbed import Testbed
+from prima_sim.errors import EmulationError
+from prima_sim.schema import dump_model, load_model
+
+log = logging.getLogger(__name__)
+
+_MEDIAN_FIELDS = ("memory_bandwidth_bps", "kv_copy_s_per_layer", "decode_overhead_s", "disk_seq_read_bps",
+                  "disk_rand_read_bps")  # fmt: skip
+
+
+def profile_key(dev: DeviceSpec, model: ModelProfile, quick: bool, repeats: int = 1) -> str:
+    """What makes two profiles of this host interchangeable: the device's limits, the model's weight types and
+    width, the profiler's mode and version."""
+    blob = json.dumps({
+        "host": socket.gethostname(), "memory": dev.memory, "cpus": dev.cpus, "cpuset": dev.cpuset,
+        "threads": dev.threads, "disk_read": dev.disk_read, "types": sorted(model.weight_types()),
+        "n_embd": model.arch.n_embd, "quick": quick, "version": prima_sim.__version__, "repeats": repeats,
+    }, sort_keys=True)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def median_profile(runs: list[DeviceProfile]) -> DeviceProfile:
+    """One profile from repeated measurements of a device: the median of every rate and time (CPU throughput
+    per type included); memory and everything else from the first run. One run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    base = runs[0]
+    upd: dict[str, Any] = {f: statistics.median(getattr(r, f) for r in runs) for f in _MEDIAN_FIELDS}
+    upd["cpu_flops"] = {
+        t: statistics.median(r.cpu_flops.get(t, v) for r in runs) for t, v in base.cpu_flops.items()
+    }
+    spread = ", ".join(f"{r.memory_bandwidth_bps / 1e9:.2f}" for r in runs)
+    upd["sources"] = {
+        **base.sources,
+        "repeats": f"median of {len(runs)} profiler runs (memory_bandwidth GB/s: {spread})",
+    }
+    return base.model_copy(update=upd)
+
+
+@dataclass(frozen=True)
+class ProbeShards:
+    """The decode calibration's shards of a model and what they hold.
+
+    Attributes:
+        layers: a vocabulary-free shard of the model's first :attr:`n_layers` layers (what a worker runs).
+        head: a logits shard of the last layer and the output head (what the head runs).
+        n_layers: layers in :attr:`layers`.
+        layer_bytes: weight bytes of those layers.
+        out_bytes: weight bytes of the output head.
+        extra_types: ggml types of the output head's matrices that no layer uses (their rate is the head's).
+        model: the model's id.
+    """
+
+    layers: Path
+    head: Path
+    n_layers: int
+    layer_bytes: int
+    out_bytes: int
+    extra_types: tuple[str, ...]
+    model: str
+
+
+def write_probe_shards(model_path: Path, model: ModelProfile, dest: Path) -> ProbeShards | None:
+    """Write the calibration shards of ``model`` under ``dest`` (None: the model has fewer than 3 layers)."""
+    from prima_sim.exec.shard import write_shards
+    from prima_sim.halda.costmodel import output_tensors
+    from prima_sim.plan import Plan, make_assignments
+
+    L = model.arch.n_layer
+    if L < 3:
+        return None
+    n = max(1, min(8, L - 2, -(-(256 << 20) // max(1, int(model.mean_layer_bytes)))))
+    probe_plan = Plan(model_id=model.id, n_layers=L, cluster_name="calibration", k=1, n_ctx=256,
+                      devices=make_assignments(["h", "w", "m"], [1, n, L - 1 - n], [0, 0, 0], L),
+                      scheduler="manual")  # fmt: skip
+    mans = write_shards(model_path, probe_plan, dest, ["w", "h"])
+    out_t = output_tensors(model)
+    layer_types = {t.ggml_type for i in range(L) for t in model.layer_tensors(i) if len(t.shape) > 1}
+    return ProbeShards(
+        layers=dest / "w" / mans["w"].shards[0].file,
+        head=dest / "h" / next(sh.file for sh in mans["h"].shards if sh.kind == "logits"),
+        n_layers=n,
+        layer_bytes=sum(model.layer_bytes[i] for i in range(n)),
+        out_bytes=sum(t.n_bytes for t in out_t),
+        extra_types=tuple(sorted({t.ggml_type for t in out_t if len(t.shape) > 1} - layer_types)),
+        model=model.id,
+    )
+
+
+def with_rates(
+    prof: DeviceProfile, probe: ProbeShards | None, layer_bps: float, out_bps: float, note: str
+) -> DeviceProfile:
+    """``prof`` with llama.cpp's measured streaming rates (layers; the output head's type if the layers
+    do not use it)."""
+    upd: dict[str, Any] = {"memory_bandwidth_bps": layer_bps,
+                           "sources": {**prof.sources, "memory_bandwidth_bps": note}}  # fmt: skip
+    if probe is not None and probe.extra_types:
+        upd["matvec_bps"] = {**prof.matvec_bps, **dict.fromkeys(probe.extra_types, out_bps)}
+        upd["sources"]["matvec_bps"] = (
+            f"{', '.join(probe.extra_types)}: {out_bps / 1e9:.2f} GB/s: the output head "
+            f"({probe.out_bytes / 2**20:.0f} MiB) decoded by llama.cpp inside the device (a logits shard "
+            f"of the last layer and the output head: bytes / (time per token - one layer - decode overhead))"
+        )  # fmt: skip
+    return prof.model_copy(update=upd)
+
+
+def executor_overhead(runtime: int, vocab: int, is_head: bool) -> int:
+    """Anonymous memory the executor's process holds on a device beyond the cost model's pinned memory (KV
+    cache, compute buffers): the Python runtime, and on the head the tokenizer (its logits window's shard
+    carries it and embeds too; a head that does not run the last layer has ``embed.gguf`` instead)."""
+    return runtime + (vocab if is_head else 0)
+
+
+def with_executor_overhead(prof: DeviceProfile, limit: int, overhead: int, is_head: bool) -> DeviceProfile:
+    """``prof`` with the memory the model may use once the executor runs: the cgroup limit minus the executor's
+    own footprint (the profiler measured the limit minus *its* footprint, a different process)."""
+    avail = max(0, min(prof.ram_total_bytes, limit) - overhead)
+    note = (f"{avail / 2**20:.1f} MiB: the device's memory limit {limit / 2**20:.0f} MiB minus the executor's own "
+            f"anonymous memory {overhead / 2**20:.1f} MiB (Python runtime" + (" and two tokenizer copies" if is_head else "")
+            + f", measured by prima-sim emulate); the profiler measured {prof.ram_available_bytes / 2**20:.1f} MiB "
+            f"with its own process resident")  # fmt: skip
+    return prof.model_copy(
+        update={"ram_available_bytes": avail, "sources": {**prof.sources, "ram_available_bytes": note}}
+    )
+
+
+class Calibrator:
+    """Measurements of the devices of ``tb`` (see the module doc).
+
+    Args:
+        tb: the set-up testbed.
+        out: the run's output directory (``profiles/`` and ``logs/`` go there).
+        quick: ``prima-sim profile --quick``.
+        repeats: profiler runs per distinct device.
+        cache: reuse profiles measured under identical limits on this host (None = always profile).
+        say: called with one line per step.
+    """
+
+    def __init__(self, tb: Testbed, out: Path, *, quick: bool = False, repeats: int = 3,
+                 cache: Path | None = None, say: Callable[[str], None] = log.info) -> None:  # fmt: skip
+        self.tb = tb
+        self.out = out
+        self.quick = quick
+        self.repeats = repeats
+        self.cache = cache
+        self.say = say
+        self.probe: ProbeShards | None = None
+        self.key_of: dict[str, str] = {}  # device -> the device whose rates it shares (calibrate_decode)
+
+    def key(self, dev: DeviceSpec, model: ModelProfile) -> str:
+        """:func:`profile_key` of ``dev`` with this calibrator's profiler settings."""
+        return profile_key(dev, model, self.quick, self.repeats)
+
+    # --- profiles --------------------------------------------------------------------------------------------
+    def profile_devices(self, model_path: Path, model: ModelProfile) -> dict[str, DeviceProfile]:
+        """Profile every device inside its limits: ``prima-sim profile`` as a process in the device's cgroup and
+        namespace. Devices with identical limits share one measurement (taken in the first of them), so that
+        equal devices get equal profiles; each distinct device is profiled ``repeats`` times, the rounds
+        interleaved across devices, and the median of every rate is kept (this host's memory bandwidth
+        drifts by tens of percent within seconds: one 0.5 s sample is not the device's typical speed)."""
+        ring = self.tb.ring
+        pdir = self.out / "profiles"
+        pdir.mkdir(parents=True, exist_ok=True)
+        keys = {d.name: self.key(d, model) for d in ring}
+        first: dict[str, DeviceSpec] = {}
+        for d in ring:
+            first.setdefault(keys[d.name], d)
+        measured: dict[str, DeviceProfile] = {}
+        todo: list[str] = []
+        for key, d in first.items():
+            cached = self.cache / f"{key}.json" if self.cache is not None else None
+            if cached is not None and cached.is_file():
+                measured[key] = load_model(DeviceProfile, cached)
+                self.say(f"profile {d.name}: reused {cached} (measured earlier under the same limits)")
+            else:
+                todo.append(key)
+        runs: dict[str, list[DeviceProfile]] = {k: [] for k in todo}
+        for r in range(self.repeats if todo else 0):
+            for key in todo:
+                d = first[key]
+                dest = pdir / f"{d.name}.run{r}.json"
+                cg.drop_caches()
+                cmd = cli_command("profile", "--model", str(model_path), "--out", str(dest), "--name", d.name,
+                                  "--no-progress", "--disk-dir", str(self.tb.work))  # fmt: skip
+                if self.quick:
+                    cmd.append("--quick")
+                if d.threads:
+                    cmd += ["--threads", str(d.threads)]
+                t0 = time.monotonic()
+                logf = self.out / "logs" / f"profile-{d.name}.run{r}.log"
+                rc = self.tb.spawn_in(d.name, cmd, logf, {"OMP_WAIT_POLICY": "passive"}).wait()
+                if rc != 0 or not dest.is_file():
+                    raise EmulationError(f"profiling {d.name} failed (exit {rc}): {log_tail(logf)}")
+                runs[key].append(load_model(DeviceProfile, dest))
+                self.say(f"profile {d.name} ({r + 1}/{self.repeats}): measured inside its limits in "
+                         f"{time.monotonic() - t0:.0f} s")  # fmt: skip
+        for key in todo:
+            measured[key] = median_profile(runs[key])
+            if self.cache is not None:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                dump_model(measured[key], self.cache / f"{key}.json")
+        out: dict[str, DeviceProfile] = {}
+        for d in ring:
+            prof = measured[keys[d.name]]
+            upd: dict[str, Any] = {"name": d.name, "os": d.os}
+            if d.threads:
+                upd["threads"] = d.threads
+            if first[keys[d.name]].name != d.name:
+                upd["sources"] = {
+                    **prof.sources,
+                    "emulation": f"measured in {first[keys[d.name]].name}, whose limits are identical",
+                }
+            if d.os != "linux":
+                upd["sources"] = {**upd.get("sources", prof.sources),
+                                  "os": f"{d.os}: assumed by the scenario (the emulating host runs Linux)"}  # fmt: skip
+            out[d.name] = prof.model_copy(update=upd)
+            dump_model(out[d.name], pdir / f"{d.name}.json")
+        return out
+
+    # --- decode calibration ----------------------------------------------------------------------------------
+    def probe_rates(
+        self, name: str, prof: DeviceProfile, tokens: int = 40, tag: str = ""
+    ) -> tuple[float, float]:
+        """(layer rate, output-head rate) in bytes per second: llama.cpp decoding the calibration shards token by
+        token with device ``name``'s CPU limits: ``bytes / (median time per token - decode overhead)``.
+
+        The probe runs in a calibration cgroup that has the device's CPU quota or cpuset but neither its memory
+        nor its disk limit: it measures how fast the device streams weights that are in memory (a device too
+        small to hold the probe's shards would otherwise measure its disk)."""
+        pb = self.probe
+        assert pb is not None, "no calibration shards (calibrate_decode writes them)"
+        group = self.tb.calibration_group(name)
+        logf = self.out / "logs" / f"calibrate-{name}{tag}.log"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        cmd = module_command("prima_sim.exec.stream_probe", str(pb.layers), str(pb.head), "--threads",
+                             str(prof.n_threads), "--tokens", str(tokens))  # fmt: skip
+        with logf.open("wb") as err:
+            proc = self.tb.spawn(name, cmd, group, env={"OMP_WAIT_POLICY": "passive"}, stdout=subprocess.PIPE,
+                                 stderr=err)  # fmt: skip
+            out, _ = proc.communicate(timeout=600)
+        try:
+            res = json.loads(out.decode().strip().splitlines()[-1])
+            layers_s, head_s = float(res["layers_s"]), float(res["head_s"])
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise EmulationError(f"decode calibration in {name} failed: {log_tail(logf)}") from None
+        t_layers = max(1e-6, layers_s - prof.decode_overhead_s)
+        t_out = max(1e-6, head_s - prof.decode_overhead_s - t_layers / pb.n_layers)
+        return pb.layer_bytes / t_layers, pb.out_bytes / t_out
+
+    def with_rates(self, prof: DeviceProfile, layer_bps: float, out_bps: float, note: str) -> DeviceProfile:
+        """:func:`with_rates` with this calibration's shards."""
+        return with_rates(prof, self.probe, layer_bps, out_bps, note)
+
+    def calibrate_decode(self, model_path: Path, model: ModelProfile, profiles: dict[str, DeviceProfile],
+                         repeats: int = 3) -> dict[str, DeviceProfile]:  # fmt: skip
+        """Measure, inside every distinct device, the rates at which llama.cpp's decode streams this model's
+        weights, and put them in the profile: ``memory_bandwidth_bps`` (the layers) and ``matvec_bps`` for the
+        output head's type when the layers do not use it.
+
+        The profiler measures the layer rate with a ggml micro-benchmark (decode-shaped matrix-vector products
+        of the model's layer-0 matrices), which on this project's hosts streams about a tenth slower than
+        llama.cpp's own decode, and it has one rate for every type, while with one thread a Q6_K output head
+        streams about twice as fast as Q4_0 layers (dequantization, not memory, bounds them). So the emulation
+        measures the executor itself on the calibration shards (:meth:`probe_rates`).
+        """
+        self.probe = write_probe_shards(model_path, model, self.tb.work / "calibration")
+        if self.probe is None:
+            return profiles
+        pb = self.probe
+        ring = self.tb.ring
+        keys: dict[str, str] = {}
+        for d in ring:
+            keys.setdefault(self.key(d, model), d.name)
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in keys.values()}
+        for r in range(repeats):
+            for name in keys.values():
+                cg.drop_caches()
+                rates[name].append(self.probe_rates(name, profiles[name], 40, f".run{r}"))
+        out_profiles = dict(profiles)
+        self.key_of = {d.name: keys[self.key(d, model)] for d in ring}
+        for d in ring:
+            src = self.key_of[d.name]
+            lay = statistics.median(x for x, _ in rates[src])
+            outr = statistics.median(y for _, y in rates[src])
+            prof = profiles[d.name]
+            note = (f"{lay / 1e9:.2f} GB/s: llama.cpp decoding a vocabulary-free shard of layers 0-{pb.n_layers - 1}"
+                    f" of {model.id} ({pb.layer_bytes / 2**20:.0f} MiB) token by token inside the emulated "
+                    f"device: bytes / (median time per token - decode overhead), median of {len(rates[src])} runs "
+                    f"({', '.join(f'{x / 1e9:.2f}' for x, _ in rates[src])} GB/s); the profiler's ggml benchmark "
+                    f"measured {prof.memory_bandwidth_bps / 1e9:.2f} GB/s")  # fmt: skip
+            out_profiles[d.name] = self.with_rates(prof, lay, outr, note)
+            self.say(f"calibration {d.name}: llama.cpp streams the layers at {lay / 1e9:.2f} GB/s (profiler: "
+                     f"{prof.memory_bandwidth_bps / 1e9:.2f} GB/s)"
+                     + (f", the {'/'.join(pb.extra_types)} output head at {outr / 1e9:.2f} GB/s"
+                        if pb.extra_types else ""))  # fmt: skip
+        return out_profiles
+
+    # --- the executor's footprint ----------------------------------------------------------------------------
+    def runtime_footprint(self, model_path: Path) -> tuple[int, int]:
+        """(runtime, vocabulary) anonymous bytes of the executor, measured in the first device's cgroup.
+
+        runtime: an idle worker process (interpreter, numpy, ZeroMQ, llama.cpp initialised), before any model;
+        vocabulary: what loading the model's tokenizer adds (llama.cpp's vocab structures; the head loads it
+        once, with its logits window). Neither is in the cost model's pinned
+        memory (KV cache and compute buffers), and on a device of a few hundred MiB they decide whether a window
+        fits: see :func:`executor_overhead`. The process is :mod:`prima_sim.exec.footprint_probe`.
+        """
+        tb = self.tb
+        d = tb.ring[0].name
+        g = tb.groups[d]
+        logf = self.out / "logs" / "runtime-footprint.log"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        cg.drop_caches()
+        with logf.open("wb") as err:
+            proc = tb.spawn(d, module_command("prima_sim.exec.footprint_probe", str(model_path)), g,
+                            netns=tb.net.nodes[d].ns if tb.net else None, stdout=subprocess.PIPE, stderr=err,
+                            stdin=subprocess.PIPE)  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            if proc.stdout.readline().strip() != b"runtime":
+                return 0, 0
+            time.sleep(0.2)
+            runtime = int(g.memory_stat().get("anon", 0))
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            if proc.stdout.readline().strip() != b"vocab":
+                return runtime, 0
+            time.sleep(0.2)
+            vocab = max(0, int(g.memory_stat().get("anon", 0)) - runtime)
+            return runtime, vocab
+        except (OSError, BrokenPipeError):
+            return 0, 0
+        finally:
+            stop(proc, 1.0)
