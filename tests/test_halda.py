@@ -444,3 +444,32 @@ def test_batch_efficiency_interpolates_in_log_tokens_and_scales_only_prefill_com
     fast_ttft = predict(p, cluster([plain, device("d1")]), m, WL).ttft_s
     slow_ttft = predict(p, cluster([slow, device("d1")]), m, WL).ttft_s
     assert slow_ttft > fast_ttft
+
+
+def test_a_tie_goes_to_the_plan_that_keeps_page_cache_free(smollm2) -> None:
+    """In a ring of equal devices every split of the layers predicts the same TPOT; the search may fill one device
+    to the brim (measured: such a head re-reads its window at Linux's fit cliff). Halda keeps the prediction and
+    moves layers off a device within NEAR_FIT_FRACTION of its room."""
+    from prima_sim.devices.model import model_profile_from_gguf
+    from prima_sim.halda.costmodel import DeviceCosts, memory_use
+    from prima_sim.halda.planner import NEAR_FIT_FRACTION, headroom, manual_plan, prefer_headroom
+    from prima_sim.sim.toy import toy_cluster, toy_device
+
+    model = model_profile_from_gguf(smollm2)
+    wl = Workload(n_ctx=256, prompt_tokens=8, decode_tokens=4)
+    layer = max(model.layer_bytes)
+    probe = toy_cluster([toy_device("A"), toy_device("B")])
+    costs = {d.name: DeviceCosts(d, model, wl) for d in probe.devices}
+    full = manual_plan(probe, model, wl, [22, 8])
+    pinned = memory_use(costs["A"], full.devices[0], True)
+    # room for A's 22 layers plus a sliver: fits, but within the near-fit band
+    ram = int(pinned.mapped_ram + pinned.pinned_ram + 0.3 * layer)
+    cluster = toy_cluster([toy_device("A", ram_total_bytes=ram, ram_available_bytes=ram),
+                           toy_device("B", ram_total_bytes=ram, ram_available_bytes=ram)])  # fmt: skip
+    costs = {d.name: DeviceCosts(d, model, wl) for d in cluster.devices}
+    brim = manual_plan(cluster, model, wl, [22, 8])
+    assert 0 <= headroom(brim, costs) < NEAR_FIT_FRACTION * memory_use(costs["A"], brim.devices[0], True).room
+    roomy, moved = prefer_headroom(brim, cluster, model, wl, True, costs)
+    assert moved > 0 and roomy.windows[0] < 22
+    assert roomy.prediction.tpot_s == pytest.approx(brim.prediction.tpot_s, rel=1e-9)
+    assert headroom(roomy, costs) > headroom(brim, costs)

@@ -26,7 +26,7 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.baselines import BASELINES, baseline_windows
-from prima_sim.halda.costmodel import DeviceCosts, check_memory, predict, step_breakdown
+from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use, predict, step_breakdown
 from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
 from prima_sim.halda.search import gpu_counts_approximate
@@ -181,6 +181,13 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
                 plan = _finish(other, cluster, model, workload, prefetch, costs)
                 assert plan.prediction is not None
     assert plan.prediction is not None
+    roomier, moved = prefer_headroom(plan, cluster, model, workload, prefetch, costs)
+    headroom_info = None
+    if moved:
+        headroom_info = {"layers_moved": moved, "min_headroom_bytes": headroom(roomier, costs),
+                         "before_bytes": headroom(plan, costs)}  # fmt: skip
+        plan = roomier
+    assert plan.prediction is not None
     agreement = (res.objective_s - searched) / searched if math.isfinite(searched) and searched > 0 else 0.0
     if abs(agreement) > AGREEMENT_TOLERANCE:
         notes.append(f"warning: the search's objective ({res.objective_s * 1e3:.1f} ms) and predict() "
@@ -192,6 +199,7 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
             "search_vs_predict": agreement,
             "fallback": fallback,
             "polish": polished_info,
+            "headroom": headroom_info,
             "notes": notes,
         }
     )
@@ -280,6 +288,71 @@ def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload
                 improved = True
                 break
     return best, evals
+
+
+NEAR_FIT_FRACTION = 0.10
+"""A device whose weights leave less than this fraction of its page-cache room free is near Linux's fit cliff, where
+a few MiB the model does not see (the runtime's own file pages, allocator slack) turn "fits" into re-reading much
+of the window every token (measured: fits-in-memory and weak-device, docs/pagecache.md)."""
+HEADROOM_MAX_EVALUATIONS = 48
+
+
+def headroom(plan: Plan, costs: dict[str, DeviceCosts]) -> float:
+    """The smallest page-cache margin of the plan's devices: room - mapped weight bytes (negative: it pages)."""
+    return min(
+        (lambda u: u.room - u.mapped_ram)(memory_use(costs[a.name], a, i == 0))
+        for i, a in enumerate(plan.devices)
+    )
+
+
+def prefer_headroom(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool,
+                    costs: dict[str, DeviceCosts],
+                    max_evaluations: int = HEADROOM_MAX_EVALUATIONS) -> tuple[Plan, int]:  # fmt: skip
+    """Among the plans that tie with ``plan`` on predicted TPOT, one whose fullest device keeps more of its page
+    cache free: while a device that fits is within :data:`NEAR_FIT_FRACTION` of its room, move one layer from it
+    to another device if the prediction stays the same (in a ring of equal devices every split of the layers
+    costs the same, and the search's tie-break may fill one device to the brim) and the smallest margin grows.
+    Returns the plan and the number of layers moved (0: ``plan`` itself)."""
+    assert plan.prediction is not None
+    best, best_t, best_h = plan, plan.prediction.tpot_s, headroom(plan, costs)
+    L, moved, evals = plan.n_layers, 0, 0
+    while evals < max_evaluations:
+        names = [d.name for d in best.devices]
+        uses = [memory_use(costs[a.name], a, i == 0) for i, a in enumerate(best.devices)]
+        margins = [u.room - u.mapped_ram for u in uses]
+        tight = min(range(len(names)), key=lambda i: margins[i])
+        if margins[tight] < 0 or margins[tight] >= NEAR_FIT_FRACTION * uses[tight].room:
+            break  # it pages anyway (the prediction knows), or it is not near the cliff
+        w = [d.window for d in best.devices]
+        n = [d.gpu_layers for d in best.devices]
+        if w[tight] <= 1:
+            break
+        step = None
+        for j in sorted(range(len(names)), key=lambda j: -margins[j]):
+            if j == tight or evals >= max_evaluations:
+                continue
+            w2 = list(w)
+            w2[tight] -= 1
+            w2[j] += 1
+            if L % sum(w2):
+                continue
+            n2 = [min(a, b) for a, b in zip(n, w2, strict=True)]
+            trial = best.model_copy(
+                update={"devices": make_assignments(names, w2, n2, L), "prediction": None}
+            )
+            if check_memory(trial, cluster, model, workload, costs):
+                continue
+            p = predict(trial, cluster, model, workload, prefetch, costs)
+            evals += 1
+            h = headroom(trial, costs)
+            if p.tpot_s <= best_t * (1 + 1e-9) and h > best_h + (1 << 20):
+                step = trial.model_copy(update={"prediction": p}), h
+                break
+        if step is None:
+            break
+        best, best_h = step
+        moved += 1
+    return best, moved
 
 
 def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
