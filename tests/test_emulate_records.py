@@ -65,7 +65,8 @@ def test_plan_run_pools_the_finished_runs() -> None:
 
 
 def test_report_row_reads_the_records(tmp_path: Path) -> None:
-    from prima_sim.reports.emulation import COLUMNS, make_row
+    from prima_sim.emulate.rows import make_row
+    from prima_sim.reports.emulation import COLUMNS
     from tests.factories import cluster, device, smollm2_model
 
     model = smollm2_model()

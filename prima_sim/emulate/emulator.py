@@ -45,6 +45,7 @@ from prima_sim.emulate.links import measure_links
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model
 from prima_sim.emulate.predict import make_plans, predict_at_run, simulate_plan
 from prima_sim.emulate.records import PlanRun, RunPrediction
+from prima_sim.emulate.rows import make_row
 from prima_sim.emulate.runs import RunSupervisor
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.emulate.testbed import Testbed
@@ -233,8 +234,7 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
     host = socket.gethostname()
     date = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     rows = [
-        rep.make_row(sc, model_path, model, wl, pr, reps, host, date, tb.run_id, baseline_anon)
-        for pr in plans
+        make_row(sc, model_path, model, wl, pr, reps, host, date, tb.run_id, baseline_anon) for pr in plans
     ]
     csv_path = None
     pngs: list[Path] = []

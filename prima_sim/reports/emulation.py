@@ -14,19 +14,16 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prima_sim import __version__
 from prima_sim.errors import InputError
 from prima_sim.metrics import percentile
 
 if TYPE_CHECKING:
-    from prima_sim.devices.model import ModelProfile
-    from prima_sim.emulate.records import PlanRun
-    from prima_sim.emulate.scenario import Scenario
-    from prima_sim.workload import Workload
+    from prima_sim.metrics import Span
+    from prima_sim.plan import Plan
 
 COLUMNS: tuple[str, ...] = (
     "scenario", "model", "model_bytes", "n_layers", "scheduler", "status",
@@ -44,7 +41,42 @@ COLUMNS: tuple[str, ...] = (
 """Columns of ``emulation.csv``, in order."""
 
 
-def _pct(pred: float, meas: float) -> float:
+class PlottedPrediction(Protocol):
+    """What the plots read of a plan's prediction."""
+
+    @property
+    def analytic_tpot_s(self) -> float: ...
+    @property
+    def sim_tpot_s(self) -> float: ...
+    @property
+    def sim_spans(self) -> Sequence[Span]: ...
+    @property
+    def sim_steps(self) -> Sequence[tuple[int, str, int, float, float]]: ...
+
+
+class PlottedPlan(Protocol):
+    """What the plots read of one emulated plan (the emulation's records have it; reports never imports them)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def plan(self) -> Plan | None: ...
+    @property
+    def prediction(self) -> PlottedPrediction: ...
+    @property
+    def run_sim_tpot_s(self) -> float: ...
+    @property
+    def measured_tpot_s(self) -> float: ...
+    @property
+    def rep_tpot_s(self) -> Sequence[float]: ...
+    @property
+    def measured_spans(self) -> Sequence[Span]: ...
+    @property
+    def measured_steps(self) -> Sequence[tuple[int, str, int, float, float]]: ...
+
+
+def error_pct(pred: float, meas: float) -> float:
+    """``100 * (pred - meas) / meas`` (positive: the prediction is slower than reality); NaN without a measurement."""
     if not (math.isfinite(pred) and math.isfinite(meas)) or meas <= 0:
         return math.nan
     return 100.0 * (pred - meas) / meas
@@ -56,121 +88,6 @@ def _fmt(v: Any) -> str:
             return ""
         return f"{v:.6g}"
     return "" if v is None else str(v)
-
-
-def _median_per_device(reps: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for dev in {d for r in reps for d in r}:
-        cols = {c for r in reps for c in r.get(dev, {})}
-        out[dev] = {c: statistics.median([r[dev][c] for r in reps if dev in r and c in r[dev]]) for c in cols}
-    return out
-
-
-def _per_device(per_device: Mapping[str, Mapping[str, float]], col: str, names: Sequence[str]) -> str:
-    """``D0:12.3;D1:4.5``: a per-device column of a summary in milliseconds per decode token."""
-    return ";".join(
-        f"{n}:{1e3 * per_device[n][col]:.1f}" for n in names if n in per_device and col in per_device[n]
-    )
-
-
-def make_row(sc: Scenario, model_path: Path, model: ModelProfile, wl: Workload, pr: PlanRun, reps: int, host: str,
-             date: str, run_id: str, runtime_anon: int) -> dict[str, Any]:  # fmt: skip
-    """The CSV row of one plan of an emulation run."""
-    plan = pr.plan
-    lat = sorted(pr.token_latencies_s)
-    meas = pr.measured_tpot_s
-    names = [d.name for d in plan.devices] if plan else []
-    limits = {d.name: d.memory for d in sc.devices}
-    pressure = {n: pr.memory[n].pressure for n in names if n in pr.memory}
-    model_pressure = {n: max(0.0, pr.memory[n].anon - runtime_anon) / pr.memory[n].limit
-                      for n in names if n in pr.memory and pr.memory[n].limit}  # fmt: skip
-    # the predictions: from the profiles measured (inside the limits) before the runs, what the planner saw
-    pred = pr.prediction
-    sim, ana, sim_ttft, ana_ttft = (
-        pred.sim_tpot_s,
-        pred.analytic_tpot_s,
-        pred.sim_ttft_s,
-        pred.analytic_ttft_s,
-    )
-    status = (
-        "ok"
-        if plan is not None and pr.rep_tpot_s and not pr.run_errors
-        else ("failed" if plan else "infeasible")
-    )
-    errors = "; ".join([e for e in [pred.error, *pr.run_errors] if e])
-    return {
-        "scenario": sc.name,
-        "model": sc.model.label(),
-        "model_bytes": model_path.stat().st_size,
-        "n_layers": model.arch.n_layer,
-        "scheduler": pr.label,
-        "status": status,
-        "devices": ";".join(names),
-        "dropped": ";".join(d.name for d in plan.dropped) if plan else "",
-        "k": plan.k if plan else "",
-        "windows": ";".join(f"{d.name}:{d.window}" for d in plan.devices) if plan else "",
-        "prefetch": sc.run.prefetch,
-        "prompt_tokens": pr.prompt_tokens_measured or wl.prompt_tokens,
-        "decode_tokens": wl.decode_tokens,
-        "repetitions": len(pr.rep_tpot_s) if pr.rep_tpot_s else reps,
-        "tpot_analytic_s": ana,
-        "tpot_sim_s": sim,
-        "tpot_meas_s": meas,
-        "tpot_meas_min_s": min(pr.rep_tpot_s) if pr.rep_tpot_s else math.nan,
-        "tpot_meas_max_s": max(pr.rep_tpot_s) if pr.rep_tpot_s else math.nan,
-        "tpot_meas_p10_s": percentile(lat, 10) if lat else math.nan,
-        "tpot_meas_p90_s": percentile(lat, 90) if lat else math.nan,
-        "tpot_meas_spread_pct": (
-            100.0 * (max(pr.rep_tpot_s) - min(pr.rep_tpot_s)) / meas
-            if len(pr.rep_tpot_s) > 1 and meas > 0
-            else math.nan
-        ),
-        "ttft_analytic_s": ana_ttft,
-        "ttft_sim_s": sim_ttft,
-        "ttft_meas_s": pr.measured_ttft_s,
-        "err_sim_pct": _pct(sim, meas),
-        "err_analytic_pct": _pct(ana, meas),
-        "err_ttft_sim_pct": _pct(sim_ttft, pr.measured_ttft_s),
-        "err_ttft_analytic_pct": _pct(ana_ttft, pr.measured_ttft_s),
-        "tpot_sim_run_s": pr.run_sim_tpot_s,
-        "tpot_analytic_run_s": pr.run_analytic_tpot_s,
-        "err_sim_run_pct": _pct(pr.run_sim_tpot_s, meas),
-        "err_analytic_run_pct": _pct(pr.run_analytic_tpot_s, meas),
-        "run_bw_gbps": ";".join(f"{n}:{v / 1e9:.2f}" for n, v in pr.run_rates.items()),
-        "mem_limits_mib": ";".join(f"{n}:{limits[n] / 2**20:.0f}" for n in names if n in limits),
-        "mem_pressure": ";".join(f"{n}:{100 * v:.1f}%" for n, v in pressure.items()),
-        "mem_pressure_max_pct": 100 * max(pressure.values()) if pressure else math.nan,
-        "mem_pressure_model_max_pct": 100 * max(model_pressure.values()) if model_pressure else math.nan,
-        "page_cache_mib": ";".join(f"{n}:{pr.memory[n].file / 2**20:.0f}" for n in names if n in pr.memory),
-        "sim_mem_pressure_max_pct": 100 * max(pred.sim_memory_pressure.values())
-        if pred.sim_memory_pressure
-        else math.nan,
-        "runtime_anon_mib": runtime_anon / 2**20 if runtime_anon else math.nan,
-        "disk_read_mib_per_token": (
-            sum(pr.decode_disk_bytes_per_token.values()) / 2**20
-            if pr.decode_disk_bytes_per_token
-            else math.nan
-        ),
-        "disk_read_per_device_mib": ";".join(
-            f"{n}:{v / 2**20:.1f}" for n, v in pr.decode_disk_bytes_per_token.items()
-        ),
-        "sim_disk_read_mib_per_token": pred.sim_disk_bytes_per_token / 2**20
-        if math.isfinite(pred.sim_disk_bytes_per_token)
-        else math.nan,
-        "cpu_throttled_ms_per_token": ";".join(
-            f"{n}:{1e3 * pr.memory[n].cpu_throttled_s / max(1, len(pr.token_latencies_s)):.1f}"
-            for n in names
-            if n in pr.memory
-        ),
-        "compute_sim_ms": _per_device(pred.sim_per_device, "compute_s", names),
-        "compute_meas_ms": _per_device(_median_per_device(pr.meas_per_device), "compute_s", names),
-        "recv_wait_meas_ms": _per_device(_median_per_device(pr.meas_per_device), "recv_wait_s", names),
-        "host": host,
-        "date": date,
-        "run_id": run_id,
-        "version": __version__,
-        "error": errors,
-    }
 
 
 def append_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -383,7 +300,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def tpot_bars(scenario: str, plans: Sequence[PlanRun], path: Path) -> Path:
+def tpot_bars(scenario: str, plans: Sequence[PlottedPlan], path: Path) -> Path:
     """Analytic, simulated and measured TPOT of every plan of one scenario (measured: median of the
     repetitions, whiskers from the fastest to the slowest repetition)."""
     plt = _plt()
@@ -444,7 +361,7 @@ def _decode_window(
     return (part[0][3], part[-1][4])
 
 
-def scenario_plots(scenario: str, plans: Sequence[PlanRun], out_dir: Path) -> list[Path]:
+def scenario_plots(scenario: str, plans: Sequence[PlottedPlan], out_dir: Path) -> list[Path]:
     """The scenario's TPOT bar chart and, per measured plan, the side-by-side Gantt chart of the simulated and
     the measured timeline (three decode tokens from the middle of each run)."""
     from prima_sim.reports.plots import gantt_side_by_side
