@@ -406,7 +406,7 @@ def test_small_scenario_end_to_end(tmp_path: Path) -> None:
     assert link.bandwidth_bps == pytest.approx(50e6 / 8, rel=0.2)  # shaped by HTB, measured by netprobe
     assert link.latency_s >= 0.005  # user-space latency 2 ms + 3 ms on top of the kernel's
     by = {r["scheduler"]: r for r in res.rows}
-    assert set(by) == {"halda", "single-A"}
+    assert set(by) == {"halda", "single-A", "llama.cpp-A"}  # stock llama.cpp beside our one-device executor
     for r in by.values():
         assert r["status"] == "ok", r["error"]
         assert r["tpot_meas_s"] > 0 and math.isfinite(r["tpot_sim_s"]) and math.isfinite(r["tpot_analytic_s"])

@@ -11,6 +11,7 @@ the devices' streaming rates just before and after every run (:meth:`~RunSupervi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -26,7 +27,7 @@ from prima_sim.emulate import cgroups as cg
 from prima_sim.emulate.calibrate import Calibrator
 from prima_sim.emulate.memory import MemorySampler
 from prima_sim.emulate.records import PlanPrediction, PlanRun, RunMeasurement, RunPrediction
-from prima_sim.emulate.spawn import cli_command, log_tail, stop
+from prima_sim.emulate.spawn import cli_command, log_tail, module_command, stop
 from prima_sim.emulate.testbed import Testbed
 from prima_sim.halda.costmodel import Workload
 from prima_sim.metrics import read_token_csv, spans_from_chrome_trace, summarize
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CONTROL_PORT = 29501
 DATA_PORT = 29500
+STOCK_PREFIX = "llama.cpp-"
+"""Label prefix of the stock llama.cpp baseline of a ``single-<device>`` plan (:func:`stock_twin`)."""
 HEAD_TIMEOUT_S = 900.0  # one real run (load + prefill + decode) may take this long
 WORKER_SILENCE_S = 60.0  # the head's --timeout: heavy paging can stall a worker's heartbeat for a while
 STARTUP_TIMEOUT_S = 600.0
@@ -84,11 +87,20 @@ class RunSupervisor:
         }
 
     def prepare_plan(self, pr: PlanPrediction, model_path: Path) -> None:
-        """Cut the plan's shards and write the files its processes read (hosts, cluster, plan)."""
+        """Cut the plan's shards and write the files its processes read (hosts, cluster, plan); for a stock
+        baseline, put the original GGUF on the emulated disk (once)."""
         from prima_sim.exec.hosts import HostEntry, HostsFile
         from prima_sim.exec.shard import write_shards
 
         assert pr.plan is not None and pr.cluster is not None
+        if pr.label.startswith(STOCK_PREFIX):
+            whole = self.tb.work / "model.gguf"
+            if not whole.is_file():
+                shutil.copyfile(model_path, whole)
+            run_dir = self.out / "runs" / pr.label
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.dirs[pr.label] = (whole, run_dir)
+            return
         plan = pr.plan
         names = [d.name for d in plan.devices]
         shard_dir = self.tb.work / "shards" / pr.label
@@ -106,7 +118,7 @@ class RunSupervisor:
 
     def finish_plan(self, pr: PlanPrediction) -> None:
         """Remove the plan's shards (unless kept)."""
-        if pr.label in self.dirs and not self.keep_shards:
+        if pr.label in self.dirs and not self.keep_shards and not pr.label.startswith(STOCK_PREFIX):
             shutil.rmtree(self.dirs[pr.label][0], ignore_errors=True)
 
     def run_rep(self, pr: PlanPrediction, wl: Workload, r: int) -> RunMeasurement | None:
@@ -118,6 +130,9 @@ class RunSupervisor:
         done = self.measurements.setdefault(pr.label, [])
         if any(m.error for m in done):  # an earlier repetition failed: the plan does not run here
             return None
+        if pr.label.startswith(STOCK_PREFIX):
+            done.append(self._run_stock(pr, wl, r))
+            return done[-1]
         shard_dir, run_dir = self.dirs[pr.label]
         sc, tb, cal = self.tb.sc, self.tb, self.cal
         plan = pr.plan
@@ -183,6 +198,54 @@ class RunSupervisor:
         self.say(f"{pr.label} rep {r}: TPOT {s['tpot_s'] * 1e3:.1f} ms, TTFT {s['ttft_s'] * 1e3:.0f} ms")
         return done[-1]
 
+    def _run_stock(self, pr: PlanPrediction, wl: Workload, r: int) -> RunMeasurement:
+        """Repetition ``r`` of the stock baseline: one llama.cpp process over the original GGUF
+        (``python -m prima_sim.exec.stock``), greedy, in the device of the ``single-<device>`` plan."""
+        assert pr.plan is not None
+        sc, tb = self.tb.sc, self.tb
+        device = pr.plan.head
+        whole, run_dir = self.dirs[pr.label]
+        rep_dir = run_dir / f"rep{r}"
+        rep_dir.mkdir(parents=True, exist_ok=True)
+        log_path = rep_dir / f"{device}.log"
+        cmd = module_command("prima_sim.exec.stock", "--model", str(whole), "--prompt", sc.workload.prompt,
+                             "-n", str(wl.decode_tokens + 1), "--ctx", str(wl.n_ctx),
+                             "--threads", str(sc.device(device).threads), "--json")  # fmt: skip
+        env: dict[str, str] = (
+            {"OMP_WAIT_POLICY": sc.run.omp_wait_policy} if sc.run.omp_wait_policy != "default" else {}
+        )
+        if sc.run.cold:
+            cg.drop_caches()
+        sampler = MemorySampler({device: tb.groups[device]}, device=tb.disk_dev or None).start()
+        err, t_end = "", time.time()
+        try:
+            p = tb.spawn_in(device, cmd, log_path, env)
+            try:
+                p.wait(timeout=HEAD_TIMEOUT_S)
+                t_end = time.time()
+            except subprocess.TimeoutExpired:
+                stop(p, 1.0)
+                err = f"stock llama.cpp did not finish in {HEAD_TIMEOUT_S:g} s"
+        finally:
+            peaks = sampler.stop()
+        obj: dict[str, Any] = {}
+        if not err:
+            text = log_path.read_text(errors="replace")
+            try:
+                obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
+            except ValueError:
+                err = f"stock llama.cpp exited {p.returncode}: {log_tail(log_path, 300)}"
+        if err:
+            self.say(f"{pr.label} rep {r}: FAILED: {err}")
+            return RunMeasurement(r, error=err, memory=peaks)
+        steps = [float(x) for x in obj["step_s"]]
+        disk = {device: sampler.io_between(device, t_end - sum(steps), t_end) / len(steps)} if steps else {}
+        m = RunMeasurement(r, memory=peaks, tpot_s=float(obj["tpot_s"]), ttft_s=float(obj["ttft_s"]),
+                           token_latencies_s=tuple(steps), decode_disk_bytes=disk,
+                           prompt_tokens=int(obj.get("prompt_tokens") or 0))  # fmt: skip
+        self.say(f"{pr.label} rep {r}: TPOT {m.tpot_s * 1e3:.1f} ms, TTFT {m.ttft_s * 1e3:.0f} ms")
+        return m
+
     def _run_once(self, plan: Plan, shard_dir: Path, hosts_file: Path, cluster_file: Path, plan_file: Path,
                   rep_dir: Path, wl: Workload, env: dict[str, str]) -> str:  # fmt: skip
         """One real run; returns '' or what went wrong."""
@@ -234,3 +297,10 @@ class RunSupervisor:
         finally:
             for p in workers.values():
                 stop(p, 1.0)
+
+
+def stock_twin(pr: PlanPrediction) -> PlanPrediction:
+    """The one-device baseline as the paper measures it, beside prima-sim's own one-device executor: stock
+    llama.cpp (one process over the original GGUF) on the device of a ``single-<device>`` plan, with the same
+    prediction (the simulator's one-device plan)."""
+    return dataclasses.replace(pr, label=STOCK_PREFIX + pr.label.removeprefix("single-"))

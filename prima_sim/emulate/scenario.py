@@ -22,7 +22,8 @@ Example (``datasets/scenarios/*.toml`` has the suite)::
     [run]
     schedulers = ["halda", "memsched"]
     prefetch = true
-    single = ["D0"]               # also run the whole model alone on these devices (one-process baseline)
+    single = ["D0"]               # also run the whole model alone on these devices: prima-sim's one-device
+                                  # executor (single-D0) and stock llama.cpp over the original GGUF (llama.cpp-D0)
 
     [network]                     # defaults for every device's access link
     bandwidth = "1 Gbit/s"

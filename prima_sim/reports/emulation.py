@@ -39,6 +39,9 @@ COLUMNS: tuple[str, ...] = (
     "host", "date", "run_id", "version", "error",
 )  # fmt: skip
 """Columns of ``emulation.csv``, in order."""
+ONE_DEVICE = ("single-", "llama.cpp-")
+"""Scheduler labels of the one-device baselines: prima-sim's executor alone on a device (``single-<device>``) and
+stock llama.cpp over the original GGUF there (``llama.cpp-<device>``, the paper's baseline)."""
 
 
 class PlottedPrediction(Protocol):
@@ -195,16 +198,18 @@ def summarize_rows(rows: Sequence[dict[str, str]], all_rows: bool = False) -> di
     for r in ok:
         by_sc.setdefault(r["scenario"], {})[r["scheduler"]] = r
     for scn, plans in by_sc.items():
-        singles = {k: v for k, v in plans.items() if k.startswith("single-")}
-        rings = {k: v for k, v in plans.items() if not k.startswith("single-")}
+        singles = {k: v for k, v in plans.items() if k.startswith(ONE_DEVICE)}
+        rings = {k: v for k, v in plans.items() if not k.startswith(ONE_DEVICE)}
         for sk, sv in singles.items():
             for rk, rv in rings.items():
                 ms, mr = _f(sv["tpot_meas_s"]), _f(rv["tpot_meas_s"])
                 ss, sr = _f(sv["tpot_sim_s"]), _f(rv["tpot_sim_s"])
                 ratios.append({"scenario": scn, "single": sk, "ring": rk, "measured_ratio": ms / mr if mr > 0 else math.nan,
                                "simulated_ratio": ss / sr if sr > 0 else math.nan})  # fmt: skip
-    pressure = [_f(r.get("mem_pressure_max_pct")) for r in ok if not r["scheduler"].startswith("single-")]
-    mpress = [_f(r.get("mem_pressure_model_max_pct")) for r in ok if not r["scheduler"].startswith("single-")]
+    pressure = [_f(r.get("mem_pressure_max_pct")) for r in ok if not r["scheduler"].startswith(ONE_DEVICE)]
+    mpress = [
+        _f(r.get("mem_pressure_model_max_pct")) for r in ok if not r["scheduler"].startswith(ONE_DEVICE)
+    ]
     pressure = [p for p in pressure if math.isfinite(p)]
     mpress = [p for p in mpress if math.isfinite(p)]
     return {
