@@ -89,3 +89,17 @@ def test_footprint_probe_reports_both_steps(smollm2: Path, tmp_path: Path) -> No
     cmd = module_command("prima_sim.exec.footprint_probe", str(tmp_path / "missing.gguf"))
     res = subprocess.run(cmd, env=python_env(), input=b"\n\n", capture_output=True, timeout=120)
     assert res.stdout.split() == [b"runtime", b"failed"] and res.returncode == 1
+
+
+def test_prompt_tokens_are_counted_as_the_head_tokenizes(smollm2: Path) -> None:
+    """``python -m prima_sim.exec.count_tokens`` in a child process: the head's tokenization (BOS, specials)."""
+    from prima_sim.emulate.models import count_prompt_tokens
+    from prima_sim.exec.llamacpp import Model
+
+    text = "The history of the printing press begins in the fifteenth century, when"
+    with Model(smollm2, vocab_only=True) as vocab:
+        expected = len(vocab.tokenize(text))
+    assert count_prompt_tokens(smollm2, text) == expected > 1
+    r = subprocess.run(module_command("prima_sim.exec.count_tokens", "/nonexistent.gguf"), input=b"hi",
+                       capture_output=True, env=python_env())  # fmt: skip
+    assert r.returncode == 1 and r.stderr.decode().startswith("error:")

@@ -99,3 +99,16 @@ def test_a_long_module_says_why_it_is_one_module() -> None:
             if "Why one module of this size" not in doc:
                 silent.append(str(path.relative_to(root.parent)))
     assert not silent, f"split these, or say at their top why each is one module: {silent}"
+
+
+def test_no_python_code_runs_from_strings() -> None:
+    """Child processes run real modules (``python -m``), linted and tested, never code strings (``python -c``)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "prima_sim"
+    found = [
+        str(p.relative_to(root.parent))
+        for p in sorted(root.rglob("*.py"))
+        if re.search(r"sys\.executable,\s*\"-c\"", p.read_text(encoding="utf-8"))
+    ]
+    assert not found, f"run these as modules (python -m) instead of code strings: {found}"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from prima_sim.emulate.scenario import ModelSpec
+from prima_sim.emulate.spawn import module_command, python_env
 from prima_sim.errors import EmulationError, InputError
 
 
@@ -63,18 +64,8 @@ def count_prompt_tokens(gguf: Path, text: str) -> int:
     Raises:
         EmulationError: llama.cpp could not read the vocabulary.
     """
-    code = (
-        "import sys, llama_cpp as lc\n"
-        "lc.llama_backend_init()\n"
-        "p = lc.llama_model_default_params(); p.vocab_only = True\n"
-        "m = lc.llama_model_load_from_file(sys.argv[1].encode(), p)\n"
-        "assert m, 'cannot load'\n"
-        "v = lc.llama_model_get_vocab(m)\n"
-        "raw = sys.stdin.buffer.read()\n"
-        "n = lc.llama_tokenize(v, raw, len(raw), None, 0, True, True)\n"
-        "print(-n if n < 0 else n)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code, str(gguf)], input=text.encode(), capture_output=True)
+    r = subprocess.run(module_command("prima_sim.exec.count_tokens", str(gguf)), input=text.encode(),
+                       capture_output=True, env=python_env())  # fmt: skip
     try:
         return int(r.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
