@@ -208,9 +208,11 @@ class RunSupervisor:
         rep_dir = run_dir / f"rep{r}"
         rep_dir.mkdir(parents=True, exist_ok=True)
         log_path = rep_dir / f"{device}.log"
+        # the threads the ring's executor uses on this device (run --cluster: the profile's)
+        threads = pr.cluster.device(device).n_threads if pr.cluster is not None else None
         cmd = module_command("prima_sim.exec.stock", "--model", str(whole), "--prompt", sc.workload.prompt,
-                             "-n", str(wl.decode_tokens + 1), "--ctx", str(wl.n_ctx),
-                             "--threads", str(sc.device(device).threads), "--json")  # fmt: skip
+                             "-n", str(wl.decode_tokens + 1), "--ctx", str(wl.n_ctx), "--json",
+                             *(["--threads", str(threads)] if threads else []))  # fmt: skip
         env: dict[str, str] = (
             {"OMP_WAIT_POLICY": sc.run.omp_wait_policy} if sc.run.omp_wait_policy != "default" else {}
         )
