@@ -150,7 +150,7 @@ def with_executor_overhead(prof: DeviceProfile, limit: int, overhead: int, is_he
     own footprint (the profiler measured the limit minus *its* footprint, a different process)."""
     avail = max(0, min(prof.ram_total_bytes, limit) - overhead)
     note = (f"{avail / 2**20:.1f} MiB: the device's memory limit {limit / 2**20:.0f} MiB minus the executor's own "
-            f"anonymous memory {overhead / 2**20:.1f} MiB (Python runtime" + (" and two tokenizer copies" if is_head else "")
+            f"anonymous memory {overhead / 2**20:.1f} MiB (Python runtime" + (" and the tokenizer" if is_head else "")
             + f", measured by prima-sim emulate); the profiler measured {prof.ram_available_bytes / 2**20:.1f} MiB "
             f"with its own process resident")  # fmt: skip
     return prof.model_copy(
