@@ -411,6 +411,8 @@ def test_small_scenario_end_to_end(tmp_path: Path) -> None:
         assert r["status"] == "ok", r["error"]
         assert r["tpot_meas_s"] > 0 and math.isfinite(r["tpot_sim_s"]) and math.isfinite(r["tpot_analytic_s"])
         assert 0 < r["mem_pressure_max_pct"] < 100
+        # re-predicted with the streaming rates measured around the runs (the same windows, restamped)
+        assert math.isfinite(r["tpot_sim_run_s"]) and math.isfinite(r["tpot_analytic_run_s"])
     assert (tmp_path / "rep" / "emulation.csv").is_file()
     assert (tmp_path / "rep" / f"{sc.name}-tpot.png").is_file()
     assert (tmp_path / "rep" / f"{sc.name}-halda-gantt.png").is_file()

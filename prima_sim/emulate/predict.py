@@ -113,9 +113,14 @@ def predict_at_run(pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Wo
         else:
             devs.append(d)
     cl = pr.cluster.model_copy(update={"devices": tuple(devs)})
+    # the same windows on the devices as they ran: the plan is stamped for the adjusted cluster (otherwise the
+    # simulator's contract check refuses a plan made on other profiles, and this prediction was never made)
+    plan = pr.plan.model_copy(
+        update={"cluster_fingerprint": (cl.without_gpus() if pr.plan.cpu_only else cl).fingerprint()}
+    )
     try:
-        res = simulate(pr.plan, cl, model, wl, SimConfig(prefetch=sc.run.prefetch, warm=True))
+        res = simulate(plan, cl, model, wl, SimConfig(prefetch=sc.run.prefetch, warm=True))
     except PrimaSimError:
         return RunPrediction(rates=used)
-    a = predict(pr.plan, cl, model, wl)
+    a = predict(plan, cl, model, wl)
     return RunPrediction(used, res.tpot_s, res.ttft_s, a.tpot_s, a.ttft_s)
