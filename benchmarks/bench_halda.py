@@ -82,7 +82,7 @@ def bench(cluster: Cluster, model_id: str, repeat: int) -> dict:
         times.append(time.perf_counter() - t0)
     assert plan is not None
     return {"devices": len(cluster.devices), "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
-            "solves": plan.solver.details.get("dynamic_programs"), "k": plan.k, "kept": len(plan.devices),
+            "solves": getattr(plan.solver.details, "dynamic_programs", None), "k": plan.k, "kept": len(plan.devices),
             "tpot_ms": plan.prediction.tpot_s * 1e3}  # fmt: skip
 
 

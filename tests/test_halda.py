@@ -27,7 +27,7 @@ from prima_sim.devices.catalog import catalog_model
 from prima_sim.devices.cluster import Cluster, bundled_names, load_cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
-from prima_sim.errors import InfeasiblePlanError
+from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.costmodel import predict
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, polish
@@ -141,15 +141,15 @@ def test_halda_is_at_most_every_baseline_and_every_local_move(seed: int, model_n
     # the search's objective is predict() of the plan it returns (up to the local search's polish, which
     # only runs for devices whose GPU layer counts the search approximates)
     details = plan.solver.details
-    assert details["fallback"] is None
-    if details["polish"] is None:
-        assert details["search_objective_s"] == pytest.approx(t, rel=0.01)
+    assert details is not None and details.fallback is None
+    if details.polish is None:
+        assert details.search_objective_s == pytest.approx(t, rel=0.01)
     else:
         from prima_sim.halda.costmodel import DeviceCosts
         from prima_sim.halda.search import gpu_counts_approximate
 
         assert any(gpu_counts_approximate(DeviceCosts(c.device(d.name), m, WL)) for d in plan.devices)
-        assert details["search_objective_s"] == pytest.approx(details["polish"]["before_s"], rel=0.01)
+        assert details.search_objective_s == pytest.approx(details.polish.before_s, rel=0.01)
 
 
 def test_generated_clusters_are_mostly_feasible() -> None:
@@ -322,7 +322,7 @@ def test_halda_beats_or_ties_every_baseline_on_every_bundled_cluster_and_catalog
             except InfeasiblePlanError:
                 continue
             assert _tpot(h) <= _tpot(other) * (1 + 1e-9), (cluster_name, model_id, s, _tpot(h), _tpot(other))
-        assert h.solver.details["fallback"] is None, (cluster_name, model_id, h.solver.details["fallback"])
+        assert h.solver.details.fallback is None, (cluster_name, model_id, h.solver.details.fallback)
 
 
 def test_metal_share_near_its_budget_is_never_planned_over_the_cliff() -> None:
@@ -473,3 +473,30 @@ def test_a_tie_goes_to_the_plan_that_keeps_page_cache_free(smollm2) -> None:
     assert moved > 0 and roomy.windows[0] < 22
     assert roomy.prediction.tpot_s == pytest.approx(brim.prediction.tpot_s, rel=1e-9)
     assert headroom(roomy, costs) > headroom(brim, costs)
+
+
+def test_solver_details_are_typed_and_round_trip() -> None:
+    """Halda's and prima.cpp's details are typed records in the plan file; a baseline has none; a plan written before
+    the details were typed (a dict, ``{}`` for a baseline) reads as the same records."""
+    import json
+
+    from prima_sim.cli.common import load_cluster_arg, load_model_arg
+    from prima_sim.halda.planner import make_plan
+    from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
+
+    cluster, model = load_cluster_arg("paper-d1-d4"), load_model_arg("qwen2.5-32b")
+    wl = Workload(n_ctx=1024)
+    halda, prima, even = (make_plan(cluster, model, wl, s) for s in ("halda", "prima", "even"))
+    assert isinstance(halda.solver.details, HaldaDetails) and halda.solver.details.k_candidates
+    assert halda.solver.details.dynamic_programs > 0 and halda.solver.details.fallback is None
+    assert isinstance(prima.solver.details, PublishedDetails) and prima.solver.details.ilp_solves > 0
+    assert even.solver.details is None
+    for p in (halda, prima, even):
+        assert Plan.from_json(p.to_json()) == p
+    legacy = json.loads(even.to_json())
+    legacy["solver"]["details"] = {}
+    assert Plan.from_json(json.dumps(legacy)).solver.details is None
+    bad = json.loads(halda.to_json())
+    bad["solver"]["details"]["dynamic_programs"] = "many"
+    with pytest.raises(InputError, match="dynamic_programs"):
+        Plan.from_json(json.dumps(bad))

@@ -21,7 +21,7 @@ def test_simulated_k_and_halda_agree_on_several_rounds_under_memory_pressure() -
     assert plan.k >= 2
     assert by_k[plan.k].simulated_tpot_s < 0.8 * by_k[1].simulated_tpot_s
     assert by_k[analytic.k].simulated_tpot_s <= 1.05 * by_k[plan.k].simulated_tpot_s
-    assert plan.solver.details["k_by_simulation"]
+    assert plan.solver.details.k_by_simulation
     assert plan.prediction is not None  # the analytic prediction stays attached
 
 

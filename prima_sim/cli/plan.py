@@ -31,7 +31,7 @@ from prima_sim.peers import (
     format_commands,
     primacpp_commands,
 )
-from prima_sim.plan import Plan
+from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
 from prima_sim.workload import Workload
 
 DEFAULT_CLUSTER = "default"
@@ -200,9 +200,9 @@ def print_table(plan: Plan) -> None:
         print(f"predicted time per token (TPOT) {_duration(pred.tpot_s)} (of which the head's embedding, output layer and "
               f"sampling {_duration(pred.head_s)}{wait}); time to first token (TTFT) {_duration(pred.ttft_s)} for a "
               f"{pred.prompt_tokens}-token prompt")  # fmt: skip
-    details = plan.solver.details or {}
-    how = (f" ({details['dynamic_programs']} dynamic programs)" if "dynamic_programs" in details else
-           f" ({details['ilp_solves']} integer programs)" if "ilp_solves" in details else "")  # fmt: skip
+    details = plan.solver.details
+    how = (f" ({details.dynamic_programs} dynamic programs)" if isinstance(details, HaldaDetails) else
+           f" ({details.ilp_solves} integer programs)" if isinstance(details, PublishedDetails) else "")  # fmt: skip
     print(f"solve time {plan.solver.solve_time_s * 1e3:.1f} ms{how}")
 
 

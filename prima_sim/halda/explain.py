@@ -9,7 +9,7 @@ from __future__ import annotations
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, memory_use
-from prima_sim.plan import Plan
+from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
 from prima_sim.units import fmt_bandwidth, fmt_bytes
 from prima_sim.workload import Workload
 
@@ -32,7 +32,7 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
     out: dict[str, list[str]] = {}
     pred = plan.prediction
     per = {t.name: t for t in (pred.per_device if pred else ())}
-    details = plan.solver.details or {}
+    details = plan.solver.details
     overall: list[str] = []
     if pred is not None:
         if pred.disk_wait_s > 0:
@@ -42,23 +42,29 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
         else:
             overall.append(f"TPOT {_ms(pred.tpot_s)} is set by the ring: the sum of every device's compute, disk "
                            f"stalls and hops, plus the head's output head ({_ms(pred.head_s)})")  # fmt: skip
-    cands = details.get("k_candidates")
-    if cands:
-        parts = [f"k={c['k']}: {_ms(c['objective_s'])}" for c in sorted(cands, key=lambda c: c["k"])]
-        overall.append("best plan found for each k: " + ", ".join(parts))
-    fb = details.get("fallback")
-    if fb:
-        overall.append(f"WARNING: the {fb['source']} plan predicts {_ms(fb['tpot_s'])}, faster than the exact search's "
-                       f"{_ms(fb['search_tpot_s'])}, and was returned instead: a bug in the search, please report it")  # fmt: skip
-    pol = details.get("polish")
-    if pol:
-        overall.append(f"a local search over GPU layer counts (devices whose best count the exact search only "
-                       f"approximates) took the plan from {_ms(pol['before_s'])} to {_ms(pol['tpot_s'])}")  # fmt: skip
-    overall += [n for n in details.get("notes", []) if n.startswith("warning")]
-    if "sets" in details:
+    if isinstance(details, HaldaDetails):
+        if details.k_candidates:
+            parts = [
+                f"k={c.k}: {_ms(c.objective_s)}" for c in sorted(details.k_candidates, key=lambda c: c.k)
+            ]
+            overall.append("best plan found for each k: " + ", ".join(parts))
+        fb = details.fallback
+        if fb:
+            overall.append(f"WARNING: the {fb.source} plan predicts {_ms(fb.tpot_s)}, faster than the exact search's "
+                           f"{_ms(fb.search_tpot_s)}, and was returned instead: a bug in the search, please report it")  # fmt: skip
+        pol = details.polish
+        if pol:
+            overall.append(f"a local search over GPU layer counts (devices whose best count the exact search only "
+                           f"approximates) took the plan from {_ms(pol.before_s)} to {_ms(pol.tpot_s)}")  # fmt: skip
+        room = details.headroom
+        if room:
+            overall.append(f"{room.layers_moved} layer(s) moved at the same predicted TPOT so that every device keeps "
+                           f"{room.min_headroom_bytes / 2**20:.0f} MiB of page cache free (was "
+                           f"{room.before_bytes / 2**20:.0f} MiB): near a full cache Linux re-reads")  # fmt: skip
+        overall += [n for n in details.notes if n.startswith("warning")]
+    elif isinstance(details, PublishedDetails):
         overall.append(
-            "prima.cpp's published algorithm: sets "
-            + ", ".join(f"{k}={v}" for k, v in details["sets"].items())
+            "prima.cpp's published algorithm: sets " + ", ".join(f"{k}={v}" for k, v in details.sets.items())
         )
     if overall:
         out["overall"] = overall

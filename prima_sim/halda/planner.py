@@ -7,9 +7,9 @@ so comparisons between schedulers are fair.
 Halda's plan is the exact search's best (:mod:`prima_sim.halda.search`). Where the search only tries
 candidate GPU layer counts that may miss a device's best (layers faster on the GPU for some layer types and
 slower for others, or GPU layers that are copies in unified RAM), a local search (a GPU layer more or less
-on any device) polishes it (``solver.details["polish"]``). Then it is checked against the baselines' plans,
+on any device) polishes it (``solver.details.polish``). Then it is checked against the baselines' plans,
 which the search covers: if one of them predicts a lower TPOT it is returned instead and the plan says so
-(``solver.details["fallback"]``; ``--explain`` prints it): that is a bug of the search, never expected.
+(``solver.details.fallback``; ``--explain`` prints it): that is a bug of the search, never expected.
 The plan also records how its search objective compares with ``predict()`` (they are the same function, so
 any difference beyond 1% is a warning).
 """
@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
@@ -30,7 +29,19 @@ from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use, pre
 from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
 from prima_sim.halda.search import gpu_counts_approximate
-from prima_sim.plan import Dropped, Plan, SolverInfo, make_assignments, rounds_for
+from prima_sim.plan import (
+    Dropped,
+    Fallback,
+    HaldaDetails,
+    Headroom,
+    KCandidate,
+    Plan,
+    Polish,
+    PublishedDetails,
+    SolverInfo,
+    make_assignments,
+    rounds_for,
+)
 from prima_sim.workload import Workload
 
 
@@ -152,15 +163,15 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
     assert plan.prediction is not None
     searched = plan.prediction.tpot_s
     notes: list[str] = []
-    fallback: dict[str, Any] | None = None
+    fallback: Fallback | None = None
     # local search where the search restricts GPU layer counts to candidates that may miss the best
-    polished_info: dict[str, Any] | None = None
+    polished_info: Polish | None = None
     if any(gpu_counts_approximate(costs[a.name]) for a in plan.devices):
         polished, evals = polish(plan, cluster, model, workload, prefetch, costs)
         if polished is not plan:
             assert polished.prediction is not None and plan.prediction is not None
-            polished_info = {"tpot_s": polished.prediction.tpot_s, "before_s": plan.prediction.tpot_s,
-                             "evaluations": evals}  # fmt: skip
+            polished_info = Polish(tpot_s=polished.prediction.tpot_s, before_s=plan.prediction.tpot_s,
+                                   evaluations=evals)  # fmt: skip
             plan = polished
     # the baselines (k = 1, every device kept): the search covers their plans, so none may be faster
     ring = list(cluster.ring_order)
@@ -177,32 +188,26 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
             t = step_breakdown(other, cluster, model, workload, prefetch=prefetch, costs=costs).total_s
             assert plan.prediction is not None
             if t < plan.prediction.tpot_s * (1 - 1e-9):
-                fallback = {"source": name, "tpot_s": t, "search_tpot_s": searched}
+                fallback = Fallback(source=name, tpot_s=t, search_tpot_s=searched)
                 plan = _finish(other, cluster, model, workload, prefetch, costs)
                 assert plan.prediction is not None
     assert plan.prediction is not None
     roomier, moved = prefer_headroom(plan, cluster, model, workload, prefetch, costs)
     headroom_info = None
     if moved:
-        headroom_info = {"layers_moved": moved, "min_headroom_bytes": headroom(roomier, costs),
-                         "before_bytes": headroom(plan, costs)}  # fmt: skip
+        headroom_info = Headroom(layers_moved=moved, min_headroom_bytes=headroom(roomier, costs),
+                                 before_bytes=headroom(plan, costs))  # fmt: skip
         plan = roomier
     assert plan.prediction is not None
     agreement = (res.objective_s - searched) / searched if math.isfinite(searched) and searched > 0 else 0.0
     if abs(agreement) > AGREEMENT_TOLERANCE:
         notes.append(f"warning: the search's objective ({res.objective_s * 1e3:.1f} ms) and predict() "
                      f"({searched * 1e3:.1f} ms) differ by {agreement:+.1%}")  # fmt: skip
-    details = dict(plan.solver.details)
-    details.update(
-        {
-            "search_objective_s": res.objective_s,
-            "search_vs_predict": agreement,
-            "fallback": fallback,
-            "polish": polished_info,
-            "headroom": headroom_info,
-            "notes": notes,
-        }
-    )
+    assert isinstance(plan.solver.details, HaldaDetails)
+    details = plan.solver.details.model_copy(update={
+        "search_objective_s": res.objective_s, "search_vs_predict": agreement, "fallback": fallback,
+        "polish": polished_info, "headroom": headroom_info, "notes": tuple(notes),
+    })  # fmt: skip
     solver = plan.solver.model_copy(update={"details": details, "solve_time_s": time.perf_counter() - t0})
     return plan.model_copy(update={"solver": solver})
 
@@ -211,25 +216,25 @@ def _halda_plan_of(cluster: Cluster, model: ModelProfile, workload: Workload, ri
                    w: tuple[int, ...], n: tuple[int, ...], sel: Selection) -> Plan:  # fmt: skip
     L = model.arch.n_layer
     res = sel.result
-    details: dict[str, Any] = {
-        "search": "exact: every k, window, GPU layer count and device set (prima_sim.halda.search)",
-        "bound": "disk" if res.load_s > res.chain_s else "ring",
-        "chain_s": res.chain_s,
-        "load_s": res.load_s,
-        "k_candidates": [
-            {
-                "k": r.k,
-                "objective_s": r.objective_s,
-                "devices": r.ring,
-                "windows": list(r.w),
-                "gpu_layers": list(r.n),
-            }
+    details = HaldaDetails(
+        search="exact: every k, window, GPU layer count and device set (prima_sim.halda.search)",
+        bound="disk" if res.load_s > res.chain_s else "ring",
+        chain_s=res.chain_s,
+        load_s=res.load_s,
+        k_candidates=tuple(
+            KCandidate(
+                k=r.k,
+                objective_s=r.objective_s,
+                devices=tuple(r.ring),
+                windows=tuple(r.w),
+                gpu_layers=tuple(r.n),
+            )
             for r in sel.per_k
-        ],
-        "dynamic_programs": sum(r.dps for r in sel.per_k),
-        "searches": sel.searches,
-        "log": sel.log,
-    }
+        ),
+        dynamic_programs=sum(r.dps for r in sel.per_k),
+        searches=sel.searches,
+        log=tuple(sel.log),
+    )
     return Plan(
         model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L, cluster_name=cluster.name,
         cluster_fingerprint=cluster.fingerprint(), k=res.k, n_ctx=workload.n_ctx, n_seq=workload.n_seq,
@@ -362,22 +367,22 @@ def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o
     sel = select_devices_published(cluster, model, workload, o.k, o.master_priority, o.allow_drop)
     res = sel.result
     sol = res.solution
-    details: dict[str, Any] = {
-        "algorithm": "prima.cpp's Halda as published: sets M1-M4, fixed-point iteration, one integer program per k "
-                     "(HiGHS through PuLP), device selection",
-        "sets": {name: s.value for name, s in res.sets.items()},
-        "forced_m4": sorted(res.forced_m4),
-        "binding": sol.binding,
-        "coefficients_ms": {
+    details = PublishedDetails(
+        algorithm="prima.cpp's Halda as published: sets M1-M4, fixed-point iteration, one integer program per k "
+                  "(HiGHS through PuLP), device selection",
+        sets={name: s.value for name, s in res.sets.items()},
+        forced_m4=tuple(sorted(res.forced_m4)),
+        binding={d: tuple(b) for d, b in sol.binding.items()},
+        coefficients_ms={
             c.name: {"a": c.a * 1e3, "b": c.b * 1e3, "xi": c.xi * 1e3, "alpha": c.alpha * 1e3,
                      "beta": c.beta * 1e3, "disk_GBps": c.disk_bps / 1e9}
             for c in res.coefs
         },
-        "iterations": res.iterations,
-        "ilp_solves": res.solves,
-        "selection_rounds": sel.rounds,
-        "log": res.log,
-    }  # fmt: skip
+        iterations=res.iterations,
+        ilp_solves=res.solves,
+        selection_rounds=sel.rounds,
+        log=tuple(res.log),
+    )  # fmt: skip
     plan = Plan(
         model_id=model.id, model_fingerprint=model_fingerprint(model), n_layers=L,
         cluster_name=cluster.name, cluster_fingerprint=cluster.fingerprint(), k=sol.k, n_ctx=workload.n_ctx, n_seq=workload.n_seq,

@@ -20,7 +20,7 @@ from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.planner import make_plan
-from prima_sim.plan import Plan, SolverInfo
+from prima_sim.plan import HaldaDetails, KBySimulation, Plan, SolverInfo
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.engine import simulate
 from prima_sim.workload import Workload
@@ -79,12 +79,15 @@ def plan_by_simulated_k(
     best = min(ok, key=lambda c: (c.simulated_tpot_s, c.k))
     chosen = best.plan
     assert chosen is not None
-    table = [{"k": c.k, "analytic_tpot_s": c.analytic_tpot_s, "simulated_tpot_s": c.simulated_tpot_s,
-              "windows": list(c.plan.windows) if c.plan else None, "note": c.note} for c in candidates]  # fmt: skip
-    details = dict(chosen.solver.details) | {
-        "k_by_simulation": table,
+    assert isinstance(chosen.solver.details, HaldaDetails)
+    details = chosen.solver.details.model_copy(update={
+        "k_by_simulation": tuple(
+            KBySimulation(k=c.k, analytic_tpot_s=c.analytic_tpot_s, simulated_tpot_s=c.simulated_tpot_s,
+                          windows=tuple(c.plan.windows) if c.plan else None, note=c.note)
+            for c in candidates
+        ),
         "simulated_tpot_s": best.simulated_tpot_s,
-    }
+    })  # fmt: skip
     solver = SolverInfo(status=chosen.solver.status, objective_s=chosen.solver.objective_s,
                         solve_time_s=chosen.solver.solve_time_s, details=details)  # fmt: skip
     return chosen.model_copy(update={"solver": solver, "scheduler": "halda"}), candidates
