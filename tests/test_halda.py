@@ -482,7 +482,8 @@ def test_solver_details_are_typed_and_round_trip() -> None:
 
     from prima_sim.cli.common import load_cluster_arg, load_model_arg
     from prima_sim.halda.planner import make_plan
-    from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
+    from prima_sim.plan import Plan
+    from prima_sim.solver import HaldaDetails, PublishedDetails
 
     cluster, model = load_cluster_arg("paper-d1-d4"), load_model_arg("qwen2.5-32b")
     wl = Workload(n_ctx=1024)

@@ -31,7 +31,8 @@ from prima_sim.peers import (
     format_commands,
     primacpp_commands,
 )
-from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
+from prima_sim.plan import Plan
+from prima_sim.solver import HaldaDetails, PublishedDetails
 from prima_sim.workload import Workload
 
 DEFAULT_CLUSTER = "default"

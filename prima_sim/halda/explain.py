@@ -9,7 +9,8 @@ from __future__ import annotations
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, memory_use
-from prima_sim.plan import HaldaDetails, Plan, PublishedDetails
+from prima_sim.plan import Plan
+from prima_sim.solver import HaldaDetails, PublishedDetails
 from prima_sim.units import fmt_bandwidth, fmt_bytes
 from prima_sim.workload import Workload
 

@@ -29,18 +29,15 @@ from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use, pre
 from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
 from prima_sim.halda.search import gpu_counts_approximate
-from prima_sim.plan import (
-    Dropped,
+from prima_sim.plan import Dropped, Plan, make_assignments, rounds_for
+from prima_sim.solver import (
     Fallback,
     HaldaDetails,
     Headroom,
     KCandidate,
-    Plan,
     Polish,
     PublishedDetails,
     SolverInfo,
-    make_assignments,
-    rounds_for,
 )
 from prima_sim.workload import Workload
 

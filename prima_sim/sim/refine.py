@@ -20,9 +20,10 @@ from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
 from prima_sim.halda.halda import valid_ks
 from prima_sim.halda.planner import make_plan
-from prima_sim.plan import HaldaDetails, KBySimulation, Plan, SolverInfo
+from prima_sim.plan import Plan
 from prima_sim.sim.config import SimConfig
 from prima_sim.sim.engine import simulate
+from prima_sim.solver import HaldaDetails, KBySimulation, SolverInfo
 from prima_sim.workload import Workload
 
 RANKING_DECODE_TOKENS = 6
