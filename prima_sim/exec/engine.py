@@ -50,7 +50,7 @@ from prima_sim.exec.llamacpp import Sampler
 from prima_sim.exec.local import LocalWorkers
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
 from prima_sim.exec.shard import MANIFEST_NAME, load_manifest
-from prima_sim.exec.spec import DEFAULT_DRAFT_MAX
+from prima_sim.exec.spec import DEFAULT_DRAFT_MAX, common_prefix
 from prima_sim.plan import Plan
 from prima_sim.workload import DEFAULT_UBATCH
 
@@ -474,8 +474,8 @@ class Engine:
             except InputError as exc:
                 _send(job, Event("error", status=400, message=str(exc)))
                 continue
-            sl = max(free, key=lambda f: (_common(f.kv, toks), -f.index))
-            p = min(_common(sl.kv, toks), len(toks) - 1)
+            sl = max(free, key=lambda f: (common_prefix(f.kv, toks), -f.index))
+            p = min(common_prefix(sl.kv, toks), len(toks) - 1)
             sl.kv, sl.job, sl.prompt, sl.pending = sl.kv[:p], job, toks, toks[p:]
             sl.cached, sl.n_max, sl.n_gen, sl.text = p, n_max, 0, ""
             sl.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -618,15 +618,6 @@ class Engine:
         sl.job, sl.sampler, sl.pending, sl.text = None, None, [], ""
         with self._cv:
             self._busy -= 1
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _send(job: Job, ev: Event) -> None:

@@ -28,7 +28,7 @@ import logging
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -545,7 +545,7 @@ class Reference:
         self.window.close()
         self.model.close()
 
-    def __enter__(self) -> Reference:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

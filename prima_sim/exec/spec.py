@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from prima_sim.errors import InputError
-from prima_sim.exec.llamacpp import Model, Window
+from prima_sim.exec.llamacpp import Model, Reference
 
 DEFAULT_DRAFT_MAX = 4
 """Tokens the draft proposes per verification pass unless ``--draft-max`` says (as prima.cpp's ``--draft-max``)."""
@@ -58,8 +58,18 @@ class SpecStats:
                 "tokens_per_pass": self.tokens_per_pass, "draft_s": self.draft_s}  # fmt: skip
 
 
-class Draft:
-    """A draft model: a whole GGUF in one llama.cpp context, proposing tokens greedily.
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Draft(Reference):
+    """A draft model: a whole GGUF in one llama.cpp context (a :class:`Reference`), proposing tokens greedily.
 
     Its context remembers which tokens its KV cache holds (per sequence); a proposal after other tokens (a
     rejection, a new prompt) re-decodes from the first position that differs, and llama.cpp drops the cache from
@@ -80,15 +90,8 @@ class Draft:
     def __init__(
         self, path: Path, n_ctx: int, n_batch: int, n_threads: int, source: str = "--draft", n_seq: int = 1
     ) -> None:
+        super().__init__(path, n_ctx, n_batch, n_threads, n_seq)
         self.source = source
-        self.model = Model(path)
-        try:
-            self.window = Window(
-                self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq
-            )
-        except BaseException:
-            self.model.close()
-            raise
         self.cached: list[list[int]] = [[] for _ in range(n_seq)]  # per sequence: the tokens at positions 0..
 
     def check_vocab(self, target: Model) -> None:
@@ -119,12 +122,9 @@ class Draft:
     def catch_up(self, context: list[int], seq: int = 0) -> np.ndarray:
         """Decode what of ``context`` the cache of ``seq`` does not hold (at least its last token) and return the
         logits after it."""
-        cached = self.cached[seq]
-        c = 0
-        lim = min(len(cached), len(context))
-        while c < lim and cached[c] == context[c]:
-            c += 1
-        c = min(c, len(context) - 1)  # at least one token to decode: its logits give the first draft
+        c = min(
+            common_prefix(self.cached[seq], context), len(context) - 1
+        )  # at least one token to decode: its logits give the first draft
         logits = np.empty(0)
         for i in range(c, len(context), self.window.n_batch):
             logits = self._decode(context[i : i + self.window.n_batch], i, seq)
@@ -143,14 +143,3 @@ class Draft:
                 return out
             logits = self._decode([tok], len(cached), seq)
             cached.append(tok)
-
-    def close(self) -> None:
-        """Free the context and the model."""
-        self.window.close()
-        self.model.close()
-
-    def __enter__(self) -> Draft:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
