@@ -36,7 +36,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
-import json
 import math
 import re
 import shutil
@@ -66,6 +65,7 @@ from prima_sim.emulate.scenario import Scenario  # noqa: E402
 from prima_sim.emulate.spawn import log_tail, stop  # noqa: E402
 from prima_sim.emulate.testbed import Testbed  # noqa: E402
 from prima_sim.errors import PrimaSimError  # noqa: E402
+from prima_sim.exec.stock import parse_json_output  # noqa: E402
 from prima_sim.halda.planner import manual_plan  # noqa: E402
 from prima_sim.peers import primacpp_commands  # noqa: E402
 from prima_sim.schema import dump_model  # noqa: E402
@@ -473,7 +473,7 @@ class Bench:
             return
         text = (rep_dir / "D0.log").read_text(errors="replace")
         try:
-            obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
+            obj = parse_json_output(text)
         except ValueError:
             row.errors.append(f"rep {rep}: exited {p.returncode}: {log_tail(rep_dir / 'D0.log', 300)}")
             return

@@ -207,7 +207,7 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
             say(f"{pr.label}: k={plan.k} windows {list(plan.windows)} on {', '.join(d.name for d in plan.devices)}; "
                 f"analytic TPOT {pr.analytic_tpot_s * 1e3:.1f} ms, simulated {pr.sim_tpot_s * 1e3:.1f} ms")  # fmt: skip
         # stock llama.cpp beside every one-device baseline (the paper's comparison)
-        preds += [stock_twin(pr) for pr in preds if pr.runnable and pr.label.startswith("single-")]
+        preds += [stock_twin(pr) for pr in preds if pr.runnable and pr.label.startswith(rep.SINGLE_PREFIX)]
         runnable = [pr for pr in preds if pr.runnable]
         runs = RunSupervisor(tb, cal, out, raw_profiles, keep_shards=opts.keep_shards,
                              calibrate_runs=opts.calibrate_runs, say=tell)  # fmt: skip

@@ -16,6 +16,7 @@ from prima_sim.emulate.records import PlanPrediction, RunPrediction
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.errors import InfeasiblePlanError, InputError, PrimaSimError
 from prima_sim.halda.costmodel import Workload
+from prima_sim.reports.emulation import SINGLE_PREFIX
 
 
 def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload, out: Path, *,
@@ -50,10 +51,14 @@ def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload
         try:
             plan = manual_plan(one, model, wl, [model.arch.n_layer])
             plans.append(
-                PlanPrediction(f"single-{name}", plan.model_copy(update={"scheduler": f"single-{name}"}), one)
+                PlanPrediction(
+                    f"{SINGLE_PREFIX}{name}",
+                    plan.model_copy(update={"scheduler": f"{SINGLE_PREFIX}{name}"}),
+                    one,
+                )
             )
         except (InfeasiblePlanError, InputError) as exc:
-            plans.append(PlanPrediction(f"single-{name}", None, one, error=f"plan: {exc}"))
+            plans.append(PlanPrediction(f"{SINGLE_PREFIX}{name}", None, one, error=f"plan: {exc}"))
     pdir = out / "plans"
     for pr in plans:
         if pr.plan is not None:

@@ -29,17 +29,17 @@ from prima_sim.emulate.memory import MemorySampler
 from prima_sim.emulate.records import PlanPrediction, PlanRun, RunMeasurement, RunPrediction
 from prima_sim.emulate.spawn import cli_command, log_tail, module_command, stop
 from prima_sim.emulate.testbed import Testbed
+from prima_sim.exec.stock import parse_json_output
 from prima_sim.halda.costmodel import Workload
 from prima_sim.metrics import read_token_csv, spans_from_chrome_trace, summarize
 from prima_sim.plan import Plan
+from prima_sim.reports.emulation import SINGLE_PREFIX, STOCK_PREFIX
 from prima_sim.schema import dump_model
 
 log = logging.getLogger(__name__)
 
 CONTROL_PORT = 29501
 DATA_PORT = 29500
-STOCK_PREFIX = "llama.cpp-"
-"""Label prefix of the stock llama.cpp baseline of a ``single-<device>`` plan (:func:`stock_twin`)."""
 HEAD_TIMEOUT_S = 900.0  # one real run (load + prefill + decode) may take this long
 WORKER_SILENCE_S = 60.0  # the head's --timeout: heavy paging can stall a worker's heartbeat for a while
 STARTUP_TIMEOUT_S = 600.0
@@ -234,7 +234,7 @@ class RunSupervisor:
         if not err:
             text = log_path.read_text(errors="replace")
             try:
-                obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
+                obj = parse_json_output(text)
             except ValueError:
                 err = f"stock llama.cpp exited {p.returncode}: {log_tail(log_path, 300)}"
         if err:
@@ -305,4 +305,4 @@ def stock_twin(pr: PlanPrediction) -> PlanPrediction:
     """The one-device baseline as the paper measures it, beside prima-sim's own one-device executor: stock
     llama.cpp (one process over the original GGUF) on the device of a ``single-<device>`` plan, with the same
     prediction (the simulator's one-device plan)."""
-    return dataclasses.replace(pr, label=STOCK_PREFIX + pr.label.removeprefix("single-"))
+    return dataclasses.replace(pr, label=STOCK_PREFIX + pr.label.removeprefix(SINGLE_PREFIX))

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,18 @@ def run_stock(model_path: str | Path, prompt: str | list[int], n_predict: int, n
             run.step_s.append(time.perf_counter() - t)
             pos += 1
     return run
+
+
+def parse_json_output(text: str) -> dict[str, Any]:
+    """The result of ``--json`` in a log that also holds llama.cpp's own output (the last JSON line it printed).
+
+    Raises:
+        ValueError: no result in ``text`` (the run failed before printing it).
+    """
+    obj = json.loads(text[text.rindex('{"model"') :].splitlines()[0])
+    if not isinstance(obj, dict):
+        raise ValueError("not a stock result")
+    return obj
 
 
 def main(argv: list[str] | None = None) -> int:

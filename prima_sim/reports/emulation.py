@@ -39,7 +39,11 @@ COLUMNS: tuple[str, ...] = (
     "host", "date", "run_id", "version", "error",
 )  # fmt: skip
 """Columns of ``emulation.csv``, in order."""
-ONE_DEVICE = ("single-", "llama.cpp-")
+SINGLE_PREFIX = "single-"
+"""Label prefix of a plan running the whole model on one device with prima-sim's executor."""
+STOCK_PREFIX = "llama.cpp-"
+"""Label prefix of stock llama.cpp over the original GGUF on that device (the paper's baseline)."""
+ONE_DEVICE = (SINGLE_PREFIX, STOCK_PREFIX)
 """Scheduler labels of the one-device baselines: prima-sim's executor alone on a device (``single-<device>``) and
 stock llama.cpp over the original GGUF there (``llama.cpp-<device>``, the paper's baseline)."""
 
