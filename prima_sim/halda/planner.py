@@ -299,12 +299,15 @@ of the window every token (measured: fits-in-memory and weak-device, docs/pageca
 HEADROOM_MAX_EVALUATIONS = 48
 
 
+def _margins(plan: Plan, costs: dict[str, DeviceCosts]) -> list[tuple[float, float]]:
+    """Per device in ring order: (page-cache room - mapped weight bytes, the room); a negative margin pages."""
+    uses = (memory_use(costs[a.name], a, i == 0) for i, a in enumerate(plan.devices))
+    return [(u.room - u.mapped_ram, u.room) for u in uses]
+
+
 def headroom(plan: Plan, costs: dict[str, DeviceCosts]) -> float:
     """The smallest page-cache margin of the plan's devices: room - mapped weight bytes (negative: it pages)."""
-    return min(
-        (lambda u: u.room - u.mapped_ram)(memory_use(costs[a.name], a, i == 0))
-        for i, a in enumerate(plan.devices)
-    )
+    return min(m for m, _ in _margins(plan, costs))
 
 
 def prefer_headroom(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool,
@@ -320,10 +323,10 @@ def prefer_headroom(plan: Plan, cluster: Cluster, model: ModelProfile, workload:
     L, moved, evals = plan.n_layers, 0, 0
     while evals < max_evaluations:
         names = [d.name for d in best.devices]
-        uses = [memory_use(costs[a.name], a, i == 0) for i, a in enumerate(best.devices)]
-        margins = [u.room - u.mapped_ram for u in uses]
+        rooms = _margins(best, costs)
+        margins = [m for m, _ in rooms]
         tight = min(range(len(names)), key=lambda i: margins[i])
-        if margins[tight] < 0 or margins[tight] >= NEAR_FIT_FRACTION * uses[tight].room:
+        if margins[tight] < 0 or margins[tight] >= NEAR_FIT_FRACTION * rooms[tight][1]:
             break  # it pages anyway (the prediction knows), or it is not near the cliff
         w = [d.window for d in best.devices]
         n = [d.gpu_layers for d in best.devices]
