@@ -450,7 +450,7 @@ def device_paging(
     another device (the advice follows each send).
     """
     prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
-    largest = max((_window_bytes(costs, a, r) for r in a.layers), default=0.0)
+    largest = max((window_paged_bytes(costs, a, r) for r in a.layers), default=0.0)
     reread = costs.memory.reread_bytes(use.mapped_ram, use.room, len(a.layers), prefetching, largest)
     hidden = min(reread, use.mapped_ram) if prefetching else 0.0
     return Paging(reread, hidden, reread - hidden, prefetching)
@@ -568,7 +568,7 @@ def step_breakdown(
     return StepBreakdown(times, head_s, wait, bound if wait > 0 else "ring", tuple(infeasible))
 
 
-def _window_bytes(c: DeviceCosts, a: DeviceAssignment, rng: tuple[int, int]) -> float:
+def window_paged_bytes(c: DeviceCosts, a: DeviceAssignment, rng: tuple[int, int]) -> float:
     """Mapped bytes one prefetch must hold at once: a window's paged layers, and for the head's last window
     also the output head, which is advised with it (the logits window of docs/emulation.md finding 9)."""
     start, end = rng

@@ -87,10 +87,14 @@ class SimDevice:
         use: its memory needs (cost model).
         layout: its chunks and works.
         is_head: whether it is the head.
+        self_eviction: (window index, bytes): the bytes its own prefetch evicts and the window's faults read
+            again each time that window runs (:mod:`prima_sim.sim.self_eviction`); None: none.
     """
 
     def __init__(self, ring: Ring, assignment: DeviceAssignment, profile: DeviceProfile, costs: DeviceCosts,
-                 use: MemoryUse, layout: DeviceLayout, is_head: bool) -> None:  # fmt: skip
+                 use: MemoryUse, layout: DeviceLayout, is_head: bool,
+                 self_eviction: tuple[int, float] | None = None) -> None:  # fmt: skip
+        self.self_eviction = self_eviction
         self.ring = ring
         self.env = ring.env
         self.name = assignment.name
@@ -363,6 +367,12 @@ class SimDevice:
         if gpu is not None and n_gpu:
             gpu.layers_run += n_gpu
             gpu.busy_s += sum(t for t, (_, g) in zip(times, work.slots, strict=True) if g)
+        if self.self_eviction is not None and self.self_eviction[0] == j:
+            # the part of this window its own advice evicted before use: its faults read it again
+            t0 = self.env.now
+            r = self.disk.submit(Read(-1, self.self_eviction[1], self.fault_bps))
+            yield r.wait(self.env)
+            self.ring.rec.add(self.name, DISK_WAIT, t0, self.env.now, msg.step, f"w{j}")
         yield from self._run(work, times, total, extra, msg.step, f"w{j}", COMPUTE)
 
     def output_head(self, msg: Message) -> Proc:
