@@ -7,7 +7,7 @@ measured inside the device limits, executor footprint subtracted), every plan an
 an hour; predicting takes seconds. This script predicts every measured multi-device plan again, analytically and
 by simulation, with the code as it is now, and writes ``emulation-repredicted.csv`` (the suite's columns; the
 prediction columns replaced, the re-predictions with the rates measured during the runs blanked because those rates
-are not kept) and ``emulation-repredicted-summary.txt`` beside the suite's own files, so a model change can be judged
+are not kept) ``emulation-repredicted-summary.txt`` and the scatter plot ``emulation-repredicted-scatter.png`` beside the suite's own files, so a model change can be judged
 on the same measurements. One-device baselines ("single-*") keep their original predictions (their one-device
 cluster is not saved).
 """
@@ -27,7 +27,14 @@ from prima_sim.emulate.models import ensure_model
 from prima_sim.emulate.scenario import load_scenario
 from prima_sim.halda.costmodel import predict
 from prima_sim.plan import Plan
-from prima_sim.reports.emulation import COLUMNS, append_rows, format_summary, read_rows, summarize_rows
+from prima_sim.reports.emulation import (
+    COLUMNS,
+    append_rows,
+    format_summary,
+    read_rows,
+    scatter,
+    summarize_rows,
+)
 from prima_sim.sim import SimConfig, simulate
 from prima_sim.workload import Workload
 
@@ -97,7 +104,10 @@ def main() -> int:
         f"(benchmarks/repredict_emulation.py); columns as emulation.csv ({len(COLUMNS)}), run-rate re-predictions "
         f"blanked\n\n{text}\n"
     )
+    png = scatter(read_rows(csv_path), reports / "emulation-repredicted-scatter.png",
+                  title=f"predicted vs measured TPOT ({runs.name}, re-predicted)")  # fmt: skip
     print(text)
+    print(f"wrote {csv_path}, {png}")
     return 0
 
 
