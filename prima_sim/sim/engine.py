@@ -152,7 +152,10 @@ class Simulation:
         advice makes it read again per pass of that window (:mod:`prima_sim.sim.self_eviction`), on its
         largest window; the timing the kernel model needs comes from the cost model's decode step."""
         cfg, plan = self.cfg, self.plan
-        if not cfg.prefetch or cfg.page_cache != "linux" or (cfg.willneed_cap_bytes and not cfg.force_touch):
+        # the replay is of this project's executor: its advice in uncapped pieces after each send, not prima.cpp's
+        # capped advice (--prima-prefetch), its --force touch or its advice of a device's only window
+        if (not cfg.prefetch or cfg.page_cache != "linux" or cfg.willneed_cap_bytes or cfg.force_touch
+                or cfg.prefetch_own_window):  # fmt: skip
             return {}
         if len(plan.devices) < 2:
             return {}
