@@ -228,8 +228,9 @@ def test_prefetch_hides_reads_behind_the_gap():
 def test_reread_fraction_is_zero_when_the_working_set_fits():
     for k in (1, 2, 3):
         for pf in (False, True):
-            assert reread_fraction(1.0, k, pf) == 0.0
+            assert reread_fraction(1.04, k, pf) == 0.0  # beyond NEAR_FIT_MARGIN (3%) of free room
             assert reread_fraction(1.4, k, pf) == 0.0
+            assert reread_fraction(1.0, k, pf) >= 1.0  # filled to the byte: Linux re-reads (near fit)
 
 
 @given(r=st.floats(0.05, 0.999), k=st.integers(1, 4), pf=st.booleans(), ws=st.floats(1e8, 1e11))

@@ -6,6 +6,7 @@ is hidden by prefetch, what limits the token's time); :data:`GLOSSARY` explains 
 
 from __future__ import annotations
 
+from prima_sim.devices.behaviour import NEAR_FIT_MARGIN, fit_limit
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, memory_use
@@ -81,9 +82,11 @@ def explain(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
                      f"{fmt_bytes(use.mapped_ram)} of page cache and the room left is {fmt_bytes(use.room)}"
                      + (f"; its GPU holds {fmt_bytes(use.vram_need)} of {fmt_bytes(mem.vram_bytes)}" if use.vram_need else ""))  # fmt: skip
         t = per.get(a.name)
-        if t is not None and use.mapped_ram > use.room + 0.5:
+        if t is not None and use.mapped_ram > float(fit_limit(use.room, mem.kernel_lru)) + 0.5:
             how = "sequential" if mem.readahead else "random"
-            lines.append(f"it does not fit: re-reads {fmt_bytes(t.read_bytes)} per token "
+            fits = (f"its weights fill its room to within {NEAR_FIT_MARGIN:.0%}, where Linux already re-reads"
+                    if use.mapped_ram <= use.room + 0.5 else "it does not fit")  # fmt: skip
+            lines.append(f"{fits}: re-reads {fmt_bytes(t.read_bytes)} per token "
                          f"({t.read_bytes / use.mapped_ram:.0%} of its weights) at {fmt_bandwidth(mem.fault_bps)} "
                          f"({how} reads), {_ms(t.read_s)} of disk")  # fmt: skip
             if t.prefetch:

@@ -28,7 +28,7 @@ from typing import Any
 
 import simpy
 
-from prima_sim.devices.behaviour import frozen_active_bytes
+from prima_sim.devices.behaviour import fit_limit, frozen_active_bytes
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.halda.costmodel import (
     ACTIVATION_BYTES_PER_ELEMENT,
@@ -107,6 +107,9 @@ class SimDevice:
         cfg = ring.cfg
         cap, growth = cache_capacity(costs, use)
         mem = costs.memory
+        near = float(fit_limit(cap, mem.kernel_lru))
+        if growth == 0 and near + 0.5 < use.mapped_ram <= cap:
+            cap = near  # Linux re-reads weights this close to filling the room (behaviour.NEAR_FIT_MARGIN)
         mapped = float(sum(layout.chunk_bytes))
         # a capped advice (prima.cpp's one WILLNEED per window) reads next to nothing: such a device pages as
         # one that does not prefetch, unless --force makes its thread read the window itself
