@@ -71,6 +71,7 @@ def hop_costs(spans: list[Any]) -> dict[str, Any]:
     for s in spans:
         by_step.setdefault(s.token, []).append(s)
     hops: list[float] = []
+    parts: dict[str, list[float]] = {"send": [], "transit": [], "dispatch": []}
     compute: list[float] = []
     head: list[float] = []
     for step, ss in by_step.items():
@@ -83,14 +84,68 @@ def hop_costs(spans: list[Any]) -> dict[str, Any]:
         for a, b in itertools.pairwise(chain):
             if a.device != b.device:
                 hops.append((b.start_s - a.end_s) * 1e6)
+                # the sender's send span starts where its compute ended; the receiver's receive-wait ends when
+                # the message is in its hands (worker: just received; head: received and checked)
+                send = next((s for s in ss if s.kind == SpanKind.SEND and s.device == a.device
+                             and abs(s.start_s - a.end_s) < 1e-3), None)  # fmt: skip
+                recv = next((s for s in ss if s.kind == SpanKind.RECV_WAIT and s.device == b.device
+                             and send is not None and s.end_s >= send.end_s and s.end_s <= b.start_s), None)  # fmt: skip
+                if send is not None and recv is not None:
+                    parts["send"].append((send.end_s - a.end_s) * 1e6)
+                    parts["transit"].append((recv.end_s - send.end_s) * 1e6)
+                    parts["dispatch"].append((b.start_s - recv.end_s) * 1e6)
         compute.append(sum(s.duration_s for s in comp))
         head.append(sum(s.duration_s for s in ss if s.kind == SpanKind.HEAD))
     return {
         "hop_us_median": statistics.median(hops) if hops else 0.0,
+        "hop_parts_us": {k: statistics.median(v) if v else 0.0 for k, v in parts.items()},
         "hops_per_token": len(hops) / max(1, len(by_step) - 1),
         "window_compute_s": statistics.median(compute) if compute else 0.0,
         "head_s": statistics.median(head) if head else 0.0,
     }
+
+
+_ECHO = """
+import sys, zmq
+ctx = zmq.Context.instance()
+pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+pull.connect(sys.argv[1]); push.connect(sys.argv[2])
+while True:
+    m = pull.recv(copy=False)
+    if len(m) == 1:
+        break
+    push.send(m, copy=False)
+"""
+
+
+def bare_zmq_hop_us(nbytes: int, n: int = 2000) -> float:
+    """One-way latency (us, median) of a bare pyzmq PUSH/PULL message of ``nbytes`` between two processes on
+    loopback: half the round trip to an echo process (same CPU affinity as the ring: children inherit it)."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    push.bind("tcp://127.0.0.1:*")
+    pull.bind("tcp://127.0.0.1:*")
+    child = subprocess.Popen([sys.executable, "-c", _ECHO, push.getsockopt_string(zmq.LAST_ENDPOINT),
+                              pull.getsockopt_string(zmq.LAST_ENDPOINT)])  # fmt: skip
+    try:
+        buf = bytes(nbytes)
+        rtt: list[float] = []
+        for i in range(n + n // 10):
+            t = time.perf_counter()
+            push.send(buf, copy=False)
+            pull.recv(copy=False)
+            if i >= n // 10:  # after a warm-up
+                rtt.append(time.perf_counter() - t)
+        push.send(b"x")
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        push.close(0)
+        pull.close(0)
+    return statistics.median(rtt) / 2 * 1e6
 
 
 def interleaved(args: argparse.Namespace, plan: Any, shards: Path, tmp: Path) -> dict[str, Any]:
@@ -156,10 +211,20 @@ def interleaved(args: argparse.Namespace, plan: Any, shards: Path, tmp: Path) ->
 def _round(args: argparse.Namespace, plan: Any, tmp: Path, r: int) -> dict[str, Any]:
     got = interleaved(args, plan, tmp / "shards", tmp / f"r{r}")
     got["ratio"] = got["ring_tpot_s"] / got["single_tpot_s"]
+    got["bare_zmq_us"] = bare_zmq_hop_us(4 * int(plan_n_embd(args.model)) + 64)
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in got["hop_parts_us"].items())
     print(f"round {r}: single {got['single_tpot_s'] * 1e3:.2f} ms  ring {got['ring_tpot_s'] * 1e3:.2f} ms  "
-          f"ratio {got['ratio']:.3f}  hop {got['hop_us_median']:.0f} us x {got['hops_per_token']:.0f}",
-          file=sys.stderr)  # fmt: skip
+          f"ratio {got['ratio']:.3f}  hop {got['hop_us_median']:.0f} us x {got['hops_per_token']:.0f} ({parts})  "
+          f"bare pyzmq {got['bare_zmq_us']:.0f} us", file=sys.stderr)  # fmt: skip
     return got
+
+
+def plan_n_embd(model: str) -> int:
+    """The model's hidden width (floats per token on the wire)."""
+    from prima_sim.devices.gguf_file import read_gguf
+
+    g = read_gguf(model)
+    return int(g.metadata[f"{g.architecture}.embedding_length"])
 
 
 def main() -> int:
@@ -236,6 +301,8 @@ def main() -> int:
         "single_tpot_ms": single_tpot * 1e3, "ring_tpot_ms": ring_tpot * 1e3,
         "ratio_median": med([x["ratio"] for x in rows]), "ratios": [x["ratio"] for x in rows],
         "hop_us": hop, "hops_per_token": n_hops,
+        "hop_parts_us": {k: med([x["hop_parts_us"][k] for x in rows]) for k in rows[0]["hop_parts_us"]},
+        "bare_zmq_us": med([x["bare_zmq_us"] for x in rows]),
         "breakdown_ms": {
             "windows_compute": comp * 1e3, "head_embed_output_sample": head * 1e3,
             "hops": hop * n_hops / 1e3, "rest": (ring_tpot - comp - head - hop * n_hops / 1e6) * 1e3,
@@ -257,6 +324,9 @@ def main() -> int:
         print(f"per hop {hop:.0f} us ({n_hops:.0f} hops/token = {b['hops']:.2f} ms); windows' compute {b['windows_compute']:.2f} ms "
               f"({b['windows_compute_minus_single']:+.2f} ms vs the whole model); head {b['head_embed_output_sample']:.2f} ms; "
               f"rest {b['rest']:.2f} ms")  # fmt: skip
+        hp = result["hop_parts_us"]
+        print(f"hop = send {hp['send']:.0f} + transit {hp['transit']:.0f} + dispatch {hp['dispatch']:.0f} us (medians); "
+              f"a bare pyzmq PUSH/PULL message of the same size: {result['bare_zmq_us']:.0f} us")  # fmt: skip
     return 0
 
 
