@@ -113,14 +113,14 @@ def _garbage(host: str, port: int, fp: str) -> None:
         [b"garbage"],
         [os.urandom(100000)],
         [wire.MAGIC + b"{not json"],
-        [wire.MAGIC + b'{"v": 2, "type": "data"}'],
+        [wire.MAGIC + b'{"v": 2, "type": "data"}'],  # an older peer (JSON headers)
         [wire.MAGIC + b'{"v": 1, "type": "data", "fp": "' + fp.encode() + b'", "seq": -4}'],
-        wire.encode(good.model_copy(update={"fp": "0000000000000000"}), pos, hid),  # another plan
-        wire.encode(
-            good.model_copy(update={"shape": (1, 7)}), pos, np.zeros((1, 7), np.float32)
-        ),  # wrong width
-        wire.encode(good, pos, hid)[:2],  # payload missing
-        wire.encode(good.model_copy(update={"window": 99}), pos, hid),  # not this worker's window
+        [wire.encode(good, pos, hid)[0][:30]],  # truncated binary header
+        [wire.MAGIC + bytes([wire.WIRE_VERSION]) + os.urandom(200)],  # right version, random fields
+        wire.encode(good._replace(fp="0000000000000000"), pos, hid),  # another plan
+        wire.encode(good._replace(shape=(1, 7)), pos, np.zeros((1, 7), np.float32)),  # wrong width
+        wire.encode(good, pos, hid)[:1],  # payload missing
+        wire.encode(good._replace(window=99), pos, hid),  # not this worker's window
     ]
     for frames in bad_frames:
         push.send_multipart(frames)

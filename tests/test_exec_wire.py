@@ -59,7 +59,7 @@ def test_control_messages_round_trip() -> None:
 def status_json(state: str) -> bytes:
     return (
         wire.MAGIC
-        + b'{"v": 2, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": '
+        + b'{"v": %d, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": ' % wire.WIRE_VERSION
         + state.encode()
         + b"}"
     )
@@ -93,8 +93,23 @@ def test_malformed_worker_state_is_rejected_naming_the_field(state: str, reason:
 
 def test_status_of_another_protocol_version_says_so() -> None:
     old = wire.MAGIC + b'{"v": 1, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": "ready"}'
-    with pytest.raises(wire.WireError, match=r"^bad status message: protocol version 1, this side speaks 2$"):
+    with pytest.raises(
+        wire.WireError,
+        match=rf"^bad status message: protocol version 1, this side speaks {wire.WIRE_VERSION}$",
+    ):
         wire.decode_status(old)
+    with pytest.raises(wire.VersionError) as err:  # the head names the device (WorkerError)
+        wire.decode_status(old)
+    assert (err.value.version, err.value.device) == (1, "D1")
+
+
+def _hdr(**kw: object) -> bytes:
+    """A binary header with some fields replaced (for malformed messages)."""
+    f: dict[str, object] = {"magic": wire.MAGIC, "v": wire.WIRE_VERSION, "type": 2, "flags": 0, "dtype": 1,
+                            "seq": 1, "step": 0, "window": 0, "n": 1, "width": 8, "t": 0.0, "fp": FP.encode(),
+                            "n_origin": 0}  # fmt: skip
+    f.update(kw)
+    return wire.HEADER.pack(*f.values())
 
 
 @pytest.mark.parametrize(
@@ -103,13 +118,22 @@ def test_status_of_another_protocol_version_says_so() -> None:
         ([], "empty message"),
         ([b"hello"], "not a prima-sim message"),
         ([wire.MAGIC + b"{oops"], "not JSON"),
-        ([wire.MAGIC + b'{"v": 1, "type": "data"}'], "protocol version 1, this side speaks 2"),
-        ([wire.MAGIC + b'{"v": 2, "type": "dance", "fp": "x", "seq": 1}'], "bad header field type"),
         (
-            [wire.MAGIC + b'{"v": 2, "type": "data", "fp": "x", "seq": 1, "extra": 1}'],
-            "bad header field extra",
+            [wire.MAGIC + b'{"v": 1, "type": "data"}'],
+            rf"protocol version 1, this side speaks {wire.WIRE_VERSION}",
         ),
-        ([wire.MAGIC + b"x" * 5000], "exceeds"),
+        (  # a peer of wire version 2 (JSON headers) is told the versions
+            [wire.MAGIC + b'{"v": 2, "type": "data", "fp": "x", "seq": 1}'],
+            rf"protocol version 2, this side speaks {wire.WIRE_VERSION}$",
+        ),
+        ([_hdr(v=9)], rf"protocol version 9, this side speaks {wire.WIRE_VERSION}$"),
+        ([_hdr()[:20]], "truncated"),
+        ([_hdr(type=7)], "bad header field type"),
+        ([_hdr(flags=6)], "bad header field flags"),
+        ([_hdr(dtype=3)], "bad header field dtype"),
+        ([_hdr(n_origin=3) + b"\xff\xfe\xfd"], "bad header field origin: not UTF-8"),
+        ([_hdr(type=1) + b"xx"], "'hello' header of"),
+        ([wire.MAGIC + b"x" * wire.MAX_HEADER_BYTES], "exceeds"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(frames: list[bytes], reason: str) -> None:
@@ -117,20 +141,39 @@ def test_malformed_messages_are_rejected_with_a_reason(frames: list[bytes], reas
         wire.decode(frames, FP, 8)
 
 
+def test_fields_that_do_not_fit_the_wire_are_refused_by_the_sender() -> None:
+    bad: list[dict[str, object]] = [
+        {"seq": -1},
+        {"fp": "x" * 17},
+        {"fp": ""},
+        {"origin": "d" * 256},
+        {"fp": "é"},
+    ]
+    for b in bad:
+        h = wire.Header(type="hello", fp=FP, seq=1)._replace(**b)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"does not fit|fingerprint"):
+            wire.encode(h)
+
+
 def test_foreign_and_inconsistent_data_is_rejected() -> None:
     with pytest.raises(wire.WireError, match="for plan"):
         wire.decode(data_msg(), "ffffffffffffffff", 8)
     with pytest.raises(wire.WireError, match=r"expected \[n_tokens >= 1, 16\]"):
         wire.decode(data_msg(), FP, 16)
-    frames = data_msg()
+    frames = [bytes(memoryview(f)) for f in data_msg()]
     with pytest.raises(wire.WireError, match="payload has"):
-        wire.decode([frames[0], frames[1], b"\0" * 12], FP, 8)
-    with pytest.raises(wire.WireError, match="expected 3"):
-        wire.decode(frames[:2], FP, 8)
-    with pytest.raises(wire.WireError, match="positions frame"):
-        wire.decode([frames[0], b"\0\0", frames[2]], FP, 8)
+        wire.decode([frames[0], b"\0" * 12], FP, 8)
+    with pytest.raises(wire.WireError, match="expected 2"):
+        wire.decode(frames[:1], FP, 8)
+    with pytest.raises(wire.WireError, match="positions: header of"):
+        wire.decode([frames[0][:-2], frames[1]], FP, 8)
     with pytest.raises(wire.WireError, match="not consecutive"):
-        wire.decode([frames[0], np.array([1, 5, 6], np.int32), frames[2]], FP, 8)
+        wire.decode([frames[0][:-12] + np.array([1, 5, 6], np.int32).tobytes(), frames[1]], FP, 8)
+    with pytest.raises(wire.WireError, match="negative position"):
+        wire.decode([frames[0][:-12] + np.array([-3, -2, -1], np.int32).tobytes(), frames[1]], FP, 8)
+    one = [bytes(memoryview(f)) for f in data_msg(n=1)]
+    with pytest.raises(wire.WireError, match="negative position"):
+        wire.decode([one[0][:-4] + np.array([-1], np.int32).tobytes(), one[1]], FP, 8)
     with pytest.raises(wire.WireError, match="expected 1"):
         wire.decode([wire.encode(wire.Header(type="hello", fp=FP, seq=1))[0], b"x"], FP, 8)
 

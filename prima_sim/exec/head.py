@@ -36,6 +36,7 @@ from prima_sim.exec.ring import (
     POLL_SLICE_MS,
     STARTUP_TIMEOUT_S,
     STEP_TIMEOUT_S,
+    WAIT_SLICE_MS,
     LatencyTable,
     LinkLatency,
     Prefetcher,
@@ -281,6 +282,14 @@ class Head:
     def _on_status(self, frame: object) -> None:
         try:
             st = wire.decode_status(frame)
+        except wire.VersionError as exc:  # one of the ring's devices runs another release: say so at once
+            if exc.device in self.peers:
+                raise WorkerError(
+                    f"device {exc.device} speaks wire protocol version {exc.version}, this head speaks "
+                    f"{wire.WIRE_VERSION}: run the same prima-sim release on every device"
+                ) from None
+            log.warning("head: rejected a control message: %s", exc)
+            return
         except wire.WireError as exc:  # expected: stray traffic on the control port is ignored
             log.warning("head: rejected a control message: %s", exc)
             return
@@ -313,16 +322,18 @@ class Head:
                     f"{t - p.last_seen:.1f} s (timeout {self.timeout:g} s; last state: {last})"
                 )
 
-    def _wait(self, deadline: float, why: Callable[[], str]) -> zmq.Socket | None:
+    def _wait(
+        self, deadline: float, why: Callable[[], str], slice_ms: int = POLL_SLICE_MS
+    ) -> zmq.Socket | None:
         """Wait one poll slice; handle control messages; raise on death or deadline. Returns the data
         socket when a data message is waiting."""
-        events = dict(self.poller.poll(POLL_SLICE_MS))
+        events = dict(self.poller.poll(slice_ms))
         while self.control in events:
             self._on_status(self.control.recv(copy=False))
             events = dict(self.poller.poll(0))
-        self._check_liveness()
-        if self.pull in events:
+        if self.pull in events:  # the ring moves: liveness is checked when a wait runs out instead
             return self.pull
+        self._check_liveness()
         if now() > deadline:
             raise WorkerError(why())
         return None
@@ -330,8 +341,11 @@ class Head:
     def _recv(
         self, deadline: float, why: Callable[[], str]
     ) -> tuple[wire.Header, np.ndarray | None, np.ndarray | None]:
+        # Every wake-up of the head costs the device computing now (on one shared CPU, directly): wait in
+        # slices of WAIT_SLICE_MS (heartbeats wake it four times a second per worker anyway, and every wake-up
+        # checks liveness), not POLL_SLICE_MS
         while True:
-            if self._wait(deadline, why) is None:
+            if self._wait(deadline, why, WAIT_SLICE_MS) is None:
                 continue
             frames = self.pull.recv_multipart(copy=False)
             t_arrived = now()
@@ -402,7 +416,7 @@ class Head:
             t1 = now()
             hdr = wire.Header(type="data", fp=self.fp, seq=seq, step=step, window=j, n_tokens=n,
                               shape=(n, self.n_embd), origin=self.device, t_step=t_step, rows=rows is not None)  # fmt: skip
-            self.push[owner].send_multipart(wire.encode(hdr, positions, h, seqs))
+            self.push[owner].send_multipart(wire.encode(hdr, positions, h, seqs), copy=False)
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, step, f"to {owner}")
             nxt = self.route.prefetch_window(self.device, j - 1, self._ran)

@@ -25,7 +25,9 @@ HEARTBEAT_INTERVAL_S = 0.25  # how often a worker reports on the control channel
 DEFAULT_TIMEOUT_S = 5.0  # a worker silent for this long is declared dead
 STARTUP_TIMEOUT_S = 120.0  # every worker must be loaded and on the plan within this time
 STEP_TIMEOUT_S = 600.0  # one step (prefill or one token) may take this long while every worker is alive
-POLL_SLICE_MS = 20  # granularity of waits: bounds how late a failure is noticed
+POLL_SLICE_MS = 20  # granularity of waits outside the hot path (start-up, shutdown)
+WAIT_SLICE_MS = 100  # the head's wait for ring data: bounds how late a dead or silent worker is noticed
+STOP_CHECK_MS = 200  # a worker's blocking receive gives up this often to see whether it was asked to stop
 BYE_TIMEOUT_S = 5.0  # how long the head waits for workers' final measurements at shutdown
 LINGER_MS = 1000  # how long a closing socket may keep trying to deliver queued messages
 

@@ -7,23 +7,30 @@ order, and a PUSH to a peer that is not up yet is queued until it connects, so s
 matter. Liveness, errors and measurements travel on a separate control channel (every worker PUSHes
 :class:`Status` messages to the head's control PULL socket), so a slow window never looks like a dead one.
 
-A ring message has one to three frames:
+A ring message has one or two frames:
 
-1. ``MAGIC`` + a JSON :class:`Header`: protocol version, type, plan fingerprint, sequence number, step
-   (token index), the window the receiver must run, number of tokens, payload shape and dtype, sender.
-2. (``data`` only) positions: ``n_tokens`` little-endian int32 (absolute positions in sequence 0).
-3. (``data`` with ``rows``) the sequence id of every row: ``n_tokens`` little-endian int32; positions are then
-   consecutive within each sequence, not across the batch (several sequences in one batch: prima-sim serve).
-4. (``data`` only) the hidden states: ``shape[0] * shape[1]`` little-endian float32, row-major.
+1. The header: ``MAGIC``, then a fixed little-endian binary struct (:data:`HEADER`: protocol version, type, flags,
+   dtype, sequence number, step (token index), the window the receiver must run, number of tokens, row width,
+   the head's step start time, plan fingerprint, length of the sender's name), the sender's name (UTF-8), and for
+   ``data``: the positions (``n_tokens`` int32, absolute positions) and, with the ``rows`` flag, the sequence id
+   of every row (``n_tokens`` int32; positions are then consecutive within each sequence, not across the batch:
+   several sequences in one batch, prima-sim serve).
+2. (``data`` only) the hidden states: ``n_tokens * width`` little-endian float32, row-major, sent straight from
+   the window's output buffer (ZeroMQ sends it without a copy when it is large).
 
-:func:`decode` checks everything a receiver relies on and raises :class:`WireError` otherwise; receivers log
-the reason, count the message as rejected, and go on (a malformed or foreign message never kills a worker).
+The header is read with one ``struct.unpack_from`` and a few integer checks, not parsed as JSON and validated field
+by field on every hop (wire version 2 did: a per-hop pydantic model). :func:`decode` checks everything a receiver
+relies on and raises :class:`WireError` otherwise; receivers log the reason, count the message as rejected, and go
+on (a malformed or foreign message never kills a worker). A message of an older, JSON-header version (``MAGIC`` +
+``{``) is answered with the version it speaks. Control messages (:class:`Status`, four a second per worker) stay
+JSON, validated by pydantic.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Final, Literal
+import struct
+from typing import Any, Final, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -32,42 +39,73 @@ from prima_sim.exec.ring import WorkerState
 from prima_sim.schema import FrozenModel
 
 MAGIC = b"PRSM"
-WIRE_VERSION: Final = 2
-"""2: a status message carries the worker's state as a tagged union (was a bare string and a detail string)."""
-MAX_HEADER_BYTES = 4096
+WIRE_VERSION: Final = 3
+"""3: a ring message's header is a fixed binary struct followed by the sender's name and the positions, and the
+hidden states are the second of two frames (2: a JSON header validated by pydantic on every hop, positions in a
+frame of their own). 2: a status message carries the worker's state as a tagged union (was a bare string and a
+detail string)."""
+HEADER: Final = struct.Struct("<4sBBBBQIIIId16sB")
+"""magic, version, type, flags, dtype, seq, step, window, n_tokens, width, t_step, fingerprint (ASCII, NUL-padded),
+length of the sender's name (followed by the name, then the positions and sequence ids)."""
+MAX_HEADER_BYTES = HEADER.size + 255 + 8 * 8192
+"""The name and the positions and sequence ids of a batch of up to 8192 tokens."""
 DTYPE: Final = "f32"
+FP_BYTES = 16
 
 MsgType = Literal["hello", "data", "stop"]
+_TYPE_CODE: Final = {"hello": 1, "data": 2, "stop": 3}
+_CODE_TYPE: Final = {v: k for k, v in _TYPE_CODE.items()}
+_DTYPE_F32 = 1
+_FLAG_ROWS = 1
+_JSON_OPEN = ord("{")  # a version <= 2 header (JSON) has this byte where version 3 has its version
 
 
 class WireError(ValueError):
     """A received message is malformed, of another protocol version, or for another plan."""
 
 
-class Header(FrozenModel):
-    """First frame of every ring message."""
+class VersionError(WireError):
+    """A status message of another protocol version: a peer running another prima-sim release.
 
-    v: Literal[2] = WIRE_VERSION
+    Attributes:
+        version: the version it speaks.
+        device: the device it names ("" when unknown).
+    """
+
+    def __init__(self, text: str, version: object, device: str) -> None:
+        super().__init__(text)
+        self.version, self.device = version, device
+
+
+class Header(NamedTuple):
+    """The header of every ring message (a plain tuple: built and read on every hop)."""
+
     type: MsgType
-    fp: str = Field(min_length=1, description="plan fingerprint")
-    seq: int = Field(ge=0, description="head's message counter; every hop of one batch carries the same seq")
-    step: int = Field(default=0, ge=0, description="token index of the metrics (0 = prefill)")
-    window: int = Field(default=0, ge=0, description="index (execution order) of the window to run next")
-    n_tokens: int = Field(default=0, ge=0)
+    fp: str
+    """plan fingerprint (at most 16 ASCII characters)"""
+    seq: int
+    """head's message counter; every hop of one batch carries the same seq"""
+    step: int = 0
+    """token index of the metrics (0 = prefill)"""
+    window: int = 0
+    """index (execution order) of the window to run next"""
+    n_tokens: int = 0
     shape: tuple[int, int] = (0, 0)
-    dtype: Literal["f32"] = DTYPE
+    """[n_tokens, width] of the hidden states (``data``)"""
+    dtype: str = DTYPE
     origin: str = ""
-    t_step: float = Field(default=0.0, description="wall time the head started this step (for receive-wait)")
-    rows: bool = Field(
-        default=False, description="a sequence-id frame follows the positions (several sequences)"
-    )
+    """the sender"""
+    t_step: float = 0.0
+    """wall time the head started this step (for receive-wait)"""
+    rows: bool = False
+    """sequence ids follow the positions (several sequences)"""
 
 
 class Status(FrozenModel):
     """A worker's heartbeat on the control channel: its state (a tagged union on ``state.name``: idle, loading,
     ready, running, failed, each with its own fields; a failed state carries the error), new measurements."""
 
-    v: Literal[2] = WIRE_VERSION
+    v: Literal[3] = WIRE_VERSION
     type: Literal["status", "bye"]
     device: str
     pid: int
@@ -83,16 +121,38 @@ def encode(
     header: Header, positions: np.ndarray | None = None, hidden: np.ndarray | None = None,
     seqs: np.ndarray | None = None,
 ) -> list[Any]:  # fmt: skip
-    """Frames of one ring message (``positions`` and ``hidden`` only for ``data``; ``seqs`` with ``rows``)."""
-    frames: list[Any] = [MAGIC + header.model_dump_json().encode()]
-    if header.type == "data":
-        assert positions is not None and hidden is not None
-        frames.append(np.ascontiguousarray(positions, dtype="<i4"))
-        if header.rows:
-            assert seqs is not None
-            frames.append(np.ascontiguousarray(seqs, dtype="<i4"))
-        frames.append(np.ascontiguousarray(hidden, dtype="<f4"))
-    return frames
+    """Frames of one ring message (``positions`` and ``hidden`` only for ``data``; ``seqs`` with ``rows``).
+
+    The hidden-state frame is ``hidden`` itself (contiguous little-endian float32, else a converted copy): send
+    the frames with ``copy=False`` and it is not copied again.
+
+    Raises:
+        ValueError: a field does not fit the wire (a negative number, a fingerprint of more than 16 ASCII
+            characters, a sender name of more than 255 bytes, a shape that is not [n_tokens, width]).
+    """
+    origin = header.origin.encode()
+    data = header.type == "data"
+    n, width = header.shape
+    if data and n != header.n_tokens:
+        raise ValueError(f"shape {list(header.shape)} with n_tokens {header.n_tokens}")
+    try:
+        head = HEADER.pack(
+            MAGIC, WIRE_VERSION, _TYPE_CODE[header.type], _FLAG_ROWS if header.rows else 0, _DTYPE_F32,
+            header.seq, header.step, header.window, header.n_tokens, width, header.t_step,
+            header.fp.encode("ascii"), len(origin),
+        )  # fmt: skip
+    except (struct.error, KeyError, UnicodeEncodeError) as exc:
+        raise ValueError(f"header {header} does not fit the wire: {exc}") from None
+    if len(header.fp) > FP_BYTES or not header.fp:
+        raise ValueError(f"fingerprint {header.fp!r} is not 1 to {FP_BYTES} ASCII characters")
+    if not data:
+        return [head + origin]
+    assert positions is not None and hidden is not None
+    parts = [head, origin, np.ascontiguousarray(positions, dtype="<i4").tobytes()]
+    if header.rows:
+        assert seqs is not None
+        parts.append(np.ascontiguousarray(seqs, dtype="<i4").tobytes())
+    return [b"".join(parts), np.ascontiguousarray(hidden, dtype="<f4")]
 
 
 def decode(
@@ -101,6 +161,16 @@ def decode(
     """Parse and check one ring message (:func:`decode_rows` without the sequence ids)."""
     h, positions, _, hidden = decode_rows(frames, fingerprint, n_embd)
     return h, positions, hidden
+
+
+def _old_version(body: bytes) -> str:
+    """Why a JSON header (wire version 2 or older) is refused: the version it speaks, or that it is not JSON."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"bad header: a JSON header (wire version 2 or older) that is not JSON: {exc}"
+    v = raw.get("v") if isinstance(raw, dict) else None
+    return f"bad header: protocol version {v!r}, this side speaks {WIRE_VERSION}"
 
 
 def decode_rows(
@@ -115,61 +185,83 @@ def decode_rows(
 
     Returns:
         (header, positions, seqs, hidden); positions and hidden are None unless the type is ``data``, seqs
-        unless the header has ``rows``.
+        unless the header has ``rows``. The arrays are read-only views of the frames (no copy).
 
     Raises:
         WireError: the message is malformed or foreign; the text says how.
     """
     if not frames:
         raise WireError("empty message")
-    first = bytes(memoryview(frames[0]))
-    if not first.startswith(MAGIC):
-        raise WireError(f"not a prima-sim message (starts with {first[:8]!r})")
-    if len(first) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(first)} bytes exceeds {MAX_HEADER_BYTES}")
+    buf = memoryview(frames[0])
+    size = buf.nbytes
+    if size < 5 or buf[:4] != MAGIC:
+        raise WireError(f"not a prima-sim message (starts with {bytes(buf[:8])!r})")
+    if size > MAX_HEADER_BYTES:
+        raise WireError(f"header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+    if buf[4] != WIRE_VERSION:
+        if buf[4] == _JSON_OPEN:
+            raise WireError(_old_version(bytes(buf[4:])))
+        raise WireError(f"bad header: protocol version {buf[4]}, this side speaks {WIRE_VERSION}")
+    if size < HEADER.size:
+        raise WireError(f"header of {size} bytes is truncated (at least {HEADER.size})")
+    _, _, code, flags, dt, seq, step, window, n, width, t_step, fp, n_origin = HEADER.unpack_from(buf)
+    kind = _CODE_TYPE.get(code)
+    if kind is None:
+        raise WireError(f"bad header field type: unknown message type {code}")
+    if flags & ~_FLAG_ROWS:
+        raise WireError(f"bad header field flags: unknown flags {flags:#x}")
+    if dt != _DTYPE_F32:
+        raise WireError(f"bad header field dtype: unknown dtype {dt}")
+    fp_s = fp.rstrip(b"\0").decode("ascii", "replace")
+    if fp_s != fingerprint:
+        raise WireError(f"message for plan {fp_s}, this worker runs plan {fingerprint}")
+    end = HEADER.size + n_origin
     try:
-        h = Header.model_validate_json(first[len(MAGIC) :])  # parsed and checked in one pass (pydantic-core)
-    except ValidationError as exc:
-        raise WireError(f"bad header {_reason(exc, first[len(MAGIC) :])}") from None
-    if h.fp != fingerprint:
-        raise WireError(f"message for plan {h.fp}, this worker runs plan {fingerprint}")
-    if h.type != "data":
+        origin = str(buf[HEADER.size : end], "utf-8")
+    except UnicodeDecodeError:
+        raise WireError("bad header field origin: not UTF-8") from None
+    rows = bool(flags & _FLAG_ROWS)
+    h = Header(kind, fp_s, seq, step, window, n, (n, width), DTYPE, origin, t_step, rows)  # type: ignore[arg-type]
+    if kind != "data":
         if len(frames) != 1:
-            raise WireError(f"'{h.type}' message with {len(frames)} frames, expected 1")
+            raise WireError(f"'{kind}' message with {len(frames)} frames, expected 1")
+        if size != end:
+            raise WireError(f"'{kind}' header of {size} bytes, expected {end}")
         return h, None, None, None
-    want = 4 if h.rows else 3
-    if len(frames) != want:
-        raise WireError(f"data message with {len(frames)} frames, expected {want}")
-    n, width = h.shape
-    if n != h.n_tokens or n <= 0 or width != n_embd:
-        raise WireError(
-            f"shape {list(h.shape)} with n_tokens {h.n_tokens}; expected [n_tokens >= 1, {n_embd}]"
-        )
-    pos_buf, hid_buf = memoryview(frames[1]), memoryview(frames[-1])
-    if pos_buf.nbytes != 4 * n:
-        raise WireError(f"positions frame has {pos_buf.nbytes} bytes, expected {4 * n}")
+    if len(frames) != 2:
+        raise WireError(f"data message with {len(frames)} frames, expected 2")
+    if n <= 0 or width != n_embd:
+        raise WireError(f"shape {[n, width]} with n_tokens {n}; expected [n_tokens >= 1, {n_embd}]")
+    want = end + (8 if rows else 4) * n
+    if size != want:
+        raise WireError(f"positions: header of {size} bytes, expected {want} for {n} tokens")
+    hid_buf = memoryview(frames[1])
     if hid_buf.nbytes != 4 * n * width:
         raise WireError(
-            f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {list(h.shape)}"
+            f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {[n, width]}"
         )
-    positions = np.frombuffer(pos_buf, dtype="<i4")
+    positions = np.frombuffer(buf, dtype="<i4", count=n, offset=end)
+    hidden = np.frombuffer(hid_buf, dtype="<f4").reshape(n, width)
+    if n == 1:  # one token (decoding): no sequence to check
+        if positions[0] < 0:
+            raise WireError(f"negative position {int(positions[0])}")
+        seqs = np.frombuffer(buf, dtype="<i4", count=1, offset=end + 4) if rows else None
+        if seqs is not None and seqs[0] < 0:
+            raise WireError(f"negative sequence id {int(seqs[0])}")
+        return h, positions, seqs, hidden
     seqs = None
-    if h.rows:
-        seq_buf = memoryview(frames[2])
-        if seq_buf.nbytes != 4 * n:
-            raise WireError(f"sequence-id frame has {seq_buf.nbytes} bytes, expected {4 * n}")
-        seqs = np.frombuffer(seq_buf, dtype="<i4")
+    if rows:
+        seqs = np.frombuffer(buf, dtype="<i4", count=n, offset=end + 4 * n)
         if int(seqs.min()) < 0:
             raise WireError(f"negative sequence id {int(seqs.min())}")
         for sq in np.unique(seqs):
             p = positions[seqs == sq]
             if len(p) > 1 and not np.array_equal(np.diff(p), np.ones(len(p) - 1, dtype=np.int32)):
                 raise WireError(f"positions of sequence {int(sq)} are not consecutive")
-    elif n > 1 and not np.array_equal(np.diff(positions), np.ones(n - 1, dtype=np.int32)):
+    elif not np.array_equal(np.diff(positions), np.ones(n - 1, dtype=np.int32)):
         raise WireError("positions are not consecutive")
     if int(positions.min()) < 0:
         raise WireError(f"negative position {int(positions.min())}")
-    hidden = np.frombuffer(hid_buf, dtype="<f4").reshape(n, width)
     return h, positions, seqs, hidden
 
 
@@ -190,7 +282,19 @@ def decode_status(frame: Any) -> Status:
     try:
         return Status.model_validate_json(raw[len(MAGIC) :])
     except ValidationError as exc:
-        raise WireError(f"bad status {_reason(exc, raw[len(MAGIC) :])}") from None
+        why = f"bad status {_reason(exc, raw[len(MAGIC) :])}"
+        body = _json_object(raw[len(MAGIC) :])
+        if body is not None and body.get("v") != WIRE_VERSION:
+            raise VersionError(why, body.get("v"), str(body.get("device", ""))) from None
+        raise WireError(why) from None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def _reason(exc: ValidationError, body: bytes) -> str:

@@ -27,7 +27,7 @@ from prima_sim.exec.llamacpp import Model, Window, supports_gpu_offload
 from prima_sim.exec.ring import (
     HEARTBEAT_INTERVAL_S,
     LINGER_MS,
-    POLL_SLICE_MS,
+    STOP_CHECK_MS,
     LatencyTable,
     LinkLatency,
     Prefetcher,
@@ -142,14 +142,23 @@ class Worker:
         )  # emulated links (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.state: WorkerState = WorkerIdle()
+        self._busy: tuple[int, int] | None = (
+            None  # (step, window) being computed: the heartbeat says "running"
+        )
         self.rejected = 0
         self.stopping = threading.Event()
         self.n_embd = 0
 
     # --- control channel -------------------------------------------------------------------------------------
     def _status(self, kind: Literal["status", "bye"] = "status") -> wire.Status:
+        busy = self._busy  # set and cleared by the compute thread without building a state object per window
+        state = (
+            WorkerRunning(step=busy[0], window=busy[1])
+            if busy and isinstance(self.state, WorkerReady)
+            else self.state
+        )
         return wire.Status(
-            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=self.state, rejected=self.rejected,
+            type=kind, device=self.device, pid=os.getpid(), fp=self.fp, state=state, rejected=self.rejected,
             n_batch=self.n_batch, n_seq=self.n_seq, spans=tuple(self.spans.drain()),
         )  # fmt: skip
 
@@ -211,13 +220,15 @@ class Worker:
         self.stopping.set()
 
     def _serve(self, pull: zmq.Socket, push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow]) -> None:
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
+        # a blocking receive (one system call less than poll-then-receive on every hop) that gives up every
+        # STOP_CHECK_MS to look at self.stopping; signals interrupt it too
+        pull.setsockopt(zmq.RCVTIMEO, STOP_CHECK_MS)
         last_done = now()
         while not self.stopping.is_set():
-            if not poller.poll(POLL_SLICE_MS * 10):
+            try:
+                frames = pull.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            frames = pull.recv_multipart(copy=False)
             t_arrive = now()
             try:
                 hdr, positions, seqs, hidden = wire.decode_rows(frames, self.fp, self.n_embd)
@@ -246,14 +257,14 @@ class Worker:
             t_arrive = self.latency.hold(hdr.origin, t_arrive)  # emulated link latency (prima_sim.emulate)
             self.spans.add(SpanKind.RECV_WAIT, max(last_done, hdr.t_step), t_arrive, hdr.step)
             self._run_data(hdr, int(positions[0]), hidden, positions, push, windows, seqs)
+            self._busy = None
             last_done = now()
-            self.state = WorkerReady()
 
     def _run_data(self, hdr: wire.Header, pos0: int, hidden: object, positions: object,
                   push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any = None) -> None:  # fmt: skip
         j, h = hdr.window, hidden
         while True:
-            self.state = WorkerRunning(step=hdr.step, window=j)
+            self._busy = (hdr.step, j)
             t0 = now()
             if seqs is None:
                 out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
@@ -266,8 +277,10 @@ class Worker:
             if dest == self.device:  # consecutive windows on this device: no hop
                 h, j = out.copy(), j + 1
                 continue
-            nh = hdr.model_copy(update={"window": j + 1, "origin": self.device})
-            push[dest].send_multipart(wire.encode(nh, positions, out, seqs))  # type: ignore[arg-type]
+            nh = hdr._replace(window=j + 1, origin=self.device)
+            # copy=False: a large batch's hidden states go from the window's output buffer to the socket uncopied
+            # (the buffer is next written when this window runs again, after the message has gone round the ring)
+            push[dest].send_multipart(wire.encode(nh, positions, out, seqs), copy=False)  # type: ignore[arg-type]
             t2 = now()
             self.spans.add(SpanKind.SEND, t1, t2, hdr.step, f"to {dest}")
             nxt = self.route.prefetch_window(self.device, j, self._ran)
