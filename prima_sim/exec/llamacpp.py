@@ -327,6 +327,11 @@ class Window:
         token_batch = mode == "embed" if token_input is None else token_input
         self.batch = lc.llama_batch_init(n_batch, 0 if token_batch else self.n_embd, 1)
         self._stack.callback(lc.llama_batch_free, self.batch)
+        # the batch's input rows as an array, made once: a call copies its hidden states in with numpy, without
+        # building ctypes pointer objects per call
+        self._embd: np.ndarray | None = (
+            None if token_batch else np.ctypeslib.as_array(self.batch.embd, shape=(n_batch, self.n_embd))
+        )
         for i in range(n_batch):
             self.batch.n_seq_id[i] = 1
             self.batch.seq_id[i][0] = 0
@@ -439,8 +444,7 @@ class Window:
             for i in range(n):
                 self.batch.token[i] = int(hidden[i])
         else:
-            src = np.ascontiguousarray(hidden, dtype=np.float32)
-            ctypes.memmove(self.batch.embd, src.ctypes.data, src.nbytes)
+            self._embed_rows(hidden, n)
         rc = self._lc.llama_decode(self.ptr, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} on {self.model.path.name}")
@@ -464,7 +468,14 @@ class Window:
         """The position sequence 0's cache continues at."""
         return self.seq_next[0]
 
+    def _embed_rows(self, hidden: np.ndarray, n: int) -> None:
+        """Copy ``n`` rows of hidden states into the batch (the one copy between the received frame and llama.cpp)."""
+        if self._embd is None:
+            raise ValueError(f"{self.model.path.name}: this window takes token ids, not hidden states")
+        self._embd[:n] = hidden
+
     def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> np.ndarray:
+
         """Embed ``tokens`` (an ``"embed"`` window): returns the layer-0 input, shape [n, n_embd]."""
         n = len(tokens)
         self._prepare(pos0, n)
@@ -486,8 +497,7 @@ class Window:
         """
         n = int(hidden.shape[0])
         self._prepare(pos0, n)
-        src = np.ascontiguousarray(hidden, dtype=np.float32)
-        ctypes.memmove(self.batch.embd, src.ctypes.data, src.nbytes)
+        self._embed_rows(hidden, n)
         self._decode(pos0, n)
         if self.mode == "logits":
             return self.last_logits()
