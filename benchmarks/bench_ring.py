@@ -106,21 +106,33 @@ def hop_costs(spans: list[Any]) -> dict[str, Any]:
 
 
 _ECHO = """
-import sys, zmq
+import struct, sys, time, numpy as np, zmq
 ctx = zmq.Context.instance()
 pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
 pull.connect(sys.argv[1]); push.connect(sys.argv[2])
+big = np.ones(int(sys.argv[3]) // 4, dtype=np.float32) if int(sys.argv[3]) else None
 while True:
     m = pull.recv(copy=False)
     if len(m) == 1:
         break
-    push.send(m, copy=False)
+    t = time.perf_counter()
+    if big is not None:
+        big.sum()  # stream a window's weights through the caches, as its compute does
+    d = time.perf_counter() - t
+    push.send(struct.pack("<d", d) + m.bytes[8:], copy=False)
 """
 
 
-def bare_zmq_hop_us(nbytes: int, n: int = 2000) -> float:
+def bare_zmq_hop_us(nbytes: int, n: int = 2000, flush_bytes: int = 0) -> float:
     """One-way latency (us, median) of a bare pyzmq PUSH/PULL message of ``nbytes`` between two processes on
-    loopback: half the round trip to an echo process (same CPU affinity as the ring: children inherit it)."""
+    loopback: half the round trip to an echo process (same CPU affinity as the ring: children inherit it).
+
+    With ``flush_bytes`` both sides stream that many bytes through the caches before sending (what a window's
+    compute does to the caches between two hops); the echo's streaming time is taken out of the round trip.
+    """
+    import struct
+
+    import numpy as np
     import zmq
 
     ctx = zmq.Context.instance()
@@ -128,16 +140,19 @@ def bare_zmq_hop_us(nbytes: int, n: int = 2000) -> float:
     push.bind("tcp://127.0.0.1:*")
     pull.bind("tcp://127.0.0.1:*")
     child = subprocess.Popen([sys.executable, "-c", _ECHO, push.getsockopt_string(zmq.LAST_ENDPOINT),
-                              pull.getsockopt_string(zmq.LAST_ENDPOINT)])  # fmt: skip
+                              pull.getsockopt_string(zmq.LAST_ENDPOINT), str(flush_bytes)])  # fmt: skip
     try:
         buf = bytes(nbytes)
+        big = np.ones(flush_bytes // 4, dtype=np.float32) if flush_bytes else None
         rtt: list[float] = []
         for i in range(n + n // 10):
+            if big is not None:
+                big.sum()
             t = time.perf_counter()
             push.send(buf, copy=False)
-            pull.recv(copy=False)
+            m = pull.recv(copy=False)
             if i >= n // 10:  # after a warm-up
-                rtt.append(time.perf_counter() - t)
+                rtt.append(time.perf_counter() - t - struct.unpack_from("<d", m.buffer)[0])
         push.send(b"x")
         child.wait(10)
     finally:
@@ -211,11 +226,13 @@ def interleaved(args: argparse.Namespace, plan: Any, shards: Path, tmp: Path) ->
 def _round(args: argparse.Namespace, plan: Any, tmp: Path, r: int) -> dict[str, Any]:
     got = interleaved(args, plan, tmp / "shards", tmp / f"r{r}")
     got["ratio"] = got["ring_tpot_s"] / got["single_tpot_s"]
-    got["bare_zmq_us"] = bare_zmq_hop_us(4 * int(plan_n_embd(args.model)) + 64)
+    msg = 4 * int(plan_n_embd(args.model)) + 64
+    got["bare_zmq_us"] = bare_zmq_hop_us(msg)
+    got["bare_zmq_cold_us"] = bare_zmq_hop_us(msg, 100, Path(args.model).stat().st_size // args.devices)
     parts = ", ".join(f"{k} {v:.0f}" for k, v in got["hop_parts_us"].items())
     print(f"round {r}: single {got['single_tpot_s'] * 1e3:.2f} ms  ring {got['ring_tpot_s'] * 1e3:.2f} ms  "
           f"ratio {got['ratio']:.3f}  hop {got['hop_us_median']:.0f} us x {got['hops_per_token']:.0f} ({parts})  "
-          f"bare pyzmq {got['bare_zmq_us']:.0f} us", file=sys.stderr)  # fmt: skip
+          f"bare pyzmq {got['bare_zmq_us']:.0f} us ({got['bare_zmq_cold_us']:.0f} cold)", file=sys.stderr)  # fmt: skip
     return got
 
 
@@ -303,6 +320,7 @@ def main() -> int:
         "hop_us": hop, "hops_per_token": n_hops,
         "hop_parts_us": {k: med([x["hop_parts_us"][k] for x in rows]) for k in rows[0]["hop_parts_us"]},
         "bare_zmq_us": med([x["bare_zmq_us"] for x in rows]),
+        "bare_zmq_cold_us": med([x["bare_zmq_cold_us"] for x in rows]),
         "breakdown_ms": {
             "windows_compute": comp * 1e3, "head_embed_output_sample": head * 1e3,
             "hops": hop * n_hops / 1e3, "rest": (ring_tpot - comp - head - hop * n_hops / 1e6) * 1e3,
@@ -326,7 +344,8 @@ def main() -> int:
               f"rest {b['rest']:.2f} ms")  # fmt: skip
         hp = result["hop_parts_us"]
         print(f"hop = send {hp['send']:.0f} + transit {hp['transit']:.0f} + dispatch {hp['dispatch']:.0f} us (medians); "
-              f"a bare pyzmq PUSH/PULL message of the same size: {result['bare_zmq_us']:.0f} us")  # fmt: skip
+              f"a bare pyzmq PUSH/PULL message of the same size: {result['bare_zmq_us']:.0f} us, "
+              f"{result['bare_zmq_cold_us']:.0f} us when both sides stream a window's weights between messages")  # fmt: skip
     return 0
 
 
