@@ -392,6 +392,7 @@ class Head:
         seqs = None if rows is None else rows[1]
         j, seq = 0, self._next_seq()
         deadline = now() + self.step_timeout
+        waited: tuple[float, float] | None = None  # the last receive-wait, recorded after the compute it fed
         while True:
             owner = self.route.owner(j)
             if j == self.route.n_windows:  # the head runs only the output head
@@ -402,6 +403,8 @@ class Head:
                 else:
                     self.out_ctx.run_rows(h, *rows)
                 self.spans.add(SpanKind.HEAD, t0, now(), step, "output head")
+                if waited:
+                    self.spans.add(SpanKind.RECV_WAIT, *waited, step)
                 return self.out_ctx
             if owner == self.device:
                 win = self.windows[j]
@@ -409,6 +412,9 @@ class Head:
                 h = win.ctx.run_hidden(h, pos0) if rows is None else win.ctx.run_rows(h, *rows)
                 self._ran.add(j)
                 self.spans.add(SpanKind.COMPUTE, t0, now(), step, f"w{j}")
+                if waited:
+                    self.spans.add(SpanKind.RECV_WAIT, *waited, step)
+                    waited = None
                 if win.ctx.mode == "logits":
                     return win.ctx
                 j += 1
@@ -434,7 +440,7 @@ class Head:
                 ):
                     break
                 log.warning("head: dropped a stale %s message (seq %d, expected %d)", rh.type, rh.seq, seq)
-            self.spans.add(SpanKind.RECV_WAIT, t_wait, now(), step)
+            waited = (t_wait, now())
             assert hidden is not None
             h, j = hidden, rh.window
 

@@ -148,11 +148,19 @@ def encode(
     if not data:
         return [head + origin]
     assert positions is not None and hidden is not None
-    parts = [head, origin, np.ascontiguousarray(positions, dtype="<i4").tobytes()]
+    parts = [head, origin, _as(positions, _I4).tobytes()]
     if header.rows:
         assert seqs is not None
-        parts.append(np.ascontiguousarray(seqs, dtype="<i4").tobytes())
-    return [b"".join(parts), np.ascontiguousarray(hidden, dtype="<f4")]
+        parts.append(_as(seqs, _I4).tobytes())
+    return [b"".join(parts), _as(hidden, _F4)]
+
+
+_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
+
+
+def _as(a: np.ndarray, dt: np.dtype[Any]) -> np.ndarray:
+    """``a`` itself when it already is contiguous and of dtype ``dt`` (the hot path), else a converted copy."""
+    return a if a.dtype == dt and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dt)
 
 
 def decode(

@@ -255,14 +255,18 @@ class Worker:
                 continue
             assert positions is not None and hidden is not None
             t_arrive = self.latency.hold(hdr.origin, t_arrive)  # emulated link latency (prima_sim.emulate)
-            self.spans.add(SpanKind.RECV_WAIT, max(last_done, hdr.t_step), t_arrive, hdr.step)
-            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows, seqs)
+            waited = (max(last_done, hdr.t_step), t_arrive)
+            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows, seqs, waited)
             self._busy = None
             last_done = now()
 
     def _run_data(self, hdr: wire.Header, pos0: int, hidden: object, positions: object,
-                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any = None) -> None:  # fmt: skip
+                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any,
+                  waited: tuple[float, float]) -> None:  # fmt: skip
+        """Run the message's window (and this device's windows right after it), send the result on, and only
+        then record the spans: nothing but the window's compute lies between receiving and sending."""
         j, h = hdr.window, hidden
+        spans = [(SpanKind.RECV_WAIT, *waited, "")]
         while True:
             self._busy = (hdr.step, j)
             t0 = now()
@@ -272,17 +276,19 @@ class Worker:
                 out = windows[j].ctx.run_rows(h, positions, seqs, set())  # type: ignore[arg-type]
             t1 = now()
             self._ran.add(j)
-            self.spans.add(SpanKind.COMPUTE, t0, t1, hdr.step, f"w{j}")
+            spans.append((SpanKind.COMPUTE, t0, t1, f"w{j}"))
             dest = self.route.owner(j + 1)
             if dest == self.device:  # consecutive windows on this device: no hop
                 h, j = out.copy(), j + 1
                 continue
-            nh = hdr._replace(window=j + 1, origin=self.device)
             # copy=False: a large batch's hidden states go from the window's output buffer to the socket uncopied
             # (the buffer is next written when this window runs again, after the message has gone round the ring)
+            nh = hdr._replace(window=j + 1, origin=self.device)
             push[dest].send_multipart(wire.encode(nh, positions, out, seqs), copy=False)  # type: ignore[arg-type]
             t2 = now()
-            self.spans.add(SpanKind.SEND, t1, t2, hdr.step, f"to {dest}")
+            spans.append((SpanKind.SEND, t1, t2, f"to {dest}"))
+            for kind, a, b, label in spans:
+                self.spans.add(kind, a, b, hdr.step, label)
             nxt = self.route.prefetch_window(self.device, j, self._ran)
             if nxt is not None and self.prefetcher.enabled:
                 self.prefetcher.advise(windows[nxt].path)
