@@ -13,11 +13,18 @@ decode greedily, token by token in alternation (ring, single, single, ring, ...)
 of a shared machine. TPOT is the median over decode tokens; the reported ratio is the median over rounds of
 ``ring TPOT / single TPOT``. From the ring's spans it also reports the per-hop cost (from the end of one
 window's compute to the start of the next window's compute on the next device: serialisation, ZeroMQ over
-loopback, wake-up, parsing) and where the rest of the difference goes (the windows' compute against the
-whole model, head work, bookkeeping). Every process runs with the same threads and ``OMP_WAIT_POLICY``.
+loopback, wake-up, parsing), split into *send* (the sender, from its compute's end until ``send`` returns),
+*transit* (until the receiver holds the message) and *dispatch* (until its compute starts), and where the rest of
+the difference goes (the windows' compute against the whole model, head work, bookkeeping). Every process runs
+with the same threads and ``OMP_WAIT_POLICY``. In the same run it measures a bare pyzmq PUSH/PULL message of
+the same size between two processes of the same affinity, hot (back to back) and cold (both sides stream a
+window's share of the model through the caches between messages, as the ring's compute does): the floor of a hop.
+On one pinned CPU (``--pin``) the split is only indicative: the receiver may run before the sender's ``send``
+returns.
 
 Without ``--model`` it generates a random-weight model of Llama-3.2-1B's shape (16 layers, n_embd 2048,
-n_ff 8192, 32/8 heads, Q4_0, SmolLM2's tokenizer) with ``prima-sim synth-model`` into ``~/.cache/prima-sim``.
+n_ff 8192, 32/8 heads, Q4_0, SmolLM2's tokenizer) with ``prima-sim synth-model`` into ``~/.cache/prima-sim``
+(``--model`` takes one generated before, e.g. under /var/tmp).
 """
 
 from __future__ import annotations
