@@ -281,3 +281,21 @@ def test_the_simulator_routes_with_the_executors_route() -> None:
     ring = Ring(env, SimConfig(), None, None, plan)  # type: ignore[arg-type]
     assert ring.route == route
     assert all(ring.owner(j) == route.owner(j) for j in range(route.n_windows + 1))
+
+
+def test_the_head_names_a_device_of_another_release() -> None:
+    """A worker of another wire version stops the head at once, naming the device and both versions."""
+    from prima_sim.errors import WorkerError
+    from prima_sim.exec.head import Head, _Peer
+
+    head = Head.__new__(Head)  # only what _on_status reads
+    head.peers, head.fp, head.closing = {"D1": _Peer()}, FP, False
+    old = (
+        wire.MAGIC
+        + b'{"v": 2, "type": "status", "device": "D1", "pid": 1, "fp": "x", "state": {"name": "ready"}}'
+    )
+    with pytest.raises(
+        WorkerError, match=rf"device D1 speaks wire protocol version 2, this head speaks {wire.WIRE_VERSION}"
+    ):
+        head._on_status(old)
+    head._on_status(old.replace(b'"D1"', b'"D9"'))  # not a device of this ring: stray traffic, ignored
