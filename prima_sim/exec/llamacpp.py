@@ -475,7 +475,6 @@ class Window:
         self._embd[:n] = hidden
 
     def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> np.ndarray:
-
         """Embed ``tokens`` (an ``"embed"`` window): returns the layer-0 input, shape [n, n_embd]."""
         n = len(tokens)
         self._prepare(pos0, n)
