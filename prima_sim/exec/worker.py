@@ -142,9 +142,8 @@ class Worker:
         )  # emulated links (prima_sim.emulate); no-op by default
         self.spans = SpanLog(self.device)
         self.state: WorkerState = WorkerIdle()
-        self._busy: tuple[int, int] | None = (
-            None  # (step, window) being computed: the heartbeat says "running"
-        )
+        # (step, window) being computed: the heartbeat then says "running" (a tuple, not a state object per window)
+        self._busy: tuple[int, int] | None = None
         self.rejected = 0
         self.stopping = threading.Event()
         self.n_embd = 0
