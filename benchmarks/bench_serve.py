@@ -7,7 +7,8 @@ process (the whole model on the head), each with ``--parallel 1`` (one sequence 
 1. **Concurrency sweep**: 1, 2, 4, 8 concurrent streaming clients, each sending requests back to back
    (``--sweep-requests`` per client, ``--sweep-tokens`` greedy tokens each, end-of-generation ignored):
    aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency, beside the
-   cost model's prediction of each (``serving_curve`` on a quick profile of this host). With one
+   cost model's prediction of each (``serving_curve`` on a quick profile of this host measured first, every process
+   alike, loopback links of ``--hop-ms``) and its error. With one
    sequence at a time aggregate throughput stays flat and latency grows with the queue; with batching it grows
    with the number of streams.
 2. **Load test** (the ring, ``--parallel P``): ``--clients`` concurrent streaming clients sending ``--requests``
@@ -176,13 +177,14 @@ def tpot(r: dict[str, Any]) -> float:
 
 
 PROMPT_TOKENS = 12  # "Request {i}: count slowly from one to fifty." with SmolLM2's tokenizer, about
-LOOPBACK = LinkSpec(bandwidth_bps=10e9, latency_s=100e-6)  # one ZeroMQ hop on loopback (docs/exec.md)
 
 
-def predictions(tmp: Path, threads: int, levels: list[int], parallels: tuple[int, ...], tokens: int
+def predictions(tmp: Path, threads: int, levels: list[int], parallels: tuple[int, ...], tokens: int, hop_s: float
                 ) -> dict[tuple[str, int], tuple[float, float]]:  # fmt: skip
     """(label, streams) -> (predicted per-request TPOT s, aggregate tok/s) from the cost model, on a profile of this
-    host measured now (``prima-sim profile --quick``) given to every process of the ring."""
+    host measured now (``prima-sim profile --quick``) given to every process of the ring, with loopback links of
+    ``hop_s`` one way. Each request generates ``tokens`` tokens (``decode_tokens`` = tokens - 1 after the first)."""
+    loopback = LinkSpec(bandwidth_bps=1e9, latency_s=hop_s)
     prof_file = tmp / "host.toml"
     subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "profile", "--quick", "--name", "host", "--threads",
                     str(threads), "--model", str(smollm2_path()), "--disk-dir", str(tmp), "--out", str(prof_file),
@@ -192,14 +194,29 @@ def predictions(tmp: Path, threads: int, levels: list[int], parallels: tuple[int
     out: dict[tuple[str, int], tuple[float, float]] = {}
     for what, windows in (("ring", (10, 12, 8)), ("single", (30,))):
         devs = tuple(prof.model_copy(update={"name": f"D{i}"}) for i in range(len(windows)))
-        cluster = Cluster(name="loopback", devices=devs, head="D0", default_link=LOOPBACK)
+        cluster = Cluster(name="loopback", devices=devs, head="D0", default_link=loopback)
         for par in parallels:
-            wl = Workload(n_ctx=1024, prompt_tokens=PROMPT_TOKENS, decode_tokens=tokens, n_seq=par)
+            wl = Workload(n_ctx=1024, prompt_tokens=PROMPT_TOKENS, decode_tokens=tokens - 1, n_seq=par)
             plan = manual_plan(cluster, model, wl, list(windows))
             pts = serving_curve(plan, cluster, model, wl, [min(n, par) for n in levels])
             for n, pt in zip(levels, pts, strict=True):
                 out[(f"{what} --parallel {par}", n)] = (pt.tpot_s, pt.throughput_tps)
     return out
+
+
+def load_test(tmp: Path, args: argparse.Namespace, shards: Path | None) -> dict[str, Any]:
+    """The bounded load test on the ring (``--parallel``, ``--queue``): outcomes, wall time, latencies, health."""
+    d = tmp / "load"
+    d.mkdir()
+    srv = Server(d, (10, 12, 8), args.queue, args.threads, args.parallel, shards)
+    try:
+        res, wall = asyncio.run(run_clients(srv.url, args.clients, args.requests, args.tokens))
+        count = {k: sum(r["outcome"] == k for r in res) for k in ("completed", "rejected", "failed", "lost")}
+        lat = [r["latency"] for r in res if r["outcome"] == "completed"]
+        healthy = srv.health()["state"] == "ready"
+    finally:
+        srv.stop()
+    return {"sent": len(res), "count": count, "wall": wall, "lat": lat, "healthy": healthy}
 
 
 def main() -> int:
@@ -216,6 +233,10 @@ def main() -> int:
     ap.add_argument("--sweep-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per process")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-load", action="store_true", help="leave the load test out")
+    ap.add_argument("--hop-ms", type=float, default=0.55,
+                    help="one-way loopback hop the cost model uses (docs/exec.md measured 0.54-0.77 ms per hop of the "
+                         "executor; prima-sim netprobe measures a bare ZeroMQ message)")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     levels = [int(x) for x in args.sweep.split(",") if x]
@@ -224,9 +245,10 @@ def main() -> int:
         for par in (1, args.parallel) for what, windows in (("ring", (10, 12, 8)), ("single", (30,)))
     ]  # fmt: skip
     rows = []
+    load: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         pred = {} if args.skip_sweep else predictions(Path(tmp), args.threads, levels, (1, args.parallel),
-                                                       args.sweep_tokens)  # fmt: skip
+                                                       args.sweep_tokens, args.hop_ms * 1e-3)  # fmt: skip
         shards: dict[tuple[int, ...], Path] = {}
         for label, windows, par in configs:
             d = Path(tmp) / label.replace(" ", "_")
@@ -245,32 +267,26 @@ def main() -> int:
                                  statistics.median(r["latency"] for r in done)))  # fmt: skip
             finally:
                 srv.stop()
-        d = Path(tmp) / "load"
-        d.mkdir()
-        srv = Server(d, (10, 12, 8), args.queue, args.threads, args.parallel, shards.get((10, 12, 8)))
-        try:
-            res, wall = asyncio.run(run_clients(srv.url, args.clients, args.requests, args.tokens))
-            count = {
-                k: sum(r["outcome"] == k for r in res) for k in ("completed", "rejected", "failed", "lost")
-            }
-            lat = [r["latency"] for r in res if r["outcome"] == "completed"]
-            healthy = srv.health()["state"] == "ready"
-        finally:
-            srv.stop()
+        if not args.skip_load:
+            load = load_test(Path(tmp), args, shards.get((10, 12, 8)))
     if rows:
         print("\nconcurrency sweep (SmolLM2-135M, greedy, end-of-generation ignored; ring = 3 processes, windows "
               "10/12/8):")  # fmt: skip
-        print(
-            "predicted: the cost model (serving_curve) on a quick profile of this host, every process alike, "
-            "loopback hops of 100 us; aggregate = streams served at once / pass time (prefill and HTTP left out)"
-        )
-        print(f"{'server':<22} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'pred':>7} "
+        print(f"predicted: the cost model (serving_curve) on a quick profile of this host, every process alike, "
+              f"loopback hops of {args.hop_ms:g} ms; aggregate = requests of {PROMPT_TOKENS} prompt and "
+              f"{args.sweep_tokens} generated tokens back to back, prefill included (HTTP left out); "
+              "err = (predicted - measured) / measured")  # fmt: skip
+        print(f"{'server':<22} {'streams':>7} {'requests':>8} {'done':>5} {'agg tok/s':>10} {'pred':>7} {'err%':>6} "
               f"{'TPOT ms':>8} {'pred':>7} {'err%':>6} {'p50 latency s':>13}")  # fmt: skip
+        worst = 0.0
         for label, n, sent, done_n, tps, tp, p50 in rows:
             p_tpot, p_tps = pred.get((label, n), (float("nan"), float("nan")))
             err = 100.0 * (p_tpot * 1e3 - tp) / tp if tp else float("nan")
-            print(f"{label:<22} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {p_tps:>7.1f} {tp:>8.2f} "
+            err_tps = 100.0 * (p_tps - tps) / tps if tps else float("nan")
+            worst = max(worst, abs(err), abs(err_tps))
+            print(f"{label:<22} {n:>7} {sent:>8} {done_n:>5} {tps:>10.1f} {p_tps:>7.1f} {err_tps:>+6.1f} {tp:>8.2f} "
                   f"{p_tpot * 1e3:>7.2f} {err:>+6.1f} {p50:>13.2f}")  # fmt: skip
+        print(f"largest prediction error: {worst:.1f}%")
         by = {(lab, n): tps for lab, n, _, _, tps, _, _ in rows}
         for par in (1, args.parallel):
             print(f"ring/single aggregate tok/s at --parallel {par}: " + ", ".join(
@@ -280,12 +296,15 @@ def main() -> int:
             print(f"{what}: --parallel {args.parallel} / --parallel 1 aggregate tok/s: " + ", ".join(
                 f"{n}: {by[(f'{what} --parallel {args.parallel}', n)] / by[(f'{what} --parallel 1', n)]:.2f}"
                 for n in levels))  # fmt: skip
+    if load is None:
+        return 0
+    count, lat = load["count"], load["lat"]
     print(f"\nload test: {args.clients} concurrent streaming clients, {args.requests} requests of {args.tokens} "
           f"tokens, --parallel {args.parallel}, queue limit {args.queue}, ring of 3 processes")  # fmt: skip
-    print(f"sent {len(res)}  completed {count['completed']}  rejected-429 {count['rejected']}  "
-          f"failed-with-error {count['failed']}  lost {count['lost']}  in {wall:.1f} s")  # fmt: skip
+    print(f"sent {load['sent']}  completed {count['completed']}  rejected-429 {count['rejected']}  "
+          f"failed-with-error {count['failed']}  lost {count['lost']}  in {load['wall']:.1f} s")  # fmt: skip
     print(f"latency of completed requests: p50 {pct(lat, 0.5):.2f} s  p99 {pct(lat, 0.99):.2f} s; "
-          f"server healthy afterwards: {healthy}")  # fmt: skip
+          f"server healthy afterwards: {load['healthy']}")  # fmt: skip
     return 1 if count["lost"] else 0
 
 

@@ -42,8 +42,37 @@ def test_concurrency_curve(setup) -> None:
     tput = [p.throughput_tps for p in pts]
     assert tpots == sorted(tpots)  # each request waits for every row of the pass
     assert tput == sorted(tput) and tput[-1] > 2 * tput[0]  # weights are read once per pass: batching pays
-    for p in pts:
-        assert p.throughput_tps == pytest.approx(p.concurrency / p.tpot_s)
+    d = wl.decode_tokens
+    for p in pts:  # requests back to back: their prompts prefilled together, then d decode passes
+        assert p.prefill_s > p.tpot_s
+        assert p.throughput_tps == pytest.approx(p.concurrency * (d + 1) / (p.prefill_s + d * p.tpot_s))
+        assert p.throughput_tps < p.concurrency / p.tpot_s
+
+
+def test_a_pass_of_rows_costs_one_token_plus_each_rows_arithmetic(setup) -> None:
+    """pass_breakdown: the first row is step_breakdown's token (weights streamed once), every further row adds
+    its arithmetic at the matmul rate (the weights are in cache), every further logits row the output head's."""
+    from prima_sim.halda.costmodel import DeviceCosts, pass_breakdown, step_breakdown
+
+    plan, cluster, model, wl = setup
+    one = pass_breakdown(plan, cluster, model, wl, 1)
+    assert one.total_s == pytest.approx(step_breakdown(plan, cluster, model, wl, 1).total_s)
+    kv = wl.decode_kv_tokens
+    rows = {}
+    for n in (2, 3, 5):
+        rows[n] = pass_breakdown(plan, cluster, model, wl, n, n_logits=1, n_kv=kv).total_s
+    # linear in the rows: each costs the same
+    assert rows[5] - rows[3] == pytest.approx(2 * (rows[3] - rows[2]), rel=1e-6)
+    costs = {a.name: DeviceCosts(cluster.device(a.name), model, wl) for a in plan.devices}
+    arithmetic = sum(
+        costs[name].window_rows_s(s, e, plan.device(name).gpu_layers_in((s, e)) if costs[name].device.gpu else 0, kv)
+        for name, (s, e) in plan.execution_order()
+    )  # fmt: skip
+    assert rows[3] - rows[2] == pytest.approx(arithmetic, rel=0.05)  # plus the hops' bytes of one row
+    logits = pass_breakdown(plan, cluster, model, wl, 3, n_logits=3, n_kv=kv).total_s
+    assert logits - rows[3] == pytest.approx(2 * costs[plan.head].logits_row_s())
+    with pytest.raises(ValueError):
+        pass_breakdown(plan, cluster, model, wl, 2, n_logits=3)
 
 
 def test_speculation(setup) -> None:

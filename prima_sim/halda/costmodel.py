@@ -241,6 +241,32 @@ class DeviceCosts:
             )
         return LayerTime(c, mem)
 
+    def row_s(self, layer: int, on_gpu: bool, n_kv: int) -> float:
+        """Seconds one more row adds to ``layer`` in a small batch (serving several sequences, verifying drafts):
+        its matrix products and its attention over ``n_kv`` cached tokens at the device's matmul rate of each
+        type (``cpu_flops``, the GPU's ``flops``), plus its KV copy. The weights are read once per pass, by
+        the first row, which :meth:`layer_time` costs; a further row finds them in cache and costs its
+        arithmetic (docs/serve.md, "Predictions")."""
+        m, d = self.model, self.device
+        key = ("row", m.layer_signatures[layer], on_gpu, m.layer_kv_tokens(layer, max(1, n_kv)))
+        hit: float | None = self._cache.get(key)
+        if hit is None:
+            gpu = on_gpu and d.gpu is not None
+            rate = d.gpu_rate if gpu else d.cpu_rate
+            copy = d.gpu.kv_copy_s_per_layer if gpu and d.gpu is not None else d.kv_copy_s_per_layer
+            flops = m.layer_flops(layer, 1, max(1, n_kv))
+            hit = self._cache[key] = sum(f / rate(t) for t, f in flops.items()) + copy
+        return hit
+
+    def window_rows_s(self, start: int, end: int, gpu_layers: int, n_kv: int) -> float:
+        """:meth:`row_s` summed over layers ``[start, end)`` whose last ``gpu_layers`` run on the GPU."""
+        split = end - gpu_layers
+        return sum(self.row_s(i, i >= split, n_kv) for i in range(start, end))
+
+    def logits_row_s(self) -> float:
+        """Seconds one more row of logits adds to the output head (its matrix product at ``cpu_flops``)."""
+        return sum(f / self.device.cpu_rate(t) for t, f in sum_flops([self.model.output_flops(1)]).items())
+
     def window_overhead_s(self, n_tokens: int, gpu_layers: int) -> float:
         """Fixed cost of running one window: the ``llama_decode`` call, and the hidden state's copies to a
         discrete GPU and back when the window has GPU layers."""
@@ -627,6 +653,53 @@ def predict(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workloa
 
 
 # --- serving: several sequences per pass, speculative decoding ---------------------------------------------
+def pass_breakdown(
+    plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, n_rows: int, n_logits: int = 1,
+    n_kv: int | None = None, prefetch: bool = True, costs: dict[str, DeviceCosts] | None = None,
+) -> StepBreakdown:  # fmt: skip
+    """One pass of a small batch through the ring: ``n_rows`` rows (of one or several sequences) through every
+    window, ``n_logits`` of them with logits from the output head, each attending to ``n_kv`` cached tokens.
+
+    The first row costs what one decoded token costs (:func:`step_breakdown`: the roofline, the weights
+    streamed from memory, paging, the decode calls, the hops); every further row adds its arithmetic at the
+    device's matmul rate (:meth:`DeviceCosts.row_s`; the weights are in cache by then) and its share of the
+    hops' bytes, each further row of logits the output head's arithmetic. On a CPU that streams weights about
+    as fast as it multiplies them this is what a pass costs (``max(memory, n x compute)`` is too kind: the
+    matmul kernels overlap one row's dot products with the weights' stream, not eight); a pass of many rows
+    (a long prompt's micro-batch) is :func:`step_breakdown`'s.
+    """
+    if n_rows < 1 or not 1 <= n_logits <= n_rows:
+        raise ValueError(f"a pass needs 1 <= n_logits <= n_rows, got {n_logits} of {n_rows}")
+    costs = _costs_for(plan, cluster, model, workload, costs)
+    base = step_breakdown(plan, cluster, model, workload, 1, n_kv=n_kv, prefetch=prefetch, costs=costs)
+    if n_rows == 1 and n_logits == 1:
+        return base
+    kv = workload.decode_kv_tokens if n_kv is None else max(1, n_kv)
+    e, more = model.arch.n_embd, n_rows - 1
+    extra = {a.name: [0.0, 0.0, 0.0] for a in plan.devices}  # compute, comm, overhead
+    order = plan.execution_order()
+    for idx, (name, (start, end)) in enumerate(order):
+        a, c = plan.device(name), costs[name]
+        g = a.gpu_layers_in((start, end)) if c.device.gpu is not None else 0
+        extra[name][0] += more * c.window_rows_s(start, end, g, kv)
+        extra[name][2] += c.window_overhead_s(n_rows, g) - c.window_overhead_s(1, g)
+        nxt = order[idx + 1][0] if idx + 1 < len(order) else plan.head
+        extra[name][1] += hop_time(cluster, name, nxt, e, n_rows) - hop_time(cluster, name, nxt, e, 1)
+    if order and order[0][0] != plan.head:
+        extra[plan.head][1] += hop_time(cluster, plan.head, order[0][0], e, n_rows) - hop_time(
+            cluster, plan.head, order[0][0], e, 1
+        )
+    head_s = base.head_s + (n_logits - 1) * costs[plan.head].logits_row_s()
+    per = tuple(
+        t.model_copy(update={"compute_s": t.compute_s + extra[t.name][0], "comm_s": t.comm_s + extra[t.name][1],
+                             "overhead_s": t.overhead_s + extra[t.name][2]})
+        for t in base.per_device
+    )  # fmt: skip
+    added = sum(x for v in extra.values() for x in v) + head_s - base.head_s
+    wait = max(0.0, base.disk_wait_s - added)  # a longer chain hides more of a prefetching disk's reads
+    return StepBreakdown(per, head_s, wait, base.bound if wait > 0 else "ring", base.infeasible)
+
+
 @dataclass(frozen=True)
 class ServingPoint:
     """Decoding ``concurrency`` sequences together, one row each per pass through the ring (continuous
@@ -635,7 +708,8 @@ class ServingPoint:
     concurrency: int
     pass_s: float  # one pass: every window runs ``concurrency`` rows, the head samples as many tokens
     tpot_s: float  # each request's time per output token (= pass_s)
-    throughput_tps: float  # tokens per second of all requests together
+    throughput_tps: float  # tokens per second of all requests together, their prompts' prefill included
+    prefill_s: float = 0.0  # the passes that prefill ``concurrency`` prompts together (first tokens included)
 
 
 def serving_curve(
@@ -644,19 +718,34 @@ def serving_curve(
 ) -> list[ServingPoint]:  # fmt: skip
     """Per-request TPOT and aggregate throughput against the number of sequences decoded together.
 
-    One pass carries one row per sequence: each window's weights are read once per pass (the roofline's
-    memory term does not grow with the rows), its FLOPs, hop bytes and the output head grow with them.
-    Attention reads one KV cache of ``decode_kv_tokens`` per pass, which undercounts the caches of the
-    other sequences (small next to the weights at short contexts). A plan that cannot run gives infinities.
+    ``concurrency`` clients each send requests of the workload's shape (``prompt_tokens``, then
+    ``decode_tokens + 1`` generated tokens) back to back. A decode pass carries one row per sequence
+    (:func:`pass_breakdown`: the weights read once, each row's arithmetic added), every row attending to the
+    cached tokens of all the sequences (``serve`` keeps them in one unified KV cache, whose cells every row's
+    attention reads, masked). Per round of ``concurrency`` requests their prompts are prefilled together in
+    passes of up to ``n_ubatch`` rows, the last one giving each its first token, and ``decode_tokens`` decode
+    passes follow: aggregate tokens/s = concurrency x (decode_tokens + 1) / (prefill + decode_tokens x pass).
+    TPOT is one decode pass. A plan that cannot run gives infinities.
     """
     costs: dict[str, DeviceCosts] = {}
     out = []
     for n in levels:
         if n < 1:
             raise ValueError(f"concurrency must be at least 1, got {n}")
-        b = step_breakdown(plan, cluster, model, workload, n, prefetch=prefetch, costs=costs, n_logits=n)
+        b = pass_breakdown(
+            plan, cluster, model, workload, n, n, n * workload.decode_kv_tokens, prefetch, costs
+        )
         t = math.inf if b.infeasible else b.total_s
-        out.append(ServingPoint(n, t, t, n / t if t > 0 else math.inf))
+        rows, done, prefill = n * workload.prompt_tokens, 0, 0.0
+        while done < rows:
+            k = min(workload.n_ubatch, rows - done)
+            last = done + k == rows
+            prefill += pass_breakdown(plan, cluster, model, workload, k, min(n, k) if last else 1, done + k,
+                                      prefetch, costs).total_s  # fmt: skip
+            done += k
+        d = workload.decode_tokens
+        round_s = prefill + d * t
+        out.append(ServingPoint(n, t, t, n * (d + 1) / round_s if round_s > 0 else math.inf, prefill))
     return out
 
 
@@ -697,15 +786,14 @@ def speculation(
     """TPOT of speculative decoding (prima.cpp's ``-md draft.gguf --draft-max N``) for a given acceptance rate.
 
     Per verification pass the head runs the draft model ``draft_max`` times (every layer on its CPU, one
-    token each, weights in memory) and the ring verifies the ``draft_max + 1`` rows in one pass; on average
+    token each, weights in memory) and the ring verifies the ``draft_max + 1`` rows in one pass
+    (:func:`pass_breakdown`); on average
     :func:`expected_tokens` tokens come out of it.
     """
     if draft_max < 1:
         raise ValueError(f"draft_max must be at least 1, got {draft_max}")
     plain = step_breakdown(plan, cluster, model, workload, 1, prefetch=prefetch)
-    verify = step_breakdown(
-        plan, cluster, model, workload, draft_max + 1, prefetch=prefetch, n_logits=draft_max + 1
-    )
+    verify = pass_breakdown(plan, cluster, model, workload, draft_max + 1, draft_max + 1, prefetch=prefetch)
     dc = DeviceCosts(cluster.device(plan.head), draft, workload)
     comp, mem = dc.layer_sums(1).window(0, draft.arch.n_layer, 0)
     draft_s = comp + mem + dc.head_time(1, 1).total_s
