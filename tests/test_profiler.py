@@ -397,10 +397,41 @@ def test_compute_measurements_are_positive_and_consistent() -> None:
         assert "[K x 8]" in bf.describe()
         with pytest.raises(ggml.GgmlError, match="at least 2 tokens"):
             compute.batch_flops(lib, cpu, layer, 1)
+        rf = compute.row_flops(lib, cpu, (("q4_0", 1024, 1024),), target_bytes=4 * MiB, budget_s=0.1)
+        flop = 2 * rf.layers * 7 * 1024 * 1024  # 7 further rows: 1 -> 8
+        assert rf.flops == pytest.approx(flop / (rf.timings[1].median_s - rf.timings[0].median_s))
+        assert rf.rows == (1, 8) and "by 8 rows" in rf.describe()
+        with pytest.raises(ggml.GgmlError, match="rows"):
+            compute.row_flops(lib, cpu, (("q4_0", 1024, 1024),), rows=(4, 4))
         kv = compute.kv_copy_time(lib, cpu, 512, 512, layers=(4, 20), budget_s=0.05)
         assert 0 < kv.seconds < 0.01
     npb = compute.numpy_read_bandwidth(16 * MiB, threads=2, budget_s=0.05)
     assert npb.bandwidth_bps > 1e8 and npb.threads == 2
+
+
+def test_row_matrices_by_type(smollm2: Path) -> None:
+    from prima_sim.devices.model import model_profile_from_gguf
+    from prima_sim.devices.profiler import row_matrices
+
+    groups = row_matrices(model_profile_from_gguf(smollm2), ("f32", "q4_1", "q8_0"))
+    assert set(groups) == {"q4_1", "q8_0"}  # f32 norms are not matrices of a row's arithmetic
+    assert ("q4_1", 576, 1536) in groups["q4_1"] and len(groups["q4_1"]) == 7
+    assert groups["q8_0"] == (("q8_0", 576, 49152),)  # the tied output head
+    assert row_matrices(None, ("f32", "f16", "q4_k")) == {"q4_k": (("q4_k", 2048, 2048),)}
+
+
+def test_profiles_without_row_rates_fall_back_to_cpu_flops() -> None:
+    from prima_sim.devices.profile import DeviceProfile
+
+    base = {"name": "a", "os": "linux", "cores": 2, "cpu_flops": {"f32": 1e11, "q4_0": 5e10},
+            "memory_bandwidth_bps": 1e10, "ram_total_bytes": 1 << 30, "ram_available_bytes": 1 << 29,
+            "disk_seq_read_bps": 1e9, "disk_rand_read_bps": 1e8}  # fmt: skip
+    old = DeviceProfile.model_validate(base)  # written before the field
+    assert old.cpu_row_flops == {} and old.row_rate("q4_0") == 5e10 and old.row_rate("q4_k") == 5e10
+    new = DeviceProfile.model_validate(base | {"cpu_row_flops": {"Q4_0": "30 GFLOPS"}})
+    assert new.row_rate("q4_0") == 3e10 and new.row_rate("f32") == 1e11
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        DeviceProfile.model_validate(base | {"cpu_row_flops": {"q9_9": 1e9}})
 
 
 def test_time_runs_counts_warmups_apart() -> None:
@@ -460,6 +491,9 @@ def test_profile_device_quick_with_a_model(tmp_path: Path, smollm2: Path) -> Non
     assert set(p.cpu_batch_efficiency) == {16}  # --quick: the short prompt's micro-batch only
     assert 0.05 < p.cpu_batch_efficiency[16] < 5  # the layer's products at 16 tokens vs the 128-column matmul
     assert "16 tokens" in p.sources["cpu_batch_efficiency"]
+    # a further row of a small batch: the layer's q4_1 matrices, and the tied output head's q8_0 embedding table
+    assert set(p.cpu_row_flops) <= {"q4_1", "q8_0"} and all(v > 1e8 for v in p.cpu_row_flops.values())
+    assert "[576x49152]" in p.sources["cpu_row_flops"]
     assert p.kv_copy_s_per_layer > 0
     assert "192+192" in p.sources["kv_copy_s_per_layer"]  # SmolLM2: 3 KV heads x 64
     assert p.disk_seq_read_bps > 0 and p.disk_rand_read_bps > 0

@@ -169,6 +169,8 @@ def format_table(p: DeviceProfile, elapsed_s: float, numpy_bps: float = 0.0, bw_
     if p.cpu_batch_efficiency:
         eff = ", ".join(f"{n}: {e:.2f}" for n, e in sorted(p.cpu_batch_efficiency.items()))
         rows.append(("prefill batches", eff, "tokens: rate / cpu_flops of the layer's main type"))
+    for t, f in p.cpu_row_flops.items():
+        rows.append((f"cpu_row_flops {t}", fmt_flop_rate(f), "a further row of a small batch (1 -> 8 rows)"))
     rows.append(("ram total", fmt_bytes(p.ram_total_bytes), "MemTotal within cgroup limits"))
     rows.append(("ram available", fmt_bytes(p.ram_available_bytes), "MemAvailable within cgroup headroom"))
     rows.append(

@@ -168,6 +168,14 @@ class DeviceProfile(FrozenModel):
         "nearest key outside them; empty = 1). Short prompts run below the large-batch matmul rate; measured by "
         "prima-sim profile --model",
     )
+    cpu_row_flops: Annotated[dict[str, FlopRate], BeforeValidator(lower_keys)] = Field(
+        default_factory=dict,
+        description="CPU matmul throughput of each further row of a small batch (serving several sequences, "
+        "verifying a draft's tokens) per weight type, FLOP/s: the first row streams the weights, the next ones find "
+        "them in cache and cost their dot products, at a rate that can differ from cpu_flops (short rows, no tiled "
+        "GEMM). Measured by prima-sim profile on the model's own matrices, one and eight rows; a type not listed "
+        "uses cpu_flops",
+    )
     gpu: GpuProfile | None = Field(default=None, description="its GPU, if llama.cpp can use one")
     provenance: Provenance = Field(
         default=Provenance(kind="manual"),
@@ -184,6 +192,14 @@ class DeviceProfile(FrozenModel):
     @classmethod
     def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_types(v)
+
+    @field_validator("cpu_row_flops")
+    @classmethod
+    def _known_row_types(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k not in TYPE_BY_NAME]
+        if bad:
+            raise ValueError(f"unknown ggml type(s) {bad}; use names like q4_0, q6_k, q8_0")
+        return v
 
     @field_validator("matvec_bps")
     @classmethod
@@ -235,6 +251,11 @@ class DeviceProfile(FrozenModel):
     def cpu_rate(self, ggml_type: str) -> float:
         """CPU throughput for a weight type; a missing type falls back to the closest profiled one."""
         return _rate(self.cpu_flops, ggml_type)
+
+    def row_rate(self, ggml_type: str) -> float:
+        """CPU throughput of a further row of a small batch for a weight type (``cpu_row_flops``, else
+        :meth:`cpu_rate`)."""
+        return self.cpu_row_flops.get(ggml_type) or self.cpu_rate(ggml_type)
 
     def batch_efficiency(self, n_tokens: int) -> float:
         """``cpu_batch_efficiency`` at ``n_tokens`` (log-linear between measured batch sizes; 1 when unmeasured

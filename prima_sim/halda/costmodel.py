@@ -243,8 +243,8 @@ class DeviceCosts:
 
     def row_s(self, layer: int, on_gpu: bool, n_kv: int) -> float:
         """Seconds one more row adds to ``layer`` in a small batch (serving several sequences, verifying drafts):
-        its matrix products and its attention over ``n_kv`` cached tokens at the device's matmul rate of each
-        type (``cpu_flops``, the GPU's ``flops``), plus its KV copy. The weights are read once per pass, by
+        its matrix products and its attention over ``n_kv`` cached tokens at the device's rate for a further row
+        of each type (``cpu_row_flops``, else ``cpu_flops``; on a GPU its ``flops``), plus its KV copy. The weights are read once per pass, by
         the first row, which :meth:`layer_time` costs; a further row finds them in cache and costs its
         arithmetic (docs/serve.md, "Predictions")."""
         m, d = self.model, self.device
@@ -252,7 +252,7 @@ class DeviceCosts:
         hit: float | None = self._cache.get(key)
         if hit is None:
             gpu = on_gpu and d.gpu is not None
-            rate = d.gpu_rate if gpu else d.cpu_rate
+            rate = d.gpu_rate if gpu else d.row_rate
             copy = d.gpu.kv_copy_s_per_layer if gpu and d.gpu is not None else d.kv_copy_s_per_layer
             flops = m.layer_flops(layer, 1, max(1, n_kv))
             hit = self._cache[key] = sum(f / rate(t) for t, f in flops.items()) + copy
@@ -264,8 +264,9 @@ class DeviceCosts:
         return sum(self.row_s(i, i >= split, n_kv) for i in range(start, end))
 
     def logits_row_s(self) -> float:
-        """Seconds one more row of logits adds to the output head (its matrix product at ``cpu_flops``)."""
-        return sum(f / self.device.cpu_rate(t) for t, f in sum_flops([self.model.output_flops(1)]).items())
+        """Seconds one more row of logits adds to the output head (its matrix product at the rate of a further
+        row, :meth:`DeviceProfile.row_rate`)."""
+        return sum(f / self.device.row_rate(t) for t, f in sum_flops([self.model.output_flops(1)]).items())
 
     def window_overhead_s(self, n_tokens: int, gpu_layers: int) -> float:
         """Fixed cost of running one window: the ``llama_decode`` call, and the hidden state's copies to a
@@ -747,6 +748,31 @@ def serving_curve(
         round_s = prefill + d * t
         out.append(ServingPoint(n, t, t, n * (d + 1) / round_s if round_s > 0 else math.inf, prefill))
     return out
+
+
+def draft_memory_bytes(device: DeviceProfile, draft: ModelProfile, workload: Workload) -> float:
+    """RAM a draft model takes on the head (``serve``/``run --draft``): its whole GGUF mapped, and kept resident
+    (it runs every layer for every drafted token: paged out it would be read from disk each time), its KV cache
+    (one ``n_ctx`` sequence per ``serve`` slot, the workload's ``n_seq``), its context's touched compute buffer
+    and logits row."""
+    c = DeviceCosts(device, draft, workload)
+    buffers = (
+        c.compute_buffer_bytes(with_logits=True, touched=True) + CONTEXT_ANON_BYTES + draft.arch.n_vocab * 4
+    )
+    return float(draft.total_bytes + sum(c.layer_kv_bytes) + buffers)
+
+
+def charge_draft(cluster: Cluster, draft: ModelProfile, workload: Workload) -> Cluster:
+    """``cluster`` with the head's available RAM less :func:`draft_memory_bytes`: what is left for the target's
+    share when a draft model runs beside it (the planner plans on it; devices other than the head are unchanged).
+    """
+    head = cluster.device(cluster.head_name)
+    left = max(0, int(head.ram_available_bytes - draft_memory_bytes(head, draft, workload)))
+    devices = tuple(
+        d.model_copy(update={"ram_available_bytes": left}) if d.name == head.name else d
+        for d in cluster.devices
+    )
+    return cluster.model_copy(update={"devices": devices})
 
 
 @dataclass(frozen=True)

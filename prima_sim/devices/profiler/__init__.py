@@ -5,6 +5,7 @@ it (docs/profiler.md has the details and the cross-checks):
 
 =====================  ==============================================================================
 cpu_flops[type]        ggml_mul_mat of a [2048 x 2048] weight of the type by a [2048 x 128] f32 matrix
+cpu_row_flops[type]    the model's matrices of the type by 1 and by 8 rows: FLOPs of 7 rows / the difference
 memory_bandwidth_bps   a layer's ggml_mul_mats by one f32 vector (decode), weights >= 4x last-level cache
 kv_copy_s_per_layer    ggml_cpy F32 -> F16 of one token's K and V (difference of two graph sizes)
 decode_overhead_s      one-token llama_decode of a tiny model (a probe passed in by the caller)
@@ -185,6 +186,7 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         *[f"flops {t}" for t in types],
         "bandwidth (decode matvecs)",
         "prefill batches",
+        "serving rows",
         "bandwidth (numpy)",
         "kv copy",
     ]
@@ -254,6 +256,10 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
             prog.step("prefill batches")
             batch_eff = _batch_efficiency(lib, cpu, mv.layer, cpu_flops, (16,) if opt.quick else BATCH_SIZES,
                                           0.3 if opt.quick else 1.0, sources)  # fmt: skip
+            prog.step("serving rows")
+            row_rates = _row_flops(
+                lib, cpu, row_matrices(opt.model, types), 0.15 if opt.quick else 0.5, sources
+            )
             prog.step("bandwidth (numpy)")
             npb = compute.numpy_read_bandwidth(mv.weight_bytes, n_threads, budget_s=0.2 if opt.quick else 0.5)
             sources["memory_bandwidth_numpy"] = f"for comparison, a plain read: {npb.describe()}"
@@ -326,6 +332,7 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
         threads=threads,
         cpu_flops=cpu_flops,
         cpu_batch_efficiency=batch_eff,
+        cpu_row_flops=row_rates,
         memory_bandwidth_bps=mv.bandwidth_bps,
         ram_total_bytes=mem.total_bytes,
         ram_available_bytes=mem.available_bytes,
@@ -382,6 +389,45 @@ def _batch_efficiency(lib: Ggml, cpu: Backend, layer: compute.LayerShape, cpu_fl
     sources["cpu_batch_efficiency"] = (
         f"rate of the layer's matrix products at n tokens / cpu_flops.{main} ({fmt_flop_rate(rate)}): "
         + "; ".join(notes)
+    )
+    return out
+
+
+def row_matrices(model: ModelProfile | None, types: tuple[str, ...]) -> dict[str, compute.LayerShape]:
+    """The matrices whose further rows ``cpu_row_flops`` times, by weight type: the model's layer 0 and its output
+    head (``output.weight``, or the embedding table when tied), else a [2048 x 2048] weight of each quantized type
+    profiled."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    if model is None:
+        return {t: ((t, 2048, 2048),) for t in types if t not in ("f32", "f16")}
+    mats, _ = layer_shape_for(model)
+    head = model.tensor("output.weight") or model.tensor("token_embd.weight")
+    if head is not None and len(head.shape) == 2:
+        mats = (*mats, (head.ggml_type, int(head.shape[0]), int(head.shape[1])))
+    for m in mats:
+        out.setdefault(m[0], []).append(m)
+    return {t: tuple(v) for t, v in out.items() if t not in ("f32", "f16")}
+
+
+def _row_flops(lib: Ggml, cpu: Backend, groups: dict[str, compute.LayerShape], budget_s: float,
+               sources: dict[str, str]) -> dict[str, float]:  # fmt: skip
+    """``cpu_row_flops``: per weight type, :func:`compute.row_flops` of its matrices (a type that fails is left
+    out, and falls back to ``cpu_flops``; ``sources`` says why)."""
+    out: dict[str, float] = {}
+    notes = []
+    for t, mats in groups.items():
+        try:
+            r = compute.row_flops(lib, cpu, mats, budget_s=budget_s)
+        except GgmlError as exc:
+            notes.append(f"{t}: not measured ({exc})")
+            continue
+        out[t] = r.flops
+        notes.append(f"{t}: {fmt_flop_rate(r.flops)} ({r.describe()})")
+    sources["cpu_row_flops"] = (
+        "per weight type, the rate of each further row of a small batch (weights in cache): "
+        + "; ".join(notes)
+        if notes
+        else "no quantized matrices to measure"
     )
     return out
 

@@ -6,6 +6,8 @@
   Q4_0), repeated until they are several times larger than the last-level cache, each multiplied by one f32
   vector in one graph (the decode regime); weight bytes / median time is the rate at which llama.cpp's
   decode streams weights from memory.
+* :func:`row_flops`: the rate of each further row of a small batch (serving several sequences): the same
+  matrices by 1 and by 8 activation columns, FLOPs of the 7 extra rows / the difference of the times.
 * :func:`numpy_read_bandwidth`: a plain read bandwidth for comparison (threads summing slices of an array).
 * :func:`kv_copy_time`: ``ggml_cpy`` F32 -> F16 of one token's K and V for one layer, as graph nodes.
 
@@ -268,6 +270,56 @@ def batch_flops(
     )
     flops = 2.0 * reps * n_tokens * sum(k * n for _, k, n in layer)
     return BatchResult(n_tokens, flops / timing.median_s, reps, tuple(layer), timing)
+
+
+@dataclass
+class RowResult:
+    """Throughput of each further row of a small batch through a set of matrices (weights in cache)."""
+
+    flops: float
+    rows: tuple[int, int]
+    layers: int
+    matrices: LayerShape
+    timings: tuple[Timing, Timing]
+
+    def describe(self) -> str:
+        """One line for a profile's ``sources``."""
+        mats = ", ".join(f"[{k}x{n}]" for _, k, n in self.matrices)
+        (a, b), (ta, tb) = self.rows, self.timings
+        return (f"{self.layers} x ({mats}) by {a} row(s): {ta.describe()}; by {b} rows: {tb.describe()}; "
+                f"{fmt_flop_rate(self.flops)} = FLOPs of {b - a} rows / difference")  # fmt: skip
+
+
+def row_flops(
+    lib: Ggml,
+    backend: Backend,
+    matrices: LayerShape,
+    rows: tuple[int, int] = (1, 8),
+    target_bytes: int = 32 << 20,
+    budget_s: float = 0.3,
+) -> RowResult:
+    """FLOP/s of each row beyond the first of a small batch through ``matrices`` (all of one weight type): the
+    matrices (repeated up to ``target_bytes``, as in :func:`matvec_bandwidth`) multiplied by ``rows[0]`` and by
+    ``rows[1]`` activation columns in one graph each; the rate is the FLOPs of the extra rows over the difference
+    of the median times, so the weights' stream (paid once per batch) and the graph's start cancel.
+
+    Raises:
+        GgmlError: no matrices, rows not increasing, or more rows timed no slower (noise; measure again).
+    """
+    if not matrices:
+        raise GgmlError("row_flops needs at least one matrix")
+    lo, hi = rows
+    if not 1 <= lo < hi:
+        raise GgmlError(f"row_flops needs 1 <= rows[0] < rows[1], got {rows}")
+    matrices, per = _scaled_layer(lib, matrices, target_bytes)
+    reps = max(1, -(-target_bytes // per))
+    _, _, t_lo = _layer_graph_timing(lib, backend, matrices, reps, lo, budget_s / 2, max_runs=30)
+    _, _, t_hi = _layer_graph_timing(lib, backend, matrices, reps, hi, budget_s / 2, max_runs=30)
+    dt = t_hi.median_s - t_lo.median_s
+    if dt <= 0:
+        raise GgmlError(f"{hi} rows timed no slower than {lo} ({t_hi.describe()} against {t_lo.describe()})")
+    flops = 2.0 * reps * (hi - lo) * sum(k * n for _, k, n in matrices)
+    return RowResult(flops / dt, rows, reps, tuple(matrices), (t_lo, t_hi))
 
 
 @dataclass
