@@ -173,3 +173,41 @@ def test_plan_and_simulate_take_parallel(tmp_path: Path) -> None:
         )
         != 0
     )
+
+
+# --- the draft model's memory on the head (issue 14 item 5) ---------------------------------------------------
+def test_the_draft_is_charged_to_the_head() -> None:
+    from prima_sim.halda.costmodel import charge_draft, draft_memory_bytes
+
+    cluster = load_cluster_arg("paper-d1-d4")
+    wl = Workload(n_ctx=1024, n_seq=2)
+    draft = load_model_arg("llama3-8b")
+    head = cluster.device(cluster.head_name)
+    need = draft_memory_bytes(head, draft, wl)
+    assert need > draft.total_bytes  # its weights, and its KV cache (two sequences) and buffers beside them
+    charged = charge_draft(cluster, draft, wl)
+    assert charged.device(cluster.head_name).ram_available_bytes == max(
+        0, int(head.ram_available_bytes - need)
+    )
+    others = [d for d in cluster.devices if d.name != cluster.head_name]
+    assert [charged.device(d.name) for d in others] == others
+
+
+def test_plan_with_a_draft_keeps_room_for_it_on_the_head(tmp_path: Path) -> None:
+    from prima_sim.plan import Plan
+
+    base = ["plan", "--cluster", "paper-d1-d4", "--model", "qwen2.5-32b", "--json"]
+    r = _cli(*base, "--out", str(tmp_path / "plain.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _cli(
+        *base, "--draft", "llama3-8b", "--accept", "0.7", "--out", str(tmp_path / "draft.json"), cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    plain, drafted = Plan.load(tmp_path / "plain.json"), Plan.load(tmp_path / "draft.json")
+    # 5 GB less RAM on the head: its share of the target is planned smaller or slower, never faster
+    assert drafted.prediction is not None and plain.prediction is not None
+    assert drafted.prediction.tpot_s >= plain.prediction.tpot_s
+    assert drafted != plain
+    assert drafted.cluster_fingerprint == plain.cluster_fingerprint  # still a plan of these devices
+    r = _cli("simulate", "--plan", str(tmp_path / "draft.json"), "--tokens", "2", "--no-gantt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

@@ -277,13 +277,23 @@ def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any)
     from prima_sim.halda.costmodel import serving_curve, speculation
 
     out: dict[str, Any] = {}
+    draft = None
+    if args.draft is not None and args.accept is not None:
+        check_number("--accept", args.accept, minimum=0, maximum=1)
+        draft = load_model_arg(args.draft)
+        cluster = charge_draft_arg(cluster, wl, args)  # the head holds the draft beside its share
     if args.concurrency is not None:
         if args.concurrency < 1:
             raise InputError("--concurrency", "", f"must be at least 1, got {args.concurrency}")
         levels = sorted({*(2**i for i in range(args.concurrency.bit_length()) if 2**i <= args.concurrency),
                          args.concurrency})  # fmt: skip
         out["concurrency"] = [
-            {"concurrency": p.concurrency, "tpot_s": p.tpot_s, "throughput_tps": p.throughput_tps}
+            {
+                "concurrency": p.concurrency,
+                "tpot_s": p.tpot_s,
+                "throughput_tps": p.throughput_tps,
+                "prefill_s": p.prefill_s,
+            }
             for p in serving_curve(plan, cluster, model, wl, levels)
         ]
     if (args.draft is None) != (args.accept is None):
@@ -291,14 +301,23 @@ def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any)
                          "and --accept P")  # fmt: skip
     if args.draft_max < 1:  # checked even without --draft: a value out of range is never silently ignored
         raise InputError("--draft-max", "", f"must be at least 1, got {args.draft_max}")
-    if args.draft is not None:
-        check_number("--accept", args.accept, minimum=0, maximum=1)
-        s = speculation(plan, cluster, model, wl, load_model_arg(args.draft), args.accept, args.draft_max)
+    if draft is not None:
+        s = speculation(plan, cluster, model, wl, draft, args.accept, args.draft_max)
         out["speculation"] = {"draft": s.draft_id, "draft_max": s.draft_max, "accept": s.accept,
                               "expected_tokens_per_pass": s.expected_tokens, "draft_s": s.draft_s,
                               "verify_s": s.verify_s, "tpot_s": s.tpot_s, "plain_tpot_s": s.plain_tpot_s,
                               "speedup": s.speedup}  # fmt: skip
     return out
+
+
+def charge_draft_arg(cluster: Any, wl: Any, args: Any) -> Any:
+    """``cluster`` as the planner and the predictions see it: with ``--draft``, the head's available RAM less what
+    the draft model takes (:func:`prima_sim.halda.costmodel.charge_draft`); without, unchanged."""
+    if getattr(args, "draft", None) is None:
+        return cluster
+    from prima_sim.halda.costmodel import charge_draft
+
+    return charge_draft(cluster, load_model_arg(args.draft), wl)
 
 
 def print_serving(obj: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from prima_sim.cli.common import (
     add_serving_args,
     add_workload_args,
+    charge_draft_arg,
     load_cluster_arg,
     load_model_arg,
     print_json,
@@ -318,12 +319,13 @@ def run(args: argparse.Namespace) -> int:
         valid = ", ".join(str(k) for k in range(1, n_layer + 1) if n_layer % k == 0)
         raise InputError("--k", "", f"must divide {model.id}'s {n_layer} layers (rounds of the ring), got {args.k}; "
                          f"valid: {valid}")  # fmt: skip
+    planning = charge_draft_arg(cluster, wl, args)  # with --draft, the head keeps room for the draft model
     if args.compare:
-        return _compare(cluster, model, wl, args)
+        return _compare(planning, model, wl, args)
     if args.windows:
         windows = _int_list(args.windows, "--windows")
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
-        plan = manual_plan(cluster, model, wl, windows, gpu, prefetch=not args.no_prefetch)
+        plan = manual_plan(planning, model, wl, windows, gpu, prefetch=not args.no_prefetch)
     else:
         if args.sim_k:
             if args.scheduler != "halda" or args.k is not None or args.no_drop:
@@ -332,10 +334,10 @@ def run(args: argparse.Namespace) -> int:
                     "",
                     "chooses k for Halda itself: do not combine it with --scheduler, --k or --no-drop",
                 )
-            plan = _plan_by_simulation(cluster, model, wl, quiet=args.json)
+            plan = _plan_by_simulation(planning, model, wl, quiet=args.json)
         else:
             plan = make_plan(
-                cluster,
+                planning,
                 model,
                 wl,
                 args.scheduler,
@@ -345,6 +347,9 @@ def run(args: argparse.Namespace) -> int:
             )
     plan = plan.model_copy(update={"cluster_source": source_of(args.cluster), "model_source": source_of(args.model),
                                    "cpu_only": args.cpu_only})  # fmt: skip
+    if planning is not cluster and plan.cluster_fingerprint == planning.fingerprint():
+        # made on the cluster less the draft's RAM on the head: the devices are still these (simulate, run check it)
+        plan = plan.model_copy(update={"cluster_fingerprint": cluster.fingerprint()})
     if args.out:
         plan.save(args.out)
     if args.emit:
