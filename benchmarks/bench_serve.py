@@ -234,9 +234,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per process")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-load", action="store_true", help="leave the load test out")
-    ap.add_argument("--hop-ms", type=float, default=0.55,
-                    help="one-way loopback hop the cost model uses (docs/exec.md measured 0.54-0.77 ms per hop of the "
-                         "executor; prima-sim netprobe measures a bare ZeroMQ message)")  # fmt: skip
+    ap.add_argument("--hop-ms", type=float, default=0.75,
+                    help="one-way loopback hop the cost model uses (default: docs/exec.md's measured hop of the executor "
+                         "with one thread per process, OMP passive, unpinned, as here: 750 us)")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     levels = [int(x) for x in args.sweep.split(",") if x]
