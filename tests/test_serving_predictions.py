@@ -211,3 +211,48 @@ def test_plan_with_a_draft_keeps_room_for_it_on_the_head(tmp_path: Path) -> None
     assert drafted.cluster_fingerprint == plain.cluster_fingerprint  # still a plan of these devices
     r = _cli("simulate", "--plan", str(tmp_path / "draft.json"), "--tokens", "2", "--no-gantt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+# --- the simulator with several sequences per pass (issue 14 item 5) ------------------------------------------
+def test_sim_steps_carry_one_row_per_sequence() -> None:
+    from prima_sim.sim.config import SimConfig
+    from prima_sim.sim.engine import steps_for
+
+    wl = Workload(n_ctx=1024, prompt_tokens=100, decode_tokens=3, n_ubatch=128)
+    assert steps_for(wl) == steps_for(wl, 1)
+    st = steps_for(wl, 3)
+    assert st[0].batches == ((128, 128), (128, 256), (44, 300))  # three prompts prefilled together
+    assert [s.batches for s in st[1:]] == [((3, 303),), ((3, 306),), ((3, 309),)]  # every cache, unified
+    assert "concurrency" not in SimConfig().to_dict()  # summaries of one sequence read as before
+    assert SimConfig(concurrency=4).to_dict()["concurrency"] == 4
+    with pytest.raises(ValueError, match="concurrency"):
+        SimConfig(concurrency=0)
+
+
+def test_simulated_passes_cost_what_the_cost_model_says(setup) -> None:
+    from dataclasses import replace
+
+    from prima_sim.halda.costmodel import pass_breakdown
+    from prima_sim.sim import SimConfig, simulate
+
+    plan, cluster, model, wl = setup
+    wl = wl.with_decode_tokens(4)
+    tpots = []
+    for n in (1, 2, 4):
+        res = simulate(plan, cluster, model, wl, replace(SimConfig(), concurrency=n, record_spans=False))
+        kv = n * (wl.prompt_tokens + 2)  # the median decode step
+        analytic = pass_breakdown(plan, cluster, model, wl, n, n, kv).total_s
+        # the same pass, plus what the simulator adds (sampling every row, the embedding)
+        assert res.tpot_s == pytest.approx(analytic, rel=0.05)
+        tpots.append(res.tpot_s)
+    assert tpots == sorted(tpots)
+
+
+def test_simulate_concurrency_prints_the_simulators_figures(tmp_path: Path) -> None:
+    r = _cli("simulate", "--cluster", "default", "--model", "llama3-8b", "--tokens", "3", "--concurrency", "2",
+             "--no-gantt", "--json", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pts = json.loads(r.stdout)["concurrency"]
+    assert [p["concurrency"] for p in pts] == [1, 2]
+    assert all(p["sim_tpot_s"] > 0 and p["sim_throughput_tps"] > 0 for p in pts)
+    assert pts[1]["sim_throughput_tps"] > pts[0]["sim_throughput_tps"]

@@ -323,10 +323,16 @@ def charge_draft_arg(cluster: Any, wl: Any, args: Any) -> Any:
 def print_serving(obj: dict[str, Any]) -> None:
     """The serving predictions as text."""
     if "concurrency" in obj:
-        print("\nserving (prima-sim serve --parallel N; cost model):")
-        print(f"  {'sequences':>9}  {'TPOT per request':>16}  {'tokens/s, all':>13}")
+        sim = all("sim_tpot_s" in p for p in obj["concurrency"])
+        print("\nserving (prima-sim serve --parallel N; cost model" + (" and simulator" if sim else "") + "; tokens/s "
+              "of requests of the workload's prompt and decode tokens, back to back, prefill included):")  # fmt: skip
+        extra = f"  {'simulated TPOT':>14}  {'simulated tok/s':>15}" if sim else ""
+        print(f"  {'sequences':>9}  {'TPOT per request':>16}  {'tokens/s, all':>13}{extra}")
         for p in obj["concurrency"]:
-            print(f"  {p['concurrency']:>9}  {p['tpot_s'] * 1e3:>13.1f} ms  {p['throughput_tps']:>13.2f}")
+            extra = f"  {p['sim_tpot_s'] * 1e3:>11.1f} ms  {p['sim_throughput_tps']:>15.2f}" if sim else ""
+            print(
+                f"  {p['concurrency']:>9}  {p['tpot_s'] * 1e3:>13.1f} ms  {p['throughput_tps']:>13.2f}{extra}"
+            )
     if "speculation" in obj:
         s = obj["speculation"]
         print(f"\nspeculative decoding with {s['draft']} on the head (up to {s['draft_max']} drafted tokens, acceptance "

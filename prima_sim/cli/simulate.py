@@ -6,7 +6,9 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prima_sim.cli.common import (
     add_serving_args,
@@ -247,6 +249,19 @@ def print_report(res: SimResult, wall_s: float, paths: dict[str, Path] | None) -
         print("wrote " + ", ".join(str(v) for v in paths.values()))
 
 
+def simulate_serving(serving: dict[str, Any], plan: Plan, cluster: Cluster, model: ModelProfile, wl: Workload,
+                     cfg: SimConfig, res: SimResult) -> None:  # fmt: skip
+    """Add the simulator's figures to each ``--concurrency`` level of ``serving``: the plan simulated with that many
+    sequences generated together (``SimConfig.concurrency``), their TPOT (the median decode pass) and aggregate
+    tokens/s (every sequence's ``decode_tokens + 1`` tokens over the run, prefill included)."""
+    for p in serving.get("concurrency", []):
+        n = p["concurrency"]
+        r = res if n == cfg.concurrency else simulate(plan, cluster, model, wl,
+                                                       replace(cfg, concurrency=n, record_spans=False))  # fmt: skip
+        p["sim_tpot_s"] = r.tpot_s
+        p["sim_throughput_tps"] = n * (wl.decode_tokens + 1) / r.sim_time_s if r.sim_time_s > 0 else math.inf
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``prima-sim simulate``."""
     cfg = config_from_args(args)
@@ -260,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
         paths.update(draw_simulation(res, args.out))
     serving = serving_predictions(plan, cluster, model, wl, args)
+    simulate_serving(serving, plan, cluster, model, wl, cfg, res)
     if args.json:
         obj = res.summary()
         if paths:

@@ -38,6 +38,11 @@ class ComputeUnit:
         self.busy_s = 0.0
         self.layers_run = 0
 
-    def layer_s(self, layer: int, n_tokens: int, n_kv: int) -> float:
-        """Seconds to run ``layer`` for ``n_tokens`` tokens attending to ``n_kv`` cached tokens."""
+    def layer_s(self, layer: int, n_tokens: int, n_kv: int, rows: bool = False) -> float:
+        """Seconds to run ``layer`` for ``n_tokens`` tokens attending to ``n_kv`` cached tokens; with ``rows``, as
+        a pass of rows of several sequences (:func:`prima_sim.halda.costmodel.pass_breakdown`: the first row's
+        roofline, then each further row's arithmetic)."""
+        if rows and n_tokens > 1:
+            one = self.costs.layer_time(layer, self.on_gpu, 1, n_kv).total_s
+            return one + (n_tokens - 1) * self.costs.row_s(layer, self.on_gpu, n_kv)
         return self.costs.layer_time(layer, self.on_gpu, n_tokens, n_kv).total_s

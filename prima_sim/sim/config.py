@@ -63,6 +63,12 @@ class SimConfig:
             share that Linux's two-list LRU keeps resident for good after the first token (its frozen active
             list, :func:`prima_sim.devices.behaviour.frozen_active_bytes`) is protected and the rest cycles
             through an LRU; ``"lru"``: a plain LRU everywhere.
+        concurrency: sequences generated together (``prima-sim serve --parallel``, continuous batching): their
+            prompts are prefilled together and every decode step is one pass of one row per sequence, each row
+            attending to every sequence's cache (one unified KV cache). At 1 (the default) a step is one
+            sequence's token, as always; above 1 every window is charged the cost model's pass of rows
+            (:func:`prima_sim.halda.costmodel.pass_breakdown`: one row's roofline plus each further row's
+            arithmetic), the output head one row of logits per sequence, the head one sampling per sequence.
     """
 
     prefetch: bool = True
@@ -76,8 +82,11 @@ class SimConfig:
     readahead: bool = True
     record_spans: bool = True
     page_cache: str = "linux"
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f'"concurrency" must be >= 1, got {self.concurrency}')
         if self.chunk_bytes < PAGE_BYTES:
             raise ValueError(f'"chunk_bytes" must be >= {PAGE_BYTES}, got {self.chunk_bytes}')
         if not 0.0 <= self.jitter <= 1.0:
@@ -90,8 +99,12 @@ class SimConfig:
             raise ValueError(f'"page_cache" must be "linux" or "lru", got {self.page_cache!r}')
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary (for summaries)."""
-        return asdict(self)
+        """Plain dictionary (for summaries; ``concurrency`` only above 1, so summaries of one sequence read as
+        before it existed)."""
+        out = asdict(self)
+        if self.concurrency == 1:
+            del out["concurrency"]
+        return out
 
 
 def component_rng(seed: int, component: str) -> np.random.Generator:

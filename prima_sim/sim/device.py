@@ -347,12 +347,13 @@ class SimDevice:
         gf = self.gpu.jitter.factor() if self.gpu is not None else 1.0
         n, n_kv = msg.n_tokens, msg.n_kv
         cpu, gpu = self.cpu, self.gpu
+        rows = self.ring.cfg.concurrency > 1  # passes of several sequences' rows (SimConfig.concurrency)
         times = []
         for layer, on_gpu in work.slots:
             if on_gpu:
-                times.append(gpu.layer_s(layer, n, n_kv) * gf)  # type: ignore[union-attr]
+                times.append(gpu.layer_s(layer, n, n_kv, rows) * gf)  # type: ignore[union-attr]
             else:
-                times.append(cpu.layer_s(layer, n, n_kv) * cf)
+                times.append(cpu.layer_s(layer, n, n_kv, rows) * cf)
         total = sum(times)
         extra = self.profile.decode_overhead_s
         if work.gpu_copies and self.profile.gpu is not None and self.profile.gpu.host_link_bps > 0:
@@ -379,13 +380,18 @@ class SimDevice:
         yield from self._run(work, times, total, extra, msg.step, f"w{j}", COMPUTE)
 
     def output_head(self, msg: Message) -> Proc:
-        """The output norm and head for the batch's last token (on the head's CPU)."""
+        """The output norm and head for the batch's last token (on the head's CPU); with several sequences
+        (``SimConfig.concurrency``), one row of logits for each sequence in the batch."""
         key = msg.n_tokens
         if key not in self._out_s:
             full = self.costs.head_time(msg.n_tokens, 1).total_s
             out = self.costs.head_time(0, 1).total_s
             self._out_s[key] = (out, full - out)
-        t = self._out_s[key][0] * self.cpu.jitter.factor()
+        t = self._out_s[key][0]
+        logits = min(self.ring.cfg.concurrency, msg.n_tokens)
+        if logits > 1:
+            t += (logits - 1) * self.costs.logits_row_s()
+        t *= self.cpu.jitter.factor()
         self.cpu.busy_s += t
         yield from self._run(self.layout.works[OUT], [], t, 0.0, msg.step, "output head", HEAD)
 
@@ -425,10 +431,11 @@ class SimDevice:
         yield env.timeout(t)
         self.ring.rec.add(self.name, HEAD, t0, env.now, step, "embed")
 
-    def sample(self, step: int) -> Generator[simpy.Event, Any, int]:
-        """Pick the next token from the last logits (one pass over ``n_vocab`` floats); returns its id."""
+    def sample(self, step: int, rows: int = 1) -> Generator[simpy.Event, Any, int]:
+        """Pick the next token of each of ``rows`` sequences from their logits (one pass over ``n_vocab`` floats
+        each); returns one id."""
         m = self.costs.model
-        t = m.arch.n_vocab * 4 / self.profile.memory_bandwidth_bps * self.cpu.jitter.factor()
+        t = rows * m.arch.n_vocab * 4 / self.profile.memory_bandwidth_bps * self.cpu.jitter.factor()
         t0 = self.env.now
         yield self.env.timeout(t)
         self.ring.rec.add(self.name, HEAD, t0, self.env.now, step, "sample")

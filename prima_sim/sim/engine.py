@@ -89,16 +89,21 @@ class Step:
         return sum(n for n, _ in self.batches)
 
 
-def steps_for(workload: Workload) -> list[Step]:
-    """The prefill in micro-batches, then one step per decode token (KV cache growing by one each)."""
+def steps_for(workload: Workload, concurrency: int = 1) -> list[Step]:
+    """The prefill in micro-batches, then one step per decode token (KV cache growing by one each).
+
+    With ``concurrency`` sequences (``SimConfig.concurrency``) their prompts are prefilled together (``concurrency``
+    x ``prompt_tokens`` rows in micro-batches) and each decode step carries one row per sequence, attending to
+    every sequence's cache (``serve`` keeps them in one unified KV cache)."""
+    c = concurrency
     p, u = workload.prompt_tokens, workload.n_ubatch
     batches, done = [], 0
-    while done < p:
-        n = min(u, p - done)
+    while done < c * p:
+        n = min(u, c * p - done)
         batches.append((n, done + n))
         done += n
     out = [Step(0, "prefill", tuple(batches))]
-    out += [Step(s, "decode", ((1, p + s),)) for s in range(1, workload.decode_tokens + 1)]
+    out += [Step(s, "decode", ((c, c * (p + s)),)) for s in range(1, workload.decode_tokens + 1)]
     return out
 
 
@@ -188,13 +193,14 @@ class Simulation:
     # --- the head's token loop ------------------------------------------------------------------------------
     def _driver(self) -> Generator[simpy.Event, Any, None]:
         env, head, cfg, ring = self.env, self.head, self.cfg, self.ring
+        c = cfg.concurrency
         prompt = [
-            int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, self.workload.prompt_tokens)
+            int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, c * self.workload.prompt_tokens)
         ]
         next_token = 0
-        for st in steps_for(self.workload):
+        for st in steps_for(self.workload, c):
             ring.begin_step(st.index)
-            ids = prompt if st.phase == "prefill" else [next_token]
+            ids = prompt if st.phase == "prefill" else [next_token] * c
             done = 0
             for n, n_kv in st.batches:
                 yield from head.embed(ids[done : done + n], st.index)
@@ -216,7 +222,7 @@ class Simulation:
                     head.last_done = env.now
                 yield batch_done
             self.steps.append((st.index, st.phase, st.n_tokens, ring.step_start, env.now))
-            next_token = yield from head.sample(st.index)
+            next_token = yield from head.sample(st.index, c)
 
     def run(self) -> SimResult:
         """Run every step and return what happened."""
