@@ -7,8 +7,8 @@ process (the whole model on the head), each with ``--parallel 1`` (one sequence 
 1. **Concurrency sweep**: 1, 2, 4, 8 concurrent streaming clients, each sending requests back to back
    (``--sweep-requests`` per client, ``--sweep-tokens`` greedy tokens each, end-of-generation ignored):
    aggregate generated tokens/s, per-request TPOT (time between streamed tokens, median) and latency, beside the
-   cost model's prediction of each (``serving_curve`` on a quick profile of this host measured first, every process
-   alike, loopback links of ``--hop-ms``) and its error. With one
+   cost model's prediction of each (``serving_curve`` on a profile of this host measured first, or ``--profile``,
+   every process alike, loopback links of ``--hop-ms``) and its error. With one
    sequence at a time aggregate throughput stays flat and latency grows with the queue; with batching it grows
    with the number of streams.
 2. **Load test** (the ring, ``--parallel P``): ``--clients`` concurrent streaming clients sending ``--requests``
@@ -179,17 +179,21 @@ def tpot(r: dict[str, Any]) -> float:
 PROMPT_TOKENS = 12  # "Request {i}: count slowly from one to fifty." with SmolLM2's tokenizer, about
 
 
-def predictions(tmp: Path, threads: int, levels: list[int], parallels: tuple[int, ...], tokens: int, hop_s: float
+def predictions(tmp: Path, args: argparse.Namespace, levels: list[int], parallels: tuple[int, ...]
                 ) -> dict[tuple[str, int], tuple[float, float]]:  # fmt: skip
     """(label, streams) -> (predicted per-request TPOT s, aggregate tok/s) from the cost model, on a profile of this
-    host measured now (``prima-sim profile --quick``) given to every process of the ring, with loopback links of
-    ``hop_s`` one way. Each request generates ``tokens`` tokens (``decode_tokens`` = tokens - 1 after the first)."""
-    loopback = LinkSpec(bandwidth_bps=1e9, latency_s=hop_s)
-    prof_file = tmp / "host.toml"
-    subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "profile", "--quick", "--name", "host", "--threads",
-                    str(threads), "--model", str(smollm2_path()), "--disk-dir", str(tmp), "--out", str(prof_file),
-                    "--no-progress", "--busy-retries", "1"], check=True, capture_output=True)  # fmt: skip
-    prof = load_model(DeviceProfile, prof_file)
+    host (``--profile``, else measured now with ``prima-sim profile --model``, ``--quick-profile`` for a quick one)
+    given to every process of the ring, with loopback links of ``--hop-ms`` one way. Each request generates
+    ``--sweep-tokens`` tokens (``decode_tokens`` = one less, after the first)."""
+    loopback = LinkSpec(bandwidth_bps=1e9, latency_s=args.hop_ms * 1e-3)
+    tokens = args.sweep_tokens
+    prof_file = Path(args.profile) if args.profile else tmp / "host.toml"
+    if not args.profile:
+        quick = ["--quick"] if args.quick_profile else []
+        subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "profile", *quick, "--name", "host", "--threads",
+                        str(args.threads), "--model", str(smollm2_path()), "--disk-dir", str(tmp), "--out",
+                        str(prof_file), "--no-progress", "--busy-retries", "1"], check=True, capture_output=True)  # fmt: skip
+    prof = load_model(DeviceProfile, prof_file).model_copy(update={"threads": args.threads})
     model = model_profile_from_gguf(smollm2_path())
     out: dict[tuple[str, int], tuple[float, float]] = {}
     for what, windows in (("ring", (10, 12, 8)), ("single", (30,))):
@@ -234,6 +238,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per process")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-load", action="store_true", help="leave the load test out")
+    ap.add_argument(
+        "--profile", default=None, help="this host's device profile (default: measure one first, ~20 s)"
+    )
+    ap.add_argument(
+        "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
+    )
     ap.add_argument("--hop-ms", type=float, default=0.75,
                     help="one-way loopback hop the cost model uses (default: docs/exec.md's measured hop of the executor "
                          "with one thread per process, OMP passive, unpinned, as here: 750 us)")  # fmt: skip
@@ -247,8 +257,7 @@ def main() -> int:
     rows = []
     load: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        pred = {} if args.skip_sweep else predictions(Path(tmp), args.threads, levels, (1, args.parallel),
-                                                       args.sweep_tokens, args.hop_ms * 1e-3)  # fmt: skip
+        pred = {} if args.skip_sweep else predictions(Path(tmp), args, levels, (1, args.parallel))
         shards: dict[tuple[int, ...], Path] = {}
         for label, windows, par in configs:
             d = Path(tmp) / label.replace(" ", "_")
@@ -272,7 +281,7 @@ def main() -> int:
     if rows:
         print("\nconcurrency sweep (SmolLM2-135M, greedy, end-of-generation ignored; ring = 3 processes, windows "
               "10/12/8):")  # fmt: skip
-        print(f"predicted: the cost model (serving_curve) on a quick profile of this host, every process alike, "
+        print(f"predicted: the cost model (serving_curve) on a profile of this host, every process alike, "
               f"loopback hops of {args.hop_ms:g} ms; aggregate = requests of {PROMPT_TOKENS} prompt and "
               f"{args.sweep_tokens} generated tokens back to back, prefill included (HTTP left out); "
               "err = (predicted - measured) / measured")  # fmt: skip

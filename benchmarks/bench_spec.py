@@ -17,7 +17,7 @@ For each it prints the measured decode tokens/s (tokens after the first over the
 acceptance rate a (accepted / (accepted + first rejections), the cost model's meaning) and tokens per pass, next to
 ``halda.costmodel.speculation(...)`` for the measured a: tokens per pass ``expected_tokens(a, N)``, TPOT, and the
 speed-up over plain decoding. The cost model needs this host's profile: ``--profile FILE`` (a device TOML from
-``prima-sim profile``), else a quick profile is measured first (a few seconds); the ring's links are loopback
+``prima-sim profile``), else one is measured first (``--quick-profile``: a quick one); the ring's links are loopback
 (``--hop-ms``, default 0.75 ms one way, as measured per hop in docs/exec.md for one thread per process, at 1 GB/s).
 
 Run it on a quiet machine (``flock -x /tmp/prima-cpu.lock``); the numbers are printed, not asserted.
@@ -69,7 +69,10 @@ def main() -> int:
     ap.add_argument("--wrong", type=float, default=0.3, help="probability that a proposal is made wrong")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--profile", default=None, help="this host's device profile (default: measure a quick one)"
+        "--profile", default=None, help="this host's device profile (default: measure one first, ~20 s)"
+    )
+    ap.add_argument(
+        "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
     )
     ap.add_argument("--hop-ms", type=float, default=0.75,
                     help="one-way loopback latency the cost model uses (default: docs/exec.md's measured hop of the "
@@ -89,8 +92,9 @@ def main() -> int:
         from prima_sim.devices.profiler import ProfileOptions, profile_device
         from prima_sim.exec.decode_probe import measure_decode_overhead
 
-        print("measuring a quick profile of this host ...", file=sys.stderr, flush=True)
-        host = profile_device(ProfileOptions(threads=args.threads, model=mp, quick=True, progress=False,
+        print("measuring a profile of this host ...", file=sys.stderr, flush=True)
+        host = profile_device(ProfileOptions(threads=args.threads, model=mp, quick=args.quick_profile, progress=False,
+                                             disk_dir=Path(tempfile.gettempdir()),
                                              decode_probe=measure_decode_overhead)).profile  # fmt: skip
     host = host.model_copy(update={"threads": args.threads})
     cluster = Cluster(name="loopback", devices=tuple(host.model_copy(update={"name": n}) for n in names),
