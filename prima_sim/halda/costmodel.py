@@ -244,9 +244,9 @@ class DeviceCosts:
     def row_s(self, layer: int, on_gpu: bool, n_kv: int) -> float:
         """Seconds one more row adds to ``layer`` in a small batch (serving several sequences, verifying drafts):
         its matrix products and its attention over ``n_kv`` cached tokens at the device's rate for a further row
-        of each type (``cpu_row_flops``, else ``cpu_flops``; on a GPU its ``flops``), plus its KV copy. The weights are read once per pass, by
-        the first row, which :meth:`layer_time` costs; a further row finds them in cache and costs its
-        arithmetic (docs/serve.md, "Predictions")."""
+        of each type (``cpu_row_flops``, else ``cpu_flops``; on a GPU its ``flops``), plus its KV copy. The
+        weights are read once per pass, by the first row, which :meth:`layer_time` costs; a further row finds
+        them in cache and costs its arithmetic (docs/serve.md, "Predictions")."""
         m, d = self.model, self.device
         key = ("row", m.layer_signatures[layer], on_gpu, m.layer_kv_tokens(layer, max(1, n_kv)))
         hit: float | None = self._cache.get(key)
@@ -663,7 +663,7 @@ def pass_breakdown(
 
     The first row costs what one decoded token costs (:func:`step_breakdown`: the roofline, the weights
     streamed from memory, paging, the decode calls, the hops); every further row adds its arithmetic at the
-    device's matmul rate (:meth:`DeviceCosts.row_s`; the weights are in cache by then) and its share of the
+    device's rate for a further row (:meth:`DeviceCosts.row_s`; the weights are in cache by then) and its share of the
     hops' bytes, each further row of logits the output head's arithmetic. On a CPU that streams weights about
     as fast as it multiplies them this is what a pass costs (``max(memory, n x compute)`` is too kind: the
     matmul kernels overlap one row's dot products with the weights' stream, not eight); a pass of many rows
