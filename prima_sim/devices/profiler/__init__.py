@@ -37,6 +37,7 @@ from prima_sim.devices.ggml_types import TYPE_BY_NAME
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile, GpuProfile, Provenance
 from prima_sim.devices.profiler import compute, disk, system
+from prima_sim.devices.profiler.batches import BATCH_SIZES, batch_efficiency, row_flops_by_type
 from prima_sim.errors import InputError
 from prima_sim.ggml import Backend, DeviceInfo, Ggml, GgmlError
 from prima_sim.ggml import load as load_ggml
@@ -254,10 +255,10 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
                 f"matrices of {layer_label}: {mv.describe()}; last-level cache {fmt_bytes(llc)}"
             )
             prog.step("prefill batches")
-            batch_eff = _batch_efficiency(lib, cpu, mv.layer, cpu_flops, (16,) if opt.quick else BATCH_SIZES,
+            batch_eff = batch_efficiency(lib, cpu, mv.layer, cpu_flops, (16,) if opt.quick else BATCH_SIZES,
                                           0.3 if opt.quick else 1.0, sources)  # fmt: skip
             prog.step("serving rows")
-            row_rates = _row_flops(
+            row_rates = row_flops_by_type(
                 lib, cpu, row_matrices(opt.model, types), 0.15 if opt.quick else 0.5, sources
             )
             prog.step("bandwidth (numpy)")
@@ -361,38 +362,6 @@ def profile_device(options: ProfileOptions | None = None) -> ProfileRun:
     return ProfileRun(profile, elapsed, prog.times, npb.bandwidth_bps, layer_label, background)
 
 
-BATCH_SIZES = (16, 128)
-"""Prefill micro-batch sizes the profiler times (a short prompt; a long prompt's 128-token pieces)."""
-
-
-def _batch_efficiency(lib: Ggml, cpu: Backend, layer: compute.LayerShape, cpu_flops: dict[str, float],
-                      sizes: tuple[int, ...], budget_s: float, sources: dict[str, str]) -> dict[int, float]:  # fmt: skip
-    """``cpu_batch_efficiency``: the layer's matrix products at each batch size, as a fraction of ``cpu_flops``
-    of the layer's dominant weight type (what the cost model divides the roofline's compute time by)."""
-    by_type: dict[str, int] = {}
-    for t, k, n in layer:
-        by_type[t] = by_type.get(t, 0) + lib.row_size(t, k) * n
-    main = max(by_type, key=lambda t: by_type[t])
-    rate = cpu_flops.get(main) or cpu_flops.get("f32")
-    if not rate:
-        return {}
-    out: dict[int, float] = {}
-    notes = []
-    for n in sizes:
-        try:
-            r = compute.batch_flops(lib, cpu, layer, n, budget_s=budget_s)
-        except GgmlError as exc:
-            sources["cpu_batch_efficiency"] = f"not measured: {exc}"
-            return {}
-        out[n] = round(r.flops / rate, 4)
-        notes.append(f"{n} tokens: {out[n]:.3f} ({r.describe()})")
-    sources["cpu_batch_efficiency"] = (
-        f"rate of the layer's matrix products at n tokens / cpu_flops.{main} ({fmt_flop_rate(rate)}): "
-        + "; ".join(notes)
-    )
-    return out
-
-
 def row_matrices(model: ModelProfile | None, types: tuple[str, ...]) -> dict[str, compute.LayerShape]:
     """The matrices whose further rows ``cpu_row_flops`` times, by weight type: the model's layer 0 and its output
     head (``output.weight``, or the embedding table when tied), else a [2048 x 2048] weight of each quantized type
@@ -407,29 +376,6 @@ def row_matrices(model: ModelProfile | None, types: tuple[str, ...]) -> dict[str
     for m in mats:
         out.setdefault(m[0], []).append(m)
     return {t: tuple(v) for t, v in out.items() if t not in ("f32", "f16")}
-
-
-def _row_flops(lib: Ggml, cpu: Backend, groups: dict[str, compute.LayerShape], budget_s: float,
-               sources: dict[str, str]) -> dict[str, float]:  # fmt: skip
-    """``cpu_row_flops``: per weight type, :func:`compute.row_flops` of its matrices (a type that fails is left
-    out, and falls back to ``cpu_flops``; ``sources`` says why)."""
-    out: dict[str, float] = {}
-    notes = []
-    for t, mats in groups.items():
-        try:
-            r = compute.row_flops(lib, cpu, mats, budget_s=budget_s)
-        except GgmlError as exc:
-            notes.append(f"{t}: not measured ({exc})")
-            continue
-        out[t] = r.flops
-        notes.append(f"{t}: {fmt_flop_rate(r.flops)} ({r.describe()})")
-    sources["cpu_row_flops"] = (
-        "per weight type, the rate of each further row of a small batch (weights in cache): "
-        + "; ".join(notes)
-        if notes
-        else "no quantized matrices to measure"
-    )
-    return out
 
 
 def _memory_sources(mem: system.MemoryInfo) -> dict[str, str]:
