@@ -215,3 +215,15 @@ def test_identical_testbed_nodes_differ_only_in_name() -> None:
         bodies = {f.read_text(encoding="utf-8").replace(f.stem, "NAME").replace(f"Container {f.stem[-1]}", "Container N")
                   .replace(f"Node {f.stem[-1]}", "Node N") for f in files}  # fmt: skip
         assert len(bodies) == 1, prefix
+
+
+def test_a_profile_field_added_later_leaves_old_plans_matching_their_cluster():
+    """Plans record their cluster's fingerprint and are refused against a changed cluster. A device profile field
+    added after plans were written (cpu_row_flops) must not change the fingerprint of a profile that lacks it, or
+    every saved plan would be refused after an upgrade; a measured value does change it."""
+    c = load_cluster("paper-d1-d4")
+    assert c.fingerprint() == "7186f3b452951c82"  # as before cpu_row_flops existed (647e5fa)
+    measured = c.model_copy(update={"devices": tuple(
+        d.model_copy(update={"cpu_row_flops": {"q4_0": 1e11}}) if i == 0 else d for i, d in enumerate(c.devices)
+    )})  # fmt: skip
+    assert measured.fingerprint() != c.fingerprint()

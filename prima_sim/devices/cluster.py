@@ -69,6 +69,11 @@ def check_device_names(names: list[str], head: str) -> None:
         raise ValueError(f"head {head!r} is not one of the devices {names}")
 
 
+FINGERPRINT_NEUTRAL: dict[str, object] = {"cpu_row_flops": {}}
+"""Device profile fields added after plans were written, left out of the cluster's fingerprint at these values (a
+profile without the measurement), so a plan made before a field existed still matches its cluster."""
+
+
 class Cluster(FrozenModel):
     """Devices in ring order, the head device, and the network."""
 
@@ -144,7 +149,12 @@ class Cluster(FrozenModel):
 
     def fingerprint(self) -> str:
         """Short hash of everything that affects a plan (devices, head, links): plans record it."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"name", "description"}), sort_keys=True)
+        data = self.model_dump(mode="json", exclude={"name", "description"})
+        for d in data["devices"]:
+            for key, neutral in FINGERPRINT_NEUTRAL.items():
+                if d.get(key) == neutral:
+                    del d[key]
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def without_gpus(self) -> Cluster:
