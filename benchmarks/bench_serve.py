@@ -244,9 +244,9 @@ def main() -> int:
     ap.add_argument(
         "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
     )
-    ap.add_argument("--hop-ms", type=float, default=0.75,
+    ap.add_argument("--hop-ms", type=float, default=0.5,
                     help="one-way loopback hop the cost model uses (default: docs/exec.md's measured hop of the executor "
-                         "with one thread per process, OMP passive, unpinned, as here: 750 us)")  # fmt: skip
+                         "with one thread per process, OMP passive, unpinned, as here: 505 us with wire v3)")  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     levels = [int(x) for x in args.sweep.split(",") if x]

@@ -18,7 +18,7 @@ acceptance rate a (accepted / (accepted + first rejections), the cost model's me
 ``halda.costmodel.speculation(...)`` for the measured a: tokens per pass ``expected_tokens(a, N)``, TPOT, and the
 speed-up over plain decoding. The cost model needs this host's profile: ``--profile FILE`` (a device TOML from
 ``prima-sim profile``), else one is measured first (``--quick-profile``: a quick one); the ring's links are loopback
-(``--hop-ms``, default 0.75 ms one way, as measured per hop in docs/exec.md for one thread per process, at 1 GB/s).
+(``--hop-ms``, default 0.5 ms one way, as measured per hop by bench_ring for one thread per process, unpinned, wire v3).
 
 Run it on a quiet machine (``flock -x /tmp/prima-cpu.lock``); the numbers are printed, not asserted.
 
@@ -74,9 +74,9 @@ def main() -> int:
     ap.add_argument(
         "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
     )
-    ap.add_argument("--hop-ms", type=float, default=0.75,
+    ap.add_argument("--hop-ms", type=float, default=0.5,
                     help="one-way loopback latency the cost model uses (default: docs/exec.md's measured hop of the "
-                         "executor with one thread per process, OMP passive, unpinned, as here: 750 us)")  # fmt: skip
+                         "executor with one thread per process, OMP passive, unpinned, as here: 505 us with wire v3)")  # fmt: skip
     args = ap.parse_args()
     model = smollm2_path()
     mp = model_profile_from_gguf(model)
