@@ -21,21 +21,22 @@ from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError
 from prima_sim.halda.costmodel import (
     DeviceCosts,
+    MemoryUse,
     check_memory,
     memory_use,
     predict,
     step_breakdown,
     window_paged_bytes,
 )
-from prima_sim.plan import Plan, Prediction
+from prima_sim.plan import DeviceAssignment, LayerRange, Plan, Prediction
 from prima_sim.sim.config import SimConfig
-from prima_sim.sim.device import SimDevice
+from prima_sim.sim.device import SimDevice, cache_capacity
 from prima_sim.sim.layout import build_layout
 from prima_sim.sim.network import Network
 from prima_sim.sim.recorder import SpanRecorder
 from prima_sim.sim.result import SimResult
 from prima_sim.sim.ring import Message, Ring
-from prima_sim.sim.self_eviction import self_eviction_bytes
+from prima_sim.sim.self_eviction import overflows, self_eviction_bytes
 from prima_sim.workload import Workload
 
 
@@ -139,50 +140,55 @@ class Simulation:
         self.ring = Ring(self.env, self.cfg, self.rec, self.net, plan)
         self.steps: list[tuple[int, str, int, float, float]] = []
         self.devices: dict[str, SimDevice] = {}
-        all_costs = {a.name: DeviceCosts(cluster.device(a.name), model, workload) for a in plan.devices}
-        extra = self._self_eviction(all_costs)
+        costs = {a.name: DeviceCosts(cluster.device(a.name), model, workload) for a in plan.devices}
+        uses = {a.name: memory_use(costs[a.name], a, a.name == plan.head) for a in plan.devices}
+        indexes = {a.name: {rng: j for j, (nm, rng) in enumerate(self.ring.order) if nm == a.name}
+                   for a in plan.devices}  # fmt: skip
+        extra = self._self_eviction(costs, uses, indexes)
         for a in plan.devices:
-            profile = cluster.device(a.name)
-            costs = all_costs[a.name]
-            is_head = a.name == plan.head
-            use = memory_use(costs, a, is_head)
-            index = {rng: j for j, (nm, rng) in enumerate(self.ring.order) if nm == a.name}
-            layout = build_layout(a, profile, model, index, is_head, self.cfg.chunk_bytes)
-            self.devices[a.name] = self.ring.devices[a.name] = SimDevice(self.ring, a, profile, costs, use, layout,
-                                                                         is_head, extra.get(a.name))  # fmt: skip
+            profile, is_head = cluster.device(a.name), a.name == plan.head
+            layout = build_layout(a, profile, model, indexes[a.name], is_head, self.cfg.chunk_bytes)
+            self.devices[a.name] = self.ring.devices[a.name] = SimDevice(
+                self.ring, a, profile, costs[a.name], uses[a.name], layout, is_head, extra.get(a.name)
+            )
         self.head = self.devices[plan.head]
 
-    def _self_eviction(self, costs: dict[str, DeviceCosts]) -> dict[str, tuple[int, float]]:
-        """Per prefetching Linux device whose windows overflow its page cache: (window index, bytes) its own
-        advice makes it read again per pass of that window (:mod:`prima_sim.sim.self_eviction`), on its
-        largest window; the timing the kernel model needs comes from the cost model's decode step."""
+    def _self_eviction(self, costs: dict[str, DeviceCosts], uses: dict[str, MemoryUse],
+                       indexes: dict[str, dict[LayerRange, int]]) -> dict[str, tuple[int, float]]:  # fmt: skip
+        """Per prefetching Linux device whose largest window overflows its page cache: (window index, bytes) its
+        own advice makes it read again per pass of that window (:mod:`prima_sim.sim.self_eviction`); the timing
+        the kernel model needs comes from the cost model's decode step, worked out only when such a device
+        exists."""
         cfg, plan = self.cfg, self.plan
         # the replay is of this project's executor: its advice in uncapped pieces after each send, not prima.cpp's
         # capped advice (--prima-prefetch), its --force touch or its advice of a device's only window
         if (not cfg.prefetch or cfg.page_cache != "linux" or cfg.willneed_cap_bytes or cfg.force_touch
-                or cfg.prefetch_own_window):  # fmt: skip
+                or cfg.prefetch_own_window or len(plan.devices) < 2):  # fmt: skip
             return {}
-        if len(plan.devices) < 2:
-            return {}
-        b = step_breakdown(plan, self.cluster, self.model, self.workload, prefetch=True, costs=costs)
-        times = {t.name: t for t in b.per_device}
-        ring_s = sum(t.compute_s + t.memory_s + t.overhead_s + t.comm_s for t in b.per_device) + b.head_s
-        out: dict[str, tuple[int, float]] = {}
+        overflowing: list[tuple[DeviceAssignment, list[float], float]] = []
         for a in plan.devices:
             c = costs[a.name]
             if len(a.layers) < 2 or not c.memory.kernel_lru:
                 continue
             wins = [window_paged_bytes(c, a, rng) for rng in a.layers]
-            room, _growth = c.memory.cache_room(memory_use(c, a, a.name == plan.head).pinned_ram)
-            t = times[a.name]
+            room, _growth = cache_capacity(c, uses[a.name])
+            if overflows(wins, room):
+                overflowing.append((a, wins, room))
+        if not overflowing:
+            return {}
+        b = step_breakdown(plan, self.cluster, self.model, self.workload, prefetch=True, costs=costs)
+        times = {t.name: t for t in b.per_device}
+        ring_s = sum(t.compute_s + t.memory_s + t.overhead_s + t.comm_s for t in b.per_device) + b.head_s
+        out: dict[str, tuple[int, float]] = {}
+        for a, wins, room in overflowing:
+            c, t = costs[a.name], times[a.name]
             own = t.compute_s + t.memory_s + t.overhead_s
             extra = self_eviction_bytes(
                 wins, room, c.memory.fault_bps, own, max(0.0, ring_s - own) / len(wins)
             )
             if extra > 0:
                 big = max(range(len(wins)), key=lambda i: wins[i])
-                index = {rng: j for j, (nm, rng) in enumerate(self.ring.order) if nm == a.name}
-                out[a.name] = (index[a.layers[big]], extra)
+                out[a.name] = (indexes[a.name][a.layers[big]], extra)
         return out
 
     @property

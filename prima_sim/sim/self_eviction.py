@@ -56,14 +56,19 @@ def self_eviction_bytes(window_bytes: Sequence[float], room: float, disk_bps: fl
         about one read per byte, which the LRU gives, while the replay can read up to twice as much there (on
         GB-sized windows at 0.8 of the room) without a measurement to back it.
     """
-    total = float(sum(window_bytes))
-    if len(window_bytes) < 2 or max(window_bytes) <= room + 0.5 or disk_bps <= 0:
+    if not overflows(window_bytes, room) or disk_bps <= 0:
         return 0.0
+    total = float(sum(window_bytes))
     mib = float(REPLAY_CHUNK_BYTES)
     key_windows = tuple(max(1, round(w / mib)) for w in window_bytes)
     rates = (round(disk_bps / 1e6), round(total / max(compute_s, 1e-6) / 1e6), round(gap_s * 1e3))
     reads = [_replay_read(key_windows, max(1, round(room * f / mib)), *rates) for f in ROOM_SPREAD]
     return max(0.0, min(reads) - sum(key_windows) * mib)
+
+
+def overflows(window_bytes: Sequence[float], room: float) -> bool:
+    """Whether a device of several windows has one larger than its room: the only case replayed."""
+    return len(window_bytes) >= 2 and max(window_bytes) > room + 0.5
 
 
 @lru_cache(maxsize=4096)
