@@ -193,17 +193,9 @@ class DeviceProfile(FrozenModel):
     def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_types(v)
 
-    @field_validator("cpu_row_flops")
+    @field_validator("matvec_bps", "cpu_row_flops")
     @classmethod
-    def _known_row_types(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k in v if k not in TYPE_BY_NAME]
-        if bad:
-            raise ValueError(f"unknown ggml type(s) {bad}; use names like q4_0, q6_k, q8_0")
-        return v
-
-    @field_validator("matvec_bps")
-    @classmethod
-    def _known_matvec_types(cls, v: dict[str, float]) -> dict[str, float]:
+    def _known_type_names(cls, v: dict[str, float]) -> dict[str, float]:
         bad = [k for k in v if k not in TYPE_BY_NAME]
         if bad:
             raise ValueError(f"unknown ggml type(s) {bad}; use names like q4_0, q6_k, q8_0")
