@@ -40,15 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from loopback import add_host_args, host_profile, loopback_cluster
 
 from prima_sim.devices.bundled import smollm2_path
-from prima_sim.devices.cluster import Cluster, LinkSpec
 from prima_sim.devices.model import model_profile_from_gguf
-from prima_sim.devices.profile import DeviceProfile
 from prima_sim.halda.costmodel import serving_curve
 from prima_sim.halda.planner import manual_plan
 from prima_sim.plan import Plan, make_assignments
-from prima_sim.schema import load_model
 from prima_sim.workload import Workload
 
 WALL_LIMIT_S = 900.0  # the whole load phase stops sending after this long
@@ -185,20 +183,12 @@ def predictions(tmp: Path, args: argparse.Namespace, levels: list[int], parallel
     host (``--profile``, else measured now with ``prima-sim profile --model``, ``--quick-profile`` for a quick one)
     given to every process of the ring, with loopback links of ``--hop-ms`` one way. Each request generates
     ``--sweep-tokens`` tokens (``decode_tokens`` = one less, after the first)."""
-    loopback = LinkSpec(bandwidth_bps=1e9, latency_s=args.hop_ms * 1e-3)
     tokens = args.sweep_tokens
-    prof_file = Path(args.profile) if args.profile else tmp / "host.toml"
-    if not args.profile:
-        quick = ["--quick"] if args.quick_profile else []
-        subprocess.run([sys.executable, "-m", "prima_sim.cli.main", "profile", *quick, "--name", "host", "--threads",
-                        str(args.threads), "--model", str(smollm2_path()), "--disk-dir", str(tmp), "--out",
-                        str(prof_file), "--no-progress", "--busy-retries", "1"], check=True, capture_output=True)  # fmt: skip
-    prof = load_model(DeviceProfile, prof_file).model_copy(update={"threads": args.threads})
+    prof = host_profile(args, smollm2_path(), tmp)
     model = model_profile_from_gguf(smollm2_path())
     out: dict[tuple[str, int], tuple[float, float]] = {}
     for what, windows in (("ring", (10, 12, 8)), ("single", (30,))):
-        devs = tuple(prof.model_copy(update={"name": f"D{i}"}) for i in range(len(windows)))
-        cluster = Cluster(name="loopback", devices=devs, head="D0", default_link=loopback)
+        cluster = loopback_cluster(prof, len(windows), args.hop_ms)
         for par in parallels:
             wl = Workload(n_ctx=1024, prompt_tokens=PROMPT_TOKENS, decode_tokens=tokens - 1, n_seq=par)
             plan = manual_plan(cluster, model, wl, list(windows))
@@ -238,15 +228,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads per process")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-load", action="store_true", help="leave the load test out")
-    ap.add_argument(
-        "--profile", default=None, help="this host's device profile (default: measure one first, ~20 s)"
-    )
-    ap.add_argument(
-        "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
-    )
-    ap.add_argument("--hop-ms", type=float, default=0.5,
-                    help="one-way loopback hop the cost model uses (default: docs/exec.md's measured hop of the executor "
-                         "with one thread per process, OMP passive, unpinned, as here: 505 us with wire v3)")  # fmt: skip
+    add_host_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     levels = [int(x) for x in args.sweep.split(",") if x]

@@ -35,8 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loopback import add_host_args, host_profile, loopback_cluster
+
 from prima_sim.devices.bundled import smollm2_path
-from prima_sim.devices.cluster import Cluster, LinkSpec, load_device
 from prima_sim.devices.model import model_profile_from_gguf
 from prima_sim.exec import spec
 from prima_sim.exec.llamacpp import use_flash_attn
@@ -68,15 +69,7 @@ def main() -> int:
     ap.add_argument("--draft-max", type=int, default=4)
     ap.add_argument("--wrong", type=float, default=0.3, help="probability that a proposal is made wrong")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--profile", default=None, help="this host's device profile (default: measure one first, ~20 s)"
-    )
-    ap.add_argument(
-        "--quick-profile", action="store_true", help="measure a quick profile (a few seconds, noisier)"
-    )
-    ap.add_argument("--hop-ms", type=float, default=0.5,
-                    help="one-way loopback latency the cost model uses (default: docs/exec.md's measured hop of the "
-                         "executor with one thread per process, OMP passive, unpinned, as here: 505 us with wire v3)")  # fmt: skip
+    add_host_args(ap)
     args = ap.parse_args()
     model = smollm2_path()
     mp = model_profile_from_gguf(model)
@@ -86,19 +79,9 @@ def main() -> int:
     plan = Plan(model_id="smollm2", n_layers=mp.arch.n_layer, cluster_name="loopback", k=k, n_ctx=N_CTX,
                 devices=make_assignments(names, windows, [0] * len(windows), mp.arch.n_layer), scheduler="manual")  # fmt: skip
 
-    if args.profile:
-        host = load_device(args.profile)
-    else:
-        from prima_sim.devices.profiler import ProfileOptions, profile_device
-        from prima_sim.exec.decode_probe import measure_decode_overhead
-
-        print("measuring a profile of this host ...", file=sys.stderr, flush=True)
-        host = profile_device(ProfileOptions(threads=args.threads, model=mp, quick=args.quick_profile, progress=False,
-                                             disk_dir=Path(tempfile.gettempdir()),
-                                             decode_probe=measure_decode_overhead)).profile  # fmt: skip
-    host = host.model_copy(update={"threads": args.threads})
-    cluster = Cluster(name="loopback", devices=tuple(host.model_copy(update={"name": n}) for n in names),
-                      head=names[0], default_link=LinkSpec(bandwidth_bps=1e9, latency_s=args.hop_ms * 1e-3))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-spec-profile-") as ptmp:
+        host = host_profile(args, model, Path(ptmp))
+    cluster = loopback_cluster(host, len(names), args.hop_ms)
 
     kinds: list[tuple[str, bool, float]] = [("plain", False, 0.0), ("draft = target", True, 0.0)]
     if args.wrong > 0:
