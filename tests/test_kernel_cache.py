@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -249,8 +250,28 @@ def test_reread_fraction_has_the_measured_regimes():
     assert reread_fraction(0.66, 1, ws_bytes=ws, overshoot_s=2.0) == 1.0
     # large caches keep most of their active share (inactive_ratio grows with the size)
     assert reread_fraction(0.5, 1, ws_bytes=40e9) < 0.6
-    assert reread_fraction(0.3, 2, True, window_ratio=1.2) > 1.6, "prefetch of a window larger than the cache"
+    # prefetch: once per byte while every window fits the cache, plus 0.65 of each window well above it
+    assert reread_fraction(0.3, 2, True, window_ratio=1.5) == pytest.approx(1.65), "both windows overflow"
     assert reread_fraction(0.6, 2, True, window_ratio=0.8) == 1.0
+    assert reread_fraction(0.6, 2, True, window_ratio=1.0) == 1.0, "a window as large as the cache: read once"
+
+
+def test_prefetch_rereads_only_the_windows_above_the_room():
+    """The emulation's head: a small window and the logits window larger than the room (measured per token:
+    [98, 177] MiB in 125 MiB read 355, in 101 MiB 403; [65, 144] in 150 MiB 198, in 126 MiB 278)."""
+    from prima_sim.devices.behaviour import overflow_reread_bytes, paging_fraction
+
+    def reads(windows, room):
+        over = float(overflow_reread_bytes(np.asarray(windows, float) * MIB, room * MIB, True).sum())
+        m = sum(windows) * MIB
+        return float(paging_fraction(m, room * MIB, True, over, True, 250e6)) * m / MIB
+
+    assert reads([98, 177], 125) == pytest.approx(98 + 177 + 0.65 * 177)  # 390: +10% of 355
+    assert reads([98, 177], 101) == pytest.approx(390.05)  # -3% of 403
+    assert reads([65, 144], 150) == pytest.approx(209)  # the window fits: one read per byte (198)
+    assert 209 < reads([65, 144], 126) < 0.1 * 209 + 278  # 1.14x the room: part of it (278)
+    # a plain LRU keeps nothing of a window larger than the cache
+    assert float(overflow_reread_bytes(200.0, 100.0, False)) == 200.0
 
 
 def test_reread_fraction_validates_its_inputs():

@@ -123,22 +123,27 @@ def test_dropping_devices_lowers_simulated_tpot_on_d1_d6(model):
 
 
 def test_where_the_simulation_departs_from_the_cost_model_it_says_why(llama70):
-    """prefetch-4x8g with 3.0 GiB per device and k = 4: each window is about as large as the room left for it, and
-    the head's last window (with the output head) larger. The cost model follows what Linux measurably does with
-    a window larger than its room (docs/pagecache.md: the advice evicts its own reads and faults read them again,
-    up to twice per byte), and so does the simulator on that device (sim/self_eviction.py: the kernel model's
-    replay); on the others the simulator's LRU page cache gets each prefetch in time and reads every byte once,
-    less than the cost model's margin. The result says so, device by device."""
+    """prefetch-4x8g with 3.0 GiB per device and k = 4: each window is about 0.8 of the room left for it, and the
+    head's last window (with the output head) 1.17x. The cost model re-reads part of that window (the self-eviction
+    fitted on the emulation and the pagecache grid: docs/pagecache.md); the simulator replays the kernel model on
+    that device (sim/self_eviction.py), which reads the head's weights about twice here (the 1 MiB replay of GB
+    windows cascades into the windows beside it; no measurement at this size says which is right); on the others
+    the simulator's LRU page cache gets each prefetch in time and reads every byte once, as the cost model. The
+    result says so, device by device."""
     c = load_cluster("prefetch-4x8g")
     c = c.model_copy(update={"devices": tuple(d.model_copy(update={"ram_available_bytes": int(3.0 * 2**30)})
                                               for d in c.devices)})  # fmt: skip
     res = simulate(manual_plan(c, llama70, WL, [5, 5, 5, 5]), c, llama70, WL)
     head = res.device_stats[res.plan.head]
     assert head["sim_disk_bytes_per_decode_token"] > 1.8 * head["mapped_weight_bytes"], "the head reads twice"
-    assert head["sim_disk_bytes_per_decode_token"] == pytest.approx(
-        head["analytic_disk_bytes_per_token"], rel=0.1
+    assert (
+        head["mapped_weight_bytes"]
+        < head["analytic_disk_bytes_per_token"]
+        < 1.3 * head["mapped_weight_bytes"]
     )
     lines = res.differences()
+    assert any(line.startswith(f"{res.plan.head}: reads") and "where the cost model re-reads" in line
+               for line in lines)  # fmt: skip
     for name, st in res.device_stats.items():
         if st["sim_disk_bytes_per_decode_token"] < 0.95 * st["analytic_disk_bytes_per_token"] - 1e6:
             assert any(

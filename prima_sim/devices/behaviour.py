@@ -33,14 +33,15 @@ and has ``C`` bytes of page cache for them. When everything fits nothing is read
 ring touches the weights cyclically once per token, and what is read again is what Linux's reclaim decides
 (docs/pagecache.md: measured on 140 points and modelled from mm/vmscan.c and mm/workingset.c): near a fit
 (``C/W`` above about 0.8) every byte, as an LRU would; further below, about ``1 - (frozen active part)/W``; and
-with prefetch of several windows about one read per byte while a window fits in the cache, up to two when it
-does not (the advice evicts its own reads). Neither "the overflow only" (prima.cpp) nor "always everything"
+with prefetch of several windows one read per byte, plus part of each window larger than the cache read again
+(the advice evicts its own reads: :data:`SELF_EVICTION`). Neither "the overflow only" (prima.cpp) nor "always everything"
 (LRU). A Metal working set reloads whole, and macOS without Metal is taken as an LRU (not measured).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,24 +144,25 @@ class MemoryBehaviour:
 
     # --- paging ---------------------------------------------------------------------------------------------
     def reread_fraction(self, mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool | np.ndarray,
-                        largest_window: ArrayOrFloat) -> ArrayOrFloat:  # fmt: skip
+                        overflow: ArrayOrFloat) -> ArrayOrFloat:  # fmt: skip
         """Bytes re-read per token over ``mapped`` (:func:`paging_fraction` with this device's rules)."""
-        out = paging_fraction(mapped, room, prefetching, largest_window, self.kernel_lru, self.fault_bps)
+        out = paging_fraction(mapped, room, prefetching, overflow, self.kernel_lru, self.fault_bps)
         return float(out) if out.ndim == 0 else out
 
     def reread_bytes(
-        self,
-        mapped: float,
-        room: float,
-        k: int = 1,
-        prefetching: bool = False,
-        largest_window: float | None = None,
+        self, mapped: float, room: float, prefetching: bool = False, windows: Sequence[float] = ()
     ) -> float:
-        """Bytes re-read from disk per token (:meth:`reread_fraction` x ``mapped``)."""
+        """Bytes re-read from disk per token (:meth:`reread_fraction` x ``mapped``); ``windows``: the mapped bytes of
+        each of the device's windows (a prefetching device re-reads part of those larger than the room)."""
         if mapped <= fit_limit(room, self.kernel_lru) + 0.5:
             return 0.0
-        lw = mapped / k if largest_window is None else largest_window
-        return float(self.reread_fraction(mapped, room, prefetching, lw)) * mapped
+        overflow = self.overflow_bytes(windows, room) if prefetching else 0.0
+        return float(self.reread_fraction(mapped, room, prefetching, overflow)) * mapped
+
+    def overflow_bytes(self, windows: Sequence[float], room: float) -> float:
+        """Bytes a prefetching device reads a second time per token because windows exceed its room
+        (:func:`overflow_reread_bytes` summed over ``windows``)."""
+        return float(np.sum(overflow_reread_bytes(np.asarray(windows, dtype=float), room, self.kernel_lru)))
 
     def read_seconds(self, nbytes: float) -> float:
         """Seconds the device's disk needs to read ``nbytes`` through page faults or prefetch."""
@@ -213,7 +215,6 @@ OVERSHOOT_S = 0.075
 reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
 fitted on the grid (50-100 ms of reads at 500 MB/s); polling ``memory.stat`` every 2 s instead of 0.1 s did not
 change it measurably."""
-CASCADE_START, CASCADE_SPAN = 0.85, 0.3
 NEAR_FIT_MARGIN = 0.03
 """Linux starts re-reading a device's weights before they fill its page cache: weights within this fraction of the
 room are paged as at a near fit (every byte re-read per token, about one read with prefetch). Measured in the
@@ -222,8 +223,40 @@ emulation (memory cgroups, llama.cpp): margins of 5.4-5.6 MiB on 98-131 MiB of w
 reclaim of the cgroup's other file pages, the runtime's libraries among them, and its batching). A planner that
 packs a device to the byte of its room gets a plan 2-3x slower than predicted; with the margin it pays for it.
 Linux only (a kernel LRU); on real devices of GBs it is also the headroom other programs need."""
-"""Prefetch of a window of ``w`` x the cache reads it ``1 + clamp((w - 0.85) / 0.3, 0, 1)`` times (fitted on the
-grid's 46 prefetch points: 1.05-1.19 below 0.8, 1.4-1.66 at 0.9-1.05, 1.95 from 1.2 on)."""
+SELF_EVICTION = {True: (0.65, 1.0, 0.25), False: (1.0, 1.0, 0.15)}
+"""A prefetching device re-reads part of each window larger than its page cache: ``share x clamp((w / C - start) /
+span, 0, 1)`` of the window's ``w`` bytes, by kernel (Linux's two-list LRU: True; a plain LRU: False).
+
+Linux: the advice of a window larger than the room evicts its own completed reads (not mapped, not young) before
+the young pages of the window that just ran, and the window's faults read them again
+(:mod:`prima_sim.sim.self_eviction`). Fitted on the bytes per token measured on every prefetching device of the
+emulation suite (19 devices, windows of 33-228 MiB of which the largest is 0.66-1.85x the room: median error 5.6%,
+15 of 19 within 10%) and the bench_pagecache grid's 46 prefetch points (equal windows of 98-702 MiB: median
+7.6%); the cascade this replaced, ``1 + clamp((largest / C - 0.85) / 0.3, 0, 1)`` of every window, had 36% and
+7.7%. From 1.25x the room about 0.65 of a window is read twice, as the kernel model's replay
+(:func:`~prima_sim.sim.kernel_cache.replay_cyclic`) also gives (0.4-0.9 at 1.2-2x). Just above the room the
+kernel's outcome is chaotic (1.0-1.7 reads per byte in identical runs: docs/pagecache.md); the ramp starts at the
+room, not later, so that the planner does not pack windows onto that cliff. A plain LRU re-reads all of a window
+larger than the cache (its cyclic scan keeps nothing)."""
+
+
+def overflow_reread_bytes(
+    window: ArrayOrFloat, room: ArrayOrFloat, kernel_lru: bool | np.ndarray
+) -> np.ndarray:
+    """Bytes a prefetching device reads a second time per token of one window of ``window`` bytes through ``room``
+    bytes of page cache (elementwise: :data:`SELF_EVICTION`)."""
+    w = np.asarray(window, dtype=float)
+    c = np.maximum(np.asarray(room, dtype=float), 1.0)
+    lru = np.asarray(kernel_lru)
+    share, start, span = (np.where(lru, SELF_EVICTION[True][i], SELF_EVICTION[False][i]) for i in range(3))
+    out: np.ndarray = w * share * np.clip((w / c - start) / span, 0.0, 1.0)
+    return out
+
+
+def prefetch_start(kernel_lru: bool | np.ndarray) -> np.ndarray:
+    """The largest window, as a fraction of the room, that a prefetching device reads once per token."""
+    out: np.ndarray = np.where(np.asarray(kernel_lru), SELF_EVICTION[True][1], SELF_EVICTION[False][1])
+    return out
 
 
 def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_bytes: float = 1 << 30,
@@ -232,16 +265,14 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
     """Bytes a device reads from disk per decode token, as a fraction of its working set (the bytes of its
     windows), under Linux's page cache (two-list LRU, no MGLRU, no swap, llama.cpp's mmap load). The closed form
     of :class:`KernelCache`'s regimes, for the analytic cost model; docs/pagecache.md has the measurements it is
-    checked against (fitted on it: median error 2.5%, 96 of 120 paging runs within 10%; the kernel itself varies up
-    to 20-45% between identical runs at some points).
+    checked against (the kernel itself varies up to 20-45% between identical runs at some points).
 
     With ``C`` the page cache the device's windows get and ``W`` their bytes (``cache_ratio = C / W``):
 
-    * ``C >= W``: 0 (nothing is evicted once loaded).
-    * **Prefetch with several windows** (``prefetch`` and ``k > 1``): about one read per byte, and up to two when
-      the advised window is larger than the cache (``window_ratio`` = largest window / C, default ``W / (k C)``):
-      the advice evicts its own completed reads, demand faults then evict the rest ahead of use:
-      ``1 + clamp((window_ratio - 0.85) / 0.3, 0, 1)``.
+    * ``C >= W`` (less :data:`NEAR_FIT_MARGIN`): 0 (nothing is evicted once loaded).
+    * **Prefetch with several windows** (``prefetch`` and ``k > 1``): one read per byte, plus the part of each
+      window larger than the cache that the advice evicts before it is used (:data:`SELF_EVICTION`). The largest
+      window is ``window_ratio x C`` (default ``W / k``); the other ``k - 1`` share the rest equally.
     * **Near fit** (``C / W >= 2 / (2 + s)``, ``s = R / (R + 1)`` the active share of a balanced cache,
       ``R = inactive_ratio(C)``: 0.8 below 1 GiB, 0.73 at 1-2 GiB): refaults are recent, the active list churns
       and the whole window is read every token: 1.
@@ -265,8 +296,11 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
             '"cache_ratio", "ws_bytes" and "disk_bps" must be > 0, "overshoot_s" >= 0 and "k" >= 1'
         )
     cache = cache_ratio * ws_bytes
-    window = (window_ratio * cache) if window_ratio is not None else ws_bytes / k
-    return float(paging_fraction(ws_bytes, cache, prefetch and k > 1, window, True, disk_bps, overshoot_s))
+    largest = min(ws_bytes, window_ratio * cache) if window_ratio is not None else ws_bytes / k
+    rest = [(ws_bytes - largest) / (k - 1)] * (k - 1) if k > 1 else []
+    pf = prefetch and k > 1
+    overflow = float(np.sum(overflow_reread_bytes(np.asarray([largest, *rest]), cache, True))) if pf else 0.0
+    return float(paging_fraction(ws_bytes, cache, pf, overflow, True, disk_bps, overshoot_s))
 
 
 def frozen_active_bytes(
@@ -292,24 +326,22 @@ def frozen_active_bytes(
 
 
 def paging_fraction(mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool | np.ndarray,
-                    largest_window: ArrayOrFloat, kernel_lru: bool | np.ndarray, disk_bps: ArrayOrFloat,
+                    overflow: ArrayOrFloat, kernel_lru: bool | np.ndarray, disk_bps: ArrayOrFloat,
                     overshoot_s: float = OVERSHOOT_S) -> np.ndarray:  # fmt: skip
-    """Bytes re-read per token over ``mapped`` (elementwise; numpy broadcasting): ``mapped`` bytes of weights,
-    the largest window of them ``largest_window`` bytes, read once per token through ``room`` bytes of page
-    cache (the rules of :func:`reread_fraction`).
+    """Bytes re-read per token over ``mapped`` (elementwise; numpy broadcasting): ``mapped`` bytes of weights read
+    once per token through ``room`` bytes of page cache (the rules of :func:`reread_fraction`).
 
-    ``prefetching``: the device advises its next window while the others work; ``kernel_lru``: Linux's two-list
-    page cache (its frozen active part below a near fit), else a plain LRU (a Metal working set, macOS).
+    ``prefetching``: the device advises its next window while the others work, and reads each byte once plus
+    ``overflow`` bytes (:func:`overflow_reread_bytes` of its windows); ``kernel_lru``: Linux's two-list page
+    cache (its frozen active part below a near fit), else a plain LRU (a Metal working set, macOS).
     """
     m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
     c = np.maximum(np.asarray(room, dtype=float), 1.0)
     below = 1.0 - frozen_active_bytes(m, c, kernel_lru, disk_bps, overshoot_s) / m
-    cascade = 1.0 + np.clip(
-        (np.asarray(largest_window, dtype=float) / c - CASCADE_START) / CASCADE_SPAN, 0.0, 1.0
-    )
-    f = np.where(prefetching, cascade, below)
+    once = 1.0 + np.maximum(np.asarray(overflow, dtype=float), 0.0) / m
+    f = np.where(prefetching, once, below)
     # within NEAR_FIT_MARGIN of the room Linux already re-reads: the near-fit regime (nothing frozen there, so
-    # ``below`` is 1; ``cascade`` is at least 1)
+    # ``below`` is 1; ``once`` is at least 1)
     out: np.ndarray = np.where(m > fit_limit(c, kernel_lru) + 0.5, f, 0.0)
     return out
 

@@ -477,8 +477,8 @@ def device_paging(
     another device (the advice follows each send).
     """
     prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
-    largest = max((window_paged_bytes(costs, a, r) for r in a.layers), default=0.0)
-    reread = costs.memory.reread_bytes(use.mapped_ram, use.room, len(a.layers), prefetching, largest)
+    windows = [window_paged_bytes(costs, a, r) for r in a.layers] if prefetching else []
+    reread = costs.memory.reread_bytes(use.mapped_ram, use.room, prefetching, windows)
     hidden = min(reread, use.mapped_ram) if prefetching else 0.0
     return Paging(reread, hidden, reread - hidden, prefetching)
 
@@ -579,7 +579,8 @@ def step_breakdown(
         emb = model.embedding_row_bytes * n_tokens if a.name == plan.head else 0.0
         read_b = pg.reread + emb
         reads[a.name] = (read_b, c.memory.read_seconds(read_b), pg.prefetching and pg.hidden > 0)
-        load = c.memory.read_seconds(pg.hidden)
+        # one disk serves the advice and the faults: a prefetching device's token lasts at least all its reads
+        load = c.memory.read_seconds(read_b) if pg.hidden > 0 else 0.0
         if load > load_bound:
             load_bound, bound = load, f"disk of {a.name}"
         # faults stall the device's own compute, which overlaps the disk through readahead

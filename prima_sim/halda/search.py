@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prima_sim.devices.behaviour import CASCADE_START, paging_fraction
+from prima_sim.devices.behaviour import overflow_reread_bytes, paging_fraction, prefetch_start
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.halda.costmodel import DeviceCosts, head_extra_bytes, hop_time
@@ -239,11 +239,12 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     # paging (costmodel.device_paging): with several windows and another device to hand its activations to,
     # a device prefetches; the head alone never does, and the DP never lets it run k > 1
     prefetching = prefetch and k >= 2
-    largest = (_largest_window_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"])
-               if prefetching else mapped)  # fmt: skip
-    reread = paging_fraction(mapped, room, prefetching, largest, col["kernel_lru"], col["bps"]) * mapped
+    overflow = (_overflow_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"], room,
+                                col["kernel_lru"]) if prefetching else np.zeros_like(mapped))  # fmt: skip
+    reread = paging_fraction(mapped, room, prefetching, overflow, col["kernel_lru"], col["bps"]) * mapped
     hidden = np.minimum(reread, mapped) if prefetching else np.zeros_like(reread)
-    load = hidden / col["bps"]
+    # one disk serves the advice and the faults (costmodel.step_breakdown)
+    load = np.where(hidden > 0, (reread + col["emb"]) / col["bps"], 0.0)
     chain = work + np.maximum(0.0, (reread - hidden + col["emb"]) / col["bps"] - work)
     full_chain = np.full((M, C, W + 1, W + 1), INF)
     full_chain[:, :, si, ei] = np.where(ok, chain, INF)
@@ -254,10 +255,11 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     return KTables(ra.names, full_n, full_chain, full_load)
 
 
-def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.ndarray, m: np.ndarray, k: int,
-                          W: int, head_b: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Mapped bytes (layers [s, m) of each round) of the largest of every device's k windows, the head's last
-    one with the output head (:func:`prima_sim.halda.costmodel.prefetches`)."""
+def _overflow_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.ndarray, m: np.ndarray, k: int, W: int,
+                    head_b: np.ndarray, room: np.ndarray, kernel_lru: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Bytes every device re-reads per token because some of its k windows (layers [s, m) of each round, the
+    head's last one with the output head) exceed its room (:func:`overflow_reread_bytes`, as
+    :func:`prima_sim.halda.costmodel.device_paging`)."""
     shape = np.broadcast(dev, s, e, m).shape
     offs = (np.arange(k) * W).reshape((k,) + (1,) * len(shape))
     row = dev * lb.shape[1]
@@ -265,7 +267,7 @@ def _largest_window_bytes(lb: np.ndarray, dev: np.ndarray, s: np.ndarray, e: np.
     per_round = np.take(flat, (row + offs + m).ravel()).reshape((k, *shape))
     per_round -= np.take(flat, np.broadcast_to(row + offs + s, (k, *shape)).ravel()).reshape((k, *shape))
     per_round[-1] += np.where(e == W, head_b, 0.0)
-    out: np.ndarray = per_round.max(axis=0)
+    out: np.ndarray = overflow_reread_bytes(per_round, room, kernel_lru).sum(axis=0)
     return out
 
 
@@ -335,7 +337,7 @@ def gpu_counts_approximate(costs: DeviceCosts) -> bool:
 def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: int, buf_cpu: float,
                          head_b: float, W: int) -> np.ndarray:  # fmt: skip
     """Per window [s, e) of a discrete-GPU device: the fewest GPU layers with which every one of its k windows
-    fits the page cache left for it well enough to be prefetched with one read per byte (``CASCADE_START`` of
+    fits the page cache left for it well enough to be prefetched with one read per byte (``prefetch_start`` of
     it; bisection: both sides only improve as layers move to the GPU)."""
     mem = costs.memory
     w = e - s
@@ -351,7 +353,7 @@ def _fewest_for_prefetch(costs: DeviceCosts, s: np.ndarray, e: np.ndarray, k: in
         room = np.maximum(base, 0.0) + np.clip(mem.swap_out_first_bytes + np.minimum(base, 0.0), 0.0, None)
         per_round = lb[offs + m] - lb[offs + s]
         per_round[-1] += head_last
-        ok: np.ndarray = per_round.max(axis=0) <= CASCADE_START * room
+        ok: np.ndarray = per_round.max(axis=0) <= prefetch_start(mem.kernel_lru) * room
         return ok
 
     lo, hi = np.zeros_like(w), w + 1
