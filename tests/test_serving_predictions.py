@@ -256,3 +256,51 @@ def test_simulate_concurrency_prints_the_simulators_figures(tmp_path: Path) -> N
     assert [p["concurrency"] for p in pts] == [1, 2]
     assert all(p["sim_tpot_s"] > 0 and p["sim_throughput_tps"] > 0 for p in pts)
     assert pts[1]["sim_throughput_tps"] > pts[0]["sim_throughput_tps"]
+
+
+# --- speculative decoding in the simulator -------------------------------------------------------------------
+def test_simulated_speculation_follows_the_cost_model(setup) -> None:
+    """The simulator drafts on the head, verifies draft_max + 1 rows in one pass, and draws each pass's acceptances;
+    with none or all accepted it must land on the cost model's figure, in between on its expectation."""
+    from prima_sim.sim import SimConfig, simulate
+
+    plan, cluster, model, wl = setup
+    draft = load_model_arg("smollm2-135m")
+    quiet = SimConfig(record_spans=False)
+    for accept in (0.0, 1.0):
+        wl20 = wl.with_decode_tokens(20)  # 20 = 4 passes of 5 tokens when all are accepted
+        res = simulate(plan, cluster, model, wl20, SimConfig(record_spans=False, draft_max=4, accept=accept),
+                       draft=draft)  # fmt: skip
+        s = speculation(plan, cluster, model, wl20, draft, accept, 4)
+        assert res.tokens_per_pass == s.expected_tokens
+        assert res.tpot_s == pytest.approx(s.tpot_s, rel=0.05)
+    wl400 = wl.with_decode_tokens(400)
+    res = simulate(
+        plan, cluster, model, wl400, SimConfig(record_spans=False, draft_max=4, accept=0.7), draft=draft
+    )
+    assert sum(res.produced) == 400
+    assert res.tokens_per_pass == pytest.approx(expected_tokens(0.7, 4), rel=0.1)
+    again = simulate(
+        plan, cluster, model, wl400, SimConfig(record_spans=False, draft_max=4, accept=0.7), draft=draft
+    )
+    assert again.produced == res.produced, "acceptances come from the seeded stream"
+    plain = simulate(plan, cluster, model, wl400, quiet)
+    assert not plain.produced and plain.tokens_per_pass == 1.0
+    with pytest.raises(ValueError, match="draft"):
+        simulate(plan, cluster, model, wl400, SimConfig(draft_max=4))
+    for bad in ({"draft_max": -1}, {"accept": 1.5}, {"draft_max": 2, "concurrency": 2}):
+        with pytest.raises(ValueError):
+            SimConfig(**bad)
+    assert "draft_max" not in SimConfig().to_dict() and SimConfig(draft_max=3).to_dict()["draft_max"] == 3
+
+
+def test_simulate_draft_prints_the_simulators_figures(tmp_path: Path) -> None:
+    r = _cli("simulate", "--model", "llama3-8b", "--tokens", "12", "--draft", "smollm2-135m", "--accept", "0.8",
+             "--no-gantt", "--json", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["speculation"]
+    assert s["sim_tpot_s"] > 0 and 1.0 <= s["sim_tokens_per_pass"] <= 5.0 and s["sim_speedup"] > 0
+    assert s["sim_plain_tpot_s"] == pytest.approx(s["plain_tpot_s"], rel=0.05)
+    r = _cli("simulate", "--model", "llama3-8b", "--tokens", "12", "--draft", "smollm2-135m", "--accept", "0.8",
+             "--no-gantt", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "simulated (acceptances drawn at 0.80)" in r.stdout

@@ -339,6 +339,10 @@ def print_serving(obj: dict[str, Any]) -> None:
               f"{s['accept']:.2f}; cost model): {s['expected_tokens_per_pass']:.2f} tokens per verification pass of "
               f"{s['verify_s'] * 1e3:.1f} ms, draft {s['draft_s'] * 1e3:.1f} ms/token: TPOT {s['tpot_s'] * 1e3:.1f} ms "
               f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip
+        if "sim_tpot_s" in s:
+            print(f"  simulated (acceptances drawn at {s['accept']:.2f}): {s['sim_tokens_per_pass']:.2f} tokens per pass, "
+                  f"TPOT {s['sim_tpot_s'] * 1e3:.1f} ms against {s['sim_plain_tpot_s'] * 1e3:.1f} ms "
+                  f"({s['sim_speedup']:.2f}x)")  # fmt: skip
 
 
 BATCH_HELP = "prefill batch: tokens per message through the ring (the --ubatch of plan and simulate)"

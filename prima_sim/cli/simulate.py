@@ -13,6 +13,7 @@ from typing import Any
 from prima_sim.cli.common import (
     add_serving_args,
     add_workload_args,
+    charge_draft_arg,
     check_number,
     load_cluster_arg,
     load_model_arg,
@@ -250,16 +251,33 @@ def print_report(res: SimResult, wall_s: float, paths: dict[str, Path] | None) -
 
 
 def simulate_serving(serving: dict[str, Any], plan: Plan, cluster: Cluster, model: ModelProfile, wl: Workload,
-                     cfg: SimConfig, res: SimResult) -> None:  # fmt: skip
+                     cfg: SimConfig, res: SimResult, draft: ModelProfile | None = None,
+                     draft_arg: Any = None) -> None:  # fmt: skip
     """Add the simulator's figures to each ``--concurrency`` level of ``serving``: the plan simulated with that many
     sequences generated together (``SimConfig.concurrency``), their TPOT (the median decode pass) and aggregate
-    tokens/s (every sequence's ``decode_tokens + 1`` tokens over the run, prefill included)."""
+    tokens/s (every sequence's ``decode_tokens + 1`` tokens over the run, prefill included); and to its
+    ``speculation`` (``draft``, ``draft_arg`` the parsed arguments naming it): the plan simulated with the draft
+    (``SimConfig.draft_max``), its TPOT (decode time over tokens produced), tokens per verification pass as drawn
+    at the acceptance rate, and the plain TPOT it is compared with, both on the cluster charged for the draft."""
     for p in serving.get("concurrency", []):
         n = p["concurrency"]
         r = res if n == cfg.concurrency else simulate(plan, cluster, model, wl,
                                                        replace(cfg, concurrency=n, record_spans=False))  # fmt: skip
         p["sim_tpot_s"] = r.tpot_s
         p["sim_throughput_tps"] = n * (wl.decode_tokens + 1) / r.sim_time_s if r.sim_time_s > 0 else math.inf
+    spec = serving.get("speculation")
+    if spec is not None and draft is not None:
+        # the head holds the draft beside its share (as the cost model's figures); plain and speculative alike
+        charged = charge_draft_arg(cluster, wl, draft_arg)
+        plan = plan.model_copy(update={"cluster_fingerprint": charged.fingerprint()})  # the same devices
+        quiet = replace(cfg, record_spans=False, concurrency=1)
+        plain = simulate(plan, charged, model, wl, quiet)
+        r = simulate(plan, charged, model, wl, replace(quiet, draft_max=spec["draft_max"], accept=spec["accept"]),
+                     draft=draft)  # fmt: skip
+        spec["sim_tpot_s"] = r.tpot_s
+        spec["sim_tokens_per_pass"] = r.tokens_per_pass
+        spec["sim_plain_tpot_s"] = plain.tpot_s
+        spec["sim_speedup"] = plain.tpot_s / r.tpot_s if r.tpot_s > 0 else math.inf
 
 
 def run(args: argparse.Namespace) -> int:
@@ -275,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
 
         paths.update(draw_simulation(res, args.out))
     serving = serving_predictions(plan, cluster, model, wl, args)
-    simulate_serving(serving, plan, cluster, model, wl, cfg, res)
+    draft = load_model_arg(args.draft) if "speculation" in serving else None
+    simulate_serving(serving, plan, cluster, model, wl, cfg, res, draft, args)
     if args.json:
         obj = res.summary()
         if paths:

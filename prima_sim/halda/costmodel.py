@@ -796,6 +796,14 @@ class SpeculationPrediction:
         return self.plain_tpot_s / self.tpot_s if self.tpot_s > 0 else math.inf
 
 
+def draft_token_s(head: DeviceProfile, draft: ModelProfile, workload: Workload) -> float:
+    """Seconds one drafted token costs on the head: every layer of the draft model on its CPU, one token, weights
+    in memory, and its output head."""
+    dc = DeviceCosts(head, draft, workload)
+    comp, mem = dc.layer_sums(1).window(0, draft.arch.n_layer, 0)
+    return comp + mem + dc.head_time(1, 1).total_s
+
+
 def expected_tokens(accept: float, draft_max: int) -> float:
     """Tokens per verification pass when each of ``draft_max`` drafted tokens is accepted with probability
     ``accept`` until the first rejection (the ring's own token always counts): (1 - a^(d+1)) / (1 - a)."""
@@ -821,9 +829,7 @@ def speculation(
         raise ValueError(f"draft_max must be at least 1, got {draft_max}")
     plain = step_breakdown(plan, cluster, model, workload, 1, prefetch=prefetch)
     verify = pass_breakdown(plan, cluster, model, workload, draft_max + 1, draft_max + 1, prefetch=prefetch)
-    dc = DeviceCosts(cluster.device(plan.head), draft, workload)
-    comp, mem = dc.layer_sums(1).window(0, draft.arch.n_layer, 0)
-    draft_s = comp + mem + dc.head_time(1, 1).total_s
+    draft_s = draft_token_s(cluster.device(plan.head), draft, workload)
     e = expected_tokens(accept, draft_max)
     inf = bool(plain.infeasible or verify.infeasible)
     tpot = math.inf if inf else (verify.total_s + draft_max * draft_s) / e

@@ -69,6 +69,12 @@ class SimConfig:
             sequence's token, as always; above 1 every window is charged the cost model's pass of rows
             (:func:`prima_sim.halda.costmodel.pass_breakdown`: one row's roofline plus each further row's
             arithmetic), the output head one row of logits per sequence, the head one sampling per sequence.
+        draft_max: speculative decoding (``prima-sim serve --draft``; 0 = none; needs ``simulate(..., draft=)``):
+            before each decode pass the head runs the draft model ``draft_max`` times, then the ring verifies the
+            ``draft_max + 1`` rows in one pass (a pass of rows, as with ``concurrency``, with a row of logits each)
+            and the pass yields the drafts accepted before the first rejection plus the ring's own token.
+        accept: the draft's acceptance rate per token (0..1): each pass's acceptances are drawn from the
+            ``"speculation"`` stream, so runs of the same seed accept the same tokens.
     """
 
     prefetch: bool = True
@@ -83,10 +89,20 @@ class SimConfig:
     record_spans: bool = True
     page_cache: str = "linux"
     concurrency: int = 1
+    draft_max: int = 0
+    accept: float = 1.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f'"concurrency" must be >= 1, got {self.concurrency}')
+        if self.draft_max < 0:
+            raise ValueError(f'"draft_max" must be >= 0, got {self.draft_max}')
+        if not 0.0 <= self.accept <= 1.0:
+            raise ValueError(f'"accept" must be in [0, 1], got {self.accept}')
+        if self.draft_max and self.concurrency > 1:
+            raise ValueError(
+                '"draft_max" (speculative decoding) works with one sequence: set "concurrency" to 1'
+            )
         if self.chunk_bytes < PAGE_BYTES:
             raise ValueError(f'"chunk_bytes" must be >= {PAGE_BYTES}, got {self.chunk_bytes}')
         if not 0.0 <= self.jitter <= 1.0:
@@ -99,11 +115,13 @@ class SimConfig:
             raise ValueError(f'"page_cache" must be "linux" or "lru", got {self.page_cache!r}')
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary (for summaries; ``concurrency`` only above 1, so summaries of one sequence read as
-        before it existed)."""
+        """Plain dictionary (for summaries; ``concurrency`` only above 1 and the speculation settings only with a
+        draft, so summaries of one plain sequence read as before they existed)."""
         out = asdict(self)
         if self.concurrency == 1:
             del out["concurrency"]
+        if self.draft_max == 0:
+            del out["draft_max"], out["accept"]
         return out
 
 

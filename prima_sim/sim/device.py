@@ -347,7 +347,7 @@ class SimDevice:
         gf = self.gpu.jitter.factor() if self.gpu is not None else 1.0
         n, n_kv = msg.n_tokens, msg.n_kv
         cpu, gpu = self.cpu, self.gpu
-        rows = self.ring.cfg.concurrency > 1  # passes of several sequences' rows (SimConfig.concurrency)
+        rows = self.ring.row_passes  # passes of several rows (SimConfig.concurrency, speculation)
         times = []
         for layer, on_gpu in work.slots:
             if on_gpu:
@@ -388,7 +388,7 @@ class SimDevice:
             out = self.costs.head_time(0, 1).total_s
             self._out_s[key] = (out, full - out)
         t = self._out_s[key][0]
-        logits = min(self.ring.cfg.concurrency, msg.n_tokens)
+        logits = self.ring.logit_rows(msg)
         if logits > 1:
             t += (logits - 1) * self.costs.logits_row_s()
         t *= self.cpu.jitter.factor()
@@ -430,6 +430,14 @@ class SimDevice:
         t0 = env.now
         yield env.timeout(t)
         self.ring.rec.add(self.name, HEAD, t0, env.now, step, "embed")
+
+    def draft(self, n: int, draft_s: float, step: int) -> Proc:
+        """The draft model proposes ``n`` tokens on the head's CPU, ``draft_s`` seconds each (speculation)."""
+        t = n * draft_s * self.cpu.jitter.factor()
+        self.cpu.busy_s += t
+        t0 = self.env.now
+        yield self.env.timeout(t)
+        self.ring.rec.add(self.name, HEAD, t0, self.env.now, step, "draft")
 
     def sample(self, step: int, rows: int = 1) -> Generator[simpy.Event, Any, int]:
         """Pick the next token of each of ``rows`` sequences from their logits (one pass over ``n_vocab`` floats

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import simpy
 from simpy.core import NORMAL, EventPriority
 
@@ -23,13 +24,14 @@ from prima_sim.halda.costmodel import (
     DeviceCosts,
     MemoryUse,
     check_memory,
+    draft_token_s,
     memory_use,
     predict,
     step_breakdown,
     window_paged_bytes,
 )
 from prima_sim.plan import DeviceAssignment, LayerRange, Plan, Prediction
-from prima_sim.sim.config import SimConfig
+from prima_sim.sim.config import SimConfig, component_rng
 from prima_sim.sim.device import SimDevice, cache_capacity
 from prima_sim.sim.layout import build_layout
 from prima_sim.sim.network import Network
@@ -126,9 +128,18 @@ class Simulation:
     """
 
     def __init__(self, plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
-                 config: SimConfig | None = None, analytic: Prediction | None = None) -> None:  # fmt: skip
+                 config: SimConfig | None = None, analytic: Prediction | None = None,
+                 draft: ModelProfile | None = None) -> None:  # fmt: skip
         self.cfg = config or SimConfig()
         self.analytic = analytic
+        self.draft_s = 0.0
+        if self.cfg.draft_max:
+            if draft is None:
+                raise ValueError(
+                    'speculative decoding ("draft_max") needs the draft model: simulate(..., draft=...)'
+                )
+            self.draft_s = draft_token_s(cluster.device(plan.head), draft, workload)
+        self.produced: list[int] = []
         plan.check_against(cluster, model, workload)
         problems = check_memory(plan, cluster, model, workload)
         if problems:
@@ -204,9 +215,14 @@ class Simulation:
             int(x) for x in head.sampler.integers(0, self.model.arch.n_vocab, c * self.workload.prompt_tokens)
         ]
         next_token = 0
-        for st in steps_for(self.workload, c):
+        d = cfg.draft_max
+        accept_rng = component_rng(cfg.seed, "speculation")
+        produced = 0
+        for st in self._steps():
             ring.begin_step(st.index)
-            ids = prompt if st.phase == "prefill" else [next_token] * c
+            if st.phase == "decode" and d:
+                yield from head.draft(d, self.draft_s, st.index)
+            ids = prompt if st.phase == "prefill" else [next_token] * st.n_tokens
             done = 0
             for n, n_kv in st.batches:
                 yield from head.embed(ids[done : done + n], st.index)
@@ -228,7 +244,27 @@ class Simulation:
                     head.last_done = env.now
                 yield batch_done
             self.steps.append((st.index, st.phase, st.n_tokens, ring.step_start, env.now))
-            next_token = yield from head.sample(st.index, c)
+            next_token = yield from head.sample(st.index, st.n_tokens if d and st.phase == "decode" else c)
+            if st.phase == "decode" and d:
+                # the drafts accepted before the first rejection, and the ring's own token
+                got = 1 + int(np.argmin(np.append(accept_rng.random(d) < cfg.accept, False)))
+                got = min(got, self.workload.decode_tokens - produced)
+                self.produced.append(got)
+                produced += got
+                if produced >= self.workload.decode_tokens:
+                    return
+
+    def _steps(self) -> Iterator[Step]:
+        """The steps to run: :func:`steps_for`, or with speculation the prefill and then verification passes of
+        ``draft_max + 1`` rows until the workload's decode tokens are out (the driver stops it)."""
+        wl, d = self.workload, self.cfg.draft_max
+        steps = steps_for(wl, self.cfg.concurrency)
+        if not d:
+            yield from steps
+            return
+        yield steps[0]
+        for s in range(1, wl.decode_tokens + 1):  # at least one token per pass
+            yield Step(s, "decode", ((d + 1, wl.prompt_tokens + sum(self.produced) + d + 1),))
 
     def run(self) -> SimResult:
         """Run every step and return what happened."""
@@ -253,16 +289,18 @@ class Simulation:
             config=self.cfg.to_dict(), devices=list(self.devices), spans=spans, steps=list(self.steps),
             disk_read=dict(self.ring.disk_read), device_stats=stats, network=self.net.stats(),
             events=self.env.n_events, lanes=sorted({s.device for s in spans} - set(self.devices)),
-            analytic=analytic,
+            analytic=analytic, produced=list(self.produced),
         )  # fmt: skip
 
 
 def simulate(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
-             config: SimConfig | None = None, analytic: Prediction | None = None) -> SimResult:  # fmt: skip
-    """Simulate ``plan`` for ``workload`` and return spans, per-token rows and a summary.
+             config: SimConfig | None = None, analytic: Prediction | None = None,
+             draft: ModelProfile | None = None) -> SimResult:  # fmt: skip
+    """Simulate ``plan`` for ``workload`` and return spans, per-token rows and a summary (``draft``: the draft
+    model of speculative decoding, with ``SimConfig.draft_max``).
 
     Raises:
         InputError: the plan does not match the cluster, the model or the workload.
         InfeasiblePlanError: the plan's pinned memory or VRAM does not fit.
     """
-    return Simulation(plan, cluster, model, workload, config, analytic).run()
+    return Simulation(plan, cluster, model, workload, config, analytic, draft).run()

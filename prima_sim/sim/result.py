@@ -57,6 +57,8 @@ class SimResult:
         network: per-link and per-medium counters.
         events: SimPy events scheduled.
         analytic: the cost model's prediction of the same plan and workload.
+        produced: with speculative decoding, the tokens each decode step (a verification pass) produced; empty
+            otherwise (one token per decode step).
     """
 
     plan: Plan
@@ -73,6 +75,7 @@ class SimResult:
     events: int
     analytic: Prediction | None = None
     lanes: list[str] = field(default_factory=list)
+    produced: list[int] = field(default_factory=list)
 
     # --- views ---------------------------------------------------------------------------------------------------
     @cached_property
@@ -87,9 +90,17 @@ class SimResult:
 
     @property
     def tpot_s(self) -> float:
-        """Median time per output token over the decode steps (as :func:`prima_sim.metrics.summarize`)."""
+        """Median time per output token over the decode steps (as :func:`prima_sim.metrics.summarize`); with
+        speculative decoding (:attr:`produced`), the decode steps' time over the tokens they produced."""
         dec = [t1 - t0 for _, phase, _, t0, t1 in self.steps if phase == "decode"]
+        if self.produced:
+            return sum(dec) / sum(self.produced)
         return statistics.median(dec) if dec else math.nan
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Mean tokens per decode step: 1 without speculation, accepted drafts plus one with it."""
+        return sum(self.produced) / len(self.produced) if self.produced else 1.0
 
     @property
     def ttft_s(self) -> float:

@@ -69,6 +69,15 @@ class Ring:
         self.step_start = 0.0
         self.disk_read: dict[tuple[int, str], float] = {}
         self._batch_done: simpy.Event | None = None
+        self.row_passes = cfg.concurrency > 1 or cfg.draft_max > 0
+        """Windows are charged passes of rows (several sequences, or a draft's tokens verified together)."""
+
+    def logit_rows(self, msg: Message) -> int:
+        """Rows of logits the output head computes for ``msg``: one per sequence, or one per verified token of a
+        speculative decode pass."""
+        if self.cfg.draft_max > 0 and msg.step > 0:
+            return msg.n_tokens
+        return min(self.cfg.concurrency, msg.n_tokens)
 
     # --- the route (the executor's, prima_sim.route.Route) ---------------------------------------------------
     def owner(self, window: int) -> str:
