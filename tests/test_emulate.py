@@ -508,3 +508,15 @@ def test_prefetch_advice_is_chunked_to_the_readahead_cap(
     assert calls[0][0] == 4096 and all(n <= 16384 for _, n in calls)
     assert sum(n for _, n in calls) == 100_000 - 4096
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls))
+
+
+def test_the_emulated_disk_has_room_for_the_stock_twins_model() -> None:
+    """paper-claim (three plans, one of them a one-device baseline with its stock llama.cpp twin) ran out of room on
+    its emulated disk copying the twin's original GGUF: the disk must count it."""
+    from prima_sim.emulate.emulator import disk_plans
+    from prima_sim.emulate.scenario import load_scenario
+
+    sc = load_scenario("paper-claim")
+    assert sc.run.single
+    assert disk_plans(sc) == len(sc.run.schedulers) + len(sc.run.manual) + 2 * len(sc.run.single)
+    assert disk_plans(sc) > len(sc.run.schedulers) + len(sc.run.manual) + len(sc.run.single)
