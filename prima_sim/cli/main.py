@@ -41,15 +41,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (subcommands whose module is not present are skipped)."""
+def build_parser(commands: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The argument parser with ``commands`` (default: all; subcommands whose module is not present are skipped)."""
     parser = argparse.ArgumentParser(
         prog="prima-sim",
         description="Plan, simulate and really run LLM inference across the heterogeneous devices of a home.",
     )
     parser.add_argument("--version", action="version", version=f"prima-sim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in commands:
         try:
             module = importlib.import_module(f"prima_sim.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -78,10 +78,19 @@ def _show_notes(command: str) -> None:
     log.propagate = False
 
 
+def _commands_for(argv: Sequence[str]) -> Sequence[str]:
+    """The subcommand modules to import for ``argv``: only the named command's when it names one (every module
+    imports its own dependencies: a worker process then holds no planner, simulator or GGUF reader; measured
+    in docs/exec.md), else all of them (for the top-level help and the error that lists them)."""
+    module = argv[0].replace("-", "_") if argv and "_" not in argv[0] else ""
+    return (module,) if module in COMMAND_MODULES else COMMAND_MODULES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prima-sim`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_commands_for(args_in))
+    args = parser.parse_args(args_in)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
