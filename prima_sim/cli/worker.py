@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     check_number("--parallel", args.parallel, minimum=1)
     apply_flash_attn(args)
     from prima_sim.exec.hosts import load_hosts, resolve
+    from prima_sim.exec.manifest import load_manifest, shard_path
     from prima_sim.exec.ring import parse_latency_table
-    from prima_sim.exec.shard import load_manifest, shard_path
     from prima_sim.exec.worker import Worker
 
     link_latency = parse_latency_table(args.link_latency)

@@ -48,8 +48,8 @@ from prima_sim.exec.head import Head, SamplingParams
 from prima_sim.exec.hosts import HostsFile, local_hosts, resolve
 from prima_sim.exec.llamacpp import Sampler
 from prima_sim.exec.local import LocalWorkers
+from prima_sim.exec.manifest import MANIFEST_NAME, load_manifest
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S
-from prima_sim.exec.shard import MANIFEST_NAME, load_manifest
 from prima_sim.exec.spec import DEFAULT_DRAFT_MAX, common_prefix
 from prima_sim.plan import Plan
 from prima_sim.workload import DEFAULT_UBATCH

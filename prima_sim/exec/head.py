@@ -29,6 +29,7 @@ from prima_sim.errors import InputError, WorkerError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import Endpoints
 from prima_sim.exec.llamacpp import Model, Sampler, Window
+from prima_sim.exec.manifest import DeviceManifest, shard_path
 from prima_sim.exec.ring import (
     BYE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -50,7 +51,6 @@ from prima_sim.exec.ring import (
     now,
     to_spans,
 )  # fmt: skip
-from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.spec import Draft, SpecStats
 from prima_sim.exec.transport import open_socket
 from prima_sim.exec.worker import LoadedWindow, load_windows

@@ -24,6 +24,7 @@ from prima_sim.errors import InputError, WorkerError
 from prima_sim.exec import wire
 from prima_sim.exec.hosts import Endpoints
 from prima_sim.exec.llamacpp import Model, Window, supports_gpu_offload
+from prima_sim.exec.manifest import DeviceManifest, shard_path
 from prima_sim.exec.ring import (
     HEARTBEAT_INTERVAL_S,
     LINGER_MS,
@@ -40,7 +41,6 @@ from prima_sim.exec.ring import (
     WorkerState,
     now,
 )  # fmt: skip
-from prima_sim.exec.shard import DeviceManifest, shard_path
 from prima_sim.exec.transport import open_socket
 from prima_sim.metrics import SpanKind
 from prima_sim.route import Route
