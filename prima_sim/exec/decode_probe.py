@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from prima_sim.errors import MissingDependencyError, WorkerError
+from prima_sim.errors import WorkerError
+from prima_sim.exec.llamacpp import bindings
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ def write_tiny_model(path: str | Path, n_embd: int = N_EMBD, n_ff: int = N_FF, n
     return path
 
 
-def _llama() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MissingDependencyError("llama-cpp-python is not installed; pip install -e .[real]") from None
-    return llama_cpp
-
-
 def _quiet(lc: Any) -> None:
     global _LOG_SINK
     if _LOG_SINK is None:
@@ -102,7 +95,7 @@ def measure_decode_overhead(n_threads: int, runs: int = 40, warmup: int = 5) -> 
         MissingDependencyError: llama-cpp-python is not installed.
         WorkerError: llama.cpp could not load the tiny model or a decode failed.
     """
-    lc = _llama()
+    lc = bindings()
     _quiet(lc)
     lc.llama_backend_init()
     with tempfile.TemporaryDirectory(prefix="prima-sim-decode-") as tmp:

@@ -24,8 +24,10 @@ version are reviewed in one place; ``Model``, ``Window``, ``Reference`` and ``Sa
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -61,14 +63,40 @@ LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR: llama.cpp's chatter below this is d
 _NORM_OPS = (b"RMS_NORM", b"NORM")
 
 
-def _llama() -> Any:
+BINDINGS = "llama_cpp.llama_cpp"
+"""llama-cpp-python's low-level ctypes bindings (a mirror of ``llama.h``): everything this module calls."""
+
+
+def bindings() -> Any:
+    """llama-cpp-python's low-level bindings (:data:`BINDINGS`), imported without running the package's
+    ``__init__``, which also imports its high-level API (``Llama``, chat formats, jinja2, numpy): 5.4 MiB of every
+    worker's anonymous memory that the executor never uses (measured: docs/exec.md, "Memory of the executor's
+    processes"). The package module stands in ``sys.modules`` only while the bindings load; a later
+    ``import llama_cpp`` runs the real package, which reuses the loaded bindings (one library, one module).
+
+    Raises:
+        MissingDependencyError: llama-cpp-python is not installed.
+    """
+    mod = sys.modules.get(BINDINGS)
+    if mod is not None:
+        return mod
     try:
-        import llama_cpp
-    except ImportError:  # expected on installs without the [real] extra
-        raise MissingDependencyError(
-            "llama-cpp-python is not installed: pip install 'prima-sim[real]'"
-        ) from None
-    return llama_cpp
+        spec = importlib.util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:  # expected on installs without the [real] extra
+        raise MissingDependencyError("llama-cpp-python is not installed: pip install 'prima-sim[real]'")
+    if "llama_cpp" in sys.modules or not spec.submodule_search_locations:
+        return importlib.import_module(
+            BINDINGS
+        )  # the package is loaded already (or is not a package: let it say)
+    pkg = importlib.util.module_from_spec(spec)  # the package without its __init__
+    sys.modules["llama_cpp"] = pkg
+    try:
+        return importlib.import_module(BINDINGS)
+    finally:
+        if sys.modules.get("llama_cpp") is pkg:
+            del sys.modules["llama_cpp"]
 
 
 class GgmlTensor(ctypes.Structure):
@@ -103,7 +131,7 @@ class _Runtime:
     _instance: _Runtime | None = None
 
     def __init__(self) -> None:
-        lc = _llama()
+        lc = bindings()
         self.lc = lc
         libdir = Path(lc.__file__).parent / "lib"
         self.ggml = ctypes.CDLL(str(libdir / "libggml-base.so"))
