@@ -25,8 +25,8 @@ from prima_sim.exec.head import Generation, Head, SamplingParams
 from prima_sim.exec.hosts import HostsFile, local_hosts, resolve
 from prima_sim.exec.llamacpp import default_threads, supports_gpu_offload
 from prima_sim.exec.local import LocalWorkers
+from prima_sim.exec.manifest import MANIFEST_NAME, load_manifest
 from prima_sim.exec.ring import DEFAULT_TIMEOUT_S, STARTUP_TIMEOUT_S, LatencyTable
-from prima_sim.exec.shard import MANIFEST_NAME, load_manifest, write_shards
 from prima_sim.exec.spec import DEFAULT_DRAFT_MAX
 from prima_sim.metrics import Span, TokenRow, rows_from_spans, summarize, write_chrome_trace, write_token_csv
 from prima_sim.plan import Plan
@@ -190,6 +190,8 @@ def ensure_shards(
             bar = Progress(total, "shard", "B", disable=not progress)
         bar.set_description(label)
         bar.update(n)
+
+    from prima_sim.exec.shard import write_shards  # the GGUF writer (gguf, yaml): only when shards are cut
 
     try:
         write_shards(model, plan, shard_dir, todo, tick)
