@@ -153,8 +153,12 @@ class RunSupervisor:
         sampler = MemorySampler({n: tb.groups[n] for n in names}, device=tb.disk_dev or None).start()
         err = ""
         try:
-            err = self._run_once(plan, shard_dir, run_dir / "hosts.toml", run_dir / "cluster.json",
-                                 run_dir / "plan.json", rep_dir, wl, env)  # fmt: skip
+            assert pr.cluster is not None
+            # each device's thread count from the cluster, as --threads: a process given --cluster imports the device
+            # profiles (and gguf with them), 2 MiB of anonymous memory in a device of a few hundred MiB
+            threads = {d.name: pr.cluster.device(d.name).n_threads for d in plan.devices}
+            err = self._run_once(plan, shard_dir, run_dir / "hosts.toml", run_dir / "plan.json", rep_dir, wl, env,
+                                 threads)  # fmt: skip
         finally:
             peaks = sampler.stop()
         for n, pk in peaks.items():
@@ -248,8 +252,8 @@ class RunSupervisor:
         self.say(f"{pr.label} rep {r}: TPOT {m.tpot_s * 1e3:.1f} ms, TTFT {m.ttft_s * 1e3:.0f} ms")
         return m
 
-    def _run_once(self, plan: Plan, shard_dir: Path, hosts_file: Path, cluster_file: Path, plan_file: Path,
-                  rep_dir: Path, wl: Workload, env: dict[str, str]) -> str:  # fmt: skip
+    def _run_once(self, plan: Plan, shard_dir: Path, hosts_file: Path, plan_file: Path,
+                  rep_dir: Path, wl: Workload, env: dict[str, str], threads: dict[str, int]) -> str:  # fmt: skip
         """One real run; returns '' or what went wrong."""
         sc, tb = self.tb.sc, self.tb
         rep_dir.mkdir(parents=True, exist_ok=True)
@@ -260,11 +264,11 @@ class RunSupervisor:
         try:
             for d in plan.devices[1:]:
                 cmd = cli_command("worker", "--hosts", str(hosts_file), "--device", d.name, "--shards",
-                                  str(shard_dir / d.name), "--cluster", str(cluster_file), "--batch", batch,
+                                  str(shard_dir / d.name), "--threads", str(threads[d.name]), "--batch", batch,
                                   "--no-verify", "--log-level", "INFO", *prefetch)  # fmt: skip
                 workers[d.name] = tb.spawn_in(d.name, cmd, rep_dir / f"{d.name}.log", env)
             cmd = cli_command("run", "--real", "--plan", str(plan_file), "--shards", str(shard_dir), "--hosts",
-                              str(hosts_file), "--cluster", str(cluster_file), "--prompt", sc.workload.prompt,
+                              str(hosts_file), "--threads", str(threads[plan.head]), "--prompt", sc.workload.prompt,
                               "-n", str(wl.decode_tokens + 1), "--ignore-eos", "--batch", batch, "--timeout",
                               str(WORKER_SILENCE_S), "--startup-timeout", str(STARTUP_TIMEOUT_S), "--out",
                               str(rep_dir), "--json", *prefetch)  # fmt: skip
