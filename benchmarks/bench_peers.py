@@ -204,9 +204,9 @@ class Bench:
             profiles = cal.profile_devices(model_path, model)
             profiles = cal.calibrate_decode(model_path, model, profiles)
             raw_profiles = dict(profiles)
-            runtime_anon, vocab_anon = cal.runtime_footprint(model_path)
+            fp = cal.runtime_footprint(model_path)
             for d in tb.ring:
-                ov = cal_mod.executor_overhead(runtime_anon, vocab_anon, d.name == sc.head_name)
+                ov = cal_mod.executor_overhead(fp, d.name == sc.head_name)
                 profiles[d.name] = cal_mod.with_executor_overhead(
                     profiles[d.name], d.memory, ov, d.name == sc.head_name
                 )
@@ -216,7 +216,7 @@ class Bench:
                               links=tuple(links))  # fmt: skip
             dump_model(cluster, out / "cluster.json")
             plans = make_plans(sc, cluster, model, wl, out, raw_profiles=raw_profiles,
-                               overheads=(runtime_anon, vocab_anon))  # fmt: skip
+                               overheads=fp)  # fmt: skip
             runs = RunSupervisor(tb, cal, out, raw_profiles, calibrate_runs=opts.calibrate_runs, say=self.say)
             whole = (
                 tb.work / "model.gguf"

@@ -421,10 +421,11 @@ def test_small_scenario_end_to_end(tmp_path: Path) -> None:
 
 
 def test_executor_overhead_lowers_the_budget() -> None:
-    from prima_sim.emulate.calibrate import executor_overhead, with_executor_overhead
+    from prima_sim.emulate.calibrate import Footprint, executor_overhead, with_executor_overhead
     from tests.factories import device
 
-    assert executor_overhead(30, 10, is_head=True) == 40 and executor_overhead(30, 10, is_head=False) == 30
+    fp = Footprint(worker=30, head=32, vocab=10)
+    assert executor_overhead(fp, is_head=True) == 42 and executor_overhead(fp, is_head=False) == 30
     prof = device("A", ram_total_bytes=512 << 20, ram_available_bytes=480 << 20)
     out = with_executor_overhead(prof, 512 << 20, 64 << 20, is_head=True)
     assert out.ram_available_bytes == 448 << 20

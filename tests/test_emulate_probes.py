@@ -75,8 +75,9 @@ def test_stream_probe_times_both_shards(tmp_path: Path, smollm2: Path) -> None:
 
 
 @real
-def test_footprint_probe_reports_both_steps(smollm2: Path, tmp_path: Path) -> None:
-    cmd = module_command("prima_sim.exec.footprint_probe", str(smollm2))
+@pytest.mark.parametrize("role", ["worker", "head"])
+def test_footprint_probe_reports_both_steps(smollm2: Path, tmp_path: Path, role: str) -> None:
+    cmd = module_command("prima_sim.exec.footprint_probe", "--role", role, str(smollm2))
     with subprocess.Popen(cmd, env=python_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
         assert p.stdout is not None and p.stdin is not None
         assert p.stdout.readline().strip() == b"runtime"

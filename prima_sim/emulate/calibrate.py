@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import prima_sim
 from prima_sim.devices.model import ModelProfile
@@ -138,11 +138,26 @@ def with_rates(
     return prof.model_copy(update=upd)
 
 
-def executor_overhead(runtime: int, vocab: int, is_head: bool) -> int:
-    """Anonymous memory the executor's process holds on a device beyond the cost model's pinned memory (KV
-    cache, compute buffers): the Python runtime, and on the head the tokenizer (its logits window's shard
-    carries it and embeds too; a head that does not run the last layer has ``embed.gguf`` instead)."""
-    return runtime + (vocab if is_head else 0)
+class Footprint(NamedTuple):
+    """The executor's own anonymous memory, measured in a device (:meth:`Calibrator.runtime_footprint`); none of
+    it is in the cost model's pinned memory (KV cache, compute buffers). Zero: not measured."""
+
+    worker: int
+    """a ``prima-sim worker`` process before it loads a shard: interpreter, imports, llama.cpp initialised"""
+    head: int
+    """the head's process (``prima-sim run --real``) likewise"""
+    vocab: int
+    """what loading the model's tokenizer adds (llama.cpp's vocabulary structures): the head holds one copy (its
+    logits window's shard carries it and embeds too; a head that does not run the last layer has ``embed.gguf``)"""
+
+
+NOT_MEASURED = Footprint(0, 0, 0)
+
+
+def executor_overhead(fp: Footprint, is_head: bool) -> int:
+    """Anonymous memory the executor's process holds on a device beyond the cost model's pinned memory: its
+    runtime, and on the head the tokenizer."""
+    return fp.head + fp.vocab if is_head else fp.worker
 
 
 def with_executor_overhead(prof: DeviceProfile, limit: int, overhead: int, is_head: bool) -> DeviceProfile:
@@ -330,38 +345,44 @@ class Calibrator:
         return out_profiles
 
     # --- the executor's footprint ----------------------------------------------------------------------------
-    def runtime_footprint(self, model_path: Path) -> tuple[int, int]:
-        """(runtime, vocabulary) anonymous bytes of the executor, measured in the first device's cgroup.
+    def runtime_footprint(self, model_path: Path) -> Footprint:
+        """The executor's :class:`Footprint`, measured in the first device's cgroup: a worker's and the head's
+        runtime (each role's process as its command imports it, llama.cpp initialised, before any model) and what
+        the model's vocabulary adds. On a device of a few hundred MiB they decide whether a window fits: see
+        :func:`executor_overhead`. The process is :mod:`prima_sim.exec.footprint_probe`; :data:`NOT_MEASURED`
+        when the worker's probe fails."""
+        worker, _ = self._probe_footprint(model_path, "worker", vocab=False)
+        if not worker:
+            return NOT_MEASURED
+        head, vocab = self._probe_footprint(model_path, "head", vocab=True)
+        return Footprint(worker, head or worker, vocab)
 
-        runtime: an idle worker process (interpreter, numpy, ZeroMQ, llama.cpp initialised), before any model;
-        vocabulary: what loading the model's tokenizer adds (llama.cpp's vocab structures; the head loads it
-        once, with its logits window). Neither is in the cost model's pinned
-        memory (KV cache and compute buffers), and on a device of a few hundred MiB they decide whether a window
-        fits: see :func:`executor_overhead`. The process is :mod:`prima_sim.exec.footprint_probe`.
-        """
+    def _probe_footprint(self, model_path: Path, role: str, vocab: bool) -> tuple[int, int]:
+        """(runtime, vocabulary) anonymous bytes of ``role``'s probe process in the first device's cgroup."""
         tb = self.tb
         d = tb.ring[0].name
         g = tb.groups[d]
-        logf = self.out / "logs" / "runtime-footprint.log"
+        logf = self.out / "logs" / f"runtime-footprint-{role}.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
         cg.drop_caches()
         with logf.open("wb") as err:
-            proc = tb.spawn(d, module_command("prima_sim.exec.footprint_probe", str(model_path)), g,
-                            netns=tb.net.nodes[d].ns if tb.net else None, stdout=subprocess.PIPE, stderr=err,
-                            stdin=subprocess.PIPE)  # fmt: skip
+            cmd = module_command("prima_sim.exec.footprint_probe", "--role", role, str(model_path))
+            proc = tb.spawn(d, cmd, g, netns=tb.net.nodes[d].ns if tb.net else None, stdout=subprocess.PIPE,
+                            stderr=err, stdin=subprocess.PIPE)  # fmt: skip
         try:
             assert proc.stdout is not None and proc.stdin is not None
             if proc.stdout.readline().strip() != b"runtime":
                 return 0, 0
             time.sleep(0.2)
             runtime = int(g.memory_stat().get("anon", 0))
+            if not vocab:
+                return runtime, 0
             proc.stdin.write(b"\n")
             proc.stdin.flush()
             if proc.stdout.readline().strip() != b"vocab":
                 return runtime, 0
             time.sleep(0.2)
-            vocab = max(0, int(g.memory_stat().get("anon", 0)) - runtime)
-            return runtime, vocab
+            return runtime, max(0, int(g.memory_stat().get("anon", 0)) - runtime)
         except (OSError, BrokenPipeError):
             return 0, 0
         finally:

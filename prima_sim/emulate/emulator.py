@@ -185,14 +185,13 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
         if opts.calibrate_decode:
             profiles = cal.calibrate_decode(model_path, model, profiles)
         raw_profiles = dict(profiles)
-        runtime_anon, vocab_anon = cal.runtime_footprint(model_path)
-        baseline_anon = runtime_anon
-        if runtime_anon:
-            say(
-                f"executor footprint: {runtime_anon / 2**20:.1f} MiB runtime, {vocab_anon / 2**20:.1f} MiB per tokenizer copy"
-            )
+        fp = cal.runtime_footprint(model_path)
+        baseline_anon = fp.worker
+        if fp.worker:
+            say(f"executor footprint: runtime {fp.worker / 2**20:.1f} MiB (worker), {fp.head / 2**20:.1f} MiB (head); "
+                f"tokenizer {fp.vocab / 2**20:.1f} MiB (head)")  # fmt: skip
             for d in tb.ring:
-                ov = executor_overhead(runtime_anon, vocab_anon, d.name == sc.head_name)
+                ov = executor_overhead(fp, d.name == sc.head_name)
                 profiles[d.name] = with_executor_overhead(
                     profiles[d.name], d.memory, ov, d.name == sc.head_name
                 )
@@ -204,7 +203,7 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
         )  # fmt: skip
         dump_model(cluster, out / "cluster.json")
         preds = make_plans(sc, cluster, model, wl, out, schedulers=opts.schedulers, raw_profiles=raw_profiles,
-                           overheads=(runtime_anon, vocab_anon))  # fmt: skip
+                           overheads=fp)  # fmt: skip
         for i, pr in enumerate(preds):
             plan = pr.plan
             if plan is None:

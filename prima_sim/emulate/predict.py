@@ -11,7 +11,13 @@ from typing import Any
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
-from prima_sim.emulate.calibrate import Calibrator, executor_overhead, with_executor_overhead
+from prima_sim.emulate.calibrate import (
+    NOT_MEASURED,
+    Calibrator,
+    Footprint,
+    executor_overhead,
+    with_executor_overhead,
+)
 from prima_sim.emulate.records import PlanPrediction, RunPrediction
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.errors import InfeasiblePlanError, InputError, PrimaSimError
@@ -21,12 +27,12 @@ from prima_sim.reports.emulation import SINGLE_PREFIX
 
 def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload, out: Path, *,
                schedulers: Sequence[str] | None = None, raw_profiles: Mapping[str, DeviceProfile] | None = None,
-               overheads: tuple[int, int] = (0, 0)) -> list[PlanPrediction]:  # fmt: skip
+               overheads: Footprint = NOT_MEASURED) -> list[PlanPrediction]:  # fmt: skip
     """A plan per scheduler (``schedulers`` or the scenario's), per manual window list and per single device,
     saved under ``out / "plans"``; one that cannot be made carries its error instead.
 
     A single device that is not the scenario's head is the head of its plan: its profile (``raw_profiles``,
-    before the executor's footprint) gets the head's footprint (``overheads``: runtime, vocabulary bytes)."""
+    before the executor's footprint) gets the head's footprint (``overheads``)."""
     from prima_sim.halda.planner import make_plan, manual_plan
 
     raw_profiles = raw_profiles or {}
@@ -44,8 +50,8 @@ def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload
             plans.append(PlanPrediction(m.name, None, cluster, error=f"plan: {exc}"))
     for name in sc.run.single:
         dev = cluster.device(name)
-        if name != sc.head_name and name in raw_profiles and overheads[0]:  # it is the head now
-            ov = executor_overhead(*overheads, is_head=True)
+        if name != sc.head_name and name in raw_profiles and overheads.head:  # it is the head now
+            ov = executor_overhead(overheads, is_head=True)
             dev = with_executor_overhead(raw_profiles[name], sc.device(name).memory, ov, True)
         one = cluster.model_copy(update={"devices": (dev,), "head": name, "links": ()})
         try:
