@@ -69,7 +69,7 @@ BINDINGS = "llama_cpp.llama_cpp"
 
 def bindings() -> Any:
     """llama-cpp-python's low-level bindings (:data:`BINDINGS`), imported without running the package's
-    ``__init__``, which also imports its high-level API (``Llama``, chat formats, jinja2, numpy): 5.4 MiB of every
+    ``__init__``, which also imports its high-level API (``Llama``, chat formats, jinja2): 3.3 MiB of every
     worker's anonymous memory that the executor never uses (measured: docs/exec.md, "Memory of the executor's
     processes"). The package module stands in ``sys.modules`` only while the bindings load; a later
     ``import llama_cpp`` runs the real package, which reuses the loaded bindings (one library, one module).

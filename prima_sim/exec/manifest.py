@@ -1,8 +1,8 @@
 """The manifest of a device's shard directory: which shard files it holds, for which plan, and their checksums.
 
 The reading half of the on-disk format :mod:`prima_sim.exec.shard` writes, in a module of its own so that a worker
-(which only reads its manifest) does not import the GGUF writer (``gguf``, which imports numpy and yaml: about
-3 MiB of a worker's anonymous memory; docs/exec.md, "Memory of the executor's processes").
+(which only reads its manifest) does not import the GGUF writer (``gguf`` and yaml: 2.6 MiB of a worker's
+anonymous memory; docs/exec.md, "Memory of the executor's processes").
 """
 
 from __future__ import annotations
