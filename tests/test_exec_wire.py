@@ -44,6 +44,25 @@ def test_data_round_trip() -> None:
     assert hid.shape == (3, 8) and hid[2, 7] == 23.0
 
 
+def test_a_worker_decodes_and_forwards_memoryviews_without_numpy() -> None:
+    """decode_rows(arrays=False) gives memoryviews (a worker imports no numpy); encode takes them back as they are,
+    and the frames are the same bytes an array's encoding gives."""
+    n, width = 3, 8
+    pos, seqs = np.array([7, 8, 4], np.int32), np.array([0, 0, 1], np.int32)
+    hid = np.arange(n * width, dtype=np.float32).reshape(n, width)
+    h = wire.Header(type="data", fp=FP, seq=5, window=1, n_tokens=n, shape=(n, width), rows=True)
+    frames = [bytes(memoryview(f)) for f in wire.encode(h, pos, hid, seqs)]
+    hdr, p, q, x = wire.decode_rows(frames, FP, width, arrays=False)
+    assert all(isinstance(v, memoryview) for v in (p, q, x))
+    assert (p.format, q.format, x.format) == ("i", "i", "f")
+    assert (p.tolist(), q.tolist(), x.tolist()) == (pos.tolist(), seqs.tolist(), hid.ravel().tolist())
+    again = wire.encode(hdr, p, x, q)
+    assert again[1] is x and [bytes(memoryview(f)) for f in again] == frames
+    with pytest.raises(wire.WireError, match="positions of sequence 0 are not consecutive"):
+        wire.decode_rows([frames[0][:-24] + np.array([7, 9, 4, 0, 0, 1], np.int32).tobytes(), frames[1]], FP, width,
+                         arrays=False)  # fmt: skip
+
+
 def test_control_messages_round_trip() -> None:
     h, pos, hid = wire.decode(wire.encode(wire.Header(type="stop", fp=FP, seq=9)), FP, 8)
     assert h.type == "stop" and pos is None and hid is None

@@ -26,15 +26,19 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import mmap
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Self
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Self
 
 from prima_sim.errors import InputError, MissingDependencyError
+
+if (
+    TYPE_CHECKING
+):  # numpy is imported where the head's API returns arrays: a worker imports none (docs/exec.md)
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +306,9 @@ class Window:
         n_seq: sequences the KV cache holds at once (llama.cpp sequence ids 0..n_seq-1, each up to ``n_ctx``
             tokens, in one unified cache of ``n_seq * n_ctx`` cells): a batch may mix rows of several
             sequences (:meth:`run_rows`).
+        arrays: hidden states come back as numpy arrays [n, n_embd] (the head); False: as flat float32 memoryviews
+            of ``n * n_embd`` (a worker, which does not import numpy: 5.5 MiB). Either is a view of the window's
+            output buffer, valid until the next call. Both take either as input.
 
     Raises:
         RuntimeError: llama.cpp could not create the context.
@@ -317,6 +324,7 @@ class Window:
         token_input: bool | None = None,
         stateless: bool | None = None,
         n_seq: int = 1,
+        arrays: bool = True,
     ) -> None:
         self._rt = _Runtime.get()
         lc = self._lc = self._rt.lc
@@ -324,7 +332,14 @@ class Window:
         self.stateless = mode == "embed" if stateless is None else stateless
         self.n_embd = model.n_embd
         self._stack = ExitStack()
-        self._out = np.zeros((n_batch, self.n_embd), dtype=np.float32)
+        self.arrays = arrays
+        # the output buffer: an anonymous mapping, whose pages (like np.zeros') take memory only once written
+        self._out_nbytes = 4 * n_batch * self.n_embd
+        self._out_map = mmap.mmap(-1, max(4, self._out_nbytes))
+        self._out_ref = ctypes.c_char.from_buffer(self._out_map)  # keeps the mapping's address valid
+        self._out_addr = ctypes.addressof(self._out_ref)
+        self._out_f = memoryview(self._out_map).cast("f")
+        self._out_np: np.ndarray | None = None
         self._rows = 0
         self._captured = False
         self._target = f"l_out-{model.n_layer - 1}".encode()
@@ -355,11 +370,15 @@ class Window:
         token_batch = mode == "embed" if token_input is None else token_input
         self.batch = lc.llama_batch_init(n_batch, 0 if token_batch else self.n_embd, 1)
         self._stack.callback(lc.llama_batch_free, self.batch)
-        # the batch's input rows as an array, made once: a call copies its hidden states in with numpy, without
-        # building ctypes pointer objects per call
-        self._embd: np.ndarray | None = (
-            None if token_batch else np.ctypeslib.as_array(self.batch.embd, shape=(n_batch, self.n_embd))
-        )
+        # the batch's input rows as a byte view, made once: a call copies its hidden states in with one slice
+        # assignment, without building ctypes pointer objects per call
+        self._token_batch = token_batch
+        self._embd: memoryview | None = (
+            None
+            if token_batch
+            else memoryview((ctypes.c_float * (n_batch * self.n_embd)).from_address(
+                ctypes.cast(self.batch.embd, ctypes.c_void_p).value or 0)).cast("B")
+        )  # fmt: skip
         for i in range(n_batch):
             self.batch.n_seq_id[i] = 1
             self.batch.seq_id[i][0] = 0
@@ -394,8 +413,24 @@ class Window:
     def _copy_out(self, t: int) -> None:
         nbytes = self._nbytes(t)
         self._rows = nbytes // (4 * self.n_embd)
-        self._tensor_get(t, self._out.ctypes.data, 0, min(nbytes, self._out.nbytes))
+        self._tensor_get(t, self._out_addr, 0, min(nbytes, self._out_nbytes))
         self._captured = True
+
+    def _result(self, n: int) -> Any:
+        """The first ``n`` rows of the output buffer: a numpy view [n, n_embd], or a flat memoryview (``arrays``)."""
+        if not self.arrays:
+            return self._out_f[: n * self.n_embd]
+        if self._out_np is None:
+            import numpy as np
+
+            self._out_np = np.frombuffer(
+                self._out_map, dtype=np.float32, count=self._out_nbytes // 4
+            ).reshape(-1, self.n_embd)
+        return self._out_np[:n]
+
+    def _n_rows(self, hidden: Any) -> int:
+        """Rows of ``hidden``: [n, n_embd] (an array) or a flat buffer of ``n * n_embd`` floats."""
+        return int(hidden.shape[0]) if hidden.ndim > 1 else len(hidden) // self.n_embd
 
     # --- running -------------------------------------------------------------------------------------------
     def _prepare(self, pos0: int, n: int) -> None:
@@ -424,16 +459,14 @@ class Window:
             )
         self.seq_next[0] = pos0 + n
 
-    def _prepare_rows(
-        self, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare_rows(self, positions: Any, seqs: Any, out_rows: set[int]) -> tuple[Any, Any]:
         n = len(positions)
         if n > self.n_batch or n <= 0:
             raise ValueError(f"batch of {n} tokens; this window takes 1..{self.n_batch}")
         first: dict[int, int] = {}
         if self.stateless:  # the zero layer: positions and sequences do not matter
             self._lc.llama_memory_clear(self.mem, True)
-            positions, seqs = np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+            positions, seqs = range(n), [0] * n
         else:
             for i in range(n):
                 first.setdefault(int(seqs[i]), int(positions[i]))
@@ -455,20 +488,18 @@ class Window:
         self._rows = 0
         return positions, seqs
 
-    def run_rows(
-        self, hidden: np.ndarray, positions: np.ndarray, seqs: np.ndarray, out_rows: set[int]
-    ) -> np.ndarray:
+    def run_rows(self, hidden: Any, positions: Any, seqs: Any, out_rows: set[int]) -> Any:
         """Run the window on rows of several sequences: row ``i`` is sequence ``seqs[i]`` at ``positions[i]``
-        (``hidden`` is [n, n_embd] hidden states, or [n] token ids for a token-batch window).
+        (``hidden`` is [n, n_embd] hidden states, flat or not, or [n] token ids for a token-batch window).
 
         Each sequence's rows must have consecutive positions; a sequence whose first row does not continue its
         cache has its cache cut at that position first (``llama_memory_seq_rm``), as :meth:`run_hidden` does.
         A ``"logits"`` window computes logits for ``out_rows`` only (read them with :meth:`logits_at`) and
         returns an empty array; other windows return the hidden states of every row (a view).
         """
-        n = int(hidden.shape[0])
+        n = len(positions)
         positions, seqs = self._prepare_rows(positions, seqs, out_rows)
-        if hidden.ndim == 1:  # token ids (a token-batch window: the single-process reference)
+        if self._token_batch:  # token ids (a token-batch window: the single-process reference)
             for i in range(n):
                 self.batch.token[i] = int(hidden[i])
         else:
@@ -479,15 +510,17 @@ class Window:
         for i in range(n):
             self.seq_next[int(seqs[i])] = int(positions[i]) + 1
         if self.mode == "logits":
-            return self._out[:0]
+            return self._result(0)
         if not self._captured or self._rows != n:
             raise RuntimeError(
                 f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})"
             )
-        return self._out[:n]
+        return self._result(n)
 
     def logits_at(self, row: int) -> np.ndarray:
         """Logits of batch row ``row`` of the last :meth:`run_rows` (a copy)."""
+        import numpy as np
+
         ptr = self._lc.llama_get_logits_ith(self.ptr, row)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
@@ -496,13 +529,23 @@ class Window:
         """The position sequence 0's cache continues at."""
         return self.seq_next[0]
 
-    def _embed_rows(self, hidden: np.ndarray, n: int) -> None:
-        """Copy ``n`` rows of hidden states into the batch (the one copy between the received frame and llama.cpp)."""
+    def _embed_rows(self, hidden: Any, n: int) -> None:
+        """Copy ``n`` rows of hidden states (a float32 buffer, e.g. a received frame's memoryview, or an array) into
+        the batch: the one copy between the received frame and llama.cpp."""
         if self._embd is None:
             raise ValueError(f"{self.model.path.name}: this window takes token ids, not hidden states")
-        self._embd[:n] = hidden
+        if isinstance(hidden, memoryview):
+            src = hidden if hidden.format == "B" else hidden.cast("B")
+        else:  # an array (the head): float32 and contiguous, converted only if it is not
+            import numpy as np
 
-    def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> np.ndarray:
+            src = np.ascontiguousarray(hidden, dtype=np.float32).data.cast("B")
+        nbytes = 4 * n * self.n_embd
+        if src.nbytes != nbytes:
+            raise ValueError(f"{n} rows of {self.n_embd} floats are {nbytes} bytes, got {src.nbytes}")
+        self._embd[:nbytes] = src
+
+    def run_tokens(self, tokens: list[int] | np.ndarray, pos0: int) -> Any:
         """Embed ``tokens`` (an ``"embed"`` window): returns the layer-0 input, shape [n, n_embd]."""
         n = len(tokens)
         self._prepare(pos0, n)
@@ -513,16 +556,17 @@ class Window:
             raise RuntimeError(
                 f"embedding capture failed on {self.model.path.name} ({self._rows} rows for {n} tokens)"
             )
-        return self._out[:n]
+        return self._result(n)
 
-    def run_hidden(self, hidden: np.ndarray, pos0: int) -> np.ndarray:
-        """Run the window on hidden states [n, n_embd] at positions pos0..pos0+n-1.
+    def run_hidden(self, hidden: Any, pos0: int) -> Any:
+        """Run the window on hidden states [n, n_embd] (an array, or a flat float32 buffer of ``n * n_embd``) at
+        positions pos0..pos0+n-1.
 
         Returns:
             The hidden states after the last layer (a ``"hidden"`` window; a view valid until the next call),
             or the logits of the last token (a ``"logits"`` window; a copy).
         """
-        n = int(hidden.shape[0])
+        n = self._n_rows(hidden)
         self._prepare(pos0, n)
         self._embed_rows(hidden, n)
         self._decode(pos0, n)
@@ -532,7 +576,7 @@ class Window:
             raise RuntimeError(
                 f"hidden-state capture failed on {self.model.path.name} ({self._rows} rows for {n})"
             )
-        return self._out[:n]
+        return self._result(n)
 
     def run_tokens_logits(self, tokens: list[int], pos0: int) -> np.ndarray:
         """Run a whole model (a ``"logits"`` window over an unsplit GGUF) on token ids: the reference path."""
@@ -547,6 +591,8 @@ class Window:
 
     def last_logits(self) -> np.ndarray:
         """Logits of the last token of the last batch (a copy)."""
+        import numpy as np
+
         ptr = self._lc.llama_get_logits_ith(self.ptr, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 

@@ -28,15 +28,19 @@ JSON, validated by pydantic.
 
 from __future__ import annotations
 
+import array
 import json
 import struct
-from typing import Any, Final, Literal, NamedTuple
+import sys
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
-import numpy as np
 from pydantic import Field, ValidationError
 
 from prima_sim.exec.ring import WorkerState
 from prima_sim.schema import FrozenModel
+
+if TYPE_CHECKING:  # arrays are made where the head asks for them: a worker imports no numpy (docs/exec.md)
+    import numpy as np
 
 MAGIC = b"PRSM"
 WIRE_VERSION: Final = 3
@@ -117,14 +121,12 @@ class Status(FrozenModel):
     spans: tuple[tuple[str, float, float, int, str], ...] = ()
 
 
-def encode(
-    header: Header, positions: np.ndarray | None = None, hidden: np.ndarray | None = None,
-    seqs: np.ndarray | None = None,
-) -> list[Any]:  # fmt: skip
+def encode(header: Header, positions: Any = None, hidden: Any = None, seqs: Any = None) -> list[Any]:
     """Frames of one ring message (``positions`` and ``hidden`` only for ``data``; ``seqs`` with ``rows``).
 
-    The hidden-state frame is ``hidden`` itself (contiguous little-endian float32, else a converted copy): send
-    the frames with ``copy=False`` and it is not copied again.
+    ``positions``, ``seqs`` and ``hidden`` are numpy arrays, or memoryviews of format ``i`` and ``f`` (a worker's:
+    :func:`decode_rows` with ``arrays=False``). The hidden-state frame is ``hidden`` itself (contiguous
+    little-endian float32, else a converted copy): send the frames with ``copy=False`` and it is not copied again.
 
     Raises:
         ValueError: a field does not fit the wire (a negative number, a fingerprint of more than 16 ASCII
@@ -148,19 +150,39 @@ def encode(
     if not data:
         return [head + origin]
     assert positions is not None and hidden is not None
-    parts = [head, origin, _as(positions, _I4).tobytes()]
+    parts = [head, origin, memoryview(_as(positions, "i")).tobytes()]
     if header.rows:
         assert seqs is not None
-        parts.append(_as(seqs, _I4).tobytes())
-    return [b"".join(parts), _as(hidden, _F4)]
+        parts.append(memoryview(_as(seqs, "i")).tobytes())
+    return [b"".join(parts), _as(hidden, "f")]
 
 
-_I4, _F4 = np.dtype("<i4"), np.dtype("<f4")
+_LITTLE = sys.byteorder == "little"
 
 
-def _as(a: np.ndarray, dt: np.dtype[Any]) -> np.ndarray:
-    """``a`` itself when it already is contiguous and of dtype ``dt`` (the hot path), else a converted copy."""
-    return a if a.dtype == dt and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dt)
+def _as(a: Any, code: str) -> Any:
+    """``a`` itself when it already is contiguous little-endian 4-byte ``code`` (``i``: int32, ``f``: float32) items
+    (the hot path: a numpy array of that dtype, or a memoryview of that format on a little-endian host), else a
+    converted copy."""
+    if isinstance(a, memoryview) and a.format == code and a.c_contiguous and _LITTLE:
+        return a
+    import numpy as np
+
+    dt = np.dtype("<i4" if code == "i" else "<f4")
+    return (
+        a
+        if isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous
+        else np.ascontiguousarray(a, dtype=dt)
+    )
+
+
+def _items(buf: memoryview, code: Literal["i", "f"]) -> memoryview[Any]:
+    """The little-endian 4-byte ``code`` items in the bytes ``buf``: a view of them (a copy on a big-endian host)."""
+    if _LITTLE:
+        return buf.cast("i") if code == "i" else buf.cast("f")
+    a = array.array(code, buf.tobytes())
+    a.byteswap()
+    return memoryview(a)
 
 
 def decode(
@@ -182,18 +204,20 @@ def _old_version(body: bytes) -> str:
 
 
 def decode_rows(
-    frames: list[Any], fingerprint: str, n_embd: int
-) -> tuple[Header, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    frames: list[Any], fingerprint: str, n_embd: int, arrays: bool = True
+) -> tuple[Header, Any, Any, Any]:
     """Parse and check one ring message.
 
     Args:
         frames: the multipart message (bytes or zmq frames).
         fingerprint: the receiver's plan fingerprint.
         n_embd: width of the hidden states this receiver expects.
+        arrays: return numpy arrays (positions and seqs int32 [n], hidden float32 [n, width]); False: memoryviews
+            (positions and seqs of format ``i``, hidden flat of format ``f``; a worker, which imports no numpy).
 
     Returns:
         (header, positions, seqs, hidden); positions and hidden are None unless the type is ``data``, seqs
-        unless the header has ``rows``. The arrays are read-only views of the frames (no copy).
+        unless the header has ``rows``. They are views of the frames (no copy; on a big-endian host, copies).
 
     Raises:
         WireError: the message is malformed or foreign; the text says how.
@@ -248,29 +272,40 @@ def decode_rows(
         raise WireError(
             f"payload has {hid_buf.nbytes} bytes, expected {4 * n * width} for shape {[n, width]}"
         )
-    positions = np.frombuffer(buf, dtype="<i4", count=n, offset=end)
-    hidden = np.frombuffer(hid_buf, dtype="<f4").reshape(n, width)
+    positions = _items(buf[end : end + 4 * n], "i")
+    hidden = _items(hid_buf.cast("B") if hid_buf.format != "B" else hid_buf, "f")
+    seqs = _items(buf[end + 4 * n : end + 8 * n], "i") if rows else None
     if n == 1:  # one token (decoding): no sequence to check
         if positions[0] < 0:
-            raise WireError(f"negative position {int(positions[0])}")
-        seqs = np.frombuffer(buf, dtype="<i4", count=1, offset=end + 4) if rows else None
+            raise WireError(f"negative position {positions[0]}")
         if seqs is not None and seqs[0] < 0:
-            raise WireError(f"negative sequence id {int(seqs[0])}")
+            raise WireError(f"negative sequence id {seqs[0]}")
+    else:
+        if seqs is not None:
+            if min(seqs) < 0:
+                raise WireError(f"negative sequence id {min(seqs)}")
+            last: dict[int, int] = {}
+            broken = set()
+            for p, sq in zip(positions, seqs, strict=True):
+                if sq in last and p != last[sq] + 1:
+                    broken.add(sq)
+                last[sq] = p
+            if broken:
+                raise WireError(f"positions of sequence {min(broken)} are not consecutive")
+        elif any(positions[i + 1] != positions[i] + 1 for i in range(n - 1)):
+            raise WireError("positions are not consecutive")
+        if min(positions) < 0:
+            raise WireError(f"negative position {min(positions)}")
+    if not arrays:
         return h, positions, seqs, hidden
-    seqs = None
-    if rows:
-        seqs = np.frombuffer(buf, dtype="<i4", count=n, offset=end + 4 * n)
-        if int(seqs.min()) < 0:
-            raise WireError(f"negative sequence id {int(seqs.min())}")
-        for sq in np.unique(seqs):
-            p = positions[seqs == sq]
-            if len(p) > 1 and not np.array_equal(np.diff(p), np.ones(len(p) - 1, dtype=np.int32)):
-                raise WireError(f"positions of sequence {int(sq)} are not consecutive")
-    elif not np.array_equal(np.diff(positions), np.ones(n - 1, dtype=np.int32)):
-        raise WireError("positions are not consecutive")
-    if int(positions.min()) < 0:
-        raise WireError(f"negative position {int(positions.min())}")
-    return h, positions, seqs, hidden
+    import numpy as np
+
+    return (
+        h,
+        np.frombuffer(positions, dtype=np.int32),
+        None if seqs is None else np.frombuffer(seqs, dtype=np.int32),
+        np.frombuffer(hidden, dtype=np.float32).reshape(n, width),
+    )
 
 
 def encode_status(status: Status) -> bytes:

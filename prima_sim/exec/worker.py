@@ -68,8 +68,10 @@ def load_windows(
     n_batch: int,
     on_progress: object = None,
     n_seq: int = 1,
+    arrays: bool = True,
 ) -> tuple[dict[int, LoadedWindow], ExitStack]:
-    """Load every window shard of ``man`` (not the embedding shard); each context holds ``n_seq`` sequences.
+    """Load every window shard of ``man`` (not the embedding shard); each context holds ``n_seq`` sequences and
+    returns hidden states as numpy arrays (``arrays``, the head) or memoryviews (a worker: :class:`Window`).
 
     Returns:
         The windows by execution-order index, and the stack that frees them.
@@ -93,7 +95,9 @@ def load_windows(
             path = shard_path(shard_dir, man, s)
             model = stack.enter_context(Model(path, n_gpu_layers=s.gpu_layers))
             mode = "logits" if s.kind == "logits" else "hidden"
-            ctx = stack.enter_context(Window(model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq))
+            ctx = stack.enter_context(
+                Window(model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq, arrays=arrays)
+            )
             out[s.window] = LoadedWindow(s.window, path, model, ctx)
     except BaseException:
         stack.close()
@@ -185,7 +189,7 @@ class Worker:
             self.state = WorkerLoading(loaded=0, total=len(self.route.windows_of(self.device)))
             windows, wstack = load_windows(
                 self.shard_dir, self.man, self.n_threads, self.n_batch,
-                lambda i, n: setattr(self, "state", WorkerLoading(loaded=i, total=n)), self.n_seq,
+                lambda i, n: setattr(self, "state", WorkerLoading(loaded=i, total=n)), self.n_seq, arrays=False,
             )  # fmt: skip
             stack.push(wstack)
             for w in windows.values():
@@ -230,16 +234,17 @@ class Worker:
                 continue
             t_arrive = now()
             try:
-                hdr, positions, seqs, hidden = wire.decode_rows(frames, self.fp, self.n_embd)
+                # memoryviews, not arrays: a worker imports no numpy (docs/exec.md)
+                hdr, positions, seqs, hidden = wire.decode_rows(frames, self.fp, self.n_embd, arrays=False)
                 if hdr.type == "data" and hdr.window not in windows:
                     raise wire.WireError(f"window {hdr.window} is not run by {self.device}")
                 if hdr.type == "data" and hdr.n_tokens > self.n_batch:
                     raise wire.WireError(
                         f"{hdr.n_tokens} tokens exceed this worker's batch of {self.n_batch}"
                     )
-                if seqs is not None and int(seqs.max()) >= self.n_seq:
+                if seqs is not None and max(seqs) >= self.n_seq:
                     raise wire.WireError(
-                        f"sequence {int(seqs.max())} but this worker holds {self.n_seq} (--parallel)"
+                        f"sequence {max(seqs)} but this worker holds {self.n_seq} (--parallel)"
                     )
             except wire.WireError as exc:  # expected: garbage or a foreign ring must not kill the worker
                 self.rejected += 1
@@ -255,12 +260,12 @@ class Worker:
             assert positions is not None and hidden is not None
             t_arrive = self.latency.hold(hdr.origin, t_arrive)  # emulated link latency (prima_sim.emulate)
             waited = (max(last_done, hdr.t_step), t_arrive)
-            self._run_data(hdr, int(positions[0]), hidden, positions, push, windows, seqs, waited)
+            self._run_data(hdr, positions[0], hidden, positions, push, windows, seqs, waited)
             self._busy = None
             last_done = now()
 
-    def _run_data(self, hdr: wire.Header, pos0: int, hidden: object, positions: object,
-                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: Any,
+    def _run_data(self, hdr: wire.Header, pos0: int, hidden: memoryview[Any], positions: memoryview[int],
+                  push: dict[str, zmq.Socket], windows: dict[int, LoadedWindow], seqs: memoryview[int] | None,
                   waited: tuple[float, float]) -> None:  # fmt: skip
         """Run the message's window (and this device's windows right after it), send the result on, and only
         then record the spans: nothing but the window's compute lies between receiving and sending."""
@@ -270,20 +275,20 @@ class Worker:
             self._busy = (hdr.step, j)
             t0 = now()
             if seqs is None:
-                out = windows[j].ctx.run_hidden(h, pos0)  # type: ignore[arg-type]
+                out = windows[j].ctx.run_hidden(h, pos0)
             else:
-                out = windows[j].ctx.run_rows(h, positions, seqs, set())  # type: ignore[arg-type]
+                out = windows[j].ctx.run_rows(h, positions, seqs, set())
             t1 = now()
             self._ran.add(j)
             spans.append((SpanKind.COMPUTE, t0, t1, f"w{j}"))
             dest = self.route.owner(j + 1)
             if dest == self.device:  # consecutive windows on this device: no hop
-                h, j = out.copy(), j + 1
+                h, j = memoryview(out.tobytes()).cast("f"), j + 1
                 continue
             # copy=False: a large batch's hidden states go from the window's output buffer to the socket uncopied
             # (the buffer is next written when this window runs again, after the message has gone round the ring)
             nh = hdr._replace(window=j + 1, origin=self.device)
-            push[dest].send_multipart(wire.encode(nh, positions, out, seqs), copy=False)  # type: ignore[arg-type]
+            push[dest].send_multipart(wire.encode(nh, positions, out, seqs), copy=False)
             t2 = now()
             spans.append((SpanKind.SEND, t1, t2, f"to {dest}"))
             for kind, a, b, label in spans:
