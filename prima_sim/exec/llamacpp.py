@@ -443,7 +443,11 @@ class Window:
             self._lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
         b = self.batch
         b.n_tokens = n
-        last_only = self.mode == "logits"
+        # the logits window needs the last token's logits; the embedding captures every row at the first norm,
+        # before llama.cpp drops the rows not marked as outputs, and marking them all would make llama.cpp size its
+        # output buffer (and copy garbage logits) for every row: 8.2 MiB more anonymous memory on the head after a
+        # 13-token prompt with a 49k vocabulary (docs/exec.md, "Memory of the executor's processes")
+        last_only = self.mode in ("logits", "embed")
         for i in range(n):
             b.pos[i] = pos0 + i
             b.seq_id[i][0] = 0
@@ -478,11 +482,12 @@ class Window:
         b = self.batch
         b.n_tokens = n
         logits = self.mode == "logits"
+        embed = self.mode == "embed"  # its capture takes every row before the outputs are selected (_prepare)
         for i in range(n):
             b.pos[i] = int(positions[i])
             b.seq_id[i][0] = int(seqs[i])
-            b.logits[i] = 1 if (not logits or i in out_rows) else 0
-        if logits and not out_rows:
+            b.logits[i] = 1 if (not (logits or embed) or i in out_rows) else 0
+        if (logits or embed) and not out_rows:
             b.logits[n - 1] = 1  # llama.cpp computes at least one output
         self._captured = False
         self._rows = 0
