@@ -96,3 +96,30 @@ def test_the_head_is_charged_its_runtime_and_the_tokenizer() -> None:
     fp = Footprint(worker=28, head=29, vocab=15)
     assert executor_overhead(fp, is_head=True) == 44 and executor_overhead(fp, is_head=False) == 28
     assert executor_overhead(NOT_MEASURED, is_head=True) == 0
+
+
+@real
+def test_a_workers_window_without_arrays_computes_the_same_bytes(smollm2: Path, tmp_path: Path) -> None:
+    """A worker's Window (arrays=False: memoryviews in and out, no numpy) gives the bytes the head's (arrays) does,
+    for a prompt's batch and a decoded token, through run_hidden and run_rows."""
+    import numpy as np
+
+    from prima_sim.exec.llamacpp import Model, Window
+    from prima_sim.exec.manifest import shard_path
+    from prima_sim.exec.shard import write_shards
+    from prima_sim.plan import Plan, make_assignments
+
+    plan = Plan(model_id="m", n_layers=30, cluster_name="c", k=1, n_ctx=64, scheduler="manual",
+                devices=make_assignments(["D0", "D1"], (20, 10), [0, 0], 30))  # fmt: skip
+    man = write_shards(smollm2, plan, tmp_path)["D1"]
+    with Model(shard_path(tmp_path / "D1", man, man.shards[0])) as model:
+        h = np.random.default_rng(0).standard_normal((5, model.n_embd), dtype=np.float32)
+        with Window(model, "hidden", 64, 8, 1) as a, Window(model, "hidden", 64, 8, 1, arrays=False) as b:
+            want = [a.run_hidden(h, 0).copy(), a.run_hidden(h[:1], 5).copy()]
+            got = [bytes(b.run_hidden(memoryview(h.tobytes()).cast("f"), 0))]
+            got.append(bytes(b.run_hidden(memoryview(h[:1].tobytes()).cast("f"), 5)))
+            assert [w.tobytes() for w in want] == got
+            pos, seq = memoryview(np.arange(6, 8, dtype=np.int32)), memoryview(np.zeros(2, dtype=np.int32))
+            rows_a = a.run_rows(h[:2], np.arange(6, 8, dtype=np.int32), np.zeros(2, dtype=np.int32), set())
+            rows_b = b.run_rows(memoryview(h[:2].tobytes()).cast("f"), pos, seq, set())
+            assert isinstance(rows_b, memoryview) and rows_a.tobytes() == bytes(rows_b)
