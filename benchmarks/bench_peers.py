@@ -234,10 +234,11 @@ class Bench:
             cap = willneed_cap(tb.disk.device)
             self.say(f"{name}: one WILLNEED reads at most {cap // 1024} KiB on {tb.disk.device}")
             jobs: list[tuple[Row, Any]] = []
-            for pr in plans:
+            for i, pr in enumerate(plans):
                 if pr.plan is None:
                     raise SystemExit(f"{pr.label}: {pr.error}")
-                simulate_plan(pr, sc, model, wl, out)
+                # a new record with the simulation (PlanPrediction is frozen)
+                plans[i] = pr = simulate_plan(pr, sc, model, wl, out)
                 if pr.label.startswith("single"):
                     r = Row(cases[0][0], "llama.cpp", mem + "; one process in D0", [model.arch.n_layer], 1)
                     r.tpot_pred, r.ttft_pred, r.predicted_as = (
