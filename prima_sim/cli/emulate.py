@@ -140,13 +140,14 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"removed": found, "problems": problems})
         else:
-            n = len(found["netns"]) + len(found["cgroups"])
+            n = len(found["netns"]) + len(found["cgroups"]) + len(found["swap"]) + len(found["disks"])
             print(
-                f"removed {len(found['netns'])} namespace(s) and {len(found['cgroups'])} cgroup(s)"
+                f"removed {len(found['netns'])} namespace(s), {len(found['cgroups'])} cgroup(s), "
+                f"{len(found['swap'])} swap file(s) and {len(found['disks'])} disk(s)"
                 if n
                 else "nothing to remove"
             )
-            for x in found["netns"] + found["cgroups"]:
+            for x in found["netns"] + found["cgroups"] + found["swap"] + found["disks"]:
                 print(f"  {x}")
             for pr in problems:
                 print(f"problem: {pr}", file=sys.stderr)

@@ -45,11 +45,14 @@ _MEDIAN_FIELDS = ("memory_bandwidth_bps", "kv_copy_s_per_layer", "decode_overhea
 def profile_key(dev: DeviceSpec, model: ModelProfile, quick: bool, repeats: int = 1) -> str:
     """What makes two profiles of this host interchangeable: the device's limits, the model's weight types and
     width, the profiler's mode and version."""
-    blob = json.dumps({
+    key = {
         "host": socket.gethostname(), "memory": dev.memory, "cpus": dev.cpus, "cpuset": dev.cpuset,
         "threads": dev.threads, "disk_read": dev.disk_read, "types": sorted(model.weight_types()),
         "n_embd": model.arch.n_embd, "quick": quick, "version": prima_sim.__version__, "repeats": repeats,
-    }, sort_keys=True)  # fmt: skip
+    }  # fmt: skip
+    if dev.swap:  # only when set, so that the keys of devices without swap stay what they were
+        key["swap"] = dev.swap
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ user's systemd machine has v2 only):
 ==========  ==================================  ===========================================
 controller  cgroup v1 (one hierarchy each)      cgroup v2 (unified, enabled by subtree_control)
 ==========  ==================================  ===========================================
-memory      memory.limit_in_bytes (+ memsw)     memory.max, memory.swap.max = 0
+memory      memory.limit_in_bytes (+ memsw)     memory.max, memory.swap.max
 cpu         cpu.cfs_quota_us / cpu.cfs_period_us  cpu.max = "quota period"
 cpuset      cpuset.cpus, cpuset.mems            cpuset.cpus, cpuset.mems
 io          blkio.throttle.read_bps_device      io.max = "MAJ:MIN rbps=N"
@@ -43,6 +43,8 @@ CONTROLLERS = ("memory", "cpu", "cpuset", "io")
 """Logical controller names (v1 calls ``io`` ``blkio``)."""
 _V1_NAME = {"memory": "memory", "cpu": "cpu", "cpuset": "cpuset", "io": "blkio"}
 CFS_PERIOD_US = 100_000
+DEFAULT_SWAPPINESS = 60
+"""Swappiness of an emulated device that has swap: the kernel's default (``vm.swappiness``)."""
 RMDIR_ATTEMPTS = 50
 
 
@@ -169,20 +171,54 @@ class Group:
             )
         return self.dirs[controller]
 
-    def set_memory_limit(self, nbytes: int) -> None:
-        """Limit memory (anonymous and page cache) to ``nbytes``; no swap for this group."""
+    def set_memory_limit(self, nbytes: int, swap_bytes: int = 0) -> None:
+        """Limit memory (anonymous and page cache) to ``nbytes`` and swap to ``swap_bytes`` (0: none).
+
+        Without swap the group may not swap at all (v1: memory+swap limit = memory limit, swappiness 0; v2:
+        ``memory.swap.max`` = 0). With swap, v1 gets memory+swap = ``nbytes + swap_bytes`` and swappiness 60 (the
+        kernel's default), v2 ``memory.swap.max`` = ``swap_bytes`` (v2 has no per-group swappiness: the host's
+        ``vm.swappiness`` applies).
+
+        Raises:
+            EmulationError: a limit cannot be written, or swap is asked for where the kernel does not account it.
+        """
         d = self._dir("memory")
         if self.versions["memory"] == 1:
             _write(d / "memory.limit_in_bytes", str(int(nbytes)))
-            if (d / "memory.memsw.limit_in_bytes").exists():  # only with swap accounting
-                _write(d / "memory.memsw.limit_in_bytes", str(int(nbytes)))
+            memsw = d / "memory.memsw.limit_in_bytes"
+            if swap_bytes and not memsw.exists():
+                raise EmulationError(
+                    f"cgroup {self.name}: swap was asked for but this kernel does not account swap per cgroup "
+                    f"(no {memsw.name}): boot with 'swapaccount=1' (cgroup v1) or use cgroup v2"
+                )
+            if memsw.exists():  # only with swap accounting
+                _write(memsw, str(int(nbytes + swap_bytes)))
             if (d / "memory.swappiness").exists():
-                with contextlib.suppress(EmulationError):  # refused on some kernels for non-root groups
-                    _write(d / "memory.swappiness", "0")
+                if swap_bytes:
+                    _write(d / "memory.swappiness", str(DEFAULT_SWAPPINESS))
+                else:
+                    with contextlib.suppress(EmulationError):  # refused on some kernels for non-root groups
+                        _write(d / "memory.swappiness", "0")
         else:
             _write(d / "memory.max", str(int(nbytes)))
+            if swap_bytes and not (d / "memory.swap.max").exists():
+                raise EmulationError(
+                    f"cgroup {self.name}: swap was asked for but this kernel has no memory.swap.max "
+                    f"(CONFIG_SWAP or swap accounting is off)"
+                )
             if (d / "memory.swap.max").exists():
-                _write(d / "memory.swap.max", "0")
+                _write(d / "memory.swap.max", str(int(swap_bytes)))
+
+    def swap_usage(self) -> int:
+        """Bytes of the group's memory that are swapped out now (v1: memory+swap usage less memory usage; v2
+        ``memory.swap.current``); 0 without swap accounting. Reads no ``memory.stat`` (no statistics flush)."""
+        d = self._dir("memory")
+        if self.versions["memory"] == 1:
+            memsw = _read(d / "memory.memsw.usage_in_bytes")
+            if not memsw:
+                return 0
+            return max(0, _int(memsw) - _int(_read(d / "memory.usage_in_bytes")))
+        return _int(_read(d / "memory.swap.current"))
 
     def set_cpu_quota(self, cpus: float, period_us: int = CFS_PERIOD_US) -> None:
         """At most ``cpus`` CPUs of time (CFS bandwidth control)."""

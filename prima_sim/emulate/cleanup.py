@@ -1,5 +1,5 @@
 """Removing what emulation runs left behind (``prima-sim emulate --cleanup``): processes, namespaces, cgroups,
-loop disks and state files of runs that are not alive. It needs both the run registry (``resources``) and the
+swap files, loop disks and state files of runs that are not alive. It needs both the run registry (``resources``) and the
 emulated disks (``disk``), which is why it lives apart from either.
 """
 
@@ -9,12 +9,13 @@ import contextlib
 import subprocess
 from pathlib import Path
 
-from prima_sim.emulate import cgroups, disk
+from prima_sim.emulate import cgroups, disk, swap
 from prima_sim.emulate.resources import STATE_DIR, delete_netns, find_leftovers, kill_tree, live_run_ids
 
 
 def cleanup_leftovers(include_live: bool = False) -> tuple[dict[str, list[str]], list[str]]:
-    """Remove what :func:`find_leftovers` finds: processes first, then namespaces, then cgroups.
+    """Remove what :func:`find_leftovers` finds: processes first, then namespaces, then cgroups, then swap files
+    (turned off: they live on the emulated disks), then the emulated disks.
 
     Returns:
         (what was found, problems).
@@ -23,6 +24,7 @@ def cleanup_leftovers(include_live: bool = False) -> tuple[dict[str, list[str]],
     live = set() if include_live else live_run_ids()
     disks = disk.leftover_disks(live)
     found["disks"] = [d for d, _, _ in disks]
+    found["swap"] = swap.leftover_swaps(live)
     problems: list[str] = []
     for d in found["cgroups"]:  # killing the processes first frees the namespaces too
         kill_tree(Path(d))
@@ -35,6 +37,11 @@ def cleanup_leftovers(include_live: bool = False) -> tuple[dict[str, list[str]],
         err = cgroups.remove_dir(Path(d))
         if err:
             problems.append(err)
+    for sw in found["swap"]:  # before the disks: an active swap file keeps its file system busy
+        try:
+            swap.remove_leftover_swap(sw)
+        except Exception as exc:  # report and go on with the rest
+            problems.append(f"{sw}: {exc}")
     for dev, image, mnt in disks:
         try:
             disk.remove_leftover_disk(dev, image, mnt)

@@ -38,6 +38,7 @@ Example (``datasets/scenarios/*.toml`` has the suite)::
     bandwidth = "300 Mbit/s"      # its access link (a pair's bandwidth is the smaller of the two ends)
     latency = "2 ms"              # its access link's one-way latency (a pair's latency is the sum)
     os = "linux"                  # OS behaviour the planner assumes (disk bandwidth and memory budget rules)
+    # swap = "256 MiB"            # swap space (Linux): a swap file on the emulated disk, behind the same read limit
 
 A pair of devices communicates at the smaller of their access bandwidths and the sum of their access
 latencies (a path through the home router), unless ``[[network.links]]`` gives the pair explicitly.
@@ -71,6 +72,10 @@ def _lower_all(v: object) -> object:
 
 _CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 MIN_MEMORY_BYTES = 128 * MiB
+MIN_SWAP_BYTES = 16 * MiB
+"""Smallest swap a device may have (mkswap needs a few pages; less would change nothing measurable)."""
+MAX_SWAP_BYTES = 16 << 30
+"""Largest swap a device may have (the swap file lives on the run's sparse disk image, written in full)."""
 
 
 class DeviceSpec(FrozenModel):
@@ -95,6 +100,11 @@ class DeviceSpec(FrozenModel):
         default=None, description="access link one-way latency (default: [network])"
     )
     os: OSFamily = Field(default="linux", description="OS behaviour the planner assumes")
+    swap: Bytes = Field(
+        default=0,
+        description="swap space of the device (0: none); Linux only: a swap file on the emulated disk, the "
+        "memory cgroup's memory+swap limit raised by this much and its swappiness 60 (docs/emulation.md)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -120,6 +130,23 @@ class DeviceSpec(FrozenModel):
         if v is not None and not _CPUSET.match(v.replace(" ", "")):
             raise ValueError("must be a CPU list such as '0', '0-1' or '0,2'")
         return v.replace(" ", "") if v else v
+
+    @field_validator("swap")
+    @classmethod
+    def _swap(cls, v: int) -> int:
+        if v and not MIN_SWAP_BYTES <= v <= MAX_SWAP_BYTES:
+            raise ValueError(f"must be 0 (no swap) or between 16 MiB and 16 GiB, got {v} B")
+        return v
+
+    @model_validator(mode="after")
+    def _swap_os(self) -> DeviceSpec:
+        if self.swap and self.os != "linux":
+            raise ValueError(
+                f"swap is emulated for os = 'linux' only (got os = {self.os!r}): the planner's {self.os} rules "
+                f"assume their own swap (Android swaps other apps out first; macOS compresses memory), which a "
+                f"Linux swap file does not reproduce"
+            )
+        return self
 
 
 class LinkOverride(FrozenModel):
@@ -305,6 +332,12 @@ class Scenario(FrozenModel):
         for d in self.devices:
             if d.cpus is not None and d.cpuset is not None:
                 raise ValueError(f"device {d.name}: give cpus or cpuset, not both")
+        swapping = [d.name for d in self.devices if d.swap]
+        if swapping and not self.disk.emulated:
+            raise ValueError(
+                f"device(s) {', '.join(swapping)} have swap: it needs [disk] emulated = true (the swap file lives on "
+                f"the run's own disk, behind the devices' read limits, and goes away with it)"
+            )
         return self
 
     @property
@@ -348,6 +381,11 @@ class Scenario(FrozenModel):
         if any(d.disk_read is not None for d in self.devices):
             need.append("io")
         return need
+
+    @property
+    def swap_bytes(self) -> int:
+        """Swap of all devices together (the size of the run's one swap file)."""
+        return sum(d.swap for d in self.devices)
 
 
 def load_scenario(path: str | Path) -> Scenario:

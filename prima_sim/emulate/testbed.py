@@ -2,8 +2,9 @@
 
 :class:`Testbed` is a context manager. Entering it installs the run's :class:`~prima_sim.emulate.resources.Registry`
 (pid file, signal handlers), puts the work directory on an emulated disk (a loop device with the scenario's
-readahead) or on the host's file system, and creates per device a cgroup (memory limit with page cache, CPU
-quota or cpuset, disk read limit) and a network namespace on a shared bridge, HTB classes shaping every pair's
+readahead) or on the host's file system, turns on a swap file on that disk when a device has swap
+(:mod:`prima_sim.emulate.swap`), and creates per device a cgroup (memory limit with page cache and the device's
+swap, CPU quota or cpuset, disk read limit) and a network namespace on a shared bridge, HTB classes shaping every pair's
 bandwidth; the user-space latency table for the head and workers (``--link-latency``) is :attr:`latency_env`.
 Leaving it (by any way out, a failure half-way through entering included) removes every kernel object and
 stops every process it registered, newest first.
@@ -26,6 +27,7 @@ from prima_sim.emulate.netns import Network, latency_table
 from prima_sim.emulate.resources import Registry
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.emulate.spawn import python_env, spawn, stop
+from prima_sim.emulate.swap import SwapFile, zswap_enabled
 from prima_sim.errors import EmulationError
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class Testbed:
         self.keep_work = keep_work
         self.say = say
         self.disk: EmulatedDisk | None = None
+        self.swap: SwapFile | None = None
         self.disk_dev = ""  # MAJ:MIN of the disk the shards are on (whose reads the sampler counts)
         self.cgs: cg.Cgroups | None = None
         self.groups: dict[str, cg.Group] = {}
@@ -74,6 +77,7 @@ class Testbed:
         self.reg.__enter__()
         try:
             self.setup_disk()
+            self.setup_swap()
             self.setup_devices()
         except BaseException:
             self.reg.__exit__()
@@ -90,7 +94,7 @@ class Testbed:
         """The work directory: on an emulated disk (a loop device of this run) or on the host's file system."""
         sc = self.sc
         if sc.disk.emulated:
-            size = int(self.model_bytes * (self.n_plans + 0.5)) + (3 << 30)
+            size = int(self.model_bytes * (self.n_plans + 0.5)) + (3 << 30) + sc.swap_bytes
             self.disk = EmulatedDisk(self.reg, self.work_base, size, sc.disk.readahead)
             self.work = self.disk.create() / "work"
             self.work.mkdir()
@@ -103,6 +107,25 @@ class Testbed:
                 "dir",
                 str(work),
                 lambda: shutil.rmtree(work, ignore_errors=True) if not self.keep_work else None,
+            )
+
+    def setup_swap(self) -> None:
+        """One swap file of the devices' total swap on the emulated disk, turned on (nothing without swap)."""
+        total = self.sc.swap_bytes
+        if not total:
+            return
+        assert self.disk is not None, "swap needs the emulated disk (the scenario's validation says so)"
+        self.swap = SwapFile(self.reg, self.disk.mountpoint, total)
+        path = self.swap.create()
+        swapping = ", ".join(f"{d.name} {d.swap / 2**20:.0f} MiB" for d in self.ring if d.swap)
+        self.say(f"swap: {path} ({total / 2**20:.0f} MiB) on {self.disk.device}; {swapping}")
+        self.notes.append(
+            "the host has swap during this run: on cgroup v1 every device's page cache is then judged as on a host "
+            "with swap (the refault test counts its anonymous memory), also on devices that cannot swap"
+        )
+        if zswap_enabled():
+            self.notes.append(
+                "zswap is on: swapped pages are compressed in RAM before they reach the swap file"
             )
 
     def setup_devices(self) -> None:
@@ -127,7 +150,7 @@ class Testbed:
             dev_id = cg.block_device_of(self.work)
         for d in self.ring:
             g = cgs.create(d.name)
-            g.set_memory_limit(d.memory)
+            g.set_memory_limit(d.memory, d.swap)
             if d.cpus is not None:
                 g.set_cpu_quota(d.cpus, CPU_PERIOD_US)
             if d.cpuset is not None:
