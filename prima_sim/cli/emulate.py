@@ -113,7 +113,21 @@ def check_host() -> dict[str, Any]:
     except OSError:
         out["netns_dir"] = None
     out["ok"] = bool(out["root"] and out["controllers"]["memory"] and all(out["tools"].values()))
+    out["swap"] = swap_support(hier.get("memory"))
     return out
+
+
+def swap_support(mem: Any) -> dict[str, Any]:
+    """Whether devices with ``swap =`` can be emulated: per-cgroup swap accounting (v1 ``memsw``, v2
+    ``memory.swap.max``), the swap tools, and whether zswap would compress swapped pages in RAM first."""
+    from prima_sim.emulate.swap import zswap_enabled
+
+    acct = False
+    if mem is not None:
+        probe = "memory.memsw.limit_in_bytes" if mem.version == 1 else "memory.swap.max"
+        acct = (mem.mount / probe).exists() or any(p.name == probe for p in mem.mount.glob(f"*/{probe}"))
+    tools = {t: shutil.which(t) for t in ("mkswap", "swapon", "swapoff")}
+    return {"accounting": acct, "tools": tools, "zswap": zswap_enabled(), "ok": acct and all(tools.values())}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
                                          if h else "not available"))  # fmt: skip
             for t, path in info["tools"].items():
                 print(f"{t}: {path or 'NOT FOUND (install iproute2)'}")
+            sw = info["swap"]
+            print("devices with swap: " + ("possible" if sw["ok"] else "NOT possible (" + (
+                "no per-cgroup swap accounting: boot with swapaccount=1 or use cgroup v2" if not sw["accounting"]
+                else "mkswap/swapon/swapoff missing: install util-linux") + ")")
+                  + (" (zswap is on: swapped pages are compressed in RAM first)" if sw["zswap"] else ""))  # fmt: skip
             print("ok" if info["ok"] else "this host cannot emulate (see above)")
         return 0 if info["ok"] else 1
     if args.cleanup:
