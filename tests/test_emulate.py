@@ -460,6 +460,9 @@ def test_memory_sampler_peaks_and_windows() -> None:
         def cpu_throttled_s(self) -> float:
             return 0.0
 
+        def swap_usage(self) -> int:
+            return 5 * self.n
+
     g = FakeGroup()
     s = MemorySampler({"A": g}, interval_s=0.01).start()  # type: ignore[dict-item]
     time.sleep(0.1)
@@ -467,6 +470,7 @@ def test_memory_sampler_peaks_and_windows() -> None:
     assert g.full == 2, "memory.stat (which flushes the kernel's statistics) is read only at start and stop"
     assert peaks["A"].anon >= 300 and peaks["A"].file == 7 and peaks["A"].limit == 1000
     assert peaks["A"].pressure == peaks["A"].anon / 1000
+    assert peaks["A"].swap >= 15  # the swapped-out peak is sampled with the light reads
     tl = s.timeline["A"]
     assert s.io_between("A", tl[1][0], tl[3][0]) == tl[3][3] - tl[1][3]
     assert s.anon_peak_between("A", tl[0][0], tl[2][0]) == tl[2][1]

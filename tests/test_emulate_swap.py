@@ -206,3 +206,16 @@ def test_cleanup_turns_a_crashed_runs_swap_off(tmp_path: Path) -> None:
     assert os.path.realpath(sw) in [os.path.realpath(s) for s in found["swap"]] and dev in found["disks"]
     assert os.path.realpath(sw) not in swap.active_swaps()
     assert not img.exists()
+
+
+def test_executor_footprint_is_swappable_on_a_device_with_swap() -> None:
+    from prima_sim.emulate.calibrate import with_executor_overhead
+    from tests.factories import device
+
+    plain = device("A", ram_total_bytes=200 * MiB, ram_available_bytes=180 * MiB)
+    swapping = plain.model_copy(update={"swap_total_bytes": 256 * MiB, "swap_available_bytes": 256 * MiB})
+    a = with_executor_overhead(plain, 200 * MiB, 33 * MiB, is_head=False)
+    b = with_executor_overhead(swapping, 200 * MiB, 33 * MiB, is_head=False)
+    assert a.ram_available_bytes == b.ram_available_bytes == 167 * MiB
+    assert a.swappable_bytes == 0 and "swappable_bytes" not in a.sources
+    assert b.swappable_bytes == 33 * MiB and "swap out" in b.sources["swappable_bytes"]

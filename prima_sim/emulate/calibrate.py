@@ -165,15 +165,25 @@ def executor_overhead(fp: Footprint, is_head: bool) -> int:
 
 def with_executor_overhead(prof: DeviceProfile, limit: int, overhead: int, is_head: bool) -> DeviceProfile:
     """``prof`` with the memory the model may use once the executor runs: the cgroup limit minus the executor's
-    own footprint (the profiler measured the limit minus *its* footprint, a different process)."""
+    own footprint (the profiler measured the limit minus *its* footprint, a different process).
+
+    A device with swap (``prof.swap_total_bytes`` > 0, the profiler saw the group's memory+swap limit) also gets
+    ``swappable_bytes`` = that footprint: anonymous memory no decode step touches, which Linux swaps out to make
+    page-cache room (docs/pagecache.md, "Swap")."""
     avail = max(0, min(prof.ram_total_bytes, limit) - overhead)
     note = (f"{avail / 2**20:.1f} MiB: the device's memory limit {limit / 2**20:.0f} MiB minus the executor's own "
             f"anonymous memory {overhead / 2**20:.1f} MiB (Python runtime" + (" and the tokenizer" if is_head else "")
             + f", measured by prima-sim emulate); the profiler measured {prof.ram_available_bytes / 2**20:.1f} MiB "
             f"with its own process resident")  # fmt: skip
-    return prof.model_copy(
-        update={"ram_available_bytes": avail, "sources": {**prof.sources, "ram_available_bytes": note}}
-    )
+    sources = {**prof.sources, "ram_available_bytes": note}
+    update: dict[str, object] = {"ram_available_bytes": avail, "sources": sources}
+    if prof.swap_total_bytes > 0:
+        update["swappable_bytes"] = overhead
+        sources["swappable_bytes"] = (
+            f"{overhead / 2**20:.1f} MiB: the executor's own anonymous memory (cold: no decode step touches it), "
+            f"which the kernel can swap out to this device's {prof.swap_total_bytes / 2**20:.0f} MiB of swap"
+        )
+    return prof.model_copy(update=update)
 
 
 class Calibrator:

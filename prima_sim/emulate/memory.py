@@ -28,7 +28,7 @@ SAMPLE_INTERVAL_S = float(os.environ.get("PRIMA_SIM_SAMPLE_INTERVAL", "0.05"))
 
 @dataclass
 class MemoryPeak:
-    """Peaks of one device's memory over a run (bytes)."""
+    """Peaks of one device's memory over a run (bytes; ``swap``: the group's memory swapped out)."""
 
     limit: int = 0
     anon: int = 0
@@ -39,6 +39,7 @@ class MemoryPeak:
     samples: int = 0
     oom_kills: int = 0
     cpu_throttled_s: float = 0.0
+    swap: int = 0
 
     @property
     def pressure(self) -> float:
@@ -55,7 +56,8 @@ class MemoryPeak:
         return MemoryPeak(max(self.limit, other.limit), max(self.anon, other.anon), max(self.file, other.file),
                           max(self.usage, other.usage), max(self.kernel_peak, other.kernel_peak),
                           self.io_read + other.io_read, self.samples + other.samples,
-                          self.oom_kills + other.oom_kills, self.cpu_throttled_s + other.cpu_throttled_s)  # fmt: skip
+                          self.oom_kills + other.oom_kills, self.cpu_throttled_s + other.cpu_throttled_s,
+                          max(self.swap, other.swap))  # fmt: skip
 
 
 @dataclass
@@ -101,6 +103,7 @@ class MemorySampler:
             p.file = max(p.file, st.get("file", 0))
             p.usage = max(p.usage, st.get("usage", 0))
             p.kernel_peak = max(p.kernel_peak, st.get("peak", 0))
+            p.swap = max(p.swap, g.swap_usage())  # memory+swap usage less usage: no statistics flush
             p.samples += 1
 
     def _loop(self) -> None:

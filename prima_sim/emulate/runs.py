@@ -199,7 +199,9 @@ class RunSupervisor:
                         for row in steps.values()),
             prompt_tokens=int(summary.get("prompt_tokens") or 0),
         ))  # fmt: skip
-        self.say(f"{pr.label} rep {r}: TPOT {s['tpot_s'] * 1e3:.1f} ms, TTFT {s['ttft_s'] * 1e3:.0f} ms")
+        swapped = ", ".join(f"{n} {pk.swap / 2**20:.1f} MiB" for n, pk in peaks.items() if pk.swap)
+        self.say(f"{pr.label} rep {r}: TPOT {s['tpot_s'] * 1e3:.1f} ms, TTFT {s['ttft_s'] * 1e3:.0f} ms"
+                 + (f"; swapped out at most: {swapped}" if swapped else ""))  # fmt: skip
         return done[-1]
 
     def _run_stock(self, pr: PlanPrediction, wl: Workload, r: int) -> RunMeasurement:
