@@ -198,6 +198,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limits", default="640,560,400", help="memory limits, MiB")
     ap.add_argument("--modes", default="none,host,swap", help="none, host, swap (in this order)")
+    ap.add_argument(
+        "--points", default="", help="explicit MODE-LIMIT points, e.g. none-760,swap-760 (overrides both)"
+    )
     ap.add_argument("--swap-mib", type=int, default=256, help="swap of the 'swap' mode, MiB")
     ap.add_argument("--tokens", type=int, default=8, help="timed decode tokens")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode tokens first")
@@ -217,8 +220,15 @@ def main() -> int:
     from prima_sim.emulate.scenario import ModelSpec
     from prima_sim.emulate.swap import SwapFile
 
-    limits = [int(x) for x in args.limits.split(",") if x]
-    modes = [m for m in ("none", "host", "swap") if m in args.modes.split(",")]
+    order = ("none", "host", "swap")  # swap goes on once, before the first point that needs it
+    if args.points:
+        points = [(m, int(lim)) for m, _, lim in (p.partition("-") for p in args.points.split(",") if p)]
+        if any(m not in order for m, _ in points):
+            ap.error(f"--points: modes are {', '.join(order)}")
+        points.sort(key=lambda x: order.index(x[0]))
+    else:
+        limits = [int(x) for x in args.limits.split(",") if x]
+        points = [(m, lim) for m in order if m in args.modes.split(",") for lim in limits]
     src = ensure_model(ModelSpec(**SHAPE, quant="Q4_0"), log=say)
     base = Path(args.work)
     rows: list[dict] = []
@@ -232,30 +242,27 @@ def main() -> int:
         cgs = Cgroups(reg.prefix, need=("memory", "io"))
         reg.add("cgroups", reg.prefix, lambda: cgs.remove_all())
         swap_on = False
-        for mode in modes:
+        for mode, lim in points:
             if mode != "none" and not swap_on:
                 SwapFile(reg, mnt, args.swap_mib * MIB).create()
                 swap_on = True
                 say(f"swap on: {args.swap_mib} MiB on {disk.device}")
-            for lim in limits:
-                key = f"{mode}-{lim}"
-                say(f"point {key}")
-                t0 = time.monotonic()
-                sw = args.swap_mib * MIB if mode == "swap" else 0
-                res, err = run_point(cgs, key, model, disk.majmin, lim * MIB, sw, args.disk_read * 1e6, args.tokens,
-                                     args.warmup, base)  # fmt: skip
-                if res is None:
-                    rows.append(
-                        {"point": key, "mode": mode, "limit_mib": lim, "status": "failed", "error": err}
-                    )
-                    say(f"  failed: {err}")
-                    continue
-                raw[key] = res
-                row = summarize(key, mode, lim, args.swap_mib, model.stat().st_size, args.warmup, res)
-                rows.append(row)
-                say(f"  {row['read_mib_per_token']:.0f} MiB/token read, swap {row['swap_used_mib']:.0f} MiB, "
-                    f"pswpin {row['pswpin_mib_per_token']:.1f} MiB/token, TPOT {row['tpot_s'] * 1e3:.0f} ms "
-                    f"({time.monotonic() - t0:.0f} s)")  # fmt: skip
+            key = f"{mode}-{lim}"
+            say(f"point {key}")
+            t0 = time.monotonic()
+            sw = args.swap_mib * MIB if mode == "swap" else 0
+            res, err = run_point(cgs, key, model, disk.majmin, lim * MIB, sw, args.disk_read * 1e6, args.tokens,
+                                 args.warmup, base)  # fmt: skip
+            if res is None:
+                rows.append({"point": key, "mode": mode, "limit_mib": lim, "status": "failed", "error": err})
+                say(f"  failed: {err}")
+                continue
+            raw[key] = res
+            row = summarize(key, mode, lim, args.swap_mib, model.stat().st_size, args.warmup, res)
+            rows.append(row)
+            say(f"  {row['read_mib_per_token']:.0f} MiB/token read, swap {row['swap_used_mib']:.0f} MiB, "
+                f"pswpin {row['pswpin_mib_per_token']:.1f} MiB/token, TPOT {row['tpot_s'] * 1e3:.0f} ms "
+                f"({time.monotonic() - t0:.0f} s)")  # fmt: skip
     meta = {"host": socket.gethostname(), "kernel": os.uname().release,
             "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}  # fmt: skip
     out = Path(args.csv)
