@@ -234,6 +234,50 @@ def test_android_swaps_other_apps_out_instead_of_rereading(m8):
     assert st["page_cache_capacity_bytes"] == pytest.approx(window, rel=0.01)
 
 
+@pytest.mark.parametrize("page_cache", ["lru", "linux"])
+def test_linux_with_swap_swaps_cold_memory_out_instead_of_rereading(m8, page_cache):
+    """A Linux device whose window misses its room by less than its swappable (cold) anonymous memory: with swap the
+    kernel swaps that memory out and the window fits (docs/pagecache.md, "Swap": 640 MiB cgroup, 0 MiB read per
+    token with 256 MiB of swap against 214 without); without swap, or with less swap than that, it pages."""
+    window = sum(m8.layer_bytes[0:6])
+    cold = int(0.1 * window)
+
+    def run(swap: int) -> tuple[float, SimResult]:
+        dev = toy_device("P", swappable_bytes=cold, swap_bytes=swap)
+        c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), dev])
+        c = with_room(c, m8, [26, 6], None, "P", 0.95 * window)
+        plan = manual_plan(c, m8, WL, [26, 6])
+        res = simulate(plan, c, m8, WL, SimConfig(page_cache=page_cache, prefetch=False))
+        assert plan.prediction is not None
+        return per_token(res, "P", "disk_read_bytes"), res
+
+    with_swap, res = run(256 * 2**20 + cold)
+    assert with_swap == 0
+    assert res.device_stats["P"]["swapped_out_bytes"] == pytest.approx(0.05 * window, rel=0.05)
+    without, _ = run(0)
+    assert without > 0.5 * window  # near a fit: Linux re-reads the window every token
+    short, _ = run(cold // 4)  # swap smaller than the cold memory: only that much room
+    assert short > 0.5 * window
+
+
+def test_linux_swap_room_is_in_the_memory_model() -> None:
+    from prima_sim.devices.behaviour import behaviour_of
+
+    base = toy_device("L", ram_total_bytes=2**30, ram_available_bytes=800 * 2**20)
+    swapping = toy_device("L", ram_total_bytes=2**30, ram_available_bytes=800 * 2**20, swappable_bytes=40 * 2**20,
+                          swap_bytes=256 * 2**20)  # fmt: skip
+    small = swapping.model_copy(update={"swap_available_bytes": 10 * 2**20})
+    no_swap = swapping.model_copy(update={"swap_total_bytes": 0, "swap_available_bytes": 0})
+    b, s, sm, ns = (behaviour_of(d) for d in (base, swapping, small, no_swap))
+    assert (b.ram_budget_bytes, b.swap_out_first_bytes) == (800 * 2**20, 0)
+    assert (s.ram_budget_bytes, s.swap_out_first_bytes) == (840 * 2**20, 40 * 2**20)
+    assert sm.swap_out_first_bytes == 10 * 2**20  # no more than the free swap
+    assert ns.ram_budget_bytes == 800 * 2**20 and ns.swap_out_first_bytes == 0  # swappable but no swap
+    assert s.weights_room(100 * 2**20) == pytest.approx(740 * 2**20)
+    mac = swapping.model_copy(update={"os": "macos"})
+    assert behaviour_of(mac).swap_out_first_bytes == 0  # macOS keeps its own rule
+
+
 # --- workload, memory ---------------------------------------------------------------------------------------------
 def test_kv_cache_growth_makes_later_tokens_slower(m8):
     c = toy_cluster([toy_device("H", flops=20e9), toy_device("B", flops=20e9)])

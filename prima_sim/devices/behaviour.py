@@ -16,6 +16,11 @@ Linux (CPU, CUDA, ...)    budget = available RAM; weights are clean file pages i
                           faults read at the *sequential* bandwidth with readahead (llama.cpp advises
                           ``POSIX_FADV_SEQUENTIAL``); CUDA/Vulkan/ROCm/SYCL layers are copied into VRAM
                           and never page; the backend keeps a reserve of VRAM free.
+Linux with swap           as Linux, and the cold anonymous memory the profile calls ``swappable`` (the
+                          executor's runtime and buffers no decode step touches) goes to swap under the
+                          weights' page-cache pressure, up to ``min(swappable, swap available)``: that room
+                          is part of the budget, as on Android (measured: docs/pagecache.md, "Swap"; the
+                          swap-ins a token causes, 0.01-2.4 MiB, are not modelled).
 Android (Termux)          as Linux, but before evicting weights the OS swaps other apps out, up to
                           ``min(swappable, swap available)``: that memory is part of the budget.
 macOS without Metal       budget = available RAM; faults read at the *random* bandwidth (no readahead
@@ -68,8 +73,8 @@ class MemoryBehaviour:
         name: the device's name (for messages).
         ram_budget_bytes: memory the run may use (weights in the page cache, KV cache, buffers; on unified
             memory the GPU's too) without pushing other applications out.
-        swap_out_first_bytes: part of the budget that the OS makes by swapping other apps out first
-            (Android), before it evicts any weight.
+        swap_out_first_bytes: part of the budget that the OS makes by swapping anonymous memory out first
+            (Android: other apps; Linux with swap: the run's own cold memory), before it evicts any weight.
         pinned_budget_bytes: anonymous memory the run can pin at all (available RAM plus swap).
         vram_bytes: free memory of a discrete GPU (0 without one, and on unified memory).
         gpu_reserve_bytes: VRAM (or working set) the GPU backend keeps for itself.
@@ -174,7 +179,7 @@ def behaviour_of(d: DeviceProfile) -> MemoryBehaviour:
     gpu = d.gpu
     metal = gpu is not None and gpu.kind == "metal"
     unified = metal or (gpu is not None and d.unified_memory)
-    swap_first = min(d.swappable_bytes, d.swap_available_bytes) if d.os == "android" else 0
+    swap_first = min(d.swappable_bytes, d.swap_available_bytes) if d.os in ("android", "linux") else 0
     if metal:
         assert gpu is not None
         budget = min(gpu.vram_free_bytes, d.ram_available_bytes + d.swappable_bytes)

@@ -140,7 +140,9 @@ class DeviceProfile(FrozenModel):
     swap_total_bytes: Bytes = Field(default=0, description="swap space")
     swap_available_bytes: Bytes = Field(default=0, description="free swap space")
     swappable_bytes: Bytes = Field(
-        default=0, description="memory of other apps the OS would swap out first (Android, macOS)"
+        default=0,
+        description="anonymous memory the OS would swap out first (Android, macOS: other apps'; Linux with swap: "
+        "the run's own cold memory)",
     )
     kv_copy_s_per_layer: Seconds = Field(
         default=0.0, description="CPU time to append one token's K and V, per layer"

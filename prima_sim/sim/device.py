@@ -107,9 +107,12 @@ class SimDevice:
         cfg = ring.cfg
         cap, growth = cache_capacity(costs, use)
         mem = costs.memory
-        near = float(fit_limit(cap, mem.kernel_lru))
-        if growth == 0 and near + 0.5 < use.mapped_ram <= cap:
-            cap = near  # Linux re-reads weights this close to filling the room (behaviour.NEAR_FIT_MARGIN)
+        near = float(fit_limit(cap + growth, mem.kernel_lru))
+        if near + 0.5 < use.mapped_ram <= cap + growth:
+            # Linux re-reads weights this close to filling the room (behaviour.NEAR_FIT_MARGIN); the room made by
+            # swapping (the last to be made) goes first
+            cut = cap + growth - near
+            growth, cap = max(0.0, growth - cut), cap - max(0.0, cut - growth)
         mapped = float(sum(layout.chunk_bytes))
         # a capped advice (prima.cpp's one WILLNEED per window) reads next to nothing: such a device pages as
         # one that does not prefetch, unless --force makes its thread read the window itself
