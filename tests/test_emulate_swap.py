@@ -219,3 +219,78 @@ def test_executor_footprint_is_swappable_on_a_device_with_swap() -> None:
     assert a.ram_available_bytes == b.ram_available_bytes == 167 * MiB
     assert a.swappable_bytes == 0 and "swappable_bytes" not in a.sources
     assert b.swappable_bytes == 33 * MiB and "swap out" in b.sources["swappable_bytes"]
+
+
+def test_testbed_turns_swap_on_once_and_limits_each_device(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The testbed's glue without root: one swap file of the devices' total on the emulated disk, registered after the
+    disk (so torn down before it), the swapping device's group limited to memory + swap, the others to memory."""
+    from prima_sim.emulate import testbed as tbm
+    from prima_sim.emulate.resources import Registry
+
+    made: list[tuple[Path, int]] = []
+
+    class FakeSwap:
+        def __init__(self, reg: Registry, directory: Path, size: int) -> None:
+            self.reg, self.path, self.size = reg, directory / swap.swap_name(reg.prefix), size
+
+        def create(self) -> Path:
+            made.append((self.path, self.size))
+            self.reg.add("swap", str(self.path), lambda: None)
+            return self.path
+
+    class FakeDisk:
+        mountpoint = tmp_path / "mnt"
+        device = "/dev/loop99"
+        majmin = "7:99"
+
+    limits: dict[str, tuple[int, int]] = {}
+
+    class FakeGroup:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def set_memory_limit(self, nbytes: int, swap_bytes: int = 0) -> None:
+            limits[self.name] = (nbytes, swap_bytes)
+
+        def set_read_bps(self, dev: str, bps: float) -> None:
+            pass
+
+    class FakeCgroups:
+        def __init__(self, parent: str, need: object = ()) -> None:
+            pass
+
+        def create(self, name: str) -> FakeGroup:
+            return FakeGroup(name)
+
+        def remove_all(self) -> list[str]:
+            return []
+
+    class FakeNetwork:
+        def __init__(self, reg: Registry) -> None:
+            self.nodes: dict[str, object] = {}
+
+        def create(self, names: list[str]) -> None:
+            pass
+
+        def shape(self, name: str, peers: dict[str, float]) -> None:
+            pass
+
+    monkeypatch.setattr(tbm, "SwapFile", FakeSwap)
+    monkeypatch.setattr(tbm.cg, "Cgroups", FakeCgroups)
+    monkeypatch.setattr(tbm, "Network", FakeNetwork)
+    monkeypatch.setattr(tbm, "zswap_enabled", lambda: False)
+    sc = validate_model(Scenario, _scenario(), "t")
+    tb = tbm.Testbed(sc, tmp_path, model_bytes=1 << 20, n_plans=1, say=lambda m: None)
+    tb.disk = FakeDisk()  # type: ignore[assignment]
+    tb.setup_swap()
+    tb.setup_devices()
+    assert made == [(tmp_path / "mnt" / f"{tb.reg.prefix}.swap", 256 * MiB)]
+    assert limits == {"A": (512 * MiB, 0), "C": (200 * MiB, 256 * MiB)}
+    kinds = [i.kind for i in tb.reg.items]
+    assert kinds.index("swap") < kinds.index(
+        "cgroups"
+    )  # torn down (newest first) after the groups, before the disk
+    assert any("refault test" in n for n in tb.notes)
+    tb.reg.teardown()
