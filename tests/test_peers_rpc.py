@@ -1,0 +1,135 @@
+"""llama.cpp's RPC split of a plan (``prima_sim.peers.llamacpp_rpc_commands``): every device gets exactly its
+window under llama.cpp's own layer mapping, the command lines say what the benchmark means, llama.cpp's timing
+lines parse; and the pieces of ``benchmarks/bench_peers.py`` that do not need root (the star's links, the
+listening-socket check)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from prima_sim.devices.catalog import catalog_model
+from prima_sim.errors import InputError
+from prima_sim.halda.planner import manual_plan
+from prima_sim.peers import OUTPUT_ON_HEAD, llamacpp_rpc_commands, llamacpp_rpc_layers, parse_llama_perf
+from prima_sim.sim.toy import toy_cluster, toy_device
+from prima_sim.workload import Workload
+
+WL = Workload(n_ctx=256, prompt_tokens=13, decode_tokens=4, n_ubatch=64)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def m8():
+    return catalog_model("llama3-8b")
+
+
+def cluster(n: int):
+    return toy_cluster([toy_device(f"D{i}", ram_total_bytes=64 * 2**30) for i in range(n)])
+
+
+def opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def windows_of_32():
+    yield from (
+        [16, 8, 8],
+        [0, 16, 16],
+        [30, 1, 1],
+        [1, 1, 30],
+        [8, 8, 8, 8],
+        [5, 9, 3, 15],
+        [31, 1],
+        [0, 32],
+    )
+    for a, b in itertools.product(range(0, 33, 3), range(1, 33, 5)):
+        if a + b < 32:
+            yield [a, b, 32 - a - b]
+
+
+@pytest.mark.parametrize("windows", list(windows_of_32()))
+def test_llamacpp_gives_every_device_exactly_its_window(m8, windows):
+    """Under llama.cpp's mapping (its float32 arithmetic) of the emitted -ngl and -ts, the head's process runs
+    its window's worth of first layers and every server a contiguous range of exactly its window, in ring order;
+    the output layer (its norm; -ot keeps the matrix on the head) goes to the last server."""
+    plan = manual_plan(cluster(len(windows)), m8, WL, windows)
+    rc = llamacpp_rpc_commands(plan, "m.gguf", {f"D{i}": f"10.0.0.{i + 1}" for i in range(len(windows))})
+    c = rc.client
+    ngl = int(opt(c, "-ngl"))
+    ts = [int(x) for x in opt(c, "-ts").split(",")] if "-ts" in c else []
+    layers = llamacpp_rpc_layers(32, ngl, ts)
+    assert len(layers) == 33
+    assert layers[: windows[0]] == [-1] * windows[0] and rc.head_layers == (0, windows[0])
+    servers = [w for w in windows[1:] if w > 0]
+    assert len(rc.servers) == len(servers) and rc.n_gpu_layers == sum(servers)
+    expect = [j for j, w in enumerate(servers) for _ in range(w)]
+    assert layers[windows[0] : 32] == expect
+    if servers:
+        assert layers[32] == len(servers) - 1
+        assert opt(c, "--rpc") == ",".join(s.endpoint for s in rc.servers)
+        assert [s.layers[1] - s.layers[0] for s in rc.servers] == servers
+    else:
+        assert ngl == 0 and "--rpc" not in c and layers == [-1] * 33
+
+
+def test_rpc_command_lines(m8):
+    plan = manual_plan(cluster(3), m8, WL, [12, 10, 10])
+    rc = llamacpp_rpc_commands(plan, "/d/m.gguf", {"D1": "10.9.0.2", "D2": "10.9.0.3"}, port=50100,
+                               prompt="Once upon", n_predict=7, threads={"D0": 1, "D1": 2, "D2": 3},
+                               binary_dir="/b/bin/", extra=["--temp", "0"])  # fmt: skip
+    assert rc.head == "D0" and [s.device for s in rc.servers] == ["D1", "D2"]
+    assert rc.servers[0].argv == ["/b/bin/ggml-rpc-server", "-H", "10.9.0.2", "-p", "50100", "-t", "2"]
+    assert rc.servers[1].argv[-2:] == ["-t", "3"] and rc.servers[1].layers == (22, 32)
+    c = rc.client
+    assert c[0] == "/b/bin/llama-completion" and opt(c, "-m") == "/d/m.gguf"
+    assert opt(c, "--rpc") == "10.9.0.2:50100,10.9.0.3:50100"
+    assert opt(c, "-ngl") == "21" and opt(c, "-ts") == "10,11"
+    assert opt(c, "-ot") == OUTPUT_ON_HEAD
+    assert opt(c, "-sm") == "layer" and opt(c, "-fit") == "off" and opt(c, "--load-mode") == "mmap"
+    assert "--no-repack" in c and "-no-cnv" in c
+    assert opt(c, "-c") == str(plan.n_ctx) and opt(c, "-n") == "7" and opt(c, "-p") == "Once upon"
+    assert opt(c, "-t") == "1" and c[-2:] == ["--temp", "0"]
+    assert shlex.split(rc.to_dict()["client_line"]) == c  # type: ignore[arg-type]
+
+
+def test_the_output_override_is_anchored():
+    """llama.cpp matches -ot patterns with regex_search: an unanchored 'output.weight' would also keep every
+    blk.N.attn_output.weight on the head."""
+    import re
+
+    pats = [p.split("=")[0] for p in OUTPUT_ON_HEAD.split(",")]
+    names = ["output.weight", "token_embd.weight", "blk.3.attn_output.weight", "output_norm.weight"]
+    hit = [n for n in names if any(re.search(p, n) for p in pats)]
+    assert hit == ["output.weight", "token_embd.weight"]
+
+
+def test_rpc_refuses_what_the_layer_split_cannot_run(m8):
+    k2 = manual_plan(cluster(3), m8, WL, [8, 4, 4])
+    assert k2.k == 2
+    with pytest.raises(InputError, match="k = 2"):
+        llamacpp_rpc_commands(k2, "m.gguf")
+    ok = manual_plan(cluster(3), m8, WL, [12, 10, 10])
+    with pytest.raises(InputError, match="65535"):
+        llamacpp_rpc_commands(ok, "m.gguf", port=70000)
+
+
+PERF_LOG = """\
+llama_perf_sampler_print:    sampling time =       0.41 ms /    20 runs   (    0.02 ms per token, 48661.80 tokens per second)
+llama_perf_context_print:        load time =    2237.45 ms
+llama_perf_context_print: prompt eval time =     402.17 ms /    13 tokens (   30.94 ms per token,    32.32 tokens per second)
+llama_perf_context_print:        eval time =     903.62 ms /     6 runs   (  150.60 ms per token,     6.64 tokens per second)
+llama_perf_context_print:       total time =    1320.55 ms /    19 tokens
+"""
+
+
+def test_parse_llama_perf():
+    tpot, ttft = parse_llama_perf("noise\n" + PERF_LOG)
+    assert tpot == pytest.approx(0.90362 / 6) and ttft == pytest.approx(0.40217)
+    t2, f2 = parse_llama_perf(PERF_LOG.replace("/     6 runs", "/     0 runs"))
+    assert math.isnan(t2) and f2 == pytest.approx(0.40217)
+    assert all(math.isnan(x) for x in parse_llama_perf("llama-completion: error: failed to load model\n"))
