@@ -238,8 +238,9 @@ class Bench:
         n_plans = len(sc.run.schedulers) + len(sc.run.manual) + len(sc.run.single)
         with Testbed(sc, out / "work", model_bytes=model_path.stat().st_size, n_plans=n_plans,
                      say=self.say) as tb:  # fmt: skip
+            cache = Path(a.profile_cache) if a.profile_cache else None
             cal = cal_mod.Calibrator(
-                tb, out, quick=opts.quick_profile, repeats=opts.profile_repeats, say=self.say
+                tb, out, quick=opts.quick_profile, repeats=opts.profile_repeats, cache=cache, say=self.say
             )
             profiles = cal.profile_devices(model_path, model)
             profiles = cal.calibrate_decode(model_path, model, profiles)
@@ -796,6 +797,8 @@ def main() -> int:
     p.add_argument(
         "--profile-repeats", type=int, default=3, help="profiles per device, median kept (default: 3)"
     )
+    p.add_argument("--profile-cache", help="reuse device profiles measured under identical limits on this host "
+                   "(a directory; groups with the same devices then profile once)")  # fmt: skip
     p.add_argument("--no-run-calibration", action="store_true",
                    help="predict from the profiles only (no streaming-rate probes around the runs)")  # fmt: skip
     p.add_argument("--reports", default=str(ROOT / "reports"), help="where peers.csv and peers.png go")

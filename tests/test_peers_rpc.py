@@ -5,9 +5,13 @@ listening-socket check)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 import shlex
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +137,74 @@ def test_parse_llama_perf():
     t2, f2 = parse_llama_perf(PERF_LOG.replace("/     6 runs", "/     0 runs"))
     assert math.isnan(t2) and f2 == pytest.approx(0.40217)
     assert all(math.isnan(x) for x in parse_llama_perf("llama-completion: error: failed to load model\n"))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peers_mod", ROOT / "benchmarks" / "bench_peers.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers_mod"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_star_links_route_server_to_server_hops_through_the_head(bench):
+    c = toy_cluster([toy_device(f"D{i}") for i in range(4)], bandwidth_bps=10e6, latency_s=0.002)
+    s = bench.star_links(c, ["D0", "D1", "D2", "D3"])
+    for a, b in (("D1", "D2"), ("D2", "D3")):
+        lk = s.link(a, b)
+        assert lk.bandwidth_bps == pytest.approx(5e6) and lk.latency_s == pytest.approx(0.004)
+    for a, b in (("D0", "D1"), ("D3", "D0"), ("D1", "D3")):
+        assert s.link(a, b) == c.link(a, b)
+
+
+def test_listening_sees_a_socket_in_this_process(bench):
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        assert not bench.listening(os.getpid(), port)
+        srv.listen()
+        assert bench.listening(os.getpid(), port)
+
+
+def scenario(memory: str):
+    from prima_sim.emulate.scenario import Scenario
+
+    return Scenario.model_validate({
+        "name": "t", "model": {"layers": 16, "embd": 2048, "ff": 8192, "heads": 32, "kv_heads": 8, "quant": "Q4_0"},
+        "devices": [{"name": f"D{i}", "memory": memory, "threads": 1} for i in range(3)],
+        "network": {"bandwidth": "1 Gbit/s"},
+    })  # fmt: skip
+
+
+class _PR:
+    def __init__(self, plan):
+        self.plan = plan
+
+
+def test_rpc_prediction_is_the_resident_star_or_infeasible(bench, m8):
+    """Windows that fit their servers: a finite prediction, no disk reads on the servers, one more hop than the
+    ring (a server-to-server hop through the head); a window larger than its server's limit: no prediction,
+    and the row says which server would be killed."""
+    import argparse
+
+    c = toy_cluster([toy_device(f"D{i}", ram_total_bytes=64 * 2**30) for i in range(3)], bandwidth_bps=2e6,
+                    latency_s=0.001)  # fmt: skip
+    wl = WL
+    plan = manual_plan(c, m8, wl, [12, 10, 10])
+    b = bench.Bench(argparse.Namespace(prima_build=None, rpc_build=None))
+    row = bench.Row("x", bench.RPC_SYSTEM, "", [12, 10, 10], 1)
+    b.predict_rpc(row, scenario("4 GiB"), _PR(plan), c, m8, wl)
+    assert (
+        not row.errors and math.isfinite(row.tpot_pred) and row.read_pred < 2**20
+    )  # an embedding row at most
+    from prima_sim.sim import SimConfig, simulate
+
+    ring = simulate(plan, c, m8, wl, SimConfig(prefetch=False, warm=True))
+    hop = 1e-3 + 4 * m8.arch.n_embd / 2e6  # the extra head hop, about
+    assert row.tpot_pred == pytest.approx(ring.tpot_s + hop, rel=0.05)
+    starved = bench.Row("x", bench.RPC_SYSTEM, "", [12, 10, 10], 1)
+    b.predict_rpc(starved, scenario("1 GiB"), _PR(plan), c, m8, wl)
+    assert math.isnan(starved.tpot_pred) and starved.predicted_as.startswith("infeasible")
+    assert "D1 needs" in starved.predicted_as and "D2 needs" in starved.predicted_as
