@@ -263,7 +263,8 @@ def llamacpp_rpc_commands(plan: Plan, model_path: str, hosts: dict[str, str] | N
 
     The client is pinned to what the plan means: ``-sm layer``, ``-fit off`` (llama.cpp would otherwise refit
     the split to the devices' free memory), ``--no-repack`` and ``--load-mode mmap`` (the head's layers stay
-    file-backed, as the stock baseline runs them), ``-no-cnv``. ``extra`` is appended.
+    file-backed, as the stock baseline runs them), ``-no-cnv``. ``extra`` is appended. Every server listens on
+    ``port``; servers sharing an address (one host, or no ``hosts``: 127.0.0.1) take ``port`` + 1, + 2, ...
 
     Raises:
         InputError: k >= 2 (llama.cpp runs each device once per token), GPU layers, a port out of range.
@@ -285,12 +286,17 @@ def llamacpp_rpc_commands(plan: Plan, model_path: str, hosts: dict[str, str] | N
     prefix = binary_dir.rstrip("/") + "/" if binary_dir else ""
     servers = []
     start = head.window
+    on_host: dict[str, int] = {}
     for d in rest:
         host = hosts.get(d.name, "127.0.0.1")
-        argv = [f"{prefix}ggml-rpc-server", "-H", host, "-p", str(port)]
+        p = port + on_host.get(host, 0)  # servers sharing an address take the next ports
+        on_host[host] = on_host.get(host, 0) + 1
+        if p > 65535:
+            raise InputError("--rpc-port", "", f"{port} + {on_host[host] - 1} servers on {host} passes 65535")
+        argv = [f"{prefix}ggml-rpc-server", "-H", host, "-p", str(p)]
         if d.name in threads:
             argv += ["-t", str(threads[d.name])]
-        servers.append(RpcServer(d.name, host, port, (start, start + d.window), argv))
+        servers.append(RpcServer(d.name, host, p, (start, start + d.window), argv))
         start += d.window
     # -ngl counts the output layer: n layers offloaded = -ngl n+1, the last share one more (the output layer's,
     # whose matrix -ot keeps on the head)
@@ -305,6 +311,21 @@ def llamacpp_rpc_commands(plan: Plan, model_path: str, hosts: dict[str, str] | N
         client += ["-t", str(threads[head.name])]
     client += list(extra or [])
     return RpcCommands(head.name, (0, head.window), n_gpu, split, servers, client)
+
+
+def format_rpc_commands(rc: RpcCommands) -> str:
+    """llama.cpp's RPC split as a shell-ready text: the servers first, then the head's client."""
+    lines = ["# llama.cpp's RPC split (GGML_RPC=ON): start every ggml-rpc-server first, then the head's client.",
+             "# The servers receive their layers over the network into memory (not mapped): each must fit its window."]  # fmt: skip
+    for s in rc.servers:
+        lines.append(f"\n# {s.device}: ggml-rpc-server on {s.endpoint}; layers [{s.layers[0]},{s.layers[1]})")
+        lines.append(shlex.join(s.argv))
+    a, b = rc.head_layers
+    lines.append(
+        f"\n# {rc.head}: llama-completion, layers [{a},{b}) on its own CPU (mapped), embeddings and output head"
+    )
+    lines.append(shlex.join(rc.client))
+    return "\n".join(lines)
 
 
 _PERF = re.compile(r"(prompt eval|\beval) time =\s*([\d.]+) ms /\s*(\d+) (tokens|runs)")

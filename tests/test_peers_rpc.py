@@ -208,3 +208,37 @@ def test_rpc_prediction_is_the_resident_star_or_infeasible(bench, m8):
     b.predict_rpc(starved, scenario("1 GiB"), _PR(plan), c, m8, wl)
     assert math.isnan(starved.tpot_pred) and starved.predicted_as.startswith("infeasible")
     assert "D1 needs" in starved.predicted_as and "D2 needs" in starved.predicted_as
+
+
+def test_emit_llamacpp_rpc(capsys, tmp_path):
+    """``plan --emit llama.cpp-rpc``: servers first, each with its layers; servers sharing an address take the
+    next ports; the client's -ngl/-ts give every device its window; --json carries the same argv."""
+    from prima_sim.cli.main import main
+
+    args = ["plan", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--windows", "8,8,8,8", "--cpu-only",
+            "--gguf", "l8.gguf", "--emit", "llama.cpp-rpc", "--rpc-port", "50100"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert [shlex.split(ln)[0] for ln in lines] == ["ggml-rpc-server"] * 3 + ["llama-completion"]
+    assert [opt(shlex.split(ln), "-p") for ln in lines[:3]] == ["50100", "50101", "50102"]
+    client = shlex.split(lines[3])
+    assert opt(client, "--rpc") == "127.0.0.1:50100,127.0.0.1:50101,127.0.0.1:50102"
+    layers = llamacpp_rpc_layers(
+        32, int(opt(client, "-ngl")), [int(x) for x in opt(client, "-ts").split(",")]
+    )
+    assert layers[:32] == [-1] * 8 + [0] * 8 + [1] * 8 + [2] * 8
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(
+        '[devices.D1]\nhost = "10.0.0.2"\n[devices.D2]\nhost = "10.0.0.3"\n[devices.D4]\nhost = "10.0.0.4"\n'
+    )
+    assert main([*args[:-2], "--hosts", str(hosts), "--json"]) == 0
+    obj = __import__("json").loads(capsys.readouterr().out)
+    assert obj["emit"] == "llama.cpp-rpc"
+    assert [s["endpoint"] for s in obj["servers"]] == ["10.0.0.2:50052", "10.0.0.3:50052", "10.0.0.4:50052"]
+    assert shlex.split(obj["client_line"]) == obj["client"]
+    k2 = ["plan", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--windows", "4,4,4,4", "--cpu-only",
+          "--emit", "llama.cpp-rpc"]  # fmt: skip
+    assert main(k2) == 2 and "k = 2" in capsys.readouterr().err
+    assert main(["plan", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--rpc-port", "5"]) == 2
+    assert "--rpc-port" in capsys.readouterr().err
