@@ -37,7 +37,7 @@ Scenarios (a generated Llama-3-1B-shape Q4_0 model, 16 layers, 0.69 GB, SmolLM2'
 one thread; the sums of the disk limits stay below the physical disk):
 fits, starved k = 1, starved k = 2 with prefetch, larger than all memory, a slow link (bandwidth only: the
 emulation adds link latency in prima-sim's receivers, which prima.cpp does not have, so the slow link here has
-none added).
+none added), and the slow link with one round (group ``slowlink-k1``: the only shape the RPC split runs there).
 """
 
 from __future__ import annotations
