@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Side by side with the real peers (issue 15): prima.cpp's ring, prima-sim's ring and one stock llama.cpp
-process, on the same emulated devices, plans and model, interleaved, with prima-sim's prediction of each.
+"""Side by side with the real peers (issue 15): prima.cpp's ring, prima-sim's ring, one stock llama.cpp process
+and llama.cpp's own RPC split, on the same emulated devices, plans and model, interleaved, with prima-sim's
+prediction of each.
 
-    sudo flock -x /tmp/prima-cpu.lock python benchmarks/bench_peers.py --prima-build /tmp/primacpp
+    sudo flock -x /tmp/prima-cpu.lock python benchmarks/bench_peers.py --prima-build /tmp/primacpp \
+        --rpc-build /tmp/llamarpc/build/bin
 
 Needs root (the emulation's cgroups, namespaces and loop disk: docs/emulation.md) and a prima.cpp build
 directory holding ``llama-cli`` (docs/peers.md says how to fetch and build it). Without ``--prima-build`` the
@@ -20,13 +22,22 @@ Systems:
   it. TPOT = median decode step.
 * ``llama.cpp``: one stock llama.cpp process (llama-cpp-python, ``prima_sim.exec.stock``) over the whole GGUF in
   the head device (its memory, CPU and disk limits). Predicted as the whole model on that device.
-* llama.cpp's RPC split is not run: see docs/peers.md.
+* ``llama.cpp rpc``: llama.cpp's own RPC split (``GGML_RPC=ON``, built by ``benchmarks/peers_build_rpc.sh`` from
+  the llama.cpp that llama-cpp-python vendors; ``--rpc-build``): a ``ggml-rpc-server`` in every device but the
+  head (its cgroup and namespace), the head's ``llama-completion`` with ``--rpc`` and ``--tensor-split`` of the
+  plan's windows (k = 1 plans only: the row is ``skipped`` at k >= 2; ``prima_sim.peers.llamacpp_rpc_commands``).
+  The servers hold their layers in anonymous memory (received over the network, never mapped); the head keeps
+  its window (moved to the front: llama.cpp's CPU layers are the first ones), the embeddings and the output head,
+  mapped. TPOT = its ``eval time`` per run (a mean over the decode steps), TTFT = ``prompt eval time``.
+  Predicted (:meth:`Bench.predict_rpc`) as a k = 1 ring with the plan's windows whose servers never page
+  (infeasible where a server's window, KV cache and buffers exceed its memory limit) and whose hops between two
+  servers go through the head (the star: activations come back to the head between devices).
 
 Scenarios (a generated Llama-3-1B-shape Q4_0 model, 16 layers, 0.69 GB, SmolLM2's vocabulary; three devices of
 one thread; the sums of the disk limits stay below the physical disk):
 fits, starved k = 1, starved k = 2 with prefetch, larger than all memory, a slow link (bandwidth only: the
 emulation adds link latency in prima-sim's receivers, which prima.cpp does not have, so the slow link here has
-none added).
+none added), and the slow link with one round (group ``slowlink-k1``: the only shape the RPC split runs there).
 """
 
 from __future__ import annotations
@@ -36,8 +47,9 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import itertools
 import math
-import re
+import shlex
 import shutil
 import socket
 import statistics
@@ -51,7 +63,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prima_sim.devices.cluster import Cluster, LinkSpec  # noqa: E402
+from prima_sim.devices.cluster import Cluster, Link, LinkSpec  # noqa: E402
 from prima_sim.devices.model import model_profile_from_gguf  # noqa: E402
 from prima_sim.emulate import calibrate as cal_mod  # noqa: E402
 from prima_sim.emulate import cgroups as cg  # noqa: E402
@@ -66,15 +78,22 @@ from prima_sim.emulate.spawn import log_tail, stop  # noqa: E402
 from prima_sim.emulate.testbed import Testbed  # noqa: E402
 from prima_sim.errors import PrimaSimError  # noqa: E402
 from prima_sim.exec.stock import parse_json_output  # noqa: E402
+from prima_sim.halda.costmodel import DeviceCosts, memory_use  # noqa: E402
 from prima_sim.halda.planner import manual_plan  # noqa: E402
-from prima_sim.peers import primacpp_commands  # noqa: E402
+from prima_sim.peers import llamacpp_rpc_commands, parse_llama_perf, primacpp_commands  # noqa: E402
 from prima_sim.schema import dump_model  # noqa: E402
 from prima_sim.sim import SimConfig, simulate  # noqa: E402
 from prima_sim.workload import Workload  # noqa: E402
 
 MODEL = {"layers": 16, "embd": 2048, "ff": 8192, "heads": 32, "kv_heads": 8, "quant": "Q4_0"}
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
-SYSTEMS = ("prima.cpp", "prima.cpp --force", "prima-sim", "llama.cpp")
+SYSTEMS = ("prima.cpp", "prima.cpp --force", "prima-sim", "llama.cpp", "llama.cpp rpc")
+RPC_SYSTEM = "llama.cpp rpc"
+RPC_SERVER_RUNTIME_BYTES = 4 * 2**20
+"""ggml-rpc-server's own memory beyond the buffers it is asked for. Measured on loopback (SmolLM2, 12 layers):
+RssAnon 29.1 MiB for 29.06 MiB of weight, KV and compute buffers (0.7 MiB before the client came); the allowance
+is for what its cgroup is charged besides (its binary's pages, socket buffers). Checked against the measured
+``anon_peak_mib`` of its devices."""
 PRIMA_TIMEOUT_S = 600.0
 CSV_COLUMNS = [
     "scenario", "system", "devices", "windows", "k", "reps", "status",
@@ -100,6 +119,10 @@ GROUPS: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
      [("larger-than-memory", [6, 5, 5])]),
     ("slowlink", {"devices": devices(3, "512 MiB", "400 MB/s"), "network": {"bandwidth": "20 Mbit/s"}},
      [("slow-link", [3, 3, 2])]),
+    # the slow link with one round, the only shape llama.cpp's RPC split runs (it sends every server its layers
+    # over the link at load: about 2.5 minutes per run at 20 Mbit/s for this model)
+    ("slowlink-k1", {"devices": devices(3, "512 MiB", "400 MB/s"), "network": {"bandwidth": "20 Mbit/s"}},
+     [("slow-link-k1", [6, 5, 5])]),
 ]  # fmt: skip
 
 
@@ -138,19 +161,31 @@ def willneed_cap(device: str) -> int:
         return 1280 * 1024
 
 
-PERF = re.compile(r"(prompt eval|\beval) time =\s*([\d.]+) ms /\s*(\d+) (tokens|runs)")
+def listening(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in the network namespace of process ``pid``."""
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (Path("/proc") / str(pid) / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            if len(f) > 3 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
-def parse_primacpp(log_text: str) -> tuple[float, float]:
-    """(TPOT, TTFT) in seconds from llama-cli's perf lines (eval time per run; prompt eval time)."""
-    tpot = ttft = math.nan
-    for m in PERF.finditer(log_text):
-        ms, n = float(m.group(2)), int(m.group(3))
-        if m.group(1) == "prompt eval":
-            ttft = ms / 1e3
-        elif n > 0:
-            tpot = ms / 1e3 / n
-    return tpot, ttft
+def star_links(cluster: Cluster, ring: list[str]) -> Cluster:
+    """``cluster`` with the link between every two consecutive non-head devices of ``ring`` (head first) replaced
+    by the path through the head (latencies add, transfer times add): llama.cpp's RPC client moves every
+    activation between two servers through itself."""
+    head, links = ring[0], list(cluster.links)
+    for a, b in itertools.pairwise(ring[1:]):
+        la, lb = cluster.link(a, head), cluster.link(head, b)
+        bw = 1.0 / (1.0 / la.bandwidth_bps + 1.0 / lb.bandwidth_bps)
+        links = [lk for lk in links if {lk.a, lk.b} != {a, b}]
+        links.append(Link(a=a, b=b, bandwidth_bps=bw, latency_s=la.latency_s + lb.latency_s))
+    return cluster.model_copy(update={"links": tuple(links)})
 
 
 class Bench:
@@ -166,6 +201,13 @@ class Bench:
         elif not self.prima.is_file():
             self.prima_why = f"{self.prima} not found"
             self.prima = None
+        self.rpc = Path(args.rpc_build) if args.rpc_build else None
+        self.rpc_why = ""
+        if self.rpc is None:
+            self.rpc_why = "no --rpc-build given (benchmarks/peers_build_rpc.sh builds it)"
+        elif not all((self.rpc / b).is_file() for b in ("ggml-rpc-server", "llama-completion")):
+            self.rpc_why = f"{self.rpc} holds no ggml-rpc-server and llama-completion"
+            self.rpc = None
 
     def say(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -198,8 +240,9 @@ class Bench:
         n_plans = len(sc.run.schedulers) + len(sc.run.manual) + len(sc.run.single)
         with Testbed(sc, out / "work", model_bytes=model_path.stat().st_size, n_plans=n_plans,
                      say=self.say) as tb:  # fmt: skip
+            cache = Path(a.profile_cache) if a.profile_cache else None
             cal = cal_mod.Calibrator(
-                tb, out, quick=opts.quick_profile, repeats=opts.profile_repeats, say=self.say
+                tb, out, quick=opts.quick_profile, repeats=opts.profile_repeats, cache=cache, say=self.say
             )
             profiles = cal.profile_devices(model_path, model)
             profiles = cal.calibrate_decode(model_path, model, profiles)
@@ -263,8 +306,16 @@ class Bench:
                     self.predict_primacpp(r_f, pr, cluster, model, wl, cap, force=True)
                     self.rows.append(r_f)
                     jobs.append((r_f, ("prima.cpp --force", pr)))
+                r_rpc = Row(pr.label, RPC_SYSTEM, mem, list(plan.windows), plan.k)
+                self.rows.append(r_rpc)
+                if plan.k == 1:
+                    self.predict_rpc(r_rpc, sc, pr, cluster, model, wl)
+                    jobs.append((r_rpc, (RPC_SYSTEM, pr)))
+                else:
+                    r_rpc.skipped = (f"k = {plan.k}: llama.cpp's layer split runs every device once per token "
+                                     "(k = 1 plans only)")  # fmt: skip
                 self.say(f"{pr.label}: predicted TPOT prima-sim {r_ps.tpot_pred * 1e3:.0f} ms, prima.cpp "
-                         f"{r_pc.tpot_pred * 1e3:.0f} ms")  # fmt: skip
+                         f"{r_pc.tpot_pred * 1e3:.0f} ms, llama.cpp rpc {r_rpc.tpot_pred * 1e3:.0f} ms")  # fmt: skip
             for pr in plans:
                 if not pr.label.startswith("single"):
                     runs.prepare_plan(pr, model_path)
@@ -285,6 +336,8 @@ class Bench:
                                 )
                         elif kind.startswith("prima.cpp"):
                             self.run_primacpp(tb, out, row, pr, copies, rep, force=kind.endswith("--force"))
+                        elif kind == RPC_SYSTEM:
+                            self.run_rpc(tb, out, row, pr, copies, rep)
                         else:
                             self.run_stock(tb, out, row, whole, rep)
             finally:
@@ -303,7 +356,18 @@ class Bench:
             for row, (kind, pr) in jobs:
                 row.tpot_pred_before = row.tpot_pred
                 base = self.with_run_rates(cal, pr.cluster, rates)
-                if kind.startswith("prima.cpp"):
+                if kind == RPC_SYSTEM:
+                    head = pr.plan.devices[0].name
+                    if head in row.anon_peak:  # the head's room: limit - llama-completion's own memory
+                        base = self.primacpp_cluster(
+                            sc, base, pr.plan, model, wl, {head: row.anon_peak[head]}
+                        )
+                    self.predict_rpc(row, sc, pr, base, model, wl)
+                    if head in row.anon_peak:
+                        row.predicted_as += (
+                            "; head memory: limit - llama-completion's measured anonymous memory"
+                        )
+                elif kind.startswith("prima.cpp"):
                     if row.anon_peak:
                         base = self.primacpp_cluster(sc, base, pr.plan, model, wl, row.anon_peak)
                     self.predict_primacpp(row, pr, base, model, wl, cap, force=kind.endswith("--force"))
@@ -340,6 +404,128 @@ class Bench:
         row.predicted_as = (
             f"simulate --prima-{'force' if force else 'prefetch'} --willneed-cap-kib {cap // 1024} --cold"
         )
+
+    def predict_rpc(
+        self, row: Row, sc: Scenario, pr: Any, cluster: Cluster, model: Any, wl: Workload
+    ) -> None:
+        """llama.cpp's RPC split as prima-sim's cost model sees it: the k = 1 ring of the plan's windows, every
+        server's window resident (it was sent into anonymous buffers: its memory is its limit less the server's
+        own, so the simulator never pages it; infeasible, no prediction, where window + KV cache + buffers do not
+        fit: the server is killed loading), hops between servers through the head (:func:`star_links`), no
+        prefetch (llama.cpp advises nothing), warm. Not modelled: the per-split RPC commands (a few small messages
+        per server per token, about a loopback round trip each here); the head's window is first in llama.cpp
+        and last in the plan (same sizes, identical layers here)."""
+        plan = pr.plan
+        ring = [d.name for d in plan.devices]
+        too_big = []
+        devs = []
+        for d in cluster.devices:
+            a = next((x for x in plan.devices if x.name == d.name), None)
+            if a is None or d.name == ring[0] or a.window == 0:
+                devs.append(d)
+                continue
+            mu = memory_use(DeviceCosts(d, model, wl), a, False)
+            need = mu.weights_cpu + mu.kv_cpu + mu.buffers_cpu + RPC_SERVER_RUNTIME_BYTES
+            limit = sc.device(d.name).memory
+            if need > limit:
+                too_big.append(
+                    f"{d.name} needs {need / 2**20:.0f} MiB resident, its limit is {limit / 2**20:.0f} MiB"
+                )
+            room = max(0, min(d.ram_total_bytes, limit) - RPC_SERVER_RUNTIME_BYTES)
+            devs.append(d.model_copy(update={"ram_available_bytes": room}))
+        if too_big:
+            row.tpot_pred = row.ttft_pred = row.read_pred = math.nan
+            row.predicted_as = "infeasible (OOM expected): " + "; ".join(too_big)
+            return
+        star = star_links(cluster.model_copy(update={"devices": tuple(devs)}), ring)
+        try:
+            p2 = manual_plan(star, model, wl, list(plan.windows))
+            res = simulate(p2, star, model, wl, SimConfig(prefetch=False, warm=True))
+            row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
+            row.read_pred = sum(
+                float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for st in res.device_stats.values()
+            )
+        except PrimaSimError as exc:
+            row.errors.append(f"predict: {exc}")
+        row.predicted_as = (
+            "simulate: k = 1 ring, servers resident, server-to-server hops via the head, no prefetch"
+        )
+
+    def run_rpc(self, tb: Testbed, out: Path, row: Row, pr: Any, copies: dict[str, Path], rep: int) -> None:
+        """One run of llama.cpp's RPC split: the servers in their devices, then the head's client; the servers
+        are stopped when the client ends."""
+        if self.rpc is None:
+            row.skipped = self.rpc_why
+            return
+        plan = pr.plan
+        head = plan.devices[0].name
+        hosts = {d.name: tb.ip(d.name) for d in plan.devices}
+        # -n tokens + 1: llama.cpp's "eval time" counts the decode steps after the prompt's (tokens of them)
+        rc = llamacpp_rpc_commands(plan, str(copies[head]), hosts, prompt=PROMPT, n_predict=self.args.tokens + 1,
+                                   threads={d.name: 1 for d in plan.devices}, binary_dir=str(self.rpc),
+                                   extra=["--temp", "0", "--ignore-eos", "-b", "64", "-ub", "64"])  # fmt: skip
+        row.command = " ; ".join([*(shlex.join(s.argv) for s in rc.servers), shlex.join(rc.client)])
+        rep_dir = out / "runs" / f"{pr.label}-llama.cpp-rpc" / f"rep{rep}"
+        rep_dir.mkdir(parents=True, exist_ok=True)
+        env = {"OMP_WAIT_POLICY": "passive"}
+        cg.drop_caches()
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        p: subprocess.Popen[bytes] | None = None
+        sampler = MemorySampler(
+            {d.name: tb.groups[d.name] for d in plan.devices}, device=tb.disk_dev or None
+        ).start()
+        try:
+            for s in rc.servers:
+                procs[s.device] = tb.spawn_in(s.device, s.argv, rep_dir / f"{s.device}.log", env)
+            t_end = time.monotonic() + 20
+            for s in rc.servers:
+                q = procs[s.device]
+                while not listening(q.pid, s.port):
+                    if q.poll() is not None or time.monotonic() > t_end:
+                        row.errors.append(f"rep {rep}: ggml-rpc-server in {s.device} "
+                                          + (f"exited {q.returncode}" if q.poll() is not None else "never listened")
+                                          + f": {log_tail(rep_dir / f'{s.device}.log', 300)}")  # fmt: skip
+                        return
+                    time.sleep(0.05)
+            p = tb.spawn_in(head, rc.client, rep_dir / f"{head}.log", env)
+            t_end = time.monotonic() + PRIMA_TIMEOUT_S
+            while p.poll() is None:
+                if time.monotonic() > t_end:
+                    row.errors.append(f"rep {rep}: no end in {PRIMA_TIMEOUT_S:g} s")
+                    return
+                dead = [n for n, q in procs.items() if q.poll() is not None]
+                if dead:
+                    row.errors.append(f"rep {rep}: ggml-rpc-server in {dead[0]} exited {procs[dead[0]].returncode} "
+                                      f"while the client ran: {log_tail(rep_dir / f'{dead[0]}.log', 200)} | client: "
+                                      f"{log_tail(rep_dir / f'{head}.log', 200)}")  # fmt: skip
+                    return
+                time.sleep(0.2)
+            text = (rep_dir / f"{head}.log").read_text(errors="replace")
+            tpot, ttft = parse_llama_perf(text)
+            if p.returncode != 0 or math.isnan(tpot):
+                row.errors.append(
+                    f"rep {rep}: llama-completion exited {p.returncode}: {log_tail(rep_dir / f'{head}.log', 300)}"
+                )
+                return
+            row.tpot.append(tpot)
+            row.ttft.append(ttft)
+            t_b = time.time()
+            t_a = t_b - 0.2 - self.args.tokens * tpot
+            row.read_meas.append(
+                sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
+            )
+            self.say(
+                f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms"
+            )
+        finally:
+            if p is not None:
+                stop(p, 1.0)
+            for q in procs.values():
+                stop(q, 1.0)
+            for n, pk in sampler.stop().items():
+                row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
+                if pk.oom_kills:
+                    row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
 
     def with_run_rates(
         self, cal: cal_mod.Calibrator, cluster: Cluster, rates: dict[str, tuple[float, float]]
@@ -430,7 +616,7 @@ class Bench:
                     return
                 time.sleep(0.2)
             text = (rep_dir / f"{head.device}.log").read_text(errors="replace")
-            tpot, ttft = parse_primacpp(text)
+            tpot, ttft = parse_llama_perf(text)
             if p.returncode != 0 or math.isnan(tpot):
                 row.errors.append(
                     f"rep {rep}: llama-cli exited {p.returncode}: {log_tail(rep_dir / f'{head.device}.log', 300)}"
@@ -549,16 +735,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         "prima.cpp --force": "tab:cyan",
         "prima-sim": "tab:orange",
         "llama.cpp": "tab:gray",
+        RPC_SYSTEM: "tab:green",
     }
     fig, ax = plt.subplots(figsize=(11, 5))
     labelled: set[str] = set()
-    width = 0.2
+    width = 0.16
     for i, s in enumerate(scen):
         for j, system in enumerate(SYSTEMS):
             r = next((x for x in rows if x["scenario"] == s and x["system"] == system), None)
             if r is None:
                 continue
-            x = i + (j - 1.5) * width
+            x = i + (j - (len(SYSTEMS) - 1) / 2) * width
             v = r["tpot_meas_s"] * 1e3
             if not math.isnan(v):
                 ax.bar(x, v, width, color=colors[system], label=None if system in labelled else system)
@@ -580,8 +767,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(range(len(scen)), [s.replace("-", "\n", 1) for s in scen], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("TPOT, ms (log)")
-    ax.set_title("prima.cpp vs prima-sim ring vs one stock llama.cpp process (same emulated devices, 1B-shape Q4_0)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title("prima.cpp vs prima-sim ring vs one stock llama.cpp process vs llama.cpp's RPC split "
+                 "(same emulated devices, 1B-shape Q4_0)", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -598,6 +785,8 @@ def _number(v: str) -> Any:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prima-build", help="prima.cpp build directory (holding llama-cli)")
+    p.add_argument("--rpc-build", help="directory holding ggml-rpc-server and llama-completion built with "
+                   "GGML_RPC=ON (benchmarks/peers_build_rpc.sh: /tmp/llamarpc/build/bin)")  # fmt: skip
     p.add_argument("--tokens", type=int, default=6, help="timed decode tokens per run (default: %(default)s)")
     p.add_argument(
         "--reps", type=int, default=2, help="runs per system and scenario, interleaved (default: %(default)s)"
@@ -610,6 +799,8 @@ def main() -> int:
     p.add_argument(
         "--profile-repeats", type=int, default=3, help="profiles per device, median kept (default: 3)"
     )
+    p.add_argument("--profile-cache", help="reuse device profiles measured under identical limits on this host "
+                   "(a directory; groups with the same devices then profile once)")  # fmt: skip
     p.add_argument("--no-run-calibration", action="store_true",
                    help="predict from the profiles only (no streaming-rate probes around the runs)")  # fmt: skip
     p.add_argument("--reports", default=str(ROOT / "reports"), help="where peers.csv and peers.png go")

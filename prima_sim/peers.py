@@ -1,4 +1,5 @@
-"""A plan as the command lines of peer systems: prima.cpp's ``llama-cli`` / ``llama-server`` per device.
+"""A plan as the command lines of peer systems: prima.cpp's ``llama-cli`` / ``llama-server`` per device, and
+llama.cpp's own RPC split (``ggml-rpc-server`` per device, one ``llama-completion`` on the head).
 
 prima.cpp (github.com/Lizonghang/prima.cpp) runs the same piped ring as this project: rank 0 is the head, and
 inside every round the windows run in the order rank 1, rank 2, ..., rank M-1, rank 0 (``this_layer_is_mine``
@@ -14,12 +15,32 @@ in its src/llama.cpp), exactly a :class:`~prima_sim.plan.Plan`'s ring order. So 
 * ``-c`` (rank 0's context is broadcast), ``-t`` (the profile's threads), ``--prefetch`` (and ``--force``).
 
 prima.cpp refuses a window of 0 (``-lw`` takes positive integers only): such a plan has no prima.cpp command.
+
+llama.cpp's RPC split (``GGML_RPC=ON``; :func:`llamacpp_rpc_commands`) is a star, not a ring: the head's process
+keeps the layers it does not offload (always the *first* ones, mapped from the GGUF, with the token embeddings)
+and offloads the rest to the RPC devices, split by ``--tensor-split`` proportions in ``--rpc`` order.
+``-ngl N`` counts the output layer as one more layer (``src/llama-model.cpp``: ``i_gpu_start = n_layer + 1 -
+N``; layer ``il >= i_gpu_start``, the output being ``il = n_layer``, goes to the first device whose cumulative
+share exceeds ``(il - i_gpu_start) / N``), so offloading n layers takes ``-ngl n+1`` and the last device's
+share one more, and ``-ot output.weight=CPU`` keeps the output matrix on the head as the plan has it (the
+final norm runs on the last device). Every
+``ggml-rpc-server`` receives its layers over the network into its own CPU buffers (anonymous memory, never
+mapped, so a device whose window does not fit is killed, not paged). Per token the head sends each device its
+inputs (the hidden state, positions, mask), has it compute its graph (``GRAPH_COMPUTE``, or ``GRAPH_RECOMPUTE``
+when the graph is unchanged) and reads its output back: activations go head -> D1 -> head -> D2 -> head. A plan
+maps when it has one round (k = 1) and no GPU layers: the head's window becomes the CPU layers (moved to the
+front: the windows' sizes are the plan's, their positions are llama.cpp's), the other devices' windows the
+split, in ring order.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from prima_sim.errors import InputError
 from prima_sim.plan import LayerRange, Plan
@@ -32,6 +53,11 @@ DEFAULT_SERVER_PORT = 8080
 """``llama-server``'s default HTTP port."""
 MAX_WORLD = 32
 """prima.cpp's fixed arrays hold at most 32 ranks."""
+DEFAULT_RPC_PORT = 50052
+"""``ggml-rpc-server``'s default port."""
+OUTPUT_ON_HEAD = r"^output\.weight$=CPU,^token_embd\.weight$=CPU"
+"""``-ot`` value keeping the output matrix (or the tied embedding table it is a copy of) on the head's CPU
+(anchored: llama.cpp matches with ``regex_search``, and ``blk.N.attn_output.weight`` contains ``output.weight``)."""
 
 
 @dataclass(frozen=True)
@@ -165,3 +191,155 @@ def format_commands(cmds: list[PrimaCommand]) -> str:
             lines.append("# or, as a server:")
             lines.append(shlex.join(c.server))
     return "\n".join(lines)
+
+
+# --- llama.cpp's RPC split ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RpcServer:
+    """One ``ggml-rpc-server``: the device it runs in and the layers llama.cpp will give it."""
+
+    device: str
+    host: str
+    port: int
+    layers: LayerRange
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` as ``--rpc`` takes it."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RpcCommands:
+    """llama.cpp's RPC split of a plan: the servers (start them first) and the head's client."""
+
+    head: str
+    head_layers: LayerRange  # the layers the head's own process runs (CPU, mapped from the GGUF)
+    n_gpu_layers: int  # repeating layers offloaded to the servers (-ngl is one more: the output layer)
+    tensor_split: list[int]  # -ts, in --rpc order (the last one counts the output layer)
+    servers: list[RpcServer]
+    client: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {"head": self.head, "head_layers": list(self.head_layers), "n_gpu_layers": self.n_gpu_layers,
+                "tensor_split": self.tensor_split,
+                "servers": [{"device": s.device, "endpoint": s.endpoint, "layers": list(s.layers),
+                             "argv": s.argv, "line": shlex.join(s.argv)} for s in self.servers],
+                "client": self.client, "client_line": shlex.join(self.client)}  # fmt: skip
+
+
+def llamacpp_rpc_layers(n_layer: int, n_gpu_layers: int, tensor_split: list[int] | list[float]) -> list[int]:
+    """The device of every layer under llama.cpp's layer split, the output layer last (``n_layer + 1`` entries):
+    -1 for the CPU (the head's process), else the index in ``--rpc`` order. Mirrors ``llama_model::load_tensors`` (``get_layer_buft_list``) including its
+    32-bit float arithmetic, so a test can check that integer proportions give every device exactly its window."""
+    n_dev = len(tensor_split)
+    i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)
+    act = 0 if n_dev == 0 else min(n_gpu_layers, n_layer + 1)
+    splits = np.zeros(n_dev, dtype=np.float32)
+    acc = np.float32(0.0)
+    for i, x in enumerate(tensor_split):
+        acc = np.float32(acc + np.float32(x))
+        splits[i] = acc
+    if n_dev and acc > 0:
+        splits = (splits / acc).astype(np.float32)
+    out = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            out.append(-1)
+            continue
+        frac = np.float32(np.float32(il - i_gpu_start) / np.float32(act))
+        out.append(int(np.searchsorted(splits, frac, side="right")))
+    return out
+
+
+def llamacpp_rpc_commands(plan: Plan, model_path: str, hosts: dict[str, str] | None = None, *,
+                          port: int = DEFAULT_RPC_PORT, prompt: str = "Hello", n_predict: int = 128,
+                          threads: dict[str, int] | None = None, binary_dir: str = "",
+                          extra: list[str] | None = None) -> RpcCommands:  # fmt: skip
+    """llama.cpp's RPC split of ``plan`` (see the module doc): a ``ggml-rpc-server`` per device but the head,
+    and the head's ``llama-completion`` with ``--rpc``, ``-ngl``, ``--tensor-split``.
+
+    The client is pinned to what the plan means: ``-sm layer``, ``-fit off`` (llama.cpp would otherwise refit
+    the split to the devices' free memory), ``--no-repack`` and ``--load-mode mmap`` (the head's layers stay
+    file-backed, as the stock baseline runs them), ``-no-cnv``. ``extra`` is appended. Every server listens on
+    ``port``; servers sharing an address (one host, or no ``hosts``: 127.0.0.1) take ``port`` + 1, + 2, ...
+
+    Raises:
+        InputError: k >= 2 (llama.cpp runs each device once per token), GPU layers, a port out of range.
+    """
+    hosts = hosts or {}
+    threads = threads or {}
+    if plan.k != 1:
+        raise InputError("--emit", "", f"llama.cpp's RPC split runs every device once per token (k = 1); the plan "
+                         f"has k = {plan.k}")  # fmt: skip
+    gpu = [d.name for d in plan.devices if d.gpu_layers > 0]
+    if gpu:
+        raise InputError(
+            "--emit", "", f"the RPC split is mapped for CPU devices only; {gpu[0]} has GPU layers"
+        )
+    if not 1 <= port <= 65535:
+        raise InputError("--rpc-port", "", f"must be in 1..65535, got {port}")
+    head, rest = plan.devices[0], [d for d in plan.devices[1:] if d.window > 0]
+    n_gpu = sum(d.window for d in rest)
+    prefix = binary_dir.rstrip("/") + "/" if binary_dir else ""
+    servers = []
+    start = head.window
+    on_host: dict[str, int] = {}
+    for d in rest:
+        host = hosts.get(d.name, "127.0.0.1")
+        p = port + on_host.get(host, 0)  # servers sharing an address take the next ports
+        on_host[host] = on_host.get(host, 0) + 1
+        if p > 65535:
+            raise InputError("--rpc-port", "", f"{port} + {on_host[host] - 1} servers on {host} passes 65535")
+        argv = [f"{prefix}ggml-rpc-server", "-H", host, "-p", str(p)]
+        if d.name in threads:
+            argv += ["-t", str(threads[d.name])]
+        servers.append(RpcServer(d.name, host, p, (start, start + d.window), argv))
+        start += d.window
+    # -ngl counts the output layer: n layers offloaded = -ngl n+1, the last share one more (the output layer's,
+    # whose matrix -ot keeps on the head)
+    split = [d.window + (1 if i == len(rest) - 1 else 0) for i, d in enumerate(rest)]
+    client = [f"{prefix}llama-completion", "-m", model_path, "-c", str(plan.n_ctx), "-n", str(n_predict),
+              "-p", prompt, "-no-cnv", "-sm", "layer", "-fit", "off", "--no-repack", "--load-mode", "mmap",
+              "-ngl", str(n_gpu + 1 if servers else 0)]  # fmt: skip
+    if servers:
+        client += ["--rpc", ",".join(s.endpoint for s in servers), "-ts", ",".join(map(str, split)),
+                   "-ot", OUTPUT_ON_HEAD]  # fmt: skip
+    if head.name in threads:
+        client += ["-t", str(threads[head.name])]
+    client += list(extra or [])
+    return RpcCommands(head.name, (0, head.window), n_gpu, split, servers, client)
+
+
+def format_rpc_commands(rc: RpcCommands) -> str:
+    """llama.cpp's RPC split as a shell-ready text: the servers first, then the head's client."""
+    lines = ["# llama.cpp's RPC split (GGML_RPC=ON): start every ggml-rpc-server first, then the head's client.",
+             "# The servers receive their layers over the network into memory (not mapped): each must fit its window."]  # fmt: skip
+    for s in rc.servers:
+        lines.append(f"\n# {s.device}: ggml-rpc-server on {s.endpoint}; layers [{s.layers[0]},{s.layers[1]})")
+        lines.append(shlex.join(s.argv))
+    a, b = rc.head_layers
+    lines.append(
+        f"\n# {rc.head}: llama-completion, layers [{a},{b}) on its own CPU (mapped), embeddings and output head"
+    )
+    lines.append(shlex.join(rc.client))
+    return "\n".join(lines)
+
+
+_PERF = re.compile(r"(prompt eval|\beval) time =\s*([\d.]+) ms /\s*(\d+) (tokens|runs)")
+
+
+def parse_llama_perf(log_text: str) -> tuple[float, float]:
+    """(TPOT, TTFT) in seconds from llama.cpp's ``llama_perf_context_print`` lines (prima.cpp's ``llama-cli``
+    and stock ``llama-completion`` print the same): ``eval time`` over its runs (a mean of the decode steps),
+    ``prompt eval time``. NaN where a line is missing (the last of each kind counts)."""
+    tpot = ttft = math.nan
+    for m in _PERF.finditer(log_text):
+        ms, n = float(m.group(2)), int(m.group(3))
+        if m.group(1) == "prompt eval":
+            ttft = ms / 1e3
+        elif n > 0:
+            tpot = ms / 1e3 / n
+    return tpot, ttft

@@ -27,9 +27,12 @@ from prima_sim.halda.explain import GLOSSARY, explain
 from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.peers import (
     DEFAULT_DATA_PORT,
+    DEFAULT_RPC_PORT,
     DEFAULT_SERVER_PORT,
     DEFAULT_SIGNAL_PORT,
     format_commands,
+    format_rpc_commands,
+    llamacpp_rpc_commands,
     primacpp_commands,
 )
 from prima_sim.plan import Plan
@@ -85,9 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true", help="plan with every scheduler and compare")
     p.add_argument("--explain", action="store_true", help="say why each device got what it got")
     em = p.add_argument_group("command lines of peer systems (docs/peers.md)")
-    em.add_argument("--emit", choices=("prima.cpp",),
+    em.add_argument("--emit", choices=("prima.cpp", "llama.cpp-rpc"),
                     help="print the plan as prima.cpp's llama-cli / llama-server command per device (-lw, -ngl, "
-                         "--world, --rank, --master, --next, ports); with --json as one JSON object")  # fmt: skip
+                         "--world, --rank, --master, --next, ports), or as llama.cpp's own RPC split (k = 1: "
+                         "ggml-rpc-server per device, the head's llama-completion with --rpc, -ngl, -ts); with "
+                         "--json as one JSON object")  # fmt: skip
     em.add_argument(
         "--hosts", help="with --emit: hosts.toml giving each device's address (default: 127.0.0.1)"
     )
@@ -113,6 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --emit: llama-server's HTTP port on the head (default: %(default)s)",
     )
     em.add_argument("--force", action="store_true", help="with --emit: add prima.cpp's --force to --prefetch")
+    em.add_argument("--rpc-port", type=int, default=DEFAULT_RPC_PORT,
+                    help="with --emit llama.cpp-rpc: every ggml-rpc-server's port (default: %(default)s)")  # fmt: skip
     add_serving_args(p)
     p.set_defaults(func=run)
 
@@ -276,12 +283,24 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
 
 
 def _emit(plan: Plan, cluster: Cluster, args: argparse.Namespace) -> int:
-    """Print the plan as prima.cpp command lines (``--emit prima.cpp``)."""
+    """Print the plan as prima.cpp command lines (``--emit prima.cpp``) or llama.cpp's RPC split
+    (``--emit llama.cpp-rpc``)."""
     from prima_sim.exec.hosts import load_hosts  # the hosts.toml format of 'run'
 
     hosts = {name: e.host for name, e in load_hosts(args.hosts).devices.items()} if args.hosts else {}
     gguf = args.gguf or (args.model if Path(args.model).is_file() else f"{args.model}.gguf")
     threads = {d.name: cluster.device(d.name).n_threads for d in plan.devices}
+    if args.emit == "llama.cpp-rpc":
+        rc = llamacpp_rpc_commands(
+            plan, gguf, hosts, port=args.rpc_port, n_predict=args.tokens, threads=threads
+        )
+        if args.json:
+            print_json({"emit": "llama.cpp-rpc", "plan": plan_summary(plan), **rc.to_dict()})
+            return 0
+        if not args.gguf and not Path(args.model).is_file():
+            print(f"# {args.model} is a catalog id: replace {gguf} with the GGUF file (or give --gguf)")
+        print(format_rpc_commands(rc))
+        return 0
     cmds = primacpp_commands(plan, gguf, hosts, data_port=args.data_port, signal_port=args.signal_port,
                              n_predict=args.tokens, prefetch=not args.no_prefetch, force=args.force, threads=threads,
                              server_port=args.server_port)  # fmt: skip
@@ -302,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         for flag, given in (("--hosts", args.hosts), ("--gguf", args.gguf), ("--force", args.force),
                             ("--data-port", args.data_port != DEFAULT_DATA_PORT),
                             ("--signal-port", args.signal_port != DEFAULT_SIGNAL_PORT),
-                            ("--server-port", args.server_port != DEFAULT_SERVER_PORT)):  # fmt: skip
+                            ("--server-port", args.server_port != DEFAULT_SERVER_PORT),
+                            ("--rpc-port", args.rpc_port != DEFAULT_RPC_PORT)):  # fmt: skip
             if given:
                 raise InputError(flag, "", "applies to --emit only")
     elif args.compare:
