@@ -217,6 +217,10 @@ class Group:
             memsw = _read(d / "memory.memsw.usage_in_bytes")
             if not memsw:
                 return 0
+            # a group that may not swap reports 0: the two usages are read one after the other and their per-CPU
+            # charge batches differ by a few hundred KiB, which read as "swapped out" on every device
+            if _int(_read(d / "memory.memsw.limit_in_bytes")) <= _int(_read(d / "memory.limit_in_bytes")):
+                return 0
             return max(0, _int(memsw) - _int(_read(d / "memory.usage_in_bytes")))
         return _int(_read(d / "memory.swap.current"))
 
