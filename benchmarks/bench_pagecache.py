@@ -58,6 +58,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prima_sim.emulate.cgroups import blkio_read_bytes  # noqa: E402
+
 MB = 1_000_000
 MIB = 1 << 20
 N_CTX = 64
@@ -158,16 +160,6 @@ def read_kv(path: Path) -> dict[str, int]:
     return out
 
 
-def blkio_read(path: Path, dev: str) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            p = line.split()
-            if len(p) == 3 and p[0] == dev and p[1] == "Read":
-                total += int(p[2])
-    return total
-
-
 # ===========================================================================================================
 # child: one device decoding its windows (runs inside the cgroup)
 # ===========================================================================================================
@@ -190,7 +182,7 @@ def child(cfg_path: str) -> int:
     def counters() -> dict[str, int]:
         c: dict[str, int] = {}
         if io_dir is not None:
-            c["io_read"] = blkio_read(io_dir / "blkio.throttle.io_service_bytes", dev)
+            c["io_read"] = blkio_read_bytes(io_dir / "blkio.throttle.io_service_bytes", dev)
         if mem_dir is not None and cfg.get("child_stat", True):
             st = read_kv(mem_dir / "memory.stat")
             for k in STAT_KEYS:
@@ -249,7 +241,7 @@ def child(cfg_path: str) -> int:
     if io_dir is not None:
         last, quiet, deadline = -1, 0.0, time.time() + 20.0
         while quiet < 0.5 and time.time() < deadline:
-            now_read = blkio_read(io_dir / "blkio.throttle.io_service_bytes", dev)
+            now_read = blkio_read_bytes(io_dir / "blkio.throttle.io_service_bytes", dev)
             quiet = quiet + 0.1 if now_read == last else 0.0
             last = now_read
             time.sleep(0.1)
@@ -440,7 +432,7 @@ def run_child(cgs, name: str, shard_dir: Path, disk: Disk, limit: int | None, bp
         while p.poll() is None:
             st = read_kv(mem / "memory.stat")
             samples.append([time.time()] + [st.get(k, 0) for k in STAT_KEYS] +
-                           [blkio_read(g.dirs["io"] / "blkio.throttle.io_service_bytes", disk.majmin)])  # fmt: skip
+                           [blkio_read_bytes(g.dirs["io"] / "blkio.throttle.io_service_bytes", disk.majmin)])  # fmt: skip
             if time.time() > t_end:
                 stop(p)
                 break

@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prima_sim.emulate.cgroups import blkio_read_bytes  # noqa: E402
+
 MIB = 1 << 20
 N_CTX = 256
 SHAPE = {"layers": 16, "embd": 2048, "ff": 8192, "heads": 32, "kv_heads": 8}
@@ -70,16 +72,6 @@ def read_kv(path: Path) -> dict[str, int]:
     return out
 
 
-def blkio_read(io_dir: Path, dev: str) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for line in (io_dir / "blkio.throttle.io_service_bytes").read_text().splitlines():
-            p = line.split()
-            if len(p) == 3 and p[0] == dev and p[1] == "Read":
-                total += int(p[2])
-    return total
-
-
 # ===========================================================================================================
 # child: one process decoding the whole model inside the cgroup
 # ===========================================================================================================
@@ -92,7 +84,10 @@ def child(cfg_path: str) -> int:
     mem, io, dev = Path(cfg["memory_dir"]), Path(cfg["io_dir"]), cfg["dev"]
 
     def counters() -> dict[str, float]:
-        c: dict[str, float] = {"t": time.time(), "read": blkio_read(io, dev)}
+        c: dict[str, float] = {
+            "t": time.time(),
+            "read": blkio_read_bytes(io / "blkio.throttle.io_service_bytes", dev),
+        }
         usage = int((mem / "memory.usage_in_bytes").read_text())
         memsw = int((mem / "memory.memsw.usage_in_bytes").read_text())
         c["swap"] = max(0, memsw - usage)

@@ -140,6 +140,17 @@ def _read(path: Path) -> str:
         return ""
 
 
+def blkio_read_bytes(stat_file: Path, device: str | None = None) -> int:
+    """Bytes read as a cgroup v1 ``blkio.throttle.io_service_bytes`` file counts them, from block device ``device``
+    ("MAJ:MIN"; None: every device); 0 when the file cannot be read."""
+    total = 0
+    for line in _read(stat_file).splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read" and (device is None or parts[0] == device):
+            total += _int(parts[2])
+    return total
+
+
 def _parse_kv(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in text.splitlines():
@@ -352,20 +363,16 @@ class Group:
         d = self.dirs.get("io")
         if d is None:
             return 0
-        total = 0
         if self.versions["io"] == 1:
-            for line in _read(d / "blkio.throttle.io_service_bytes").splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[1] == "Read" and (device is None or parts[0] == device):
-                    total += _int(parts[2])
-        else:
-            for line in _read(d / "io.stat").splitlines():
-                parts = line.split()
-                if not parts or (device is not None and parts[0] != device):
-                    continue
-                for tok in parts[1:]:
-                    if tok.startswith("rbytes="):
-                        total += _int(tok[7:])
+            return blkio_read_bytes(d / "blkio.throttle.io_service_bytes", device)
+        total = 0
+        for line in _read(d / "io.stat").splitlines():
+            parts = line.split()
+            if not parts or (device is not None and parts[0] != device):
+                continue
+            for tok in parts[1:]:
+                if tok.startswith("rbytes="):
+                    total += _int(tok[7:])
         return total
 
     def drop_page_cache(self) -> None:
