@@ -30,12 +30,20 @@ from prima_sim.errors import EmulationError
 DEFAULT_READAHEAD_BYTES = 128 << 10
 
 
-def _run(cmd: list[str], what: str, timeout: float = 120) -> str:
+DISK_TOOLS = "the emulated disk needs util-linux (losetup, mount) and e2fsprogs (mkfs.ext4); or set [disk] emulated = false"
+
+
+def run_tool(cmd: list[str], what: str, needs: str = DISK_TOOLS, timeout: float = 120) -> str:
+    """Run a system tool of the emulation; its stdout. ``what`` says what it was for and ``needs`` which packages
+    provide the tools (both go into the error).
+
+    Raises:
+        EmulationError: the tool is missing, does not finish in ``timeout`` seconds, or fails.
+    """
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise EmulationError(f"{cmd[0]} is not installed: the emulated disk needs util-linux (losetup, mount) "
-                             f"and e2fsprogs (mkfs.ext4); or set [disk] emulated = false") from None  # fmt: skip
+        raise EmulationError(f"{cmd[0]} is not installed: {needs}") from None
     except subprocess.TimeoutExpired:
         raise EmulationError(f"{what}: '{' '.join(cmd)}' did not finish in {timeout:g} s") from None
     if r.returncode != 0:
@@ -76,18 +84,18 @@ class EmulatedDisk:
         with self.image.open("wb") as fh:
             fh.truncate(self.size_bytes)
         self.registry.add("disk image", str(self.image), lambda: self.image.unlink(missing_ok=True))
-        self.device = _run(
+        self.device = run_tool(
             ["losetup", "--find", "--show", "--direct-io=on", str(self.image)], "attaching a loop device"
         ).strip()
         dev = self.device
         self.registry.add("loop device", dev, lambda: detach(dev))
-        _run(
+        run_tool(
             ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", dev],
             "formatting the emulated disk",
         )
         self.mountpoint.mkdir(exist_ok=True)
         self.registry.add("dir", str(self.mountpoint), lambda: _rmdir(self.mountpoint))
-        _run(["mount", "-o", "noatime", dev, str(self.mountpoint)], "mounting the emulated disk")
+        run_tool(["mount", "-o", "noatime", dev, str(self.mountpoint)], "mounting the emulated disk")
         self.registry.add("mount", str(self.mountpoint), lambda: unmount(self.mountpoint))
         name = Path(dev).name
         ra = Path(f"/sys/block/{name}/queue/read_ahead_kb")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prima_sim.emulate.disk import run_tool
 from prima_sim.emulate.resources import PREFIX, RUN_ID, Registry
 from prima_sim.errors import EmulationError
 
@@ -37,17 +37,7 @@ _CHUNK = 8 << 20
 ZSWAP_ENABLED = Path("/sys/module/zswap/parameters/enabled")
 
 
-def _run(cmd: list[str], what: str, timeout: float = 300) -> None:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise EmulationError(
-            f"{cmd[0]} is not installed: a device with swap needs util-linux (mkswap, swapon, swapoff)"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise EmulationError(f"{what}: '{' '.join(cmd)}' did not finish in {timeout:g} s") from None
-    if r.returncode != 0:
-        raise EmulationError(f"{what}: '{' '.join(cmd)}' failed: {(r.stderr or r.stdout).strip()[-300:]}")
+SWAP_TOOLS = "a device with swap needs util-linux (mkswap, swapon, swapoff)"
 
 
 def swap_name(run_prefix: str) -> str:
@@ -95,8 +85,8 @@ class SwapFile:
                 os.close(fd)
         except OSError as exc:
             raise EmulationError(f"cannot write the swap file {path}: {exc.strerror or exc}") from None
-        _run(["mkswap", str(path)], "formatting the swap file")
-        _run(["swapon", str(path)], "enabling the swap file")
+        run_tool(["mkswap", str(path)], "formatting the swap file", SWAP_TOOLS, timeout=300)
+        run_tool(["swapon", str(path)], "enabling the swap file", SWAP_TOOLS, timeout=300)
         self.registry.add("swap", str(path), lambda: swap_off(path))
         return path
 
@@ -110,7 +100,7 @@ def swap_off(path: Path) -> None:
     real = os.path.realpath(path)
     if real not in {os.path.realpath(a) for a in active_swaps()}:
         return
-    _run(["swapoff", real], "turning the swap file off", timeout=600)
+    run_tool(["swapoff", real], "turning the swap file off", SWAP_TOOLS, timeout=600)
 
 
 def active_swaps(proc_swaps: Path = Path("/proc/swaps")) -> list[str]:
