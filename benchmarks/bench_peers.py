@@ -500,22 +500,8 @@ class Bench:
                                       f"{log_tail(rep_dir / f'{head}.log', 200)}")  # fmt: skip
                     return
                 time.sleep(0.2)
-            text = (rep_dir / f"{head}.log").read_text(errors="replace")
-            tpot, ttft = parse_llama_perf(text)
-            if p.returncode != 0 or math.isnan(tpot):
-                row.errors.append(
-                    f"rep {rep}: llama-completion exited {p.returncode}: {log_tail(rep_dir / f'{head}.log', 300)}"
-                )
-                return
-            row.tpot.append(tpot)
-            row.ttft.append(ttft)
-            t_b = time.time()
-            t_a = t_b - 0.2 - self.args.tokens * tpot
-            row.read_meas.append(
-                sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
-            )
-            self.say(
-                f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms"
+            self.record_llama_run(
+                row, rep, rep_dir / f"{head}.log", "llama-completion", p.returncode, sampler, plan
             )
         finally:
             if p is not None:
@@ -615,23 +601,8 @@ class Bench:
                                       f"{log_tail(rep_dir / f'{dead[0]}.log', 300)}")  # fmt: skip
                     return
                 time.sleep(0.2)
-            text = (rep_dir / f"{head.device}.log").read_text(errors="replace")
-            tpot, ttft = parse_llama_perf(text)
-            if p.returncode != 0 or math.isnan(tpot):
-                row.errors.append(
-                    f"rep {rep}: llama-cli exited {p.returncode}: {log_tail(rep_dir / f'{head.device}.log', 300)}"
-                )
-                return
-            row.tpot.append(tpot)
-            row.ttft.append(ttft)
-            # reads of the timed decode steps: the last --tokens steps before llama-cli exited
-            t_b = time.time()
-            t_a = t_b - 0.2 - self.args.tokens * tpot
-            row.read_meas.append(
-                sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
-            )
-            self.say(
-                f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms"
+            self.record_llama_run(
+                row, rep, rep_dir / f"{head.device}.log", "llama-cli", p.returncode, sampler, plan
             )
         finally:
             deadline = time.monotonic() + 10
@@ -643,6 +614,24 @@ class Bench:
                 row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
+
+    def record_llama_run(self, row: Row, rep: int, log: Path, program: str, returncode: int | None, sampler: Any,
+                         plan: Any) -> None:  # fmt: skip
+        """One rep of a llama.cpp program (prima.cpp's llama-cli, the RPC split's llama-completion) that has exited:
+        its TPOT and TTFT from the head's log and the bytes the plan's devices read in its timed decode steps (the
+        last ``--tokens`` steps before it exited), or the error if it failed."""
+        tpot, ttft = parse_llama_perf(log.read_text(errors="replace"))
+        if returncode != 0 or math.isnan(tpot):
+            row.errors.append(f"rep {rep}: {program} exited {returncode}: {log_tail(log, 300)}")
+            return
+        row.tpot.append(tpot)
+        row.ttft.append(ttft)
+        t_b = time.time()
+        t_a = t_b - 0.2 - self.args.tokens * tpot
+        row.read_meas.append(
+            sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
+        )
+        self.say(f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms")
 
     def run_stock(self, tb: Testbed, out: Path, row: Row, whole: Path, rep: int) -> None:
         rep_dir = out / "runs" / "stock" / f"rep{rep}"
