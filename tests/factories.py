@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from prima_sim.devices.cluster import Cluster
@@ -46,3 +48,15 @@ def cut_model(m: ModelProfile, n_layer: int) -> ModelProfile:
     keep = tuple(t for t in m.tensors if not (x := _LAYER.match(t.name)) or int(x.group(1)) < n_layer)
     return m.model_copy(update={"id": f"{m.id}-{n_layer}l", "arch": m.arch.model_copy(update={"n_layer": n_layer}),
                                 "tensors": keep})  # fmt: skip
+
+
+def crashed_run_disk(tmp_path: Path, run_id: str, nbytes: int) -> tuple[Path, str]:
+    """An emulated disk a crashed run left behind: a sparse ``prima-<run_id>-disk.img`` of ``nbytes`` attached to a
+    loop device (root); (image, loop device)."""
+    img = tmp_path / f"prima-{run_id}-disk.img"
+    with img.open("wb") as fh:
+        fh.truncate(nbytes)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return img, dev

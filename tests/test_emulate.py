@@ -480,14 +480,9 @@ def test_memory_sampler_peaks_and_windows() -> None:
 @needs_root
 def test_cleanup_removes_a_crashed_runs_disk(tmp_path: Path) -> None:
     from prima_sim.emulate.cleanup import cleanup_leftovers
+    from tests.factories import crashed_run_disk
 
-    rid = "fedcb8"
-    img = tmp_path / f"prima-{rid}-disk.img"
-    with img.open("wb") as fh:
-        fh.truncate(64 << 20)
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", str(img)], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    img, dev = crashed_run_disk(tmp_path, "fedcb8", 64 << 20)
     found, problems = cleanup_leftovers()
     assert dev in found["disks"] and not problems
     assert str(img) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
@@ -525,3 +520,13 @@ def test_the_emulated_disk_has_room_for_the_stock_twins_model() -> None:
     assert sc.run.single
     assert disk_plans(sc) == len(sc.run.schedulers) + len(sc.run.manual) + 2 * len(sc.run.single)
     assert disk_plans(sc) > len(sc.run.schedulers) + len(sc.run.manual) + len(sc.run.single)
+
+
+def test_blkio_read_bytes_counts_reads_of_one_device_or_all(tmp_path: Path) -> None:
+    from prima_sim.emulate.cgroups import blkio_read_bytes
+
+    f = tmp_path / "blkio.throttle.io_service_bytes"
+    f.write_text("7:0 Read 4096\n7:0 Write 512\n8:0 Read 100\n7:0 Total 4608\nTotal 4708\n")
+    assert blkio_read_bytes(f, "7:0") == 4096
+    assert blkio_read_bytes(f) == 4196
+    assert blkio_read_bytes(tmp_path / "missing") == 0

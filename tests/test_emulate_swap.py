@@ -188,13 +188,10 @@ def test_swap_file_on_the_emulated_disk_goes_away(tmp_path: Path) -> None:
 @needs_swap_tools
 def test_cleanup_turns_a_crashed_runs_swap_off(tmp_path: Path) -> None:
     from prima_sim.emulate.cleanup import cleanup_leftovers
+    from tests.factories import crashed_run_disk
 
     rid = "fedcb7"
-    img = tmp_path / f"prima-{rid}-disk.img"
-    with img.open("wb") as fh:
-        fh.truncate(128 << 20)
-    dev = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True,
-                         check=True).stdout.strip()  # fmt: skip
+    img, dev = crashed_run_disk(tmp_path, rid, 128 << 20)
     mnt = tmp_path / f"prima-{rid}-disk"
     mnt.mkdir()
     subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
