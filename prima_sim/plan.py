@@ -51,11 +51,25 @@ class DeviceAssignment(FrozenModel):
         ge=0, description="of each window, how many of its last layers run on the GPU (n_m)"
     )
     layers: tuple[LayerRange, ...] = Field(description="half-open layer ranges, in execution order")
+    streamed_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="of its one window (k = 1), how many of its last CPU layers are read from disk for every "
+        "token and dropped right after use, so that the rest stays resident (drop-behind streaming: "
+        "docs/exec.md); absent: the operating system's page cache decides what stays",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DeviceAssignment:
         if self.gpu_layers > self.window:
             raise ValueError(f"device {self.name}: gpu_layers {self.gpu_layers} exceeds window {self.window}")
+        if self.streamed_layers is not None:
+            if len(self.layers) != 1:
+                raise ValueError(f"device {self.name}: streamed_layers needs exactly one window (k = 1), it has "
+                                 f"{len(self.layers)}")  # fmt: skip
+            if self.streamed_layers > self.window - self.gpu_layers:
+                raise ValueError(f"device {self.name}: streamed_layers {self.streamed_layers} exceeds its "
+                                 f"{self.window - self.gpu_layers} CPU layers")  # fmt: skip
         for a, b in self.layers:
             if not 0 <= a < b:
                 raise ValueError(f"device {self.name}: bad layer range [{a}, {b})")
@@ -287,7 +301,16 @@ class Plan(FrozenModel):
         }
         if self.n_seq != 1:  # left out at 1: plans made before the field keep their fingerprint (and shards)
             core["n_seq"] = self.n_seq
+        streamed = {d.name: d.streamed_layers for d in self.devices if d.streamed_layers}
+        if streamed:  # every device must stream what the plan says (left out when none does, as n_seq)
+            core["streamed"] = streamed
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+    def without_streaming(self) -> Plan:
+        """The same windows with every device leaving its window to the page cache (no ``streamed_layers``), as
+        prima.cpp and stock llama.cpp run; without a prediction (the planner's was for the streaming)."""
+        devices = tuple(d.model_copy(update={"streamed_layers": None}) for d in self.devices)
+        return self.model_copy(update={"devices": devices, "prediction": None})
 
     def on_cpus(self) -> Plan:
         """The same windows with every layer on the CPU (what a llama.cpp build without a GPU backend can run).

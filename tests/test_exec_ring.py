@@ -257,3 +257,19 @@ def test_cli_run_real_with_workers_started_by_hand(smollm2, smol_prompt, smol_re
     finally:
         for w in workers:
             w.kill()
+
+
+@pytest.mark.parametrize(
+    "windows,streamed", [((12, 18), (5, 18)), ((30,), (29,))], ids=["ring", "one-device"]
+)
+def test_streamed_layers_give_the_same_logits(smollm2, smol_prompt, smol_ref, windows, streamed, tmp_path):
+    """Drop-behind streaming (exec/stream.py) splits each window's graph at its streamed layers and releases
+    their pages in between: the logits and greedy tokens stay those of one process."""
+    plan = make_plan(30, windows, "smollm2")
+    devices = tuple(
+        a.model_copy(update={"streamed_layers": s}) for a, s in zip(plan.devices, streamed, strict=True)
+    )
+    plan = plan.model_copy(update={"devices": devices})
+    report = run_ring(plan, smollm2, smol_prompt, opts(threads={d.name: 1 for d in plan.devices}), local=True,
+                      shard_dir=tmp_path / "shards")  # fmt: skip
+    _check(report, *smol_ref)

@@ -65,6 +65,21 @@ def test_manifest_lists_every_file_with_checksum(smol_shards) -> None:
     assert sorted(p.name for p in (out / "D1").iterdir()) == [MANIFEST_NAME, "w0_L0-5.gguf", "w3_L15-20.gguf"]
 
 
+def test_manifest_gives_each_layers_data_range_as_the_tensor_table_does(smol_shards) -> None:
+    """Drop-behind streaming releases these ranges (exec/stream.py) without reading the GGUF in the worker."""
+    from prima_sim.exec.stream import layer_ranges
+
+    _, out = smol_shards
+    for dev in ("D0", "D1", "D2"):
+        for s in load_manifest(out / dev, dev).shards:
+            if s.kind == "embed":
+                assert s.layer_data is None
+                continue
+            n = s.layers[1] - s.layers[0]
+            assert s.layer_data is not None and len(s.layer_data) == n
+            assert [[r] for r in s.layer_data] == layer_ranges(out / dev / s.file, n)
+
+
 def test_manifest_plan_is_typed_and_its_json_unchanged(smol_shards) -> None:
     """The manifest's plan is a Plan (validated once, on reading), stored as the plan's own JSON, as before."""
     plan, out = smol_shards

@@ -28,9 +28,10 @@ from prima_sim.devices.cluster import Cluster, bundled_names, load_cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
-from prima_sim.halda.costmodel import predict
+from prima_sim.halda.costmodel import predict, with_streaming
 from prima_sim.halda.halda import valid_ks
-from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan, polish
+from prima_sim.halda.local_search import polish
+from prima_sim.halda.planner import SCHEDULERS, make_plan, manual_plan
 from prima_sim.plan import Plan, make_assignments
 from prima_sim.workload import Workload
 from tests.factories import cluster, cut_model, device, smollm2_model
@@ -265,7 +266,7 @@ def test_more_ram_on_the_paper_testbed_never_slows_halda_down_but_for_the_kernel
 # --- exact on small instances -------------------------------------------------------------------------------
 def _every_plan(c: Cluster, m: ModelProfile) -> float:
     """The lowest predicted TPOT over every plan Halda may return: every k dividing L, every set of devices
-    keeping the head, every window and every GPU layer count."""
+    keeping the head, every window and every GPU layer count (and, at k = 1, the streaming the planner chooses)."""
     L = m.arch.n_layer
     ring = list(c.ring_order)
     best = math.inf
@@ -283,6 +284,7 @@ def _every_plan(c: Cluster, m: ModelProfile) -> float:
                 for n in itertools.product(*gpu_ranges):
                     plan = Plan(model_id=m.id, n_layers=L, cluster_name=c.name, k=k, n_ctx=WL.n_ctx,
                                 devices=make_assignments(names, w, n, L), scheduler="manual")  # fmt: skip
+                    plan = with_streaming(plan, c, m, WL)  # as the planner makes every k = 1 plan
                     best = min(best, predict(plan, c, m, WL).tpot_s)
     return best
 
@@ -419,8 +421,12 @@ def test_prefetch_lets_the_ring_hide_reads_that_a_single_window_cannot() -> None
     assert with_pf.k >= 2 and _tpot(with_pf) < 0.9 * _tpot(without)
     assert with_pf.prediction is not None and with_pf.prediction.bound.startswith("disk of")
     assert without.prediction is not None and without.prediction.bound == "ring"
-    one = manual_plan(c, m, wl, [20, 20, 20, 20])
+    one = manual_plan(c, m, wl, [20, 20, 20, 20], stream=False)
     assert _tpot(one) > 1.5 * _tpot(with_pf)
+    # streaming the windows' last layers (drop-behind) reads less than the page cache, but still on the chain
+    streamed = manual_plan(c, m, wl, [20, 20, 20, 20])
+    assert all(a.streamed_layers for a in streamed.devices[1:])
+    assert _tpot(with_pf) < _tpot(streamed) < _tpot(one)
 
 
 # --- prefill micro-batches ---------------------------------------------------------------------------------
@@ -452,7 +458,8 @@ def test_a_tie_goes_to_the_plan_that_keeps_page_cache_free(smollm2) -> None:
     moves layers off a device within NEAR_FIT_FRACTION of its room."""
     from prima_sim.devices.model import model_profile_from_gguf
     from prima_sim.halda.costmodel import DeviceCosts, memory_use
-    from prima_sim.halda.planner import NEAR_FIT_FRACTION, headroom, manual_plan, prefer_headroom
+    from prima_sim.halda.local_search import NEAR_FIT_FRACTION, headroom, prefer_headroom
+    from prima_sim.halda.planner import manual_plan
     from prima_sim.sim.toy import toy_cluster, toy_device
 
     model = model_profile_from_gguf(smollm2)
@@ -495,7 +502,7 @@ def test_weights_filling_the_room_to_within_the_margin_are_paged(smollm2) -> Non
     for spare in (0.01, 0.06):  # inside and outside the margin
         ram = int((1 + spare) * use.mapped_ram + use.pinned_ram)
         c = toy_cluster([toy_device("A"), toy_device("B", ram_total_bytes=ram, ram_available_bytes=ram)])
-        plan = manual_plan(c, model, wl, [10, 20])
+        plan = manual_plan(c, model, wl, [10, 20], stream=False)
         p = predict(plan, c, model, wl)
         sim = simulate(plan, c, model, wl, SimConfig(warm=True))
         reads = {t.name: t.read_bytes for t in p.per_device}

@@ -29,7 +29,7 @@ def m8():
 
 def prima(cap: int = CAP, force: bool = False) -> SimConfig:
     return SimConfig(page_cache="lru", prefetch=True, prefetch_own_window=True, willneed_cap_bytes=cap,
-                     force_touch=force)  # fmt: skip
+                     force_touch=force, stream=False)  # fmt: skip
 
 
 # --- the capped advice --------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def test_one_capped_willneed_hides_nothing_where_advice_in_pieces_hides_the_wind
     next window is read while H computes and B never waits; one WILLNEED per window (prima.cpp --prefetch on
     current Linux) reads only the cap from each window's start, so B faults its windows in as without prefetch."""
     c = prefetch_toy(m8, [13, 3])
-    plan = manual_plan(c, m8, WL, [13, 3])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
     assert plan.k == 2
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     pieces = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
@@ -62,7 +62,7 @@ def test_an_uncapped_prima_advice_is_the_old_model_and_the_cap_ends_the_conflict
     (``willneed_cap_bytes`` = 0: the earlier model) that reads every byte twice (the prefetch-release conflict);
     with the kernel's cap the advice reads one cap's worth and B pages as without prefetch."""
     c = prefetch_toy(m8, [26, 6])
-    plan = manual_plan(c, m8, WL, [26, 6])
+    plan = manual_plan(c, m8, WL, [26, 6], stream=False)
     window = sum(m8.layer_bytes[0:6])
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     uncapped = simulate(plan, c, m8, WL, prima(cap=0))
@@ -74,7 +74,7 @@ def test_an_uncapped_prima_advice_is_the_old_model_and_the_cap_ends_the_conflict
 
 def test_a_cap_larger_than_a_window_is_no_cap(m8):
     c = prefetch_toy(m8, [13, 3])
-    plan = manual_plan(c, m8, WL, [13, 3])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
     big = simulate(plan, c, m8, WL, prima(cap=64 * 1024 * MiB))
     pieces = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True, prefetch_own_window=True))
     assert big.tpot_s == pytest.approx(pieces.tpot_s, rel=1e-9)
@@ -86,7 +86,7 @@ def test_force_reads_the_next_window_in_the_devices_own_thread(m8):
     window is read at once, before B can take its next input, and its compute then finds it resident. With H
     computing longer than B's read, that read is hidden: TPOT as with advice in pieces, far below no prefetch."""
     c = prefetch_toy(m8, [13, 3])
-    plan = manual_plan(c, m8, WL, [13, 3])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     pieces = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     force = simulate(plan, c, m8, WL, prima(force=True))
@@ -105,7 +105,7 @@ def test_force_with_a_window_larger_than_the_cache_reads_it_twice(m8):
     """k = 1 and a window larger than the cache: --force re-reads the window B has just run (its evicted
     start), which evicts its end, and compute faults it all in again: twice the reads, slower than no prefetch."""
     c = prefetch_toy(m8, [26, 6])
-    plan = manual_plan(c, m8, WL, [26, 6])
+    plan = manual_plan(c, m8, WL, [26, 6], stream=False)
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     force = simulate(plan, c, m8, WL, prima(force=True))
     window = sum(m8.layer_bytes[0:6])

@@ -61,8 +61,8 @@ def prefetch_tpots(llama70):
     c = load_cluster("prefetch-4x8g")
     wl = Workload(n_ctx=1024, prompt_tokens=8, decode_tokens=4)
     out = {}
-    for w in (20, 10, 5):
-        plan = manual_plan(c, llama70, wl, [w] * 4)
+    for w in (20, 10, 5):  # the windows left to the page cache: the paper's study (streaming: test_stream.py)
+        plan = manual_plan(c, llama70, wl, [w] * 4, stream=False)
         out[plan.k] = tuple(
             simulate(plan, c, llama70, wl, SimConfig(prefetch=pf)).tpot_s for pf in (False, True)
         )
@@ -85,7 +85,7 @@ def test_a_device_with_one_window_prefetches_it_only_before_its_first_run(llama7
     """k = 1: every device runs one window per token; advising it again would only fight its own reads."""
     c = load_cluster("prefetch-4x8g")
     wl = Workload(n_ctx=1024, prompt_tokens=8, decode_tokens=2)
-    plan = manual_plan(c, llama70, wl, [20] * 4)
+    plan = manual_plan(c, llama70, wl, [20] * 4, stream=False)
     res = simulate(plan, c, llama70, wl, SimConfig(prefetch=True))
     for name, st in res.device_stats.items():
         if name == plan.head:  # it sends the first token's embeddings before its window's first run

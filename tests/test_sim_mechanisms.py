@@ -1,5 +1,6 @@
 """The simulator's mechanisms on toy clusters: prefetch and its conflict, LRU under a cyclic scan, the OS
-behaviours (Metal, macOS, Android, CUDA), the KV cache growing, cold and warm starts, memory pressure."""
+behaviours (Metal, macOS, Android, CUDA), the KV cache growing, cold and warm starts, memory pressure. The plans
+leave every window to the page cache (``stream=False``); drop-behind streaming is tested in test_stream.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def with_room(
     cluster: Cluster, model, windows, gpu, name: str, room_bytes: float, wl: Workload = WL
 ) -> Cluster:
     """The cluster with ``name``'s available RAM set so its page cache has exactly ``room_bytes`` for weights."""
-    plan = manual_plan(cluster, model, wl, windows, gpu)
+    plan = manual_plan(cluster, model, wl, windows, gpu, stream=False)
     a = plan.device(name)
     d = cluster.device(name)
     use = memory_use(DeviceCosts(d, model, wl), a, name == plan.head)
@@ -64,7 +65,7 @@ def test_one_round_does_not_prefetch_the_window_it_runs_again(m8):
     after sending and read every byte twice (paper Fig. 3); the executor and the simulator skip advice on a
     device's only window once it has run (exec.ring.Route.prefetch_window): same reads, same TPOT."""
     c = prefetch_toy(m8, [26, 6])
-    plan = manual_plan(c, m8, WL, [26, 6])
+    plan = manual_plan(c, m8, WL, [26, 6], stream=False)
     assert plan.k == 1
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
@@ -80,7 +81,7 @@ def test_prima_cpp_prefetch_conflict_with_one_round(m8):
     window while H computes, ends with its last layers resident, and B's compute faults on every layer anyway
     (paper Fig. 3): every byte is read twice and TPOT does not improve."""
     c = prefetch_toy(m8, [26, 6])
-    plan = manual_plan(c, m8, WL, [26, 6])
+    plan = manual_plan(c, m8, WL, [26, 6], stream=False)
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True, prefetch_own_window=True))
     window = sum(m8.layer_bytes[0:6])
@@ -98,7 +99,7 @@ def test_prefetch_release_conflict_with_windows_larger_than_the_cache(m8):
     while H computes, ends with its last layers resident, and B's compute faults on every layer anyway
     (paper Fig. 3): every byte is read twice and TPOT does not improve."""
     c = prefetch_toy(m8, [10, 6])
-    plan = manual_plan(c, m8, WL, [10, 6])
+    plan = manual_plan(c, m8, WL, [10, 6], stream=False)
     assert plan.k == 2
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
@@ -117,7 +118,7 @@ def test_prefetch_hides_the_next_window_with_two_rounds(m8):
     """k = 2: B runs two windows of 3 layers; each fits the cache beside the other's remains, so the window
     prefetched after a send is still resident when B's turn comes: B stops waiting for the disk."""
     c = prefetch_toy(m8, [13, 3])
-    plan = manual_plan(c, m8, WL, [13, 3])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
     assert plan.k == 2
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
@@ -140,7 +141,7 @@ def test_prefetch_can_be_too_late_on_a_slow_disk(m8):
     c = prefetch_toy(m8, [13, 3])
     slow = c.device("B").model_copy(update={"disk_seq_read_bps": 0.3e9})
     c = c.model_copy(update={"devices": (c.devices[0], slow)})
-    plan = manual_plan(c, m8, WL, [13, 3])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
     off = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     on = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=True))
     w_on, w_off = per_token(on, "B", "disk_wait_s"), per_token(off, "B", "disk_wait_s")
@@ -155,7 +156,7 @@ def test_lru_rereads_a_whole_window_that_barely_overflows(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), toy_device("B")])
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], None, "B", window / 1.05)
-    plan = manual_plan(c, m8, WL, [24, 8])
+    plan = manual_plan(c, m8, WL, [24, 8], stream=False)
     res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     assert per_token(res, "B", "disk_read_bytes") == pytest.approx(window, rel=0.01)
     assert res.device_stats["B"]["analytic_disk_bytes_per_token"] == pytest.approx(window, rel=0.01)
@@ -164,7 +165,7 @@ def test_lru_rereads_a_whole_window_that_barely_overflows(m8):
 
 def test_cold_start_reads_everything_warm_start_nothing(m8):
     c = toy_cluster([toy_device("H"), toy_device("B")])
-    plan = manual_plan(c, m8, WL, [16, 16])
+    plan = manual_plan(c, m8, WL, [16, 16], stream=False)
     warm = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=True, prefetch=False))
     cold = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", warm=False, prefetch=False))
     mapped = sum(s["mapped_weight_bytes"] for s in cold.device_stats.values())
@@ -187,7 +188,7 @@ def test_metal_reloads_the_whole_working_set_when_over_its_limit(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), mac])
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], [0, 8], "M", 0.9 * window)
-    plan = manual_plan(c, m8, WL, [24, 8], [0, 8])
+    plan = manual_plan(c, m8, WL, [24, 8], [0, 8], stream=False)
     res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
     analytic = next(t for t in predict(plan, c, m8, WL, prefetch=False).per_device if t.name == "M")
     assert analytic.read_bytes == pytest.approx(window)
@@ -195,7 +196,11 @@ def test_metal_reloads_the_whole_working_set_when_over_its_limit(m8):
     # a 10% larger working set holds it: nothing reloads
     c2 = with_room(c, m8, [24, 8], [0, 8], "M", 1.1 * window)
     res2 = simulate(
-        manual_plan(c2, m8, WL, [24, 8], [0, 8]), c2, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+        manual_plan(c2, m8, WL, [24, 8], [0, 8], stream=False),
+        c2,
+        m8,
+        WL,
+        SimConfig(page_cache="lru", prefetch=False),
     )
     assert per_token(res2, "M", "disk_read_bytes") == 0
 
@@ -205,7 +210,9 @@ def test_macos_without_metal_faults_at_random_read_bandwidth(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30, memory_bandwidth_bps=1e9), mac])
     window = sum(m8.layer_bytes[0:4])
     c = with_room(c, m8, [28, 4], None, "M", 0.5 * window)
-    res = simulate(manual_plan(c, m8, WL, [28, 4]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    res = simulate(
+        manual_plan(c, m8, WL, [28, 4], stream=False), c, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+    )
     assert per_token(res, "M", "disk_wait_s") == pytest.approx(window / 0.5e9, rel=0.02)
 
 
@@ -215,7 +222,11 @@ def test_cuda_layers_never_page_cpu_layers_of_the_same_device_do(m8):
     cpu_bytes = sum(m8.layer_bytes[0:4])
     c = with_room(c, m8, [16, 16], [0, 12], "G", 0.5 * cpu_bytes)
     res = simulate(
-        manual_plan(c, m8, WL, [16, 16], [0, 12]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+        manual_plan(c, m8, WL, [16, 16], [0, 12], stream=False),
+        c,
+        m8,
+        WL,
+        SimConfig(page_cache="lru", prefetch=False),
     )
     assert per_token(res, "G", "disk_read_bytes") == pytest.approx(cpu_bytes, rel=0.01)
     assert res.device_stats["G"]["mapped_weight_bytes"] == cpu_bytes
@@ -227,7 +238,9 @@ def test_android_swaps_other_apps_out_instead_of_rereading(m8):
     phone = toy_device("P", os="android", swappable_bytes=int(window), swap_bytes=int(window))
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), phone])
     c = with_room(c, m8, [26, 6], None, "P", 0.6 * window)
-    res = simulate(manual_plan(c, m8, WL, [26, 6]), c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    res = simulate(
+        manual_plan(c, m8, WL, [26, 6], stream=False), c, m8, WL, SimConfig(page_cache="lru", prefetch=False)
+    )
     st = res.device_stats["P"]
     assert per_token(res, "P", "disk_read_bytes") == 0
     assert st["swapped_out_bytes"] == pytest.approx(0.4 * window, rel=0.01)
@@ -246,7 +259,7 @@ def test_linux_with_swap_swaps_cold_memory_out_instead_of_rereading(m8, page_cac
         dev = toy_device("P", swappable_bytes=cold, swap_bytes=swap)
         c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), dev])
         c = with_room(c, m8, [26, 6], None, "P", 0.95 * window)
-        plan = manual_plan(c, m8, WL, [26, 6])
+        plan = manual_plan(c, m8, WL, [26, 6], stream=False)
         res = simulate(plan, c, m8, WL, SimConfig(page_cache=page_cache, prefetch=False))
         assert plan.prediction is not None
         return per_token(res, "P", "disk_read_bytes"), res
@@ -282,7 +295,7 @@ def test_linux_swap_room_is_in_the_memory_model() -> None:
 def test_kv_cache_growth_makes_later_tokens_slower(m8):
     c = toy_cluster([toy_device("H", flops=20e9), toy_device("B", flops=20e9)])
     wl = Workload(n_ctx=2048, prompt_tokens=64, decode_tokens=40)
-    res = simulate(manual_plan(c, m8, wl, [16, 16]), c, m8, wl)
+    res = simulate(manual_plan(c, m8, wl, [16, 16], stream=False), c, m8, wl)
     lat = [r.latency_s for r in res.rows if r.device == "H" and r.phase == "decode"]
     assert all(b >= a for a, b in itertools.pairwise(lat)) and lat[-1] > lat[0]
 
@@ -290,7 +303,7 @@ def test_kv_cache_growth_makes_later_tokens_slower(m8):
 def test_prefill_runs_in_micro_batches_like_the_cost_model(m8):
     c = toy_cluster([toy_device("H"), toy_device("B")])
     wl = Workload(n_ctx=256, prompt_tokens=40, decode_tokens=2, n_ubatch=16)
-    res = simulate(manual_plan(c, m8, wl, [16, 16]), c, m8, wl)
+    res = simulate(manual_plan(c, m8, wl, [16, 16], stream=False), c, m8, wl)
     assert res.ttft_s == pytest.approx(res.analytic.ttft_s, rel=0.01)
     embeds = [s for s in res.spans if s.label == "embed" and s.token == 0 and s.kind.value == "head"]
     assert len(embeds) == 3
@@ -298,7 +311,7 @@ def test_prefill_runs_in_micro_batches_like_the_cost_model(m8):
 
 def test_memory_pressure_is_pinned_ram_over_total(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=16 * 2**30), toy_device("B", ram_total_bytes=8 * 2**30)])
-    plan = manual_plan(c, m8, WL, [16, 16])
+    plan = manual_plan(c, m8, WL, [16, 16], stream=False)
     res = simulate(plan, c, m8, WL)
     for name in ("H", "B"):
         d: DeviceProfile = c.device(name)
@@ -316,7 +329,7 @@ def test_infeasible_pinned_memory_is_refused(m8):
     tiny = toy_device("B", ram_total_bytes=2**20, ram_available_bytes=2**19)
     c = toy_cluster([toy_device("H"), tiny])
     with pytest.raises(InfeasiblePlanError, match="KV cache and compute buffers"):
-        simulate(manual_plan(c, m8, WL, [16, 16]), c, m8, WL)
+        simulate(manual_plan(c, m8, WL, [16, 16], stream=False), c, m8, WL)
 
 
 def test_results_converge_as_chunks_get_finer():
@@ -326,7 +339,7 @@ def test_results_converge_as_chunks_get_finer():
     m = catalog_model("llama3-70b")
     c = load_cluster("prefetch-4x8g")
     wl = Workload(n_ctx=1024, prompt_tokens=4, decode_tokens=2)
-    plan = manual_plan(c, m, wl, [10] * 4)
+    plan = manual_plan(c, m, wl, [10] * 4, stream=False)
     tpots = [
         simulate(plan, c, m, wl, SimConfig(page_cache="lru", chunk_bytes=mib << 20)).tpot_s
         for mib in (8, 32, 64)
@@ -343,7 +356,7 @@ def test_linux_keeps_a_frozen_part_of_a_share_much_larger_than_its_cache(m8):
     c = toy_cluster([toy_device("H", ram_total_bytes=64 * 2**30), toy_device("B")])
     window = sum(m8.layer_bytes[0:8])
     c = with_room(c, m8, [24, 8], None, "B", window / 2)
-    plan = manual_plan(c, m8, WL, [24, 8])
+    plan = manual_plan(c, m8, WL, [24, 8], stream=False)
     linux = simulate(plan, c, m8, WL, SimConfig(prefetch=False))
     lru = simulate(plan, c, m8, WL, SimConfig(prefetch=False, page_cache="lru"))
     b = c.device("B")

@@ -71,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="plan for a run without prefetch (reads then always stall the device that needs them)",
     )
     p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="leave a window larger than its device's page cache to the page cache instead of streaming its last "
+        "layers (drop-behind; by default a k = 1 device streams where that reads less: docs/exec.md)",
+    )
+    p.add_argument(
         "--cpu-only",
         action="store_true",
         help="ignore every GPU of the cluster (for a real run with a llama.cpp build without a GPU "
@@ -248,7 +254,21 @@ def _compare(cluster: Cluster, model: ModelProfile, wl: Workload, args: argparse
     rows: list[tuple[str, Plan | None, str]] = []
     for s in SCHEDULERS:
         try:
-            rows.append((s, make_plan(cluster, model, wl, s, args.k, prefetch=not args.no_prefetch), ""))
+            rows.append(
+                (
+                    s,
+                    make_plan(
+                        cluster,
+                        model,
+                        wl,
+                        s,
+                        args.k,
+                        prefetch=not args.no_prefetch,
+                        stream=not args.no_stream,
+                    ),
+                    "",
+                )
+            )
         except InfeasiblePlanError as exc:
             rows.append((s, None, str(exc)))
     if args.json:
@@ -345,7 +365,9 @@ def run(args: argparse.Namespace) -> int:
     if args.windows:
         windows = _int_list(args.windows, "--windows")
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
-        plan = manual_plan(planning, model, wl, windows, gpu, prefetch=not args.no_prefetch)
+        plan = manual_plan(
+            planning, model, wl, windows, gpu, prefetch=not args.no_prefetch, stream=not args.no_stream
+        )
     else:
         if args.sim_k:
             if args.scheduler != "halda" or args.k is not None or args.no_drop:
@@ -364,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
                 args.k,
                 allow_drop=not args.no_drop,
                 prefetch=not args.no_prefetch,
+                stream=not args.no_stream,
             )
     plan = plan.model_copy(update={"cluster_source": source_of(args.cluster), "model_source": source_of(args.model),
                                    "cpu_only": args.cpu_only})  # fmt: skip

@@ -87,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="devices do not advise the kernel to load their next window",
     )
     sm.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="no device streams its window (drop-behind): each is left to the page cache, as prima.cpp runs "
+        "(implied by --prima-prefetch/--prima-force)",
+    )
+    sm.add_argument(
         "--page-cache",
         choices=("linux", "lru"),
         default="linux",
@@ -162,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         return SimConfig(prefetch=not args.no_prefetch, prefetch_own_window=prima, warm=args.warm,
                          willneed_cap_bytes=int(cap_kib * 1024), force_touch=args.prima_force,
                          chunk_bytes=int(args.chunk_mib * MiB), jitter=args.jitter, seed=args.seed,
-                         page_cache=args.page_cache)  # fmt: skip
+                         page_cache=args.page_cache, stream=not (args.no_stream or prima))  # fmt: skip
     except ValueError as exc:
         raise InputError("--seed/--jitter/--chunk-mib", "", str(exc).replace('"', "")) from None
 
@@ -198,11 +204,15 @@ def resolve(args: argparse.Namespace) -> tuple[Plan, Cluster, ModelProfile, Work
     )
     if args.windows:
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
-        plan = manual_plan(cluster, model, wl, _int_list(args.windows, "--windows"), gpu)
+        plan = manual_plan(
+            cluster, model, wl, _int_list(args.windows, "--windows"), gpu, stream=not args.no_stream
+        )
     else:
         if args.k is not None and args.k <= 0:
             raise InputError("--k", "", f"must be a positive divisor of the layer count, got {args.k}")
-        plan = make_plan(cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop)
+        plan = make_plan(
+            cluster, model, wl, args.scheduler, args.k, allow_drop=not args.no_drop, stream=not args.no_stream
+        )
     return plan, cluster, model, wl
 
 

@@ -169,6 +169,12 @@ class MemoryBehaviour:
         (:func:`overflow_reread_bytes` summed over ``windows``)."""
         return float(np.sum(overflow_reread_bytes(np.asarray(windows, dtype=float), room, self.kernel_lru)))
 
+    @property
+    def can_stream(self) -> bool:
+        """The executor can stream a window through this OS's page cache with drop-behind
+        (``madvise(MADV_DONTNEED)`` and ``posix_fadvise``: Linux, Android)."""
+        return self.readahead
+
     def read_seconds(self, nbytes: float) -> float:
         """Seconds the device's disk needs to read ``nbytes`` through page faults or prefetch."""
         return nbytes / self.fault_bps if nbytes > 0 else 0.0
@@ -348,6 +354,52 @@ def paging_fraction(mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool 
     # within NEAR_FIT_MARGIN of the room Linux already re-reads: the near-fit regime (nothing frozen there, so
     # ``below`` is 1; ``once`` is at least 1)
     out: np.ndarray = np.where(m > fit_limit(c, kernel_lru) + 0.5, f, 0.0)
+    return out
+
+
+STREAM_IN_FLIGHT = 1
+"""Streamed layers a device holds at once beside its resident layers (drop-behind streaming,
+``DeviceAssignment.streamed_layers``): the one being computed (advised as a whole when its predecessor is
+released, so the disk reads it at full speed while its first pages compute). Counted at the model's largest layer,
+so that the planner's search and its prediction agree whatever the window."""
+
+
+def streamed_count(mapped: float, fit: float, layer_bytes: Sequence[float], in_flight: float) -> int:
+    """How many of a window's last CPU layers (``layer_bytes``, in order) to stream so that the rest of the
+    ``mapped`` bytes, plus ``in_flight`` bytes of streamed layers, fit in ``fit`` bytes (:func:`fit_limit` of the
+    room); 0 when everything fits, or when even streaming all of them does not make the rest fit (the page cache
+    then decides)."""
+    need = mapped + in_flight - fit - 0.5
+    if mapped <= fit + 0.5:
+        return 0
+    tail = 0.0
+    for t in range(1, len(layer_bytes) + 1):
+        tail += layer_bytes[-t]
+        if tail >= need:
+            return t
+    return 0
+
+
+def streamed_count_prefix(prefix: np.ndarray, row: np.ndarray, start: np.ndarray, end: np.ndarray,
+                          mapped: np.ndarray, fit: np.ndarray, in_flight: ArrayOrFloat) -> np.ndarray:  # fmt: skip
+    """:func:`streamed_count` elementwise (the planner's search): the CPU layers of each window are ``[start,
+    end)`` and ``prefix[row, i]`` the bytes of layers ``[0, i)`` of its device (flat ``prefix``: ``row`` is the
+    device's offset into it). A bisection over the count, all windows at once."""
+    need = mapped + np.asarray(in_flight, dtype=float) - fit - 0.5
+    n = end - start
+    top = np.take(prefix, row + end)
+
+    def tail(t: np.ndarray) -> np.ndarray:
+        out: np.ndarray = top - np.take(prefix, row + np.maximum(end - t, start))
+        return out
+
+    lo, hi = np.ones_like(n), np.maximum(n, 1)  # the answer lies in [lo, hi] where any exists
+    while np.any(lo < hi):
+        mid = (lo + hi) // 2
+        ok = tail(mid) >= need
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid + 1)
+    out: np.ndarray = np.where((mapped > fit + 0.5) & (n >= 1) & (tail(lo) >= need), lo, 0)
     return out
 
 

@@ -40,6 +40,8 @@ if (
 ):  # numpy is imported where the head's API returns arrays: a worker imports none (docs/exec.md)
     import numpy as np
 
+    from prima_sim.exec.stream import LayerStreamer
+
 log = logging.getLogger(__name__)
 
 LOAD_MODE_MMAP = 1
@@ -325,6 +327,7 @@ class Window:
         stateless: bool | None = None,
         n_seq: int = 1,
         arrays: bool = True,
+        streamer: LayerStreamer | None = None,
     ) -> None:
         self._rt = _Runtime.get()
         lc = self._lc = self._rt.lc
@@ -358,8 +361,17 @@ class Window:
         p.n_threads = p.n_threads_batch = n_threads
         p.no_perf = True
         p.flash_attn_type = FLASH_ATTN_ENABLED if _flash_attn else FLASH_ATTN_DISABLED
-        if mode in ("hidden", "embed"):
-            cb = self._cb_embed if mode == "embed" else self._cb_hidden
+        # drop-behind streaming: the streamed layers' outputs end parts of the graph, where it releases them
+        self._streamer = streamer
+        self._watch: dict[bytes, int] = streamer.watch if streamer is not None else {}
+        if mode in ("hidden", "embed") or self._watch:
+            cb = (
+                self._cb_embed
+                if mode == "embed"
+                else self._cb_hidden
+                if mode == "hidden"
+                else self._cb_stream
+            )
             self._cb = lc.ggml_backend_sched_eval_callback(cb)
             p.cb_eval = self._cb
         self.ptr = lc.llama_init_from_model(model.ptr, p)
@@ -397,10 +409,23 @@ class Window:
 
     # --- eval callbacks (called by ggml's scheduler for every graph node) ----------------------------------
     def _cb_hidden(self, t: int, ask: bool, _user: Any) -> bool:
+        name = ctypes.string_at(t + _NAME_OFFSET)
         if ask:
-            return ctypes.string_at(t + _NAME_OFFSET) == self._target
+            return name == self._target or name in self._watch
+        if name in self._watch:
+            self._streamer.layer_done(self._watch[name])  # type: ignore[union-attr]
+        if name != self._target:
+            return True
         self._copy_out(t)
         return False  # stop this split: the output norm and head are not needed
+
+    def _cb_stream(self, t: int, ask: bool, _user: Any) -> bool:
+        """A logits window that streams layers: ask for their outputs, release each, compute on."""
+        name = ctypes.string_at(t + _NAME_OFFSET)
+        if ask:
+            return name in self._watch
+        self._streamer.layer_done(self._watch[name])  # type: ignore[union-attr]
+        return True
 
     def _cb_embed(self, t: int, ask: bool, _user: Any) -> bool:
         if ask:

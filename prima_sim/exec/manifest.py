@@ -37,6 +37,11 @@ class ShardFile(FrozenModel):
     n_bytes: int = Field(ge=0)
     sha256: str
     data_offset: int = Field(ge=0, description="byte offset of the tensor data")
+    layer_data: tuple[tuple[int, int], ...] | None = Field(
+        default=None,
+        description="per layer of the shard, the [start, end) byte offsets of its tensors' data (what drop-behind "
+        "streaming releases, exec/stream.py); absent in manifests written before it (the GGUF is read then)",
+    )
     prefetch_offset: int | None = Field(
         default=None, ge=0,
         description="byte offset from which prefetch advises (default data_offset): a logits window of a model with "

@@ -325,6 +325,7 @@ class ShardWriter:
                 "output.weight" in names and tensors[0][0] == "token_embd.weight" and tensors[0][2] == "copy"
             )
             prefetch_offset: int | None = None
+            layer_data: dict[int, tuple[int, int]] = {}
             with self.path.open("rb") as src:
                 for i, (name, t, how) in enumerate(tensors):
                     if i == 1 and skip_table:  # the token table leads the file: prefetch starts after it
@@ -342,6 +343,10 @@ class ShardWriter:
                         _copy_range(src.fileno(), fout.fileno(), int(t.offset), at, nbytes,
                                     functools.partial(self._tick, label=name))  # fmt: skip
                         fout.seek(at + nbytes)
+                        if (m := _BLK.match(name)) is not None:  # the shard's own layer numbers
+                            j = int(m.group(1))
+                            lo, hi = layer_data.get(j, (at, at + nbytes))
+                            layer_data[j] = (min(lo, at), max(hi, at + nbytes))
                     w.write_padding(fout, nbytes)
                 fout.truncate()  # a trailing hole still counts in the file's size
             w.close()
@@ -354,6 +359,7 @@ class ShardWriter:
             file=dest.name, kind=spec.kind, layers=spec.layers, window=spec.window, gpu_layers=spec.gpu_layers,
             output_head=spec.output_head, n_bytes=dest.stat().st_size, sha256=file_sha256(dest), data_offset=data_offset,
             prefetch_offset=prefetch_offset,
+            layer_data=tuple(layer_data[j] for j in sorted(layer_data)) if spec.kind != "embed" else None,
         )  # fmt: skip
 
     def _tick(self, n: int, label: str) -> None:

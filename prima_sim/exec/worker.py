@@ -41,6 +41,7 @@ from prima_sim.exec.ring import (
     WorkerState,
     now,
 )  # fmt: skip
+from prima_sim.exec.stream import LayerStreamer
 from prima_sim.exec.transport import open_socket
 from prima_sim.metrics import SpanKind
 from prima_sim.route import Route
@@ -83,6 +84,8 @@ def load_windows(
     stack = ExitStack()
     out: dict[int, LoadedWindow] = {}
     shards = [s for s in man.shards if s.window >= 0]
+    # drop-behind streaming of the device's one window (plan.DeviceAssignment.streamed_layers; exec/stream.py)
+    streamed = plan.device(man.device).streamed_layers or 0
     gpu = sum(s.gpu_layers for s in shards)
     if gpu and not supports_gpu_offload():
         raise InputError(str(shard_dir), "gpu_layers", f"{man.device}'s windows put {gpu} layer(s) on the GPU but "
@@ -95,8 +98,14 @@ def load_windows(
             path = shard_path(shard_dir, man, s)
             model = stack.enter_context(Model(path, n_gpu_layers=s.gpu_layers))
             mode = "logits" if s.kind == "logits" else "hidden"
+            streamer = None
+            if streamed and model.n_layer:
+                streamer = LayerStreamer(path, model.n_layer, streamed, s.gpu_layers, s.layer_data)
+                stack.callback(streamer.close)
             ctx = stack.enter_context(
-                Window(model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq, arrays=arrays)
+                Window(
+                    model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq, arrays=arrays, streamer=streamer
+                )
             )
             out[s.window] = LoadedWindow(s.window, path, model, ctx)
     except BaseException:

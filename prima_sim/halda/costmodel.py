@@ -47,7 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from prima_sim.devices.behaviour import MemoryBehaviour, behaviour_of
+from prima_sim.devices.behaviour import (
+    STREAM_IN_FLIGHT,
+    MemoryBehaviour,
+    behaviour_of,
+    fit_limit,
+    streamed_count,
+)
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile, TensorEntry, sum_flops
 from prima_sim.devices.profile import DeviceProfile
@@ -476,11 +482,73 @@ def device_paging(
     A device prefetches when prefetch is on, it runs several windows per token and it hands its activations to
     another device (the advice follows each send).
     """
+    if a.streamed_layers:
+        # drop-behind streaming (exec/stream.py): the streamed layers are read every token, read ahead while the
+        # layers before them compute; the rest stays resident unless even it overflows the room
+        lb = costs.model.layer_bytes
+        start, end = streamed_range(costs, a)
+        tail = float(sum(lb[start:end]))
+        rest = costs.memory.reread_bytes(
+            use.mapped_ram - tail + stream_in_flight_bytes(costs.model), use.room
+        )
+        return Paging(tail + rest, 0.0, tail + rest, False)
     prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
     windows = [window_paged_bytes(costs, a, r) for r in a.layers] if prefetching else []
     reread = costs.memory.reread_bytes(use.mapped_ram, use.room, prefetching, windows)
     hidden = min(reread, use.mapped_ram) if prefetching else 0.0
     return Paging(reread, hidden, reread - hidden, prefetching)
+
+
+def stream_in_flight_bytes(model: ModelProfile) -> float:
+    """Room a streaming device keeps for its streamed layers in flight (:data:`STREAM_IN_FLIGHT` of the model's
+    largest layer)."""
+    return STREAM_IN_FLIGHT * float(max(model.layer_bytes, default=0.0))
+
+
+def streamed_range(costs: DeviceCosts, a: DeviceAssignment) -> tuple[int, int]:
+    """The model layers ``[start, end)`` device ``a`` streams (``a.streamed_layers`` of its one window's last CPU
+    layers; empty when it streams none)."""
+    if not a.streamed_layers:
+        return (0, 0)
+    start, end = a.layers[0]
+    cpu_end = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
+    return (cpu_end - a.streamed_layers, cpu_end)
+
+
+def choose_streaming(costs: DeviceCosts, a: DeviceAssignment, is_head: bool) -> int | None:
+    """How many layers device ``a`` should stream (drop-behind, :func:`~prima_sim.devices.behaviour.streamed_count`):
+    with one window (k = 1) on an OS whose page cache the executor can manage, when its weights exceed its room
+    and streaming reads less per token than leaving the window to the page cache; None otherwise."""
+    mem = costs.memory
+    if len(a.layers) != 1 or not mem.can_stream:
+        return None
+    plain = a.model_copy(update={"streamed_layers": None})
+    use = memory_use(costs, plain, is_head)
+    start, end = a.layers[0]
+    cpu_end = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
+    lb = [float(x) for x in costs.model.layer_bytes[start:cpu_end]]
+    t = streamed_count(
+        use.mapped_ram, float(fit_limit(use.room, mem.kernel_lru)), lb, stream_in_flight_bytes(costs.model)
+    )
+    if t == 0 or sum(lb[len(lb) - t :]) >= mem.reread_bytes(use.mapped_ram, use.room):
+        return None
+    return t
+
+
+def with_streaming(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload,
+                   costs: dict[str, DeviceCosts] | None = None, stream: bool = True) -> Plan:  # fmt: skip
+    """``plan`` with every device's ``streamed_layers`` chosen by :func:`choose_streaming` (k = 1 plans; others
+    are returned unchanged, as is a plan whose choice does not change, or any plan when ``stream`` is False)."""
+    if plan.k != 1 or not stream:
+        return plan
+    costs = _costs_for(plan, cluster, model, workload, costs)
+    devices = tuple(
+        a.model_copy(update={"streamed_layers": choose_streaming(costs[a.name], a, a.name == plan.head)})
+        for a in plan.devices
+    )
+    if all(x.streamed_layers == a.streamed_layers for x, a in zip(devices, plan.devices, strict=True)):
+        return plan
+    return plan.model_copy(update={"devices": devices})
 
 
 # --- prediction of a plan -----------------------------------------------------------------------------------

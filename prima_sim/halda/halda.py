@@ -59,11 +59,13 @@ def select_devices(
     allow_drop: bool = True,
     prefetch: bool = True,
     costs: dict[str, DeviceCosts] | None = None,
+    stream: bool = True,
 ) -> Selection:
     """Halda with device selection: the plan of lowest predicted TPOT.
 
     With ``allow_drop=False`` every device keeps at least one layer. ``prefetch`` says whether devices will
-    prefetch their next window (the executor's default), which decides how reads cost time. ``costs`` may
+    prefetch their next window (the executor's default), which decides how reads cost time; ``stream`` whether a
+    k = 1 device whose window exceeds its room streams it (drop-behind, the executor's default). ``costs`` may
     carry cost models already built for the cluster's devices (reused, and filled in).
 
     Raises:
@@ -86,14 +88,14 @@ def select_devices(
     log: list[str] = []
     searches = 1
     if allow_drop and len(ring) > LARGE_CLUSTER:
-        ring, pre, searches = _preselect(cluster, ring, model, workload, k_user, prefetch, costs)
+        ring, pre, searches = _preselect(cluster, ring, model, workload, k_user, prefetch, costs, stream)
         dropped += pre
         log.append(f"large cluster: searched rings of the head and the best-ranked devices; kept {len(ring)}")
     elif not allow_drop and len(ring) > L:
         raise InfeasiblePlanError(f"{len(ring)} devices cannot each get one of the model's {L} layers; allow "
                                   "device selection (drop --no-drop)", resource="layers")  # fmt: skip
     ks = valid_ks(L, 1 if allow_drop else len(ring), k_user)
-    best, per_k = search(cluster, ring, model, workload, ks, prefetch, allow_drop, costs)
+    best, per_k = search(cluster, ring, model, workload, ks, prefetch, allow_drop, costs, stream)
     if best is None:
         raise _diagnose(cluster, ring, model, workload, k_user, allow_drop)
     by_k = {r.k: r for r in per_k}
@@ -117,6 +119,7 @@ def _preselect(
     k_user: int | None,
     prefetch: bool,
     costs: dict[str, DeviceCosts],
+    stream: bool = True,
 ) -> tuple[list[str], list[tuple[str, str]], int]:
     """Large-cluster path: rank devices, search rings made of the head and the best n others, keep the best.
 
@@ -140,7 +143,7 @@ def _preselect(
         keep = set(ranked[:n])
         trial_ring = [head] + [nm for nm in others if nm in keep]  # keep the cluster's ring order
         res, _ = search(cluster, trial_ring, model, workload, valid_ks(L, len(trial_ring), k_user), prefetch,
-                        False, costs)  # fmt: skip
+                        False, costs, stream)  # fmt: skip
         searches += 1
         if res is not None and (best is None or res.objective_s < best[0]):
             best = (res.objective_s, trial_ring)

@@ -25,9 +25,16 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
 from prima_sim.errors import InfeasiblePlanError, InputError
 from prima_sim.halda.baselines import BASELINES, baseline_windows
-from prima_sim.halda.costmodel import DeviceCosts, check_memory, memory_use, predict, step_breakdown
+from prima_sim.halda.costmodel import (
+    DeviceCosts,
+    check_memory,
+    predict,
+    step_breakdown,
+    with_streaming,
+)
 from prima_sim.halda.halda import Selection, select_devices
 from prima_sim.halda.ilp import MASTER_PRIORITY
+from prima_sim.halda.local_search import headroom, polish, prefer_headroom
 from prima_sim.halda.search import gpu_counts_approximate
 from prima_sim.plan import Dropped, Plan, make_assignments, rounds_for
 from prima_sim.solver import (
@@ -68,6 +75,7 @@ class PlanOptions:
     allow_drop: bool = True
     prefetch: bool = True
     master_priority: float = MASTER_PRIORITY
+    stream: bool = True
 
 
 def _baseline(name: str) -> Callable[[Cluster, ModelProfile, Workload, PlanOptions], Plan]:
@@ -80,7 +88,7 @@ def _baseline(name: str) -> Callable[[Cluster, ModelProfile, Workload, PlanOptio
                                       resource="layers")  # fmt: skip
         w, n = baseline_windows(name, cluster, ring, model, workload)
         return _plan_from_windows(
-            cluster, model, workload, ring, w, n, name, time.perf_counter() - t0, o.prefetch
+            cluster, model, workload, ring, w, n, name, time.perf_counter() - t0, o.prefetch, o.stream
         )
 
     return plan
@@ -101,8 +109,6 @@ def register(s: Scheduler) -> None:
 
 AGREEMENT_TOLERANCE = 0.01
 """Halda's search objective and ``predict()`` must agree within this fraction (they are one model)."""
-POLISH_MAX_EVALUATIONS = 200
-"""Bound on the predictions the local search around Halda's plan may make."""
 
 
 def model_fingerprint(model: ModelProfile) -> str:
@@ -111,7 +117,9 @@ def model_fingerprint(model: ModelProfile) -> str:
 
 
 def _finish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool = True,
-            costs: dict[str, DeviceCosts] | None = None) -> Plan:  # fmt: skip
+            costs: dict[str, DeviceCosts] | None = None, stream: bool = True) -> Plan:  # fmt: skip
+    """``plan`` with its devices' streaming chosen (``stream``: :func:`with_streaming`) and its prediction."""
+    plan = with_streaming(plan, cluster, model, workload, costs, stream)
     return plan.model_copy(update={"prediction": predict(plan, cluster, model, workload, prefetch, costs)})
 
 
@@ -124,11 +132,14 @@ def make_plan(
     master_priority: float = MASTER_PRIORITY,
     allow_drop: bool = True,
     prefetch: bool = True,
+    stream: bool = True,
 ) -> Plan:
     """Plan ``model`` on ``cluster`` with ``scheduler`` (one of :data:`SCHEDULERS`).
 
     ``allow_drop=False`` turns Halda's device selection off (every device keeps a window). ``prefetch``
-    says whether the run will prefetch (the executor's default); it changes what paging costs.
+    says whether the run will prefetch (the executor's default); it changes what paging costs. ``stream``: a
+    device of a k = 1 plan whose window exceeds its page cache streams its last layers (drop-behind, the
+    executor's default; ``DeviceAssignment.streamed_layers``) where that reads less than the page cache would.
     ``master_priority`` is prima.cpp's preference for the head (the ``prima`` scheduler only).
 
     Raises:
@@ -144,19 +155,19 @@ def make_plan(
         cluster,
         model,
         workload,
-        PlanOptions(k if s.searches_k else None, allow_drop, prefetch, master_priority),
+        PlanOptions(k if s.searches_k else None, allow_drop, prefetch, master_priority, stream),
     )
 
 
 def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
-    k, allow_drop, prefetch = o.k, o.allow_drop, o.prefetch
+    k, allow_drop, prefetch, stream = o.k, o.allow_drop, o.prefetch, o.stream
     t0 = time.perf_counter()
     costs: dict[str, DeviceCosts] = {}
-    sel = select_devices(cluster, model, workload, k, allow_drop, prefetch, costs)
+    sel = select_devices(cluster, model, workload, k, allow_drop, prefetch, costs, stream)
     res = sel.result
     L = model.arch.n_layer
     plan = _finish(_halda_plan_of(cluster, model, workload, res.ring, res.w, res.n, sel), cluster, model, workload,
-                   prefetch, costs)  # fmt: skip
+                   prefetch, costs, stream)  # fmt: skip
     assert plan.prediction is not None
     searched = plan.prediction.tpot_s
     notes: list[str] = []
@@ -164,7 +175,7 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
     # local search where the search restricts GPU layer counts to candidates that may miss the best
     polished_info: Polish | None = None
     if any(gpu_counts_approximate(costs[a.name]) for a in plan.devices):
-        polished, evals = polish(plan, cluster, model, workload, prefetch, costs)
+        polished, evals = polish(plan, cluster, model, workload, prefetch, costs, stream=stream)
         if polished is not plan:
             assert polished.prediction is not None and plan.prediction is not None
             polished_info = Polish(tpot_s=polished.prediction.tpot_s, before_s=plan.prediction.tpot_s,
@@ -182,14 +193,15 @@ def _halda_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: Pl
                                          for i in range(len(ring)) if i not in keep)})  # fmt: skip
             if check_memory(other, cluster, model, workload, costs):
                 continue
+            other = with_streaming(other, cluster, model, workload, costs, stream)
             t = step_breakdown(other, cluster, model, workload, prefetch=prefetch, costs=costs).total_s
             assert plan.prediction is not None
             if t < plan.prediction.tpot_s * (1 - 1e-9):
                 fallback = Fallback(source=name, tpot_s=t, search_tpot_s=searched)
-                plan = _finish(other, cluster, model, workload, prefetch, costs)
+                plan = _finish(other, cluster, model, workload, prefetch, costs, stream)
                 assert plan.prediction is not None
     assert plan.prediction is not None
-    roomier, moved = prefer_headroom(plan, cluster, model, workload, prefetch, costs)
+    roomier, moved = prefer_headroom(plan, cluster, model, workload, prefetch, costs, stream=stream)
     headroom_info = None
     if moved:
         headroom_info = Headroom(layers_moved=moved, min_headroom_bytes=headroom(roomier, costs),
@@ -243,123 +255,6 @@ def _halda_plan_of(cluster: Cluster, model: ModelProfile, workload: Workload, ri
     )  # fmt: skip
 
 
-def polish(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool = True,
-           costs: dict[str, DeviceCosts] | None = None, max_evaluations: int = POLISH_MAX_EVALUATIONS,
-           layer_moves: bool = False) -> tuple[Plan, int]:  # fmt: skip
-    """Local search around a plan by ``predict()``: one GPU layer more or less on one device (and, with
-    ``layer_moves``, one layer moved between two devices), first improvement, until nothing improves or
-    ``max_evaluations`` predictions are spent. Returns the best plan (``plan`` itself if nothing improved)
-    and the number of predictions made."""
-    assert plan.prediction is not None
-    best, best_t = plan, plan.prediction.tpot_s
-    evals = 0
-    L = plan.n_layers
-    improved = True
-    while improved and evals < max_evaluations:
-        improved = False
-        names = [d.name for d in best.devices]
-        w = [d.window for d in best.devices]
-        n = [d.gpu_layers for d in best.devices]
-        moves: list[tuple[list[int], list[int]]] = []
-        for i, name in enumerate(names):
-            if cluster.device(name).gpu is None:
-                continue
-            for dn in (1, -1):
-                if 0 <= n[i] + dn <= w[i]:
-                    moves.append((w, [*n[:i], n[i] + dn, *n[i + 1 :]]))
-        if layer_moves:
-            for i in range(len(names)):
-                for j in range(len(names)):
-                    if i != j and w[i] > 1:
-                        w2 = list(w)
-                        w2[i] -= 1
-                        w2[j] += 1
-                        moves.append((w2, [min(a, b) for a, b in zip(n, w2, strict=True)]))
-        for w2, n2 in moves:
-            if evals >= max_evaluations:
-                break
-            if L % sum(w2):
-                continue
-            trial = best.model_copy(
-                update={"devices": make_assignments(names, w2, n2, L), "prediction": None}
-            )
-            p = predict(trial, cluster, model, workload, prefetch, costs)
-            evals += 1
-            if p.tpot_s < best_t * (1 - 1e-9):
-                best, best_t = trial.model_copy(update={"prediction": p}), p.tpot_s
-                improved = True
-                break
-    return best, evals
-
-
-NEAR_FIT_FRACTION = 0.10
-"""A device whose weights leave less than this fraction of its page-cache room free is near Linux's fit cliff, where
-a few MiB the model does not see (the runtime's own file pages, allocator slack) turn "fits" into re-reading much
-of the window every token (measured: fits-in-memory and weak-device, docs/pagecache.md)."""
-HEADROOM_MAX_EVALUATIONS = 48
-
-
-def _margins(plan: Plan, costs: dict[str, DeviceCosts]) -> list[tuple[float, float]]:
-    """Per device in ring order: (page-cache room - mapped weight bytes, the room); a negative margin pages."""
-    uses = (memory_use(costs[a.name], a, i == 0) for i, a in enumerate(plan.devices))
-    return [(u.room - u.mapped_ram, u.room) for u in uses]
-
-
-def headroom(plan: Plan, costs: dict[str, DeviceCosts]) -> float:
-    """The smallest page-cache margin of the plan's devices: room - mapped weight bytes (negative: it pages)."""
-    return min(m for m, _ in _margins(plan, costs))
-
-
-def prefer_headroom(plan: Plan, cluster: Cluster, model: ModelProfile, workload: Workload, prefetch: bool,
-                    costs: dict[str, DeviceCosts],
-                    max_evaluations: int = HEADROOM_MAX_EVALUATIONS) -> tuple[Plan, int]:  # fmt: skip
-    """Among the plans that tie with ``plan`` on predicted TPOT, one whose fullest device keeps more of its page
-    cache free: while a device that fits is within :data:`NEAR_FIT_FRACTION` of its room, move one layer from it
-    to another device if the prediction stays the same (in a ring of equal devices every split of the layers
-    costs the same, and the search's tie-break may fill one device to the brim) and the smallest margin grows.
-    Returns the plan and the number of layers moved (0: ``plan`` itself)."""
-    assert plan.prediction is not None
-    best, best_t, best_h = plan, plan.prediction.tpot_s, headroom(plan, costs)
-    L, moved, evals = plan.n_layers, 0, 0
-    while evals < max_evaluations:
-        names = [d.name for d in best.devices]
-        rooms = _margins(best, costs)
-        margins = [m for m, _ in rooms]
-        tight = min(range(len(names)), key=lambda i: margins[i])
-        if margins[tight] < 0 or margins[tight] >= NEAR_FIT_FRACTION * rooms[tight][1]:
-            break  # it pages anyway (the prediction knows), or it is not near the cliff
-        w = [d.window for d in best.devices]
-        n = [d.gpu_layers for d in best.devices]
-        if w[tight] <= 1:
-            break
-        step = None
-        for j in sorted(range(len(names)), key=lambda j: -margins[j]):
-            if j == tight or evals >= max_evaluations:
-                continue
-            w2 = list(w)
-            w2[tight] -= 1
-            w2[j] += 1
-            if L % sum(w2):
-                continue
-            n2 = [min(a, b) for a, b in zip(n, w2, strict=True)]
-            trial = best.model_copy(
-                update={"devices": make_assignments(names, w2, n2, L), "prediction": None}
-            )
-            if check_memory(trial, cluster, model, workload, costs):
-                continue
-            p = predict(trial, cluster, model, workload, prefetch, costs)
-            evals += 1
-            h = headroom(trial, costs)
-            if p.tpot_s <= best_t * (1 + 1e-9) and h > best_h + (1 << 20):
-                step = trial.model_copy(update={"prediction": p}), h
-                break
-        if step is None:
-            break
-        best, best_h = step
-        moved += 1
-    return best, moved
-
-
 def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o: PlanOptions) -> Plan:
     from prima_sim.halda.published import select_devices_published
 
@@ -392,7 +287,7 @@ def _published_plan(cluster: Cluster, model: ModelProfile, workload: Workload, o
         solver=SolverInfo(status=sol.status.lower(), objective_s=sol.objective_s, solve_time_s=sel.solve_time_s,
                           details=details),
     )  # fmt: skip
-    return _finish(plan, cluster, model, workload, o.prefetch)
+    return _finish(plan, cluster, model, workload, o.prefetch, stream=o.stream)
 
 
 def manual_plan(
@@ -402,6 +297,7 @@ def manual_plan(
     windows: list[int],
     gpu_layers: list[int] | None = None,
     prefetch: bool = True,
+    stream: bool = True,
 ) -> Plan:
     """A plan from explicit windows in ring order (prima.cpp's ``-lw``), without solving.
 
@@ -433,11 +329,14 @@ def manual_plan(
                              "GPU layers are the last ones of each window, at most the window")  # fmt: skip
         if g > 0 and not cluster.device(name).has_gpu:
             raise InputError("--gpu-layers", "", f"{name} is given {g} GPU layers but its profile has no GPU")
-    return _plan_from_windows(cluster, model, workload, ring, list(windows), gl, "manual", 0.0, prefetch)
+    return _plan_from_windows(
+        cluster, model, workload, ring, list(windows), gl, "manual", 0.0, prefetch, stream
+    )
 
 
 def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload, ring: list[str], w: list[int],
-                       n: list[int], scheduler: str, solve_time: float, prefetch: bool = True) -> Plan:  # fmt: skip
+                       n: list[int], scheduler: str, solve_time: float, prefetch: bool = True,
+                       stream: bool = True) -> Plan:  # fmt: skip
     L = model.arch.n_layer
     keep = [i for i, wi in enumerate(w) if wi > 0 or i == 0]
     dropped = tuple(
@@ -454,7 +353,7 @@ def _plan_from_windows(cluster: Cluster, model: ModelProfile, workload: Workload
         devices=make_assignments(names, ws, ns, L), dropped=dropped, scheduler=scheduler,
         solver=SolverInfo(status="heuristic" if scheduler != "manual" else "manual", solve_time_s=solve_time),
     )  # fmt: skip
-    return _finish(plan, cluster, model, workload, prefetch)
+    return _finish(plan, cluster, model, workload, prefetch, stream=stream)
 
 
 register(

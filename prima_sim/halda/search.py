@@ -38,10 +38,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prima_sim.devices.behaviour import overflow_reread_bytes, paging_fraction, prefetch_start
+from prima_sim.devices.behaviour import (
+    fit_limit,
+    overflow_reread_bytes,
+    paging_fraction,
+    prefetch_start,
+    streamed_count_prefix,
+)
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile
-from prima_sim.halda.costmodel import DeviceCosts, head_extra_bytes, hop_time
+from prima_sim.halda.costmodel import DeviceCosts, head_extra_bytes, hop_time, stream_in_flight_bytes
 from prima_sim.workload import Workload
 
 SMALL_WINDOW_TOTAL = 24
@@ -164,6 +170,7 @@ class RingArrays:
             "ram_gpu": np.array([m.gpu_memory_is_ram for m in mems]).reshape(M, 1, 1),
             "pages": np.array([m.gpu_layers_page for m in mems]).reshape(M, 1, 1),
             "kernel_lru": np.array([m.kernel_lru for m in mems]).reshape(M, 1, 1),
+            "can_stream": np.array([m.can_stream for m in mems]).reshape(M, 1, 1),
         }
         return cls(costs, names, np.stack([c.layer_sums().cpu for c in costs]),
                    np.stack([c.layer_sums().gpu for c in costs]), np.stack([c.layer_bytes_prefix for c in costs]),
@@ -179,7 +186,7 @@ def _sum_rounds_all(prefix: np.ndarray, k: int, W: int) -> np.ndarray:
     return out
 
 
-def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
+def k_tables(ra: RingArrays, k: int, prefetch: bool, stream: bool = True) -> KTables:
     """Every (s, e, n) option of every device of the ring for k rounds, with its chain and load (see the
     module text). All devices, candidates and windows are computed at once, then laid out as arrays of shape
     (devices, candidates, W + 1, W + 1)."""
@@ -242,6 +249,13 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool) -> KTables:
     overflow = (_overflow_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"], room,
                                 col["kernel_lru"]) if prefetching else np.zeros_like(mapped))  # fmt: skip
     reread = paging_fraction(mapped, room, prefetching, overflow, col["kernel_lru"], col["bps"]) * mapped
+    if stream and k == 1:
+        # drop-behind streaming (costmodel.choose_streaming) where it reads less than the page cache would
+        flat_b, row = ra.nbytes.ravel(), dev * ra.nbytes.shape[1]
+        fit = fit_limit(room, col["kernel_lru"])
+        t = streamed_count_prefix(flat_b, row, s3, m, mapped, fit, stream_in_flight_bytes(costs[0].model))
+        streamed = np.take(flat_b, row + m) - np.take(flat_b, row + m - t)
+        reread = np.where(col["can_stream"] & (t > 0) & (streamed < reread), streamed, reread)
     hidden = np.minimum(reread, mapped) if prefetching else np.zeros_like(reread)
     # one disk serves the advice and the faults (costmodel.step_breakdown)
     load = np.where(hidden > 0, (reread + col["emb"]) / col["bps"], 0.0)
@@ -426,12 +440,13 @@ class _KState:
         return max((float(self.tables.load[p, c, s, e]) for p, s, e, c in picks), default=0.0)
 
 
-def _first_pass(hops: np.ndarray, ra: RingArrays, k: int, prefetch: bool, allow_drop: bool) -> _KState | None:
+def _first_pass(hops: np.ndarray, ra: RingArrays, k: int, prefetch: bool, allow_drop: bool,
+                stream: bool = True) -> _KState | None:  # fmt: skip
     """Tables of k and the best chain ignoring prefetched loads (a lower bound of k's objective)."""
     W = (ra.cpu.shape[1] - 1) // k
     if W < 1 or (len(ra.names) > W and not allow_drop) or (W == 1 and k > 1):
         return None
-    tables = k_tables(ra, k, prefetch)
+    tables = k_tables(ra, k, prefetch, stream)
     chain, picks = _dp(tables, hops, k, W, INF, allow_drop)
     return None if picks is None else _KState(k, tables, hops, chain, picks)
 
@@ -487,7 +502,7 @@ def _result(st: _KState, ring: list[str], obj: float, chain: float, picks: Picks
 
 def search(cluster: Cluster, ring: list[str], model: ModelProfile, workload: Workload, ks: Sequence[int],
            prefetch: bool = True, allow_drop: bool = True, costs: dict[str, DeviceCosts] | None = None,
-           ) -> tuple[KResult | None, list[KResult]]:  # fmt: skip
+           stream: bool = True) -> tuple[KResult | None, list[KResult]]:  # fmt: skip
     """The best plan over every k in ``ks`` (and, with ``allow_drop``, every subset of devices that keeps
     the head), and the best plan found for each k.
 
@@ -504,7 +519,7 @@ def search(cluster: Cluster, ring: list[str], model: ModelProfile, workload: Wor
     order = [*ring[1:], ring[0]]  # execution order: the head runs the last window of each round
     hops = np.array([[hop_time(cluster, a, b, model.arch.n_embd) for b in order] for a in order])
     ra = RingArrays.of([costs[name] for name in order], order)
-    states = [st for k in ks if (st := _first_pass(hops, ra, k, prefetch, allow_drop))]
+    states = [st for k in ks if (st := _first_pass(hops, ra, k, prefetch, allow_drop, stream))]
     best: KResult | None = None
     per_k: list[KResult] = []
     for st in sorted(states, key=lambda x: x.chain):

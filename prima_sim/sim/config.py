@@ -75,6 +75,8 @@ class SimConfig:
             and the pass yields the drafts accepted before the first rejection plus the ring's own token.
         accept: the draft's acceptance rate per token (0..1): each pass's acceptances are drawn from the
             ``"speculation"`` stream, so runs of the same seed accept the same tokens.
+        stream: devices stream the layers the plan says (``DeviceAssignment.streamed_layers``: drop-behind, this
+            project's executor); False: every window is left to the page cache (prima.cpp, stock llama.cpp).
     """
 
     prefetch: bool = True
@@ -91,6 +93,7 @@ class SimConfig:
     concurrency: int = 1
     draft_max: int = 0
     accept: float = 1.0
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -122,6 +125,8 @@ class SimConfig:
             del out["concurrency"]
         if self.draft_max == 0:
             del out["draft_max"], out["accept"]
+        if self.stream:
+            del out["stream"]
         return out
 
 

@@ -118,7 +118,19 @@ class SimDevice:
         # one that does not prefetch, unless --force makes its thread read the window itself
         prefetching = (cfg.prefetch and (cfg.willneed_cap_bytes == 0 or cfg.force_touch)
                        and len(assignment.layers) >= 2 and ring.n_devices >= 2)  # fmt: skip
-        frozen = (0.0 if prefetching or cfg.page_cache == "lru" else
+        # drop-behind streaming (exec/stream.py): the chunks of each streamed layer, in order
+        self._stream: list[list[int]] = []
+        self._stream_window, self._stream_first = -2, 0
+        if cfg.stream and assignment.streamed_layers:
+            ((j, work),) = ((j, w) for j, w in layout.works.items() if j != OUT)
+            cpu = [s for s, (_, on_gpu) in enumerate(work.slots) if not on_gpu]
+            slots = cpu[len(cpu) - assignment.streamed_layers :]
+            per: dict[int, list[int]] = {s: [] for s in slots}
+            for c, s in zip(work.seg_chunk, work.seg_slot, strict=True):
+                if c >= 0 and s in per:
+                    per[s].append(c)
+            self._stream, self._stream_window, self._stream_first = [per[s] for s in slots], j, slots[0]
+        frozen = (0.0 if prefetching or self._stream or cfg.page_cache == "lru" else
                   float(frozen_active_bytes(mapped, cap + growth, mem.kernel_lru, mem.fault_bps)))  # fmt: skip
         self.cache = PageCache(self.name, layout.chunk_bytes, layout.chunk_group, max(layout.n_groups, 1), cap, growth,
                                protected_bytes=frozen)  # fmt: skip
@@ -146,6 +158,10 @@ class SimDevice:
         self.ran: set[int] = set()  # windows run so far (the prefetch rule)
         if cfg.warm:
             self.cache.fill(layout.load_order)
+        if self._stream:  # what the load read of the streamed layers is released, the first two are advised
+            for chunks in self._stream:
+                self.cache.release(chunks)
+            self._advise_layer(0, 0)
         self._out_s: dict[int, tuple[float, float]] = {}
         self.env.process(self._loop())
 
@@ -218,13 +234,7 @@ class SimDevice:
         if not cache.can_evict and all(cache.missing[g] == 0 for g in work.prefetch_groups):
             return  # everything is resident and nothing can ever be evicted: the advice reads nothing
         chunks, partial = self._advised(work)
-        for c in chunks:
-            if c in pending:
-                continue
-            r = Read(c, cache.size[c], self.prefetch_bps, prefetch=True, batch=batch)
-            pending[c] = r
-            batch.left += 1
-            self.disk.submit(r)
+        self._queue_advised(chunks, batch)
         for c, nbytes in partial:
             # the cap ends inside chunk c: its first bytes are read (disk time) but the chunk stays missing,
             # since the simulator's residency unit is the chunk (an error of under one cap per advice)
@@ -233,6 +243,37 @@ class SimDevice:
                 self.disk.submit(Read(-1, nbytes, self.prefetch_bps, prefetch=True, batch=batch))
         if batch.left:
             self.prefetches += 1
+
+    def _queue_advised(self, chunks: list[int], batch: _PrefetchBatch) -> None:
+        """Queue a prefetch read of every chunk of ``chunks`` not already in flight (resident ones are skipped
+        when their turn comes, :meth:`_read_starts`)."""
+        pending, size = self._pending, self.cache.size
+        for c in chunks:
+            if c in pending:
+                continue
+            r = Read(c, size[c], self.prefetch_bps, prefetch=True, batch=batch)
+            pending[c] = r
+            batch.left += 1
+            self.disk.submit(r)
+
+    def _advise_layer(self, i: int, token: int) -> None:
+        """Advise streamed layer ``i`` (``WILLNEED`` of its chunks), if it exists."""
+        if 0 <= i < len(self._stream):
+            batch = _PrefetchBatch(self, token, f"stream {i}", self.env.now)
+            self._queue_advised(self._stream[i], batch)
+            if batch.left:
+                self.prefetches += 1
+
+    def _layer_done(self, i: int, token: int) -> None:
+        """Streamed layer ``i`` has been computed: release it and advise the next one (the window's first
+        streamed layer after its last one), as :class:`prima_sim.exec.stream.LayerStreamer` does."""
+        if not 0 <= i < len(self._stream):
+            return
+        self.cache.release(self._stream[i])
+        if i + 1 < len(self._stream):
+            self._advise_layer(i + 1, token)
+        else:
+            self._advise_layer(0, token + 1)
 
     def _advised(self, work: Work) -> tuple[list[int], list[tuple[int, float]]]:
         """The chunks one advice over ``work`` reads whole, and (chunk, bytes) where a cap ends inside one.
@@ -290,7 +331,9 @@ class SimDevice:
         name = self.name
         t0 = env.now
         pending = extra_s
-        if cache.missing[work.group] == 0 and (not disk.active or not cache.can_evict):
+        stream = self._stream if work.window == self._stream_window else None
+        first, prev = self._stream_first, -1
+        if stream is None and cache.missing[work.group] == 0 and (not disk.active or not cache.can_evict):
             if cache.can_evict:
                 cache.touch_all(work.chunks)
                 if self._ra_marks:
@@ -301,6 +344,14 @@ class SimDevice:
         resident, touch = cache.resident, cache.touch
         marks, inflight = self._ra_marks, self._pending
         for chunk, slot, frac in zip(work.seg_chunk, work.seg_slot, work.seg_frac, strict=True):
+            if stream is not None and slot != prev:
+                if prev >= first:  # a streamed layer has been computed: at that moment it is released
+                    if pending > 0:
+                        yield env.timeout(pending)
+                        rec.add(name, kind, t0, env.now, token, label)
+                        t0, pending = env.now, 0.0
+                    self._layer_done(prev - first, token)
+                prev = slot
             dt = frac * (times[slot] if slot >= 0 else total)
             if chunk < 0:
                 pending += dt
@@ -341,6 +392,8 @@ class SimDevice:
         if pending > 0:
             yield env.timeout(pending)
             rec.add(name, kind, t0, env.now, token, label)
+        if stream is not None and prev >= first:
+            self._layer_done(prev - first, token)
 
     def run_window(self, j: int, msg: Message) -> Proc:
         """Run window ``j`` for the message's batch (decode-call overhead, copies, layers)."""

@@ -131,6 +131,10 @@ class Simulation:
                  config: SimConfig | None = None, analytic: Prediction | None = None,
                  draft: ModelProfile | None = None) -> None:  # fmt: skip
         self.cfg = config or SimConfig()
+        if not self.cfg.stream and any(a.streamed_layers for a in plan.devices):
+            # a run that leaves every window to the page cache (prima.cpp): the plan's streaming and the
+            # prediction made with it do not apply
+            plan, analytic = plan.without_streaming(), None
         self.analytic = analytic
         self.draft_s = 0.0
         if self.cfg.draft_max:

@@ -146,6 +146,17 @@ class PageCache:
             self.peak_used = self.used
         return True
 
+    def release(self, chunks: Iterable[int]) -> None:
+        """Drop resident ``chunks`` on the device's own request (drop-behind streaming: ``MADV_DONTNEED`` and
+        ``POSIX_FADV_DONTNEED``); not evictions."""
+        lru = self._lru
+        for c in chunks:
+            if c in lru:
+                del lru[c]
+                self.used -= self.size[c]
+                self.missing[self.group[c]] += 1
+                self._unused_prefetch.discard(c)
+
     def fill(self, chunks: Iterable[int]) -> None:
         """Read ``chunks`` in order as a load does (warm start); what does not fit pushes out what came first.
 
