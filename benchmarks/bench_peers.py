@@ -105,7 +105,7 @@ CSV_COLUMNS = [
     "tpot_pred_s", "ttft_pred_s", "tpot_err_pct", "ttft_err_pct", "tpot_pred_profile_s", "anon_peak_mib",
     "disk_mib_per_token_meas", "disk_mib_per_token_pred",
     "tpot_vs_primacpp", "ttft_vs_primacpp", "predicted_as", "error", "host", "date", "command",
-    "disk_mib_per_token_meas_dev", "disk_mib_per_token_pred_dev", "anon_decode_mib",
+    "disk_mib_per_token_meas_dev", "disk_mib_per_token_pred_dev", "anon_decode_mib", "active_file_mib_end",
 ]  # fmt: skip
 
 
@@ -158,6 +158,8 @@ class Row:
     # per device: the highest anonymous memory sampled during the timed decode steps
     anon_decode: dict[str, int] = field(default_factory=dict)
     tpot_median: float = math.nan  # the median of tpot when the repetitions are not all known (a rebuilt row)
+    # per rep and device: the file LRU lists after the run, refaults and major faults during it (lists_at_stop)
+    lists_end: list[dict[str, dict[str, int]]] = field(default_factory=list)
 
     def tpot_meas(self) -> float:
         """The median measured TPOT."""
@@ -751,6 +753,7 @@ class Bench:
                 row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
+            row.lists_end.append({n: sampler.lists_at_stop(n) for n in sampler.groups})
 
     def primacpp_cluster(self, sc: Scenario, cluster: Cluster, plan: Any, model: Any, wl: Workload,
                          anon: dict[str, int]) -> Cluster:  # fmt: skip
@@ -837,6 +840,7 @@ class Bench:
                 row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
+            row.lists_end.append({n: sampler.lists_at_stop(n) for n in sampler.groups})
 
     def record_llama_run(self, row: Row, rep: int, log: Path, program: str, returncode: int | None, sampler: Any,
                          plan: Any) -> None:  # fmt: skip
@@ -921,6 +925,9 @@ class Bench:
                 "disk_mib_per_token_meas_dev": per_device_mib(r.read_meas_dev),
                 "disk_mib_per_token_pred_dev": per_device_mib([r.read_pred_dev] if r.read_pred_dev else []),
                 "anon_decode_mib": " ".join(f"{n}:{v / 2**20:.0f}" for n, v in sorted(r.anon_decode.items())),
+                "active_file_mib_end": per_device_mib(
+                    [{n: float(v["active_file"]) for n, v in rep.items() if "active_file" in v} for rep in r.lists_end]
+                ),
             })  # fmt: skip
         return out
 
