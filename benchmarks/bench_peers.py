@@ -9,8 +9,13 @@ prediction of each.
 Needs root (the emulation's cgroups, namespaces and loop disk: docs/emulation.md) and a prima.cpp build
 directory holding ``llama-cli`` (docs/peers.md says how to fetch and build it). Without ``--prima-build`` the
 prima.cpp rows are ``skipped`` and the rest still runs. Writes ``reports/peers.csv`` (one row per scenario and
-system) and ``reports/peers.png``; everything else (profiles, plans, simulations, every process's log) goes to
-``--out``.
+system) and ``reports/peers.png``; everything else (profiles, plans, simulations, every process's log, and per group
+``predict-inputs.json``: what predicting again needs) goes to ``--out``.
+
+    python benchmarks/bench_peers.py --repredict OUT [--run-log LOG]
+
+predicts the systems of a finished run again with the current code (seconds, no root, nothing runs) and rewrites
+``peers.csv`` and ``peers.png`` with the run's measurements (:meth:`Bench.repredict`).
 
 Systems:
 * ``prima.cpp``: its ``llama-cli`` per device (rank r in device r's cgroup and namespace), the whole GGUF on the
