@@ -9,8 +9,13 @@ prediction of each.
 Needs root (the emulation's cgroups, namespaces and loop disk: docs/emulation.md) and a prima.cpp build
 directory holding ``llama-cli`` (docs/peers.md says how to fetch and build it). Without ``--prima-build`` the
 prima.cpp rows are ``skipped`` and the rest still runs. Writes ``reports/peers.csv`` (one row per scenario and
-system) and ``reports/peers.png``; everything else (profiles, plans, simulations, every process's log) goes to
-``--out``.
+system) and ``reports/peers.png``; everything else (profiles, plans, simulations, every process's log, and per group
+``predict-inputs.json``: what predicting again needs) goes to ``--out``.
+
+    python benchmarks/bench_peers.py --repredict OUT [--run-log LOG]
+
+predicts the systems of a finished run again with the current code (seconds, no root, nothing runs) and rewrites
+``peers.csv`` and ``peers.png`` with the run's measurements (:meth:`Bench.repredict`).
 
 Systems:
 * ``prima.cpp``: its ``llama-cli`` per device (rank r in device r's cgroup and namespace), the whole GGUF on the
@@ -48,7 +53,9 @@ import csv
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import math
+import re
 import shlex
 import shutil
 import socket
@@ -72,6 +79,7 @@ from prima_sim.emulate.links import measure_links  # noqa: E402
 from prima_sim.emulate.memory import MemorySampler  # noqa: E402
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model  # noqa: E402
 from prima_sim.emulate.predict import make_plans, simulate_plan  # noqa: E402
+from prima_sim.emulate.records import PlanPrediction  # noqa: E402
 from prima_sim.emulate.runs import RunSupervisor  # noqa: E402
 from prima_sim.emulate.scenario import Scenario  # noqa: E402
 from prima_sim.emulate.spawn import log_tail, stop  # noqa: E402
@@ -81,6 +89,7 @@ from prima_sim.exec.stock import parse_json_output  # noqa: E402
 from prima_sim.halda.costmodel import DeviceCosts, memory_use  # noqa: E402
 from prima_sim.halda.planner import manual_plan  # noqa: E402
 from prima_sim.peers import llamacpp_rpc_commands, parse_llama_perf, primacpp_commands  # noqa: E402
+from prima_sim.plan import Plan  # noqa: E402
 from prima_sim.schema import dump_model  # noqa: E402
 from prima_sim.sim import SimConfig, simulate  # noqa: E402
 from prima_sim.workload import Workload  # noqa: E402
@@ -101,6 +110,7 @@ CSV_COLUMNS = [
     "tpot_pred_s", "ttft_pred_s", "tpot_err_pct", "ttft_err_pct", "tpot_pred_profile_s", "anon_peak_mib",
     "disk_mib_per_token_meas", "disk_mib_per_token_pred",
     "tpot_vs_primacpp", "ttft_vs_primacpp", "predicted_as", "error", "host", "date", "command",
+    "disk_mib_per_token_meas_dev", "disk_mib_per_token_pred_dev", "anon_decode_mib", "active_file_mib_end",
 ]  # fmt: skip
 
 
@@ -145,6 +155,20 @@ class Row:
     anon_peak: dict[str, int] = field(default_factory=dict)
     read_meas: list[float] = field(default_factory=list)  # bytes read per decode step, all devices
     read_pred: float = math.nan
+    kind: str = ""  # which system runs it: prima.cpp, prima.cpp --force, prima-sim, stock, llama.cpp rpc
+    label: str = ""  # the plan's label (single-D0 for the stock process)
+    # per rep: bytes per decode step, per device
+    read_meas_dev: list[dict[str, float]] = field(default_factory=list)
+    read_pred_dev: dict[str, float] = field(default_factory=dict)
+    # per device: the highest anonymous memory sampled during the timed decode steps
+    anon_decode: dict[str, int] = field(default_factory=dict)
+    tpot_median: float = math.nan  # the median of tpot when the repetitions are not all known (a rebuilt row)
+    # per rep and device: the file LRU lists after the run, refaults and major faults during it (lists_at_stop)
+    lists_end: list[dict[str, dict[str, int]]] = field(default_factory=list)
+
+    def tpot_meas(self) -> float:
+        """The median measured TPOT."""
+        return self.tpot_median if math.isfinite(self.tpot_median) else median(self.tpot)
 
 
 def median(xs: list[float]) -> float:
@@ -173,6 +197,128 @@ def listening(pid: int, port: int) -> bool:
             if len(f) > 3 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
                 return True
     return False
+
+
+def group_scenario(
+    name: str, spec: dict[str, Any], cases: list[tuple[Any, ...]], tokens: int, reps: int
+) -> Scenario:
+    """The emulation scenario of one group of :data:`GROUPS`: its devices, its manual plans and the stock process
+    in D0."""
+    return Scenario.model_validate({
+        "name": f"peers-{name}", "model": MODEL,
+        "workload": {"prompt": PROMPT, "decode_tokens": tokens, "repetitions": reps, "n_ctx": 256, "batch": 64},
+        "run": {"schedulers": [], "manual": [{"label": c[0], "windows": c[1]} for c in cases], "single": ["D0"],
+                "prefetch": True, "omp_wait_policy": "passive"},
+        **spec,
+    })  # fmt: skip
+
+
+def sim_reads(res: Any) -> tuple[float, dict[str, float]]:
+    """Bytes a simulation read per decode token: in all, and per device."""
+    per = {n: float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for n, st in res.device_stats.items()}
+    return sum(per.values()), per
+
+
+def probe_for(model: Any) -> cal_mod.ProbeShards:
+    """What :func:`~prima_sim.emulate.calibrate.with_rates` needs of the calibration's shards (the output head's
+    bytes and the types no layer uses), as :func:`~prima_sim.emulate.calibrate.write_probe_shards` finds them,
+    without writing any shard."""
+    from prima_sim.halda.costmodel import output_tensors
+
+    out_t = output_tensors(model)
+    layer_types = {
+        t.ggml_type for i in range(model.arch.n_layer) for t in model.layer_tensors(i) if len(t.shape) > 1
+    }
+    return cal_mod.ProbeShards(layers=Path(), head=Path(), n_layers=0, layer_bytes=0,
+                               out_bytes=sum(t.n_bytes for t in out_t),
+                               extra_types=tuple(sorted({t.ggml_type for t in out_t if len(t.shape) > 1} - layer_types)),
+                               model=model.id)  # fmt: skip
+
+
+def run_rates_cluster(cluster: Cluster, key_of: dict[str, str], probe: cal_mod.ProbeShards | None,
+                      rates: dict[str, tuple[float, float]]) -> Cluster:  # fmt: skip
+    """``cluster`` with the streaming rates measured around the runs (as ``prima-sim emulate`` does): device ``d``
+    takes the rates of ``key_of[d]`` (the device whose calibration it shares)."""
+    devs = []
+    for d in cluster.devices:
+        k = key_of.get(d.name)
+        if k is not None and k in rates:
+            lay, outr = rates[k]
+            devs.append(
+                cal_mod.with_rates(
+                    d, probe, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the runs"
+                )
+            )
+        else:
+            devs.append(d)
+    return cluster.model_copy(update={"devices": tuple(devs)})
+
+
+INPUTS_FILE = "predict-inputs.json"
+"""Per group under ``--out``: what predicting its systems again needs besides the cluster and the plans that the
+run leaves there (``--repredict``)."""
+KINDS = {"prima.cpp": "prima.cpp", "prima.cpp --force": "prima.cpp --force", "prima-sim": "prima-sim",
+         "llama.cpp": "stock", RPC_SYSTEM: RPC_SYSTEM}  # fmt: skip
+
+
+def save_inputs(path: Path, group: str, bench: Bench, wl: Workload, cap: int, rates: dict[str, tuple[float, float]],
+                key_of: dict[str, str], probe: cal_mod.ProbeShards | None, rows: list[Row]) -> None:  # fmt: skip
+    """Write ``path`` (:data:`INPUTS_FILE`): the workload, the WILLNEED cap, the rates measured around the runs,
+    which device shares whose rates, the probe's output-head facts, and every row with its measurements (bytes,
+    not MiB) and predictions."""
+    obj = {
+        "version": 1, "group": group, "host": bench.host, "date": bench.date,
+        "workload": {"n_ctx": wl.n_ctx, "prompt_tokens": wl.prompt_tokens, "decode_tokens": wl.decode_tokens,
+                     "n_ubatch": wl.n_ubatch},
+        "willneed_cap_bytes": cap, "rates": {k: list(v) for k, v in rates.items()}, "key_of": dict(key_of),
+        "probe": None if probe is None else {"out_bytes": probe.out_bytes, "extra_types": list(probe.extra_types)},
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }  # fmt: skip
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def legacy_rows(csv_rows: list[dict[str, str]], cases: list[tuple[Any, ...]]) -> list[Row]:
+    """Rows of a run that saved no :data:`INPUTS_FILE` (before 2026-12-07 12:00), rebuilt from its peers.csv: the
+    medians, fastest and slowest repetition (so the medians stay exact), the anonymous memory in whole MiB (the
+    CSV's rounding: the rooms are off by up to 0.5 MiB), the median bytes read; no per-device reads."""
+    labels = {c[0] for c in cases}
+    out = []
+    for c in csv_rows:
+        if c["scenario"] not in labels or c["system"] not in KINDS:
+            continue
+        n = int(c["reps"] or 0)
+        med, lo, hi = (float(c[k]) for k in ("tpot_meas_s", "tpot_meas_min_s", "tpot_meas_max_s"))
+        tpot = [] if n == 0 else [med] if n == 1 else [lo] + [med] * (n - 2) + [hi]
+        kind = KINDS[c["system"]]
+        r = Row(c["scenario"], c["system"], c["devices"], [int(x) for x in c["windows"].split(",")], int(c["k"]),
+                tpot=tpot, ttft=[float(c["ttft_meas_s"])] * n, command=c.get("command", ""), kind=kind, tpot_median=med,
+                label="single-D0" if kind == "stock" else c["scenario"])  # fmt: skip
+        meas = float(c["disk_mib_per_token_meas"] or "nan")
+        r.read_meas = [meas * 2**20] if math.isfinite(meas) else []
+        r.anon_peak = {k: int(v) * 2**20 for k, v in (x.split(":") for x in c["anon_peak_mib"].split())}
+        if c["status"] == "skipped":
+            r.skipped = c["error"]
+        elif c["error"]:
+            r.errors = [e for e in c["error"].split("; ") if not e.startswith("predict:")]
+        out.append(r)
+    return out
+
+
+def legacy_log(log: Path | None, group: str) -> tuple[int, dict[str, tuple[float, float]]]:
+    """The WILLNEED cap and the rates measured around the runs of ``group``, from the run's printed log (as
+    ``Bench.say`` printed them: KiB, GB/s to two decimals); (1280 KiB, no rates) without a log."""
+    cap, rates = 1280 * 1024, {}
+    if log is None:
+        return cap, rates
+    for ln in log.read_text(errors="replace").splitlines():
+        m = re.search(rf"\] {re.escape(group)}: one WILLNEED reads at most (\d+) KiB", ln)
+        if m:
+            cap = int(m.group(1)) * 1024
+        m = re.search(rf"\] {re.escape(group)}: rates during the runs \((\w+)\): layers ([\d.]+) GB/s, output head "
+                      r"([\d.]+) GB/s", ln)  # fmt: skip
+        if m:
+            rates[m.group(1)] = (float(m.group(2)) * 1e9, float(m.group(3)) * 1e9)
+    return cap, rates
 
 
 def star_links(cluster: Cluster, ring: list[str]) -> Cluster:
@@ -214,13 +360,7 @@ class Bench:
 
     def run_group(self, name: str, spec: dict[str, Any], cases: list[tuple[Any, ...]]) -> None:
         a = self.args
-        sc = Scenario.model_validate({
-            "name": f"peers-{name}", "model": MODEL,
-            "workload": {"prompt": PROMPT, "decode_tokens": a.tokens, "repetitions": a.reps, "n_ctx": 256, "batch": 64},
-            "run": {"schedulers": [], "manual": [{"label": c[0], "windows": c[1]} for c in cases], "single": ["D0"],
-                    "prefetch": True, "omp_wait_policy": "passive"},
-            **spec,
-        })  # fmt: skip
+        sc = group_scenario(name, spec, cases, a.tokens, a.reps)
         out = Path(a.out) / name
         opts = EmulateOptions(out_dir=out, decode_tokens=a.tokens, repetitions=a.reps, quick_profile=a.quick_profile,
                                      profile_repeats=a.profile_repeats, calibrate_runs=not a.no_run_calibration, plots=False, on_progress=self.say)  # fmt: skip
@@ -283,37 +423,35 @@ class Bench:
                 # a new record with the simulation (PlanPrediction is frozen)
                 plans[i] = pr = simulate_plan(pr, sc, model, wl, out)
                 if pr.label.startswith("single"):
-                    r = Row(cases[0][0], "llama.cpp", mem + "; one process in D0", [model.arch.n_layer], 1)
-                    r.tpot_pred, r.ttft_pred, r.predicted_as = (
-                        pr.sim_tpot_s,
-                        pr.sim_ttft_s,
-                        "simulate (whole model on D0)",
-                    )
-                    r.read_pred = pr.sim_disk_bytes_per_token
+                    r = Row(cases[0][0], "llama.cpp", mem + "; one process in D0", [model.arch.n_layer], 1,
+                            kind="stock", label=pr.label)  # fmt: skip
+                    self.predict_from_profiles(r, sc, pr, model, wl, cap)
                     self.rows.append(r)
                     jobs.append((r, ("stock", pr)))
                     continue
                 plan = pr.plan
-                r_ps = Row(pr.label, "prima-sim", mem, list(plan.windows), plan.k)
-                r_ps.tpot_pred, r_ps.ttft_pred, r_ps.predicted_as = pr.sim_tpot_s, pr.sim_ttft_s, "simulate"
-                r_ps.read_pred = pr.sim_disk_bytes_per_token
-                r_pc = Row(pr.label, "prima.cpp", mem, list(plan.windows), plan.k)
-                self.predict_primacpp(r_pc, pr, cluster, model, wl, cap, force=False)
-                self.rows += [r_pc, r_ps]
+                r_ps = Row(
+                    pr.label, "prima-sim", mem, list(plan.windows), plan.k, kind="prima-sim", label=pr.label
+                )
+                r_pc = Row(
+                    pr.label, "prima.cpp", mem, list(plan.windows), plan.k, kind="prima.cpp", label=pr.label
+                )
+                made = [r_pc, r_ps]
                 jobs += [(r_pc, ("prima.cpp", pr)), (r_ps, ("prima-sim", pr))]
                 if any(c[0] == pr.label and len(c) > 2 and c[2] for c in cases):
-                    r_f = Row(pr.label, "prima.cpp --force", mem, list(plan.windows), plan.k)
-                    self.predict_primacpp(r_f, pr, cluster, model, wl, cap, force=True)
-                    self.rows.append(r_f)
+                    r_f = Row(pr.label, "prima.cpp --force", mem, list(plan.windows), plan.k,
+                              kind="prima.cpp --force", label=pr.label)  # fmt: skip
+                    made.append(r_f)
                     jobs.append((r_f, ("prima.cpp --force", pr)))
-                r_rpc = Row(pr.label, RPC_SYSTEM, mem, list(plan.windows), plan.k)
-                self.rows.append(r_rpc)
+                r_rpc = Row(
+                    pr.label, RPC_SYSTEM, mem, list(plan.windows), plan.k, kind=RPC_SYSTEM, label=pr.label
+                )
+                made.append(r_rpc)
                 if plan.k == 1:
-                    self.predict_rpc(r_rpc, sc, pr, cluster, model, wl)
                     jobs.append((r_rpc, (RPC_SYSTEM, pr)))
-                else:
-                    r_rpc.skipped = (f"k = {plan.k}: llama.cpp's layer split runs every device once per token "
-                                     "(k = 1 plans only)")  # fmt: skip
+                for r in made:
+                    self.predict_from_profiles(r, sc, pr, model, wl, cap)
+                self.rows += made
                 self.say(f"{pr.label}: predicted TPOT prima-sim {r_ps.tpot_pred * 1e3:.0f} ms, prima.cpp "
                          f"{r_pc.tpot_pred * 1e3:.0f} ms, llama.cpp rpc {r_rpc.tpot_pred * 1e3:.0f} ms")  # fmt: skip
             for pr in plans:
@@ -328,6 +466,7 @@ class Bench:
                                 row.tpot.append(m.tpot_s)
                                 row.ttft.append(m.ttft_s)
                                 row.read_meas.append(sum(m.decode_disk_bytes.values()))
+                                row.read_meas_dev.append(dict(m.decode_disk_bytes))
                             else:
                                 row.errors.append(
                                     f"rep {rep}: {m.error}"
@@ -353,36 +492,147 @@ class Bench:
                 self.say(
                     f"{name}: rates during the runs ({k}): layers {lay / 1e9:.2f} GB/s, output head {outr / 1e9:.2f} GB/s"
                 )
-            for row, (kind, pr) in jobs:
-                row.tpot_pred_before = row.tpot_pred
-                base = self.with_run_rates(cal, pr.cluster, rates)
-                if kind == RPC_SYSTEM:
-                    head = pr.plan.devices[0].name
-                    if head in row.anon_peak:  # the head's room: limit - llama-completion's own memory
-                        base = self.primacpp_cluster(
-                            sc, base, pr.plan, model, wl, {head: row.anon_peak[head]}
-                        )
-                    self.predict_rpc(row, sc, pr, base, model, wl)
-                    if head in row.anon_peak:
-                        row.predicted_as += (
-                            "; head memory: limit - llama-completion's measured anonymous memory"
-                        )
-                elif kind.startswith("prima.cpp"):
-                    if row.anon_peak:
-                        base = self.primacpp_cluster(sc, base, pr.plan, model, wl, row.anon_peak)
-                    self.predict_primacpp(row, pr, base, model, wl, cap, force=kind.endswith("--force"))
-                    row.predicted_as += (
-                        "; memory: limit - prima.cpp's measured anonymous memory beyond KV and buffers"
+            for row, (_kind, pr) in jobs:
+                base = run_rates_cluster(pr.cluster, cal.key_of, cal.probe, rates)
+                self.predict_at_run(row, sc, pr, base, model, wl, cap, bool(rates))
+            # everything a later --repredict needs to predict again without running anything
+            save_inputs(out / INPUTS_FILE, name, self, wl, cap, rates, cal.key_of, cal.probe,
+                        [r for r in self.rows if r.scenario in {c[0] for c in cases}])  # fmt: skip
+
+    def repredict(
+        self, run_dir: Path, measured: list[dict[str, str]], log: Path | None, model: Any = None
+    ) -> list[str]:
+        """Predict every system of a finished run (its ``--out``) again with the code as it is now, from what the
+        run saved: per group the cluster the plans were made on (``cluster.json``), the plans, and
+        :data:`INPUTS_FILE` (the measurements, the rates measured around the runs, the WILLNEED cap). A run from
+        before :data:`INPUTS_FILE` existed is rebuilt from its ``peers.csv`` rows (``measured``) and its printed log
+        (``log``: the rates and the cap; without it the profiles' rates). Nothing runs; the measurements stay.
+        ``model``: the model profile to use instead of the generated GGUF's (tests). Returns notes on what had to
+        be rebuilt."""
+        notes: list[str] = []
+        models: dict[Path, Any] = {}
+        for name, spec, cases in GROUPS:
+            gdir = run_dir / name
+            if not (gdir / "cluster.json").is_file():
+                continue
+            path = gdir / INPUTS_FILE
+            if path.is_file():
+                obj = json.loads(path.read_text())
+                rows = [Row(**r) for r in obj["rows"]]
+                cap = int(obj["willneed_cap_bytes"])
+                rates = {k: (float(v[0]), float(v[1])) for k, v in obj["rates"].items()}
+                key_of = dict(obj["key_of"])
+                prompt_tokens, tokens = obj["workload"]["prompt_tokens"], obj["workload"]["decode_tokens"]
+                self.host, self.date = obj["host"], obj["date"]
+            else:
+                rows = legacy_rows(measured, cases)
+                if not rows:
+                    notes.append(f"{name}: no {INPUTS_FILE} and no rows of it in the measured CSV: left out")
+                    continue
+                cap, rates = legacy_log(log, name)
+                # the groups' devices are identical: the calibration kept one key (its log names it)
+                key_of = {d["name"]: next(iter(rates)) for d in spec["devices"]} if len(rates) == 1 else {}
+                first = Plan.load(gdir / "plans" / f"{rows[0].label}.json")
+                prompt_tokens = first.prediction.prompt_tokens if first.prediction else 0
+                tokens = self.args.tokens
+                self.host = next((c["host"] for c in measured if c.get("host")), self.host)
+                self.date = next((c["date"] for c in measured if c.get("date")), self.date)
+                notes.append(f"{name}: no {INPUTS_FILE} (a run before it existed): measurements from the CSV (anonymous "
+                             f"memory in whole MiB, no per-device reads), " + (f"rates and WILLNEED cap from {log}"
+                             if rates else "the profiles' rates (no log with the rates measured around the runs)"))  # fmt: skip
+            reps = max((len(r.tpot) for r in rows), default=0)
+            sc = group_scenario(name, spec, cases, tokens, reps)
+            mp = model
+            if mp is None:
+                gguf = ensure_model(sc.model, log=self.say)
+                if gguf not in models:
+                    models[gguf] = model_profile_from_gguf(gguf)
+                mp = models[gguf]
+            probe = probe_for(mp)
+            wl = Workload(n_ctx=256, prompt_tokens=prompt_tokens, decode_tokens=tokens, n_ubatch=64)
+            cluster = Cluster.model_validate_json((gdir / "cluster.json").read_text())
+            for r in rows:
+                plan = Plan.load(gdir / "plans" / f"{r.label}.json")
+                cl = cluster
+                # make_plans' one-device cluster for the stock process (its device is the head here)
+                if r.label.startswith("single-"):
+                    dev = r.label.removeprefix("single-")
+                    cl = cluster.model_copy(
+                        update={"devices": (cluster.device(dev),), "head": dev, "links": ()}
                     )
-                else:
-                    try:
-                        plan = manual_plan(base, model, wl, list(pr.plan.windows))
-                        res = simulate(plan, base, model, wl, SimConfig(prefetch=True, warm=True))
-                        row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
-                    except PrimaSimError as exc:
-                        row.errors.append(f"predict: {exc}")
-                if rates:
-                    row.predicted_as += "; rates: measured in the devices during the runs"
+                pr = PlanPrediction(r.label, plan, cl)
+                r.tpot_pred = r.ttft_pred = r.read_pred = r.tpot_pred_before = math.nan
+                r.read_pred_dev, r.predicted_as = {}, ""
+                r.errors = [e for e in r.errors if not e.startswith("predict")]
+                self.predict_from_profiles(r, sc, pr, mp, wl, cap)
+                self.predict_at_run(
+                    r, sc, pr, run_rates_cluster(cl, key_of, probe, rates), mp, wl, cap, bool(rates)
+                )
+                self.rows.append(r)
+        return notes
+
+    def predict_from_profiles(
+        self, row: Row, sc: Scenario, pr: Any, model: Any, wl: Workload, cap: int
+    ) -> None:
+        """``row``'s prediction from the profiles alone (the planner's cluster, before anything ran)."""
+        kind = row.kind
+        if kind in ("prima-sim", "stock"):
+            if math.isnan(pr.sim_tpot_s):
+                try:
+                    res = simulate(
+                        pr.plan, pr.cluster, model, wl, SimConfig(prefetch=sc.run.prefetch, warm=True)
+                    )
+                except PrimaSimError as exc:
+                    row.errors.append(f"predict: {exc}")
+                    return
+                row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
+                row.read_pred, row.read_pred_dev = sim_reads(res)
+            else:
+                row.tpot_pred, row.ttft_pred = pr.sim_tpot_s, pr.sim_ttft_s
+                row.read_pred = pr.sim_disk_bytes_per_token
+            row.predicted_as = "simulate (whole model on D0)" if kind == "stock" else "simulate"
+        elif kind.startswith("prima.cpp"):
+            self.predict_primacpp(row, pr, pr.cluster, model, wl, cap, force=kind.endswith("--force"))
+        elif kind == RPC_SYSTEM:
+            if pr.plan.k == 1:
+                self.predict_rpc(row, sc, pr, pr.cluster, model, wl)
+            else:
+                row.skipped = (f"k = {pr.plan.k}: llama.cpp's layer split runs every device once per token "
+                               "(k = 1 plans only)")  # fmt: skip
+
+    def predict_at_run(self, row: Row, sc: Scenario, pr: Any, base: Cluster, model: Any, wl: Workload, cap: int,
+                       run_rates: bool) -> None:  # fmt: skip
+        """``row``'s prediction with what was measured while the systems ran: ``base`` is the planner's cluster with
+        the streaming rates measured around the runs; prima.cpp's and the RPC head's rooms come from their measured
+        anonymous memory (``row.anon_peak``). The prediction from the profiles moves to ``tpot_pred_profile_s``."""
+        kind = row.kind
+        row.tpot_pred_before = row.tpot_pred
+        if kind == RPC_SYSTEM:
+            if pr.plan.k != 1:
+                return
+            head = pr.plan.devices[0].name
+            if head in row.anon_peak:  # the head's room: limit - llama-completion's own memory
+                base = self.primacpp_cluster(sc, base, pr.plan, model, wl, {head: row.anon_peak[head]})
+            self.predict_rpc(row, sc, pr, base, model, wl)
+            if head in row.anon_peak:
+                row.predicted_as += "; head memory: limit - llama-completion's measured anonymous memory"
+        elif kind.startswith("prima.cpp"):
+            if row.anon_peak:
+                base = self.primacpp_cluster(sc, base, pr.plan, model, wl, row.anon_peak)
+            self.predict_primacpp(row, pr, base, model, wl, cap, force=kind.endswith("--force"))
+            row.predicted_as += (
+                "; memory: limit - prima.cpp's measured anonymous memory beyond KV and buffers"
+            )
+        else:
+            try:
+                plan = manual_plan(base, model, wl, list(pr.plan.windows))
+                res = simulate(plan, base, model, wl, SimConfig(prefetch=True, warm=True))
+                row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
+                row.read_pred, row.read_pred_dev = sim_reads(res)
+            except PrimaSimError as exc:
+                row.errors.append(f"predict: {exc}")
+        if run_rates:
+            row.predicted_as += "; rates: measured in the devices during the runs"
 
     def predict_primacpp(self, row: Row, pr: Any, cluster: Cluster, model: Any, wl: Workload, cap: int,
                          force: bool) -> None:  # fmt: skip
@@ -396,9 +646,7 @@ class Bench:
             )
             res = simulate(plan, cluster, model, wl, cfg)
             row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
-            row.read_pred = sum(
-                float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for st in res.device_stats.values()
-            )
+            row.read_pred, row.read_pred_dev = sim_reads(res)
         except PrimaSimError as exc:
             row.errors.append(f"predict: {exc}")
         row.predicted_as = (
@@ -442,9 +690,7 @@ class Bench:
             p2 = manual_plan(star, model, wl, list(plan.windows))
             res = simulate(p2, star, model, wl, SimConfig(prefetch=False, warm=True))
             row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
-            row.read_pred = sum(
-                float(st.get("sim_disk_bytes_per_decode_token", 0.0)) for st in res.device_stats.values()
-            )
+            row.read_pred, row.read_pred_dev = sim_reads(res)
         except PrimaSimError as exc:
             row.errors.append(f"predict: {exc}")
         row.predicted_as = (
@@ -512,22 +758,7 @@ class Bench:
                 row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
-
-    def with_run_rates(
-        self, cal: cal_mod.Calibrator, cluster: Cluster, rates: dict[str, tuple[float, float]]
-    ) -> Cluster:
-        """``cluster`` with the streaming rates measured around the runs (as ``prima-sim emulate`` does)."""
-        devs = []
-        for d in cluster.devices:
-            k = cal.key_of.get(d.name)
-            if k is not None and k in rates:
-                lay, outr = rates[k]
-                devs.append(
-                    cal.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the runs")
-                )
-            else:
-                devs.append(d)
-        return cluster.model_copy(update={"devices": tuple(devs)})
+            row.lists_end.append({n: sampler.lists_at_stop(n) for n in sampler.groups})
 
     def primacpp_cluster(self, sc: Scenario, cluster: Cluster, plan: Any, model: Any, wl: Workload,
                          anon: dict[str, int]) -> Cluster:  # fmt: skip
@@ -614,6 +845,7 @@ class Bench:
                 row.anon_peak[n] = max(row.anon_peak.get(n, 0), pk.anon)
                 if pk.oom_kills:
                     row.errors.append(f"rep {rep}: the OOM killer killed a process of {n}")
+            row.lists_end.append({n: sampler.lists_at_stop(n) for n in sampler.groups})
 
     def record_llama_run(self, row: Row, rep: int, log: Path, program: str, returncode: int | None, sampler: Any,
                          plan: Any) -> None:  # fmt: skip
@@ -628,9 +860,13 @@ class Bench:
         row.ttft.append(ttft)
         t_b = time.time()
         t_a = t_b - 0.2 - self.args.tokens * tpot
-        row.read_meas.append(
-            sum(sampler.io_between(d.name, t_a, t_b) for d in plan.devices) / self.args.tokens
-        )
+        per_dev = {d.name: sampler.io_between(d.name, t_a, t_b) / self.args.tokens for d in plan.devices}
+        row.read_meas.append(sum(per_dev.values()))
+        row.read_meas_dev.append(per_dev)
+        for d in plan.devices:
+            row.anon_decode[d.name] = max(
+                row.anon_decode.get(d.name, 0), sampler.anon_peak_between(d.name, t_a, t_b)
+            )
         self.say(f"{row.scenario} {row.system} rep {rep}: TPOT {tpot * 1e3:.1f} ms, TTFT {ttft * 1e3:.0f} ms")
 
     def run_stock(self, tb: Testbed, out: Path, row: Row, whole: Path, rep: int) -> None:
@@ -664,9 +900,9 @@ class Bench:
         base = {(r.scenario, r.system): r for r in self.rows}
         out = []
         for r in self.rows:
-            t, f = median(r.tpot), median(r.ttft)
+            t, f = r.tpot_meas(), median(r.ttft)
             pc = base.get((r.scenario, "prima.cpp"))
-            pc_t, pc_f = (median(pc.tpot), median(pc.ttft)) if pc else (math.nan, math.nan)
+            pc_t, pc_f = (pc.tpot_meas(), median(pc.ttft)) if pc else (math.nan, math.nan)
             status = (
                 "skipped"
                 if r.skipped
@@ -691,6 +927,12 @@ class Bench:
                 "ttft_vs_primacpp": f / pc_f if pc_f > 0 else math.nan,
                 "predicted_as": r.predicted_as, "error": (r.skipped or "; ".join(r.errors))[:500],
                 "host": self.host, "date": self.date, "command": r.command[:1000],
+                "disk_mib_per_token_meas_dev": per_device_mib(r.read_meas_dev),
+                "disk_mib_per_token_pred_dev": per_device_mib([r.read_pred_dev] if r.read_pred_dev else []),
+                "anon_decode_mib": " ".join(f"{n}:{v / 2**20:.0f}" for n, v in sorted(r.anon_decode.items())),
+                "active_file_mib_end": per_device_mib(
+                    [{n: float(v["active_file"]) for n, v in rep.items() if "active_file" in v} for rep in r.lists_end]
+                ),
             })  # fmt: skip
         return out
 
@@ -710,6 +952,12 @@ class Bench:
             print(f"{r['scenario']:22} {r['system']:17} {r['windows']:8} {r['tpot_meas_s'] * 1e3:9.1f} "
                   f"{r['tpot_pred_s'] * 1e3:9.1f} {r['tpot_err_pct']:6.1f} {r['tpot_vs_primacpp']:11.2f} "
                   f"{r['ttft_meas_s'] * 1e3:8.0f} {r['ttft_vs_primacpp']:11.2f}  {r['status']} {r['error'][:80]}")  # fmt: skip
+
+
+def per_device_mib(reps: list[dict[str, float]]) -> str:
+    """``D0:210 D1:150 ...``: per device the median over ``reps`` of its bytes per token, in MiB."""
+    names = sorted({n for r in reps for n in r})
+    return " ".join(f"{n}:{median([r[n] for r in reps if n in r]) / 2**20:.0f}" for n in names)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -771,6 +1019,37 @@ def _number(v: str) -> Any:
         return v
 
 
+def repredict_main(args: argparse.Namespace) -> int:
+    """``--repredict``: the run's rows with new predictions; prints old against new prediction errors."""
+    reports = Path(args.reports)
+    measured_csv = Path(args.measured) if args.measured else reports / "peers.csv"
+    measured: list[dict[str, str]] = []
+    if measured_csv.is_file():
+        with measured_csv.open() as fh:
+            measured = list(csv.DictReader(fh))
+    b = Bench(args)
+    notes = b.repredict(Path(args.repredict), measured, Path(args.run_log) if args.run_log else None)
+    if not b.rows:
+        print(f"repredict: nothing to predict under {args.repredict}", file=sys.stderr)
+        return 2
+    old = {(c["scenario"], c["system"]): c for c in measured}
+    b.write(reports)
+    print()
+    for n in notes:
+        print("note:", n)
+    print(f"\n{'scenario':22} {'system':17} {'TPOT ms':>8} {'pred before':>11} {'err':>7} {'pred now':>9} {'err':>7} "
+          f"{'MiB/token meas':>14} {'pred before':>11} {'pred now':>9}  per device now")  # fmt: skip
+    for r in b.csv_rows():
+        o = old.get((r["scenario"], r["system"]), {})
+        pb, eb, db = (
+            float(o.get(k) or "nan") for k in ("tpot_pred_s", "tpot_err_pct", "disk_mib_per_token_pred")
+        )
+        print(f"{r['scenario']:22} {r['system']:17} {r['tpot_meas_s'] * 1e3:8.0f} {pb * 1e3:11.0f} {eb:+6.1f}% "
+              f"{r['tpot_pred_s'] * 1e3:9.0f} {r['tpot_err_pct']:+6.1f}% {r['disk_mib_per_token_meas']:14.0f} "
+              f"{db:11.0f} {r['disk_mib_per_token_pred']:9.0f}  {r['disk_mib_per_token_pred_dev']}")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prima-build", help="prima.cpp build directory (holding llama-cli)")
@@ -796,7 +1075,16 @@ def main() -> int:
     p.add_argument(
         "--plot-only", action="store_true", help="redraw peers.png from the reports' peers.csv; run nothing"
     )
+    p.add_argument("--repredict", metavar="OUT",
+                   help="predict the systems of a finished run (its --out) again with the current code and rewrite the "
+                   "reports' peers.csv and peers.png (measured columns kept); runs nothing, needs no root")  # fmt: skip
+    p.add_argument("--measured", help="with --repredict, for a run that saved no predict-inputs.json: its peers.csv "
+                   "(default: the reports' peers.csv)")  # fmt: skip
+    p.add_argument("--run-log", help="with --repredict, for a run that saved no predict-inputs.json: its printed log "
+                   "(the rates measured around the runs, the WILLNEED cap)")  # fmt: skip
     args = p.parse_args()
+    if args.repredict:
+        return repredict_main(args)
     if args.plot_only:
         with (Path(args.reports) / "peers.csv").open() as fh:
             rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fh)]

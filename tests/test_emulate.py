@@ -476,6 +476,47 @@ def test_memory_sampler_peaks_and_windows() -> None:
     assert s.anon_peak_between("A", tl[0][0], tl[2][0]) == tl[2][1]
 
 
+def test_memory_sampler_lists_at_stop() -> None:
+    """The file LRU lists of a device after a run (a cgroup v1 ``memory.stat``: the hierarchical ``total_*`` fields),
+    and the refaults and major faults of the run, from the two full reads only."""
+    from prima_sim.emulate.memory import MemorySampler
+
+    class FakeGroup:
+        reads = iter([
+            {"anon": 1, "total_active_file": 1 << 20, "total_inactive_file": 2 << 20, "active_file": 5,
+             "total_workingset_refault_file": 100, "total_pgmajfault": 7},
+            {"anon": 1, "total_active_file": 120 << 20, "total_inactive_file": 60 << 20, "active_file": 5,
+             "total_workingset_refault_file": 50100, "total_pgmajfault": 907},
+        ])  # fmt: skip
+
+        def memory_stat(self) -> dict:
+            return next(self.reads)
+
+        def memory_light(self) -> dict:
+            return {"anon": 1, "file": 0, "usage": 0, "limit": 0}
+
+        def io_read_bytes(self, device: str | None = None) -> int:
+            return 0
+
+        def oom_kills(self) -> int:
+            return 0
+
+        def reset_peak(self) -> None:
+            pass
+
+        def cpu_throttled_s(self) -> float:
+            return 0.0
+
+        def swap_usage(self) -> int:
+            return 0
+
+    s = MemorySampler({"A": FakeGroup()}, interval_s=0.01).start()  # type: ignore[dict-item]
+    assert s.lists_at_stop("A") == {}  # not stopped yet
+    s.stop()
+    assert s.lists_at_stop("A") == {"active_file": 120 << 20, "inactive_file": 60 << 20, "refault_file": 50000,
+                                    "pgmajfault": 900}  # fmt: skip
+
+
 @pytest.mark.root
 @needs_root
 def test_cleanup_removes_a_crashed_runs_disk(tmp_path: Path) -> None:

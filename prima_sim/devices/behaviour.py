@@ -226,14 +226,17 @@ OVERSHOOT_S = 0.075
 reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
 fitted on the grid (50-100 ms of reads at 500 MB/s); polling ``memory.stat`` every 2 s instead of 0.1 s did not
 change it measurably."""
-NEAR_FIT_MARGIN = 0.03
+NEAR_FIT_MARGIN = 0.02
 """Linux starts re-reading a device's weights before they fill its page cache: weights within this fraction of the
 room are paged as at a near fit (every byte re-read per token, about one read with prefetch). Measured in the
-emulation (memory cgroups, llama.cpp): margins of 5.4-5.6 MiB on 98-131 MiB of weights (4-6% of the room) read
-0-4 MiB per token; 0.1 MiB on 457 MiB (0.02%) read 358 MiB per token, 5 MiB on 440 MiB (1.1%) 68-108 MiB (the
-reclaim of the cgroup's other file pages, the runtime's libraries among them, and its batching). A planner that
-packs a device to the byte of its room gets a plan 2-3x slower than predicted; with the margin it pays for it.
-Linux only (a kernel LRU); on real devices of GBs it is also the headroom other programs need."""
+emulation (memory cgroups, llama.cpp), free room over the room: 0.02% (0.1 MiB on 457 MiB) read 358 MiB per token
+and 1.1% (5 MiB on 440 MiB) 68-108 MiB (the reclaim of the cgroup's other file pages, the runtime's libraries among
+them, and its batching); 2.7% (4.6 MiB on prima.cpp's 163.4 MiB windows in 168 MiB, bench_peers larger-than-memory
+D1 and D2, 2026-12-07: its 278 MiB per token are the head's alone) and 4-6% (5.4-5.6 MiB on 98-131 MiB) read
+0-4 MiB. The margin sits between the last point that paged and the first that did not (1.1% and 2.7%); it was 3%
+until the 2.7% point, which then predicted prima.cpp 2.3x too slow there. A planner that packs a device to the
+byte of its room gets a plan 2-3x slower than predicted; with the margin it pays for it. Linux only (a kernel
+LRU); on real devices of GBs it is also the headroom other programs need."""
 SELF_EVICTION = {True: (0.65, 1.0, 0.25), False: (1.0, 1.0, 0.15)}
 """A prefetching device re-reads part of each window larger than its page cache: ``share x clamp((w / C - start) /
 span, 0, 1)`` of the window's ``w`` bytes, by kernel (Linux's two-list LRU: True; a plain LRU: False).

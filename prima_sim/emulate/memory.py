@@ -75,11 +75,15 @@ class MemorySampler:
     _io0: dict[str, int] = field(default_factory=dict)
     _oom0: dict[str, int] = field(default_factory=dict)
     _thr0: dict[str, float] = field(default_factory=dict)
+    full_stats: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    """Per group: its whole ``memory.stat`` (normalized and raw fields) at :meth:`start` and at :meth:`stop`, the only
+    two moments it is read (reading it flushes the statistics reclaim decides on)."""
 
     def start(self) -> MemorySampler:
         """Reset the kernel's peak counters and start sampling."""
         self.peaks = {n: MemoryPeak() for n in self.groups}
         self.timeline = {n: [] for n in self.groups}
+        self.full_stats = {n: [] for n in self.groups}
         for n, g in self.groups.items():
             g.reset_peak()
             self._io0[n] = g.io_read_bytes(self.device)
@@ -94,6 +98,8 @@ class MemorySampler:
     def _sample(self, full: bool = False) -> None:
         for n, g in self.groups.items():
             st = g.memory_stat() if full else g.memory_light()
+            if full:
+                self.full_stats.setdefault(n, []).append(dict(st))
             self.timeline[n].append(
                 (time.time(), st.get("anon", 0), st.get("file", 0), g.io_read_bytes(self.device))
             )
@@ -134,6 +140,23 @@ class MemorySampler:
             return best[3]
 
         return float(at(t_b) - at(t_a))
+
+    def lists_at_stop(self, device: str) -> dict[str, int]:
+        """The device's file LRU lists when :meth:`stop` read ``memory.stat`` (``active_file``, ``inactive_file``, in
+        bytes; after a run they still hold its page cache) and what changed since :meth:`start`: file refaults
+        (``refault_file``, pages) and major faults (``pgmajfault``); {} if ``memory.stat`` was not read twice."""
+        st = self.full_stats.get(device, [])
+        if len(st) < 2:
+            return {}
+        a, b = st[0], st[-1]
+
+        def get(d: dict[str, int], key: str) -> int:
+            return int(d.get(f"total_{key}", d.get(key, 0)))
+
+        out = {k: get(b, k) for k in ("active_file", "inactive_file")}
+        for k, name in (("workingset_refault_file", "refault_file"), ("pgmajfault", "pgmajfault")):
+            out[name] = get(b, k) - get(a, k)
+        return out
 
     def anon_peak_between(self, device: str, t_a: float, t_b: float) -> int:
         """Highest anonymous memory sampled between ``t_a`` and ``t_b``."""
