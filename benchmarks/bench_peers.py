@@ -577,11 +577,10 @@ class Bench:
         """``row``'s prediction from the profiles alone (the planner's cluster, before anything ran)."""
         kind = row.kind
         if kind in ("prima-sim", "stock"):
-            if math.isnan(pr.sim_tpot_s):
-                try:
-                    res = simulate(
-                        pr.plan, pr.cluster, model, wl, SimConfig(prefetch=sc.run.prefetch, warm=True)
-                    )
+            if math.isnan(pr.sim_tpot_s) or kind == "stock":
+                try:  # stock llama.cpp leaves its window to the page cache (no streaming)
+                    cfg = SimConfig(prefetch=sc.run.prefetch, warm=True, stream=kind != "stock")
+                    res = simulate(pr.plan, pr.cluster, model, wl, cfg)
                 except PrimaSimError as exc:
                     row.errors.append(f"predict: {exc}")
                     return
@@ -626,7 +625,9 @@ class Bench:
         else:
             try:
                 plan = manual_plan(base, model, wl, list(pr.plan.windows))
-                res = simulate(plan, base, model, wl, SimConfig(prefetch=True, warm=True))
+                res = simulate(
+                    plan, base, model, wl, SimConfig(prefetch=True, warm=True, stream=kind != "stock")
+                )
                 row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
                 row.read_pred, row.read_pred_dev = sim_reads(res)
             except PrimaSimError as exc:
@@ -636,8 +637,13 @@ class Bench:
 
     def predict_primacpp(self, row: Row, pr: Any, cluster: Cluster, model: Any, wl: Workload, cap: int,
                          force: bool) -> None:  # fmt: skip
-        cfg = SimConfig(
-            prefetch=True, prefetch_own_window=True, willneed_cap_bytes=cap, force_touch=force, warm=False
+        cfg = SimConfig(  # prima.cpp leaves every window to the page cache (no streaming)
+            prefetch=True,
+            prefetch_own_window=True,
+            willneed_cap_bytes=cap,
+            force_touch=force,
+            warm=False,
+            stream=False,
         )
         try:
             # a plan names the cluster it was made on: the same windows planned on the adjusted cluster
@@ -688,7 +694,7 @@ class Bench:
         star = star_links(cluster.model_copy(update={"devices": tuple(devs)}), ring)
         try:
             p2 = manual_plan(star, model, wl, list(plan.windows))
-            res = simulate(p2, star, model, wl, SimConfig(prefetch=False, warm=True))
+            res = simulate(p2, star, model, wl, SimConfig(prefetch=False, warm=True, stream=False))
             row.tpot_pred, row.ttft_pred = res.tpot_s, res.ttft_s
             row.read_pred, row.read_pred_dev = sim_reads(res)
         except PrimaSimError as exc:

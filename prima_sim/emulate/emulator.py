@@ -43,10 +43,10 @@ from prima_sim.emulate import cgroups as cg
 from prima_sim.emulate.calibrate import Calibrator, executor_overhead, with_executor_overhead
 from prima_sim.emulate.links import measure_links
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model
-from prima_sim.emulate.predict import make_plans, predict_at_run, simulate_plan
+from prima_sim.emulate.predict import make_plans, predict_at_run, simulate_plan, stock_twin
 from prima_sim.emulate.records import PlanRun, RunPrediction
 from prima_sim.emulate.rows import make_row
-from prima_sim.emulate.runs import RunSupervisor, stock_twin
+from prima_sim.emulate.runs import RunSupervisor
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.emulate.testbed import Testbed
 from prima_sim.errors import InputError
@@ -213,7 +213,8 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
             say(f"{pr.label}: k={plan.k} windows {list(plan.windows)} on {', '.join(d.name for d in plan.devices)}; "
                 f"analytic TPOT {pr.analytic_tpot_s * 1e3:.1f} ms, simulated {pr.sim_tpot_s * 1e3:.1f} ms")  # fmt: skip
         # stock llama.cpp beside every one-device baseline (the paper's comparison)
-        preds += [stock_twin(pr) for pr in preds if pr.runnable and pr.label.startswith(rep.SINGLE_PREFIX)]
+        preds += [stock_twin(pr, sc, model, wl, out) for pr in preds
+                  if pr.runnable and pr.label.startswith(rep.SINGLE_PREFIX)]  # fmt: skip
         runnable = [pr for pr in preds if pr.runnable]
         runs = RunSupervisor(tb, cal, out, raw_profiles, keep_shards=opts.keep_shards,
                              calibrate_runs=opts.calibrate_runs, say=tell)  # fmt: skip

@@ -22,7 +22,7 @@ from prima_sim.emulate.records import PlanPrediction, RunPrediction
 from prima_sim.emulate.scenario import Scenario
 from prima_sim.errors import InfeasiblePlanError, InputError, PrimaSimError
 from prima_sim.halda.costmodel import Workload
-from prima_sim.reports.emulation import SINGLE_PREFIX
+from prima_sim.reports.emulation import SINGLE_PREFIX, STOCK_PREFIX
 
 
 def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload, out: Path, *,
@@ -135,3 +135,23 @@ def predict_at_run(pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Wo
         return RunPrediction(rates=used)
     a = predict(plan, cl, model, wl)
     return RunPrediction(used, res.tpot_s, res.ttft_s, a.tpot_s, a.ttft_s)
+
+
+def stock_twin(
+    pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Workload, out: Path
+) -> PlanPrediction:
+    """The one-device baseline as the paper measures it, beside prima-sim's own one-device executor: stock
+    llama.cpp (one process over the original GGUF) on the device of a ``single-<device>`` plan, predicted as that
+    plan with its window left to the page cache (stock llama.cpp does not stream: ``Plan.without_streaming``)."""
+    from prima_sim.halda.costmodel import predict
+
+    label = STOCK_PREFIX + pr.label.removeprefix(SINGLE_PREFIX)
+    assert pr.plan is not None and pr.cluster is not None
+    if not any(a.streamed_layers for a in pr.plan.devices):
+        return dataclasses.replace(pr, label=label)
+    plan = pr.plan.without_streaming()
+    plan = plan.model_copy(
+        update={"prediction": predict(plan, pr.cluster, model, wl, prefetch=sc.run.prefetch)}
+    )
+    plan.save(out / "plans" / f"{label}.json")
+    return simulate_plan(PlanPrediction(label, plan, pr.cluster), sc, model, wl, out)

@@ -11,7 +11,6 @@ the devices' streaming rates just before and after every run (:meth:`~RunSupervi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import shutil
@@ -33,7 +32,7 @@ from prima_sim.exec.stock import parse_json_output
 from prima_sim.halda.costmodel import Workload
 from prima_sim.metrics import read_token_csv, spans_from_chrome_trace, summarize
 from prima_sim.plan import Plan
-from prima_sim.reports.emulation import SINGLE_PREFIX, STOCK_PREFIX
+from prima_sim.reports.emulation import STOCK_PREFIX
 from prima_sim.schema import dump_model
 
 log = logging.getLogger(__name__)
@@ -305,10 +304,3 @@ class RunSupervisor:
         finally:
             for p in workers.values():
                 stop(p, 1.0)
-
-
-def stock_twin(pr: PlanPrediction) -> PlanPrediction:
-    """The one-device baseline as the paper measures it, beside prima-sim's own one-device executor: stock
-    llama.cpp (one process over the original GGUF) on the device of a ``single-<device>`` plan, with the same
-    prediction (the simulator's one-device plan)."""
-    return dataclasses.replace(pr, label=STOCK_PREFIX + pr.label.removeprefix(SINGLE_PREFIX))
