@@ -85,6 +85,21 @@ def test_a_k1_device_over_its_room_streams_and_reads_only_the_streamed_layers(mo
     assert plan.prediction.tpot_s < plain.prediction.tpot_s
 
 
+def test_a_streaming_worker_reads_its_first_streamed_layer_while_it_waits(model):
+    cluster = _cluster([1024, 1024, 22])
+    plan = manual_plan(cluster, model, WL, [10, 10, 10])
+    d2 = {t.name: t for t in plan.prediction.per_device}["D2"]
+    assert d2.prefetch  # its first streamed layer is read behind the others' work: the load bound applies
+    layer = model.layer_bytes[-1]
+    streamed = plan.device("D2").streamed_layers * layer
+    work = d2.compute_s + d2.memory_s + d2.overhead_s
+    assert d2.disk_s == pytest.approx(max(0.0, (streamed - layer) / 300e6 - work), rel=1e-6, abs=1e-9)
+    assert plan.prediction.tpot_s >= streamed / 300e6  # never faster than its disk
+    # the head alone (or as head) gets no such credit
+    head = manual_plan(_cluster([50]), model, WL, [30])
+    assert head.device("D0").streamed_layers and not head.prediction.per_device[0].prefetch
+
+
 def test_no_streaming_where_it_cannot_help_or_run(model):
     # fits: nothing to stream
     assert manual_plan(_cluster([1024] * 3), model, WL, [10, 10, 10]).device("D2").streamed_layers is None

@@ -475,7 +475,12 @@ class Paging:
 
 
 def device_paging(
-    costs: DeviceCosts, a: DeviceAssignment, use: MemoryUse, n_devices: int, prefetch: bool
+    costs: DeviceCosts,
+    a: DeviceAssignment,
+    use: MemoryUse,
+    n_devices: int,
+    prefetch: bool,
+    is_head: bool = False,
 ) -> Paging:
     """The disk reads of device assignment ``a`` per token (docs/halda.md, "Paging").
 
@@ -483,15 +488,18 @@ def device_paging(
     another device (the advice follows each send).
     """
     if a.streamed_layers:
-        # drop-behind streaming (exec/stream.py): the streamed layers are read every token, read ahead while the
-        # layers before them compute; the rest stays resident unless even it overflows the room
+        # drop-behind streaming (exec/stream.py): the streamed layers are read every token, each read ahead while
+        # the layers before it compute; the first one while the device waits for its input (a worker: the head's
+        # idle time is not counted), so like a prefetching device its token lasts at least all its reads; the
+        # rest stays resident unless even it overflows the room
         lb = costs.model.layer_bytes
         start, end = streamed_range(costs, a)
         tail = float(sum(lb[start:end]))
         rest = costs.memory.reread_bytes(
             use.mapped_ram - tail + stream_in_flight_bytes(costs.model), use.room
         )
-        return Paging(tail + rest, 0.0, tail + rest, False)
+        idle = float(lb[start]) if n_devices >= 2 and not is_head else 0.0
+        return Paging(tail + rest, idle, tail + rest - idle, idle > 0)
     prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
     windows = [window_paged_bytes(costs, a, r) for r in a.layers] if prefetching else []
     reread = costs.memory.reread_bytes(use.mapped_ram, use.room, prefetching, windows)
@@ -643,7 +651,7 @@ def step_breakdown(
         c = costs[a.name]
         use = memory_use(c, a, a.name == plan.head)
         infeasible += memory_problems(c, a.name, use, a.gpu_layers)
-        pg = device_paging(c, a, use, len(plan.devices), prefetch)
+        pg = device_paging(c, a, use, len(plan.devices), prefetch, a.name == plan.head)
         emb = model.embedding_row_bytes * n_tokens if a.name == plan.head else 0.0
         read_b = pg.reread + emb
         reads[a.name] = (read_b, c.memory.read_seconds(read_b), pg.prefetching and pg.hidden > 0)

@@ -249,14 +249,18 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool, stream: bool = True) -> KTa
     overflow = (_overflow_bytes(ra.nbytes, dev, s3, e3, np.where(pages, e3, m), k, W, col["head_b"], room,
                                 col["kernel_lru"]) if prefetching else np.zeros_like(mapped))  # fmt: skip
     reread = paging_fraction(mapped, room, prefetching, overflow, col["kernel_lru"], col["bps"]) * mapped
+    hidden = np.minimum(reread, mapped) if prefetching else np.zeros_like(reread)
     if stream and k == 1:
-        # drop-behind streaming (costmodel.choose_streaming) where it reads less than the page cache would
+        # drop-behind streaming (costmodel.choose_streaming, device_paging) where it reads less than the page cache
+        # would; a worker reads its first streamed layer while it waits for its input (the head, last here: not)
         flat_b, row = ra.nbytes.ravel(), dev * ra.nbytes.shape[1]
         fit = fit_limit(room, col["kernel_lru"])
         t = streamed_count_prefix(flat_b, row, s3, m, mapped, fit, stream_in_flight_bytes(costs[0].model))
         streamed = np.take(flat_b, row + m) - np.take(flat_b, row + m - t)
-        reread = np.where(col["can_stream"] & (t > 0) & (streamed < reread), streamed, reread)
-    hidden = np.minimum(reread, mapped) if prefetching else np.zeros_like(reread)
+        first = np.take(flat_b, row + np.minimum(m - t + 1, m)) - np.take(flat_b, row + m - t)
+        use = col["can_stream"] & (t > 0) & (streamed < reread)
+        reread = np.where(use, streamed, reread)
+        hidden = np.where(use & (dev != M - 1), first, hidden)
     # one disk serves the advice and the faults (costmodel.step_breakdown)
     load = np.where(hidden > 0, (reread + col["emb"]) / col["bps"], 0.0)
     chain = work + np.maximum(0.0, (reread - hidden + col["emb"]) / col["bps"] - work)
