@@ -29,6 +29,7 @@ from prima_sim.halda.costmodel import predict
 from prima_sim.plan import Plan
 from prima_sim.reports.emulation import (
     COLUMNS,
+    ONE_DEVICE,
     append_rows,
     format_summary,
     read_rows,
@@ -52,7 +53,8 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
     out = []
     for r in rows:
         pf = scenario_dir / "plans" / f"{r['scheduler']}.json"
-        if r.get("status") != "ok" or r["scheduler"].startswith("single-") or not pf.exists():
+        # the one-device baselines were planned on a one-device cluster: kept as measured and predicted
+        if r.get("status") != "ok" or r["scheduler"].startswith(ONE_DEVICE) or not pf.exists():
             out.append(r)
             continue
         sc = load_scenario(r["scenario"])
