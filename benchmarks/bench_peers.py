@@ -296,7 +296,9 @@ def legacy_rows(csv_rows: list[dict[str, str]], cases: list[tuple[Any, ...]]) ->
         meas = float(c["disk_mib_per_token_meas"] or "nan")
         r.read_meas = [meas * 2**20] if math.isfinite(meas) else []
         r.anon_peak = {k: int(v) * 2**20 for k, v in (x.split(":") for x in c["anon_peak_mib"].split())}
-        r.anon_decode = {k: int(v) * 2**20 for k, v in (x.split(":") for x in c.get("anon_decode_mib", "").split())}
+        r.anon_decode = {
+            k: int(v) * 2**20 for k, v in (x.split(":") for x in c.get("anon_decode_mib", "").split())
+        }
         if c["status"] == "skipped":
             r.skipped = c["error"]
         elif c["error"]:
