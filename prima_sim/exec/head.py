@@ -427,7 +427,7 @@ class Head:
             self.spans.add(SpanKind.SEND, t1, t2, step, f"to {owner}")
             nxt = self.route.prefetch_window(self.device, j - 1, self._ran)
             if nxt is not None and self.prefetcher.enabled:
-                self.prefetcher.advise(self.windows[nxt].path)
+                self.prefetcher.advise(self.windows[nxt].path, self.windows[nxt].advise_end)
                 self.spans.add(SpanKind.PREFETCH, t2, now(), step, f"w{nxt}")
             t_wait = now()
             while True:

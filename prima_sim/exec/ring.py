@@ -110,11 +110,14 @@ class Prefetcher:
             fd = os.open(path, os.O_RDONLY)
             self._fds[path] = (fd, data_offset, os.fstat(fd).st_size - data_offset)
 
-    def advise(self, path: Path) -> None:
-        """Queue readahead of ``path``'s tensor data."""
+    def advise(self, path: Path, end: int | None = None) -> None:
+        """Queue readahead of ``path``'s tensor data (up to byte ``end``: a streamed window's resident layers,
+        whose streamed layers exec/stream.py advises one at a time)."""
         if not self.enabled or path not in self._fds:
             return
         fd, off, length = self._fds[path]
+        if end is not None:
+            length = max(0, min(length, end - off))
         # Linux caps one WILLNEED at one readahead window (mm/readahead.c force_page_cache_ra: at most
         # max(read_ahead_kb, max_sectors_kb) per call; 128 KiB on a typical disk), so one call over the whole
         # window reads its first 128 KiB and nothing more. Advise it chunk by chunk (found by prima_sim.emulate:

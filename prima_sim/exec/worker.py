@@ -60,6 +60,7 @@ class LoadedWindow:
     path: Path
     model: Model
     ctx: Window
+    advise_end: int | None = None  # prefetch stops here: the window's streamed layers are the streamer's
 
 
 def load_windows(
@@ -107,7 +108,8 @@ def load_windows(
                     model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq, arrays=arrays, streamer=streamer
                 )
             )
-            out[s.window] = LoadedWindow(s.window, path, model, ctx)
+            end = streamer.ranges[streamer.first][0][0] if streamer is not None else None
+            out[s.window] = LoadedWindow(s.window, path, model, ctx, end)
     except BaseException:
         stack.close()
         raise
@@ -304,6 +306,6 @@ class Worker:
                 self.spans.add(kind, a, b, hdr.step, label)
             nxt = self.route.prefetch_window(self.device, j, self._ran)
             if nxt is not None and self.prefetcher.enabled:
-                self.prefetcher.advise(windows[nxt].path)
+                self.prefetcher.advise(windows[nxt].path, windows[nxt].advise_end)
                 self.spans.add(SpanKind.PREFETCH, t2, now(), hdr.step, f"w{nxt}")
             return

@@ -234,6 +234,9 @@ class SimDevice:
         if not cache.can_evict and all(cache.missing[g] == 0 for g in work.prefetch_groups):
             return  # everything is resident and nothing can ever be evicted: the advice reads nothing
         chunks, partial = self._advised(work)
+        if window == self._stream_window:  # its streamed layers are advised one at a time (_layer_done)
+            streamed = {c for layer in self._stream for c in layer}
+            chunks = [c for c in chunks if c not in streamed]
         self._queue_advised(chunks, batch)
         for c, nbytes in partial:
             # the cap ends inside chunk c: its first bytes are read (disk time) but the chunk stays missing,
