@@ -146,6 +146,11 @@ class LayerStreamer:
             self._drop(i)
         self._advise(self.first)
 
+    @property
+    def start_offset(self) -> int:
+        """File offset of the first streamed layer's data: a prefetch of the window's resident part stops here."""
+        return self.ranges[self.first][0][0]
+
     def layer_done(self, i: int) -> None:
         """Layer ``i`` has been computed: release it and advise the next one (after the window's last layer
         its first streamed layer, for the next token)."""

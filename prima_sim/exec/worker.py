@@ -108,7 +108,7 @@ def load_windows(
                     model, mode, plan.n_ctx, n_batch, n_threads, n_seq=n_seq, arrays=arrays, streamer=streamer
                 )
             )
-            end = streamer.ranges[streamer.first][0][0] if streamer is not None else None
+            end = streamer.start_offset if streamer is not None else None
             out[s.window] = LoadedWindow(s.window, path, model, ctx, end)
     except BaseException:
         stack.close()

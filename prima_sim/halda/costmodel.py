@@ -418,13 +418,19 @@ class MemoryUse:
         return self.mapped_ram + self.pinned_ram
 
 
+def cpu_split(costs: DeviceCosts, a: DeviceAssignment, rng: tuple[int, int]) -> int:
+    """Where window ``rng`` of ``a`` moves from CPU to GPU layers (its last ``gpu_layers`` run on the GPU when the
+    device has one; otherwise every layer is a CPU layer and this is the window's end)."""
+    return rng[1] - (a.gpu_layers_in(rng) if costs.device.gpu is not None else 0)
+
+
 def memory_use(costs: DeviceCosts, a: DeviceAssignment, is_head: bool) -> MemoryUse:
     """Memory a device needs for assignment ``a`` (exact per layer), and its paging."""
     m = costs.model
     kv = costs.layer_kv_bytes
     w_cpu = w_gpu = kv_cpu = kv_gpu = 0.0
     for start, end in a.layers:
-        split = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
+        split = cpu_split(costs, a, (start, end))
         w_cpu += sum(m.layer_bytes[start:split])
         kv_cpu += sum(kv[start:split])
         w_gpu += sum(m.layer_bytes[split:end])
@@ -518,8 +524,7 @@ def streamed_range(costs: DeviceCosts, a: DeviceAssignment) -> tuple[int, int]:
     layers; empty when it streams none)."""
     if not a.streamed_layers:
         return (0, 0)
-    start, end = a.layers[0]
-    cpu_end = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
+    cpu_end = cpu_split(costs, a, a.layers[0])
     return (cpu_end - a.streamed_layers, cpu_end)
 
 
@@ -530,11 +535,8 @@ def choose_streaming(costs: DeviceCosts, a: DeviceAssignment, is_head: bool) -> 
     mem = costs.memory
     if len(a.layers) != 1 or not mem.can_stream:
         return None
-    plain = a.model_copy(update={"streamed_layers": None})
-    use = memory_use(costs, plain, is_head)
-    start, end = a.layers[0]
-    cpu_end = end - (a.gpu_layers_in((start, end)) if costs.device.gpu is not None else 0)
-    lb = [float(x) for x in costs.model.layer_bytes[start:cpu_end]]
+    use = memory_use(costs, a, is_head)  # what it maps, streamed or not
+    lb = [float(x) for x in costs.model.layer_bytes[a.layers[0][0] : cpu_split(costs, a, a.layers[0])]]
     t = streamed_count(
         use.mapped_ram, float(fit_limit(use.room, mem.kernel_lru)), lb, stream_in_flight_bytes(costs.model)
     )
@@ -676,7 +678,7 @@ def window_paged_bytes(c: DeviceCosts, a: DeviceAssignment, rng: tuple[int, int]
     """Mapped bytes one prefetch must hold at once: a window's paged layers, and for the head's last window
     also the output head, which is advised with it (the logits window of docs/emulation.md finding 9)."""
     start, end = rng
-    split = end - (a.gpu_layers_in(rng) if c.device.gpu is not None else 0)
+    split = cpu_split(c, a, rng)
     lb = c.model.layer_bytes
     nbytes = float(sum(lb[start:split]) + (sum(lb[split:end]) if c.memory.gpu_layers_page else 0))
     if end == c.model.arch.n_layer:
