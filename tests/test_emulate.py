@@ -432,10 +432,29 @@ def test_executor_overhead_lowers_the_budget() -> None:
     assert "executor" in out.sources["ram_available_bytes"]
 
 
+class _QuietGroup:
+    """The cgroup reads a MemorySampler makes that these tests do not look at (a fake group overrides the rest)."""
+
+    def io_read_bytes(self, device: str | None = None) -> int:
+        return 0
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def reset_peak(self) -> None:
+        pass
+
+    def cpu_throttled_s(self) -> float:
+        return 0.0
+
+    def swap_usage(self) -> int:
+        return 0
+
+
 def test_memory_sampler_peaks_and_windows() -> None:
     from prima_sim.emulate.memory import MemorySampler
 
-    class FakeGroup:
+    class FakeGroup(_QuietGroup):
         def __init__(self) -> None:
             self.n = 0
             self.full = 0
@@ -450,15 +469,6 @@ def test_memory_sampler_peaks_and_windows() -> None:
 
         def io_read_bytes(self, device: str | None = None) -> int:
             return 10 * self.n
-
-        def oom_kills(self) -> int:
-            return 0
-
-        def reset_peak(self) -> None:
-            pass
-
-        def cpu_throttled_s(self) -> float:
-            return 0.0
 
         def swap_usage(self) -> int:
             return 5 * self.n
@@ -481,7 +491,7 @@ def test_memory_sampler_lists_at_stop() -> None:
     and the refaults and major faults of the run, from the two full reads only."""
     from prima_sim.emulate.memory import MemorySampler
 
-    class FakeGroup:
+    class FakeGroup(_QuietGroup):
         reads = iter([
             {"anon": 1, "total_active_file": 1 << 20, "total_inactive_file": 2 << 20, "active_file": 5,
              "total_workingset_refault_file": 100, "total_pgmajfault": 7},
@@ -494,21 +504,6 @@ def test_memory_sampler_lists_at_stop() -> None:
 
         def memory_light(self) -> dict:
             return {"anon": 1, "file": 0, "usage": 0, "limit": 0}
-
-        def io_read_bytes(self, device: str | None = None) -> int:
-            return 0
-
-        def oom_kills(self) -> int:
-            return 0
-
-        def reset_peak(self) -> None:
-            pass
-
-        def cpu_throttled_s(self) -> float:
-            return 0.0
-
-        def swap_usage(self) -> int:
-            return 0
 
     s = MemorySampler({"A": FakeGroup()}, interval_s=0.01).start()  # type: ignore[dict-item]
     assert s.lists_at_stop("A") == {}  # not stopped yet
