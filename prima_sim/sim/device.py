@@ -158,7 +158,7 @@ class SimDevice:
         self.ran: set[int] = set()  # windows run so far (the prefetch rule)
         if cfg.warm:
             self.cache.fill(layout.load_order)
-        if self._stream:  # what the load read of the streamed layers is released, the first two are advised
+        if self._stream:  # what the load read of the streamed layers is released, the first one is advised
             for chunks in self._stream:
                 self.cache.release(chunks)
             self._advise_layer(0, 0)
