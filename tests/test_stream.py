@@ -217,7 +217,8 @@ def _pages(spans: list[tuple[int, int]]) -> int:
 def test_streamer_releases_each_streamed_layer_and_keeps_the_rest(smollm2, tmp_path):
     pytest.importorskip("llama_cpp")
     from prima_sim.exec.llamacpp import Model
-    from prima_sim.exec.stream import LayerStreamer, layer_ranges, mapping_base
+    from prima_sim.exec.pagemap import mapping_base
+    from prima_sim.exec.stream import LayerStreamer, layer_ranges
 
     path = tmp_path / "m.gguf"
     path.write_bytes(smollm2.read_bytes())

@@ -21,14 +21,12 @@ Linux only (``madvise`` through libc, ``/proc/self/maps``); elsewhere the window
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
+from prima_sim.exec.pagemap import PAGE, madvise_fn, mapping_base
 from prima_sim.exec.ring import _advice_chunk
 
 log = logging.getLogger(__name__)
@@ -37,22 +35,7 @@ MADV_DONTNEED = 4
 FOLIO_SLOP = 2 << 20
 """How far beyond a released layer's range the release reaches (within the streamed layers): the largest page-cache
 folio readahead makes (a PMD), which the kernel drops only when wholly inside the range."""
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LAYER = re.compile(r"blk\.(\d+)\.")
-_libc: ctypes.CDLL | None = None
-
-
-def _madvise() -> Callable[[int, int, int], int] | None:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
-            return None
-        _libc = ctypes.CDLL(name, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise.restype = ctypes.c_int
-    fn: Callable[[int, int, int], int] = _libc.madvise
-    return fn
 
 
 def layer_ranges(path: Path, n_layer: int) -> list[list[tuple[int, int]]]:
@@ -81,24 +64,6 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((lo, hi))
     return merged
-
-
-def mapping_base(path: Path) -> int | None:
-    """Address of file offset 0 in this process's mapping of ``path`` (llama.cpp maps a shard whole, then unmaps
-    the fragments no tensor uses, its header among them: any remaining piece gives it), or None."""
-    try:
-        st = os.stat(path)
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 5 or int(parts[4]) != st.st_ino:
-                    continue
-                major, minor = (int(x, 16) for x in parts[3].split(":"))
-                if os.makedev(major, minor) == st.st_dev:
-                    return int(parts[0].split("-")[0], 16) - int(parts[2], 16)
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 class LayerStreamer:
@@ -135,7 +100,7 @@ class LayerStreamer:
         self.watch = {f"l_out-{i}".encode(): i for i in range(self.first, self.end)}
         self.fd = os.open(path, os.O_RDONLY)
         self._chunk = _advice_chunk(self.fd)
-        self._madvise = _madvise()
+        self._madvise = madvise_fn()
         self.base = mapping_base(path)
         if self.base is None or self._madvise is None:
             log.warning("%s: its mapping was not found: streamed layers are read ahead but left to the page cache",

@@ -1,0 +1,112 @@
+"""This process's mappings of shard files, seen page by page: where llama.cpp mapped a shard, which of its pages
+are resident in the page cache, and the warm-up that touches them before a window reports ready.
+
+**Why a warm-up.** llama.cpp maps a shard; its load reads the weights into the page cache but does not touch them
+from this process's user space, so the first ``llama_decode`` pays the first touch of every resident page (the
+page-table and, on a virtual machine with shadow paging, the hypervisor's work per 4 KiB page). On the nested
+virtual machines of this project's CI that is 3 us per page: a 1.8 GB window's first 16-token prefill took
+2.6-3.9 s where every later one took 1.25 s (docs/exec.md). llama.cpp's own programs pay it in their warm-up
+decode at start-up (``llama-cli``, ``llama-server``, prima.cpp), before the first prompt's clock starts. The
+executor touches one byte of every *resident* page of a window's mapping instead of decoding: nothing is read
+from disk (a page not in the cache stays out), no compute buffer is grown, and the streamed layers of a window
+(``exec/stream.py``) are left alone.
+
+Linux only (``mincore``/``madvise`` through libc, ``/proc/self/maps``); elsewhere these do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_libc: ctypes.CDLL | None = None
+_ODD = bytes(i & 1 for i in range(256))  # mincore's byte per page: bit 0 = resident, the others reserved
+
+
+def _lib() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return None
+        _libc = ctypes.CDLL(name, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.madvise.restype = ctypes.c_int
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc.mincore.restype = ctypes.c_int
+    return _libc
+
+
+def madvise_fn() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise(addr, length, advice)``, or None where there is no libc."""
+    lib = _lib()
+    if lib is None:
+        return None
+    fn: Callable[[int, int, int], int] = lib.madvise
+    return fn
+
+
+def mapped_spans(path: Path) -> list[tuple[int, int, int]]:
+    """``(start address, end address, file offset)`` of each piece of this process's mappings of ``path``
+    (llama.cpp maps a shard whole, then unmaps the fragments no tensor uses), in address order; [] if none."""
+    out: list[tuple[int, int, int]] = []
+    try:
+        st = os.stat(path)
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 5 or int(parts[4]) != st.st_ino:
+                    continue
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                if os.makedev(major, minor) == st.st_dev:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi, int(parts[2], 16)))
+    except (OSError, ValueError):
+        return []
+    return sorted(out)
+
+
+def mapping_base(path: Path) -> int | None:
+    """Address of file offset 0 in this process's mapping of ``path`` (any remaining piece gives it), or None."""
+    spans = mapped_spans(path)
+    return spans[0][0] - spans[0][2] if spans else None
+
+
+def resident_runs(addr: int, length: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` address runs of the mapped range ``[addr, addr + length)`` (page aligned) whose pages
+    are in memory (``mincore``); [] where it cannot be asked."""
+    lib = _lib()
+    n = length // PAGE
+    if lib is None or n <= 0:
+        return []
+    vec = (ctypes.c_ubyte * n)()
+    if lib.mincore(addr, n * PAGE, vec) != 0:
+        return []
+    bits = bytes(vec).translate(_ODD)
+    runs = []
+    i = bits.find(1)
+    while i >= 0:
+        j = bits.find(0, i)
+        j = n if j < 0 else j
+        runs.append((addr + i * PAGE, addr + j * PAGE))
+        i = bits.find(1, j)
+    return runs
+
+
+def touch_resident(path: Path, end: int | None = None) -> int:
+    """Read one byte of every resident page of this process's mappings of ``path`` (file offsets below ``end``,
+    if given), so that the first compute finds them mapped; returns the bytes touched. Reads nothing from disk:
+    a page that left the cache between ``mincore`` and the touch is the only one faulted in."""
+    touched = 0
+    for lo, hi, off in mapped_spans(path):
+        if end is not None:
+            hi = min(hi, lo + max(0, end - off) // PAGE * PAGE)
+        for a, b in resident_runs(lo, hi - lo):
+            view = (ctypes.c_ubyte * (b - a)).from_address(a)
+            bytes(memoryview(view)[::PAGE])  # one byte per page, copied in C
+            touched += b - a
+    return touched
