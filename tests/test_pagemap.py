@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from prima_sim.exec.pagemap import PAGE, mapped_spans, mapping_base, resident_runs, touch_resident
+from prima_sim.exec.pagemap import PAGE, mapped_spans, mapping_base, residency, resident_runs, touch_resident
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/self/maps")
 
@@ -33,9 +33,11 @@ def test_touch_resident_touches_the_cached_pages_only(tmp_path):
             assert base == spans[0][0]
             cached = _resident(base, n)
             assert cached == n - 4 * mib  # the dropped pages are out (mincore sees the page cache)
+            assert residency(path) == (cached, n) and residency(path, end=4 * mib) == (4 * mib, 4 * mib)
             assert touch_resident(path) == cached
             assert _resident(base, n) == cached  # nothing was read in
-            assert touch_resident(path, end=2 * mib + 100) == 2 * mib  # a window's streamed part is not touched
+            # a window's streamed part (from end on) is not touched
+            assert touch_resident(path, end=2 * mib + 100) == 2 * mib
             assert m[0:1]  # still a valid mapping
     finally:
         os.close(fd)
@@ -46,3 +48,31 @@ def test_unmapped_file_has_no_spans(tmp_path):
     path.write_bytes(b"\0" * PAGE)
     assert mapped_spans(path) == [] and mapping_base(path) is None and touch_resident(path) == 0
     assert mapped_spans(tmp_path / "missing") == []
+
+
+def test_warm_up_skips_a_paging_device_with_several_windows(tmp_path):
+    from prima_sim.exec.worker import LoadedWindow, warm_up
+
+    mib = 1 << 20
+    paths = []
+    for name in ("w0.bin", "w1.bin"):
+        p = tmp_path / name
+        p.write_bytes(os.urandom(8 * mib))
+        paths.append(p)
+    os.sync()
+    fd = os.open(paths[0], os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 4 * mib, os.POSIX_FADV_DONTNEED)  # w0 half evicted, as a k = 2 load leaves it
+    os.close(fd)
+    files = [open(p, "rb") for p in paths]  # noqa: SIM115
+    maps = [mmap.mmap(f.fileno(), 8 * mib, prot=mmap.PROT_READ) for f in files]
+    try:
+        wins = [LoadedWindow(i, p, None, None) for i, p in enumerate(paths)]  # type: ignore[arg-type]
+        assert warm_up(wins) == 0  # several windows, one paging: nothing touched
+        assert warm_up(wins[:1]) == 4 * mib  # one window: its resident part
+        assert warm_up(wins[1:]) == 8 * mib
+        assert residency(paths[0]) == (4 * mib, 8 * mib)  # and nothing was read in
+    finally:
+        for m in maps:
+            m.close()
+        for f in files:
+            f.close()

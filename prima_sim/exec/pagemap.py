@@ -9,7 +9,9 @@ virtual machines of this project's CI that is 3 us per page: a 1.8 GB window's f
 decode at start-up (``llama-cli``, ``llama-server``, prima.cpp), before the first prompt's clock starts. The
 executor touches one byte of every *resident* page of a window's mapping instead of decoding: nothing is read
 from disk (a page not in the cache stays out), no compute buffer is grown, and the streamed layers of a window
-(``exec/stream.py``) are left alone.
+(``exec/stream.py``) are left alone. A device with several windows that do not all stay resident (k > 1 paging)
+is not warmed: the pages its load left are those of its last windows, which its first window's faults will evict
+before they run, and touched (mapped, young) pages would only be harder to reclaim.
 
 Linux only (``mincore``/``madvise`` through libc, ``/proc/self/maps``); elsewhere these do nothing.
 """
@@ -97,14 +99,30 @@ def resident_runs(addr: int, length: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _spans_below(path: Path, end: int | None) -> list[tuple[int, int]]:
+    """The address ranges of this process's mappings of ``path`` that map file offsets below ``end`` (all: None)."""
+    out = []
+    for lo, hi, off in mapped_spans(path):
+        if end is not None:
+            hi = min(hi, lo + max(0, end - off) // PAGE * PAGE)
+        if hi > lo:
+            out.append((lo, hi))
+    return out
+
+
+def residency(path: Path, end: int | None = None) -> tuple[int, int]:
+    """``(resident, mapped)`` bytes of this process's mappings of ``path`` below file offset ``end``."""
+    spans = _spans_below(path, end)
+    resident = sum(b - a for lo, hi in spans for a, b in resident_runs(lo, hi - lo))
+    return resident, sum(hi - lo for lo, hi in spans)
+
+
 def touch_resident(path: Path, end: int | None = None) -> int:
     """Read one byte of every resident page of this process's mappings of ``path`` (file offsets below ``end``,
     if given), so that the first compute finds them mapped; returns the bytes touched. Reads nothing from disk:
     a page that left the cache between ``mincore`` and the touch is the only one faulted in."""
     touched = 0
-    for lo, hi, off in mapped_spans(path):
-        if end is not None:
-            hi = min(hi, lo + max(0, end - off) // PAGE * PAGE)
+    for lo, hi in _spans_below(path, end):
         for a, b in resident_runs(lo, hi - lo):
             view = (ctypes.c_ubyte * (b - a)).from_address(a)
             bytes(memoryview(view)[::PAGE])  # one byte per page, copied in C

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from prima_sim.exec import wire
 from prima_sim.exec.hosts import Endpoints
 from prima_sim.exec.llamacpp import Model, Window, supports_gpu_offload
 from prima_sim.exec.manifest import DeviceManifest, shard_path
-from prima_sim.exec.pagemap import touch_resident
+from prima_sim.exec.pagemap import residency, touch_resident
 from prima_sim.exec.ring import (
     HEARTBEAT_INTERVAL_S,
     LINGER_MS,
@@ -113,18 +113,31 @@ def load_windows(
             )
             end = streamer.start_offset if streamer is not None else None
             out[s.window] = LoadedWindow(s.window, path, model, ctx, end)
-        warm_up(out.values())
+        warm_up(list(out.values()))
     except BaseException:
         stack.close()
         raise
     return out, stack
 
 
-def warm_up(windows: Iterable[LoadedWindow]) -> int:
+WARM_RESIDENT = 0.98
+"""A device with several windows is warmed only when this share of each is resident after its load (not paging)."""
+
+
+def warm_up(windows: Sequence[LoadedWindow]) -> int:
     """Touch every resident page of the windows' mappings (their streamed layers excepted), as llama.cpp's own
-    warm-up decode does before a first prompt (:func:`prima_sim.exec.pagemap.touch_resident`): the first step's
-    compute then runs at the speed of every later one. Returns the bytes touched."""
+    warm-up decode does before a first prompt (:mod:`prima_sim.exec.pagemap`): the first step's compute then runs
+    at the speed of every later one. A device with one window is always warmed (what its load left resident is
+    what its first step uses); one with several only if every window is resident (``WARM_RESIDENT``). Returns the
+    bytes touched."""
     t0 = time.perf_counter()
+    if len(windows) > 1:
+        for w in windows:
+            res, mapped = residency(w.path, w.advise_end)
+            if res < WARM_RESIDENT * mapped:
+                log.info("not warmed: window %d is %.0f of %.0f MiB resident (its windows page)", w.index,
+                         res / 2**20, mapped / 2**20)  # fmt: skip
+                return 0
     n = sum(touch_resident(w.path, w.advise_end) for w in windows)
     if n:
         log.info("warmed %.0f MiB of resident weights in %.2f s", n / 2**20, time.perf_counter() - t0)
