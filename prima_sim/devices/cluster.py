@@ -72,6 +72,10 @@ def check_device_names(names: list[str], head: str) -> None:
 FINGERPRINT_NEUTRAL: dict[str, object] = {"cpu_row_flops": {}}
 """Device profile fields added after plans were written, left out of the cluster's fingerprint at these values (a
 profile without the measurement), so a plan made before a field existed still matches its cluster."""
+FINGERPRINT_SIM_ONLY = ("disk_throttle_slice_s",)
+"""Device profile fields that only the simulator reads (the planner and the cost model do not): left out of the
+fingerprint whatever their value, so a plan still matches its cluster when they are added afterwards (re-predicting
+an emulation run made before they existed)."""
 
 
 class Cluster(FrozenModel):
@@ -154,6 +158,8 @@ class Cluster(FrozenModel):
             for key, neutral in FINGERPRINT_NEUTRAL.items():
                 if d.get(key) == neutral:
                     del d[key]
+            for key in FINGERPRINT_SIM_ONLY:
+                d.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

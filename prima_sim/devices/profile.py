@@ -156,6 +156,13 @@ class DeviceProfile(FrozenModel):
     disk_rand_read_bps: PositiveBandwidth = Field(
         description="4 KiB random read bandwidth (macOS pages in with these)"
     )
+    disk_throttle_slice_s: Seconds | None = Field(
+        default=None,
+        description="the disk is a Linux cgroup read limit (blk-throttle) at disk_seq_read_bps over a faster disk, "
+        "as prima-sim emulate makes each device's: the limit grants its budget in slices of this length (100 ms "
+        "on Linux 6.x), so a read after a pause gets up to a slice's bytes at once; the simulator serves such a "
+        "disk's reads as the kernel lets them through (prima_sim.sim.disk.BlkThrottle). Unset = a real disk",
+    )
     # Added for prima_sim.emulate (owner: emulation): optional, empty = memory_bandwidth_bps for every type.
     matvec_bps: Annotated[dict[str, PositiveBandwidth], BeforeValidator(lower_keys)] = Field(
         default_factory=dict,
@@ -211,6 +218,10 @@ class DeviceProfile(FrozenModel):
         if self.swap_available_bytes > self.swap_total_bytes:
             raise ValueError(f"swap_available_bytes ({fmt_bytes(self.swap_available_bytes)}) exceeds swap_total_bytes "
                              f"({fmt_bytes(self.swap_total_bytes)})")  # fmt: skip
+        if self.disk_throttle_slice_s is not None and self.disk_throttle_slice_s <= 0:
+            raise ValueError(
+                "disk_throttle_slice_s must be > 0 (leave it out for a disk without a read limit)"
+            )
         if self.gpu is not None and self.gpu.kind == "metal" and self.os != "macos":
             raise ValueError("a Metal GPU needs os = 'macos'")
         return self

@@ -40,7 +40,7 @@ from prima_sim.metrics import SpanKind
 from prima_sim.plan import DeviceAssignment
 from prima_sim.sim.compute import ComputeUnit
 from prima_sim.sim.config import PAGE_BYTES, Jitter, component_rng
-from prima_sim.sim.disk import DONE, SERVING, Disk, Read
+from prima_sim.sim.disk import DONE, SERVING, BlkThrottle, Disk, Read
 from prima_sim.sim.layout import OUT, DeviceLayout, Work
 from prima_sim.sim.pagecache import PageCache
 from prima_sim.sim.ring import Message, Ring
@@ -136,7 +136,9 @@ class SimDevice:
                                protected_bytes=frozen)  # fmt: skip
         self.swapped_at_start = (max(0.0, use.pinned_ram - (mem.ram_budget_bytes - mem.swap_out_first_bytes))
                                  if mem.swap_out_first_bytes > 0 else 0.0)  # fmt: skip
-        self.disk = Disk(self.env, self.name, self._read_starts, self._read_done)
+        slice_s = profile.disk_throttle_slice_s
+        self.disk = Disk(self.env, self.name, self._read_starts, self._read_done,
+                         BlkThrottle(slice_s) if slice_s else None)  # fmt: skip
         self.cpu = ComputeUnit(
             self.name, "cpu", costs, Jitter(cfg.jitter, component_rng(cfg.seed, f"{self.name}/cpu"))
         )
