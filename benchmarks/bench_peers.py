@@ -74,6 +74,7 @@ from prima_sim.devices.cluster import Cluster, Link, LinkSpec  # noqa: E402
 from prima_sim.devices.model import model_profile_from_gguf  # noqa: E402
 from prima_sim.emulate import calibrate as cal_mod  # noqa: E402
 from prima_sim.emulate import cgroups as cg  # noqa: E402
+from prima_sim.emulate.disk import with_read_limits  # noqa: E402
 from prima_sim.emulate.emulator import EmulateOptions  # noqa: E402
 from prima_sim.emulate.links import measure_links  # noqa: E402
 from prima_sim.emulate.memory import MemorySampler  # noqa: E402
@@ -400,6 +401,7 @@ class Bench:
             cluster = Cluster(name=sc.name, devices=tuple(profiles[d.name] for d in tb.ring), head=sc.head_name,
                               default_link=LinkSpec(bandwidth_bps=sc.network.bandwidth, latency_s=0.0),
                               links=tuple(links))  # fmt: skip
+            cluster = with_read_limits(cluster, sc)
             dump_model(cluster, out / "cluster.json")
             plans = make_plans(sc, cluster, model, wl, out, raw_profiles=raw_profiles,
                                overheads=fp)  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
+from prima_sim.emulate.disk import with_read_limits
 from prima_sim.emulate.models import ensure_model
 from prima_sim.emulate.scenario import load_scenario
 from prima_sim.halda.costmodel import predict
@@ -50,6 +51,7 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
     """The scenario's rows with predictions made by the current code."""
     rows: list[dict[str, Any]] = json.loads((scenario_dir / "rows.json").read_text())
     cluster = Cluster.model_validate_json((scenario_dir / "cluster.json").read_text())
+    throttled: Cluster | None = None
     out = []
     for r in rows:
         pf = scenario_dir / "plans" / f"{r['scheduler']}.json"
@@ -58,6 +60,9 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
             out.append(r)
             continue
         sc = load_scenario(r["scenario"])
+        if throttled is None:
+            # runs made before profiles said so: every device with a disk_read limit read a blk-throttled disk
+            throttled = with_read_limits(cluster, sc)
         if sc.name not in models:
             models[sc.name] = model_profile_from_gguf(ensure_model(sc.model))
         model = models[sc.name]
@@ -66,8 +71,8 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
             n_ctx=plan.n_ctx, prompt_tokens=int(r["prompt_tokens"]), decode_tokens=int(r["decode_tokens"])
         )
         prefetch = str(r["prefetch"]).lower() == "true"
-        ana = predict(plan, cluster, model, wl, prefetch=prefetch)
-        sim = simulate(plan, cluster, model, wl, SimConfig(prefetch=prefetch, warm=True))
+        ana = predict(plan, throttled, model, wl, prefetch=prefetch)
+        sim = simulate(plan, throttled, model, wl, SimConfig(prefetch=prefetch, warm=True))
         meas, meas_ttft = float(r["tpot_meas_s"]), float(r["ttft_meas_s"])
         disk = sum(st["sim_disk_bytes_per_decode_token"] for st in sim.device_stats.values())
         new = dict(r)

@@ -23,11 +23,33 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prima_sim.emulate.resources import PREFIX, RUN_ID, Registry
 from prima_sim.errors import EmulationError
 
+if TYPE_CHECKING:
+    from prima_sim.devices.cluster import Cluster
+    from prima_sim.emulate.scenario import Scenario
+
 DEFAULT_READAHEAD_BYTES = 128 << 10
+
+BLK_THROTTLE_SLICE_S = 0.1
+"""The slice in which Linux 6.x's blk-throttle grants a cgroup's read budget (``DFL_THROTL_SLICE`` = HZ/10, the
+same for every disk since the low limit was removed; the loop and virtio disks here report rotational = 1,
+which older kernels gave 100 ms too)."""
+
+
+def with_read_limits(cluster: Cluster, scenario: Scenario) -> Cluster:
+    """``cluster`` with each device whose scenario gives it a disk read limit (``disk_read``) marked as having a
+    blk-throttled disk (``DeviceProfile.disk_throttle_slice_s``), so the simulator lets its reads through as the
+    kernel does: a slice's budget at once after a pause, not a steady rate. Devices without a limit read the
+    physical disk unthrottled and stay as they are; so does a profile that already says."""
+    limited = {d.name for d in scenario.devices if d.disk_read}
+    devs = tuple(d.model_copy(update={"disk_throttle_slice_s": BLK_THROTTLE_SLICE_S})
+                 if d.name in limited and d.disk_throttle_slice_s is None else d
+                 for d in cluster.devices)  # fmt: skip
+    return cluster.model_copy(update={"devices": devs})
 
 
 DISK_TOOLS = "the emulated disk needs util-linux (losetup, mount) and e2fsprogs (mkfs.ext4); or set [disk] emulated = false"

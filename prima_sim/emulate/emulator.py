@@ -41,6 +41,7 @@ from prima_sim.devices.cluster import Cluster, LinkSpec
 from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
 from prima_sim.emulate import cgroups as cg
 from prima_sim.emulate.calibrate import Calibrator, executor_overhead, with_executor_overhead
+from prima_sim.emulate.disk import with_read_limits
 from prima_sim.emulate.links import measure_links
 from prima_sim.emulate.models import count_prompt_tokens, ensure_model
 from prima_sim.emulate.predict import make_plans, predict_at_run, simulate_plan, stock_twin
@@ -201,6 +202,7 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
             devices=tuple(profiles[d.name] for d in tb.ring), head=sc.head_name,
             default_link=LinkSpec(bandwidth_bps=sc.network.bandwidth, latency_s=sc.network.latency), links=tuple(links),
         )  # fmt: skip
+        cluster = with_read_limits(cluster, sc)
         dump_model(cluster, out / "cluster.json")
         preds = make_plans(sc, cluster, model, wl, out, schedulers=opts.schedulers, raw_profiles=raw_profiles,
                            overheads=fp)  # fmt: skip
