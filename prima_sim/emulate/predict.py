@@ -53,6 +53,7 @@ def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload
         if name != sc.head_name and name in raw_profiles and overheads.head:  # it is the head now
             ov = executor_overhead(overheads, is_head=True)
             dev = with_executor_overhead(raw_profiles[name], sc.device(name).memory, ov, True)
+            dev = dev.model_copy(update={"disk_throttle_slice_s": cluster.device(name).disk_throttle_slice_s})
         one = cluster.model_copy(update={"devices": (dev,), "head": name, "links": ()})
         try:
             plan = manual_plan(one, model, wl, [model.arch.n_layer])
