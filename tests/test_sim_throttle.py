@@ -12,8 +12,11 @@ import simpy
 from prima_sim.devices.cluster import Cluster
 from prima_sim.emulate.disk import BLK_THROTTLE_SLICE_S, with_read_limits
 from prima_sim.emulate.scenario import load_scenario
+from prima_sim.halda.planner import manual_plan
+from prima_sim.sim import SimConfig, simulate
 from prima_sim.sim.disk import JIFFY_S, BlkThrottle, Disk, Read
-from tests.factories import device
+from prima_sim.workload import Workload
+from tests.factories import device, smollm2_model
 
 MB = 1e6
 BPS = 300 * MB  # the memory-starved scenario's limit
@@ -135,6 +138,28 @@ def test_the_streamer_pattern_takes_the_measured_times():
 def test_a_steady_rate_disk_misses_the_streamer_measurements():
     _, l4 = _streamer(0.117, None)
     assert statistics.mean(l4) > 2 * 0.0415  # 34 MB at 300 MB/s is 113 ms, measured 41
+
+
+# --- drop-behind streaming on a throttled disk ---------------------------------------------------------------------
+@pytest.mark.parametrize("mem_mib", range(18, 30))
+def test_streaming_on_a_throttled_disk_reads_the_streamed_layers_and_evicts_nothing(mem_mib):
+    # a room for the resident layers and one streamed layer, some with under a chunk to spare (19 MiB: 0.4 MiB): a
+    # fault near a streamed layer's end must not read the next streamed layer ahead, which a throttled disk would
+    # deliver at once (a slice's budget), before the layer is released, pushing a resident layer out
+    model = smollm2_model()  # 30 layers of 2.1 MiB
+    wl = Workload(prompt_tokens=8, decode_tokens=6, n_ctx=256)
+    devs = [device(f"D{i}", ram_available_bytes=m << 20, ram_total_bytes=m << 20, os="linux", disk_seq_read_bps=BPS,
+                   disk_rand_read_bps=BPS, disk_throttle_slice_s=S) for i, m in enumerate([1024, 1024, mem_mib])]  # fmt: skip
+    cluster = Cluster(name="stream", devices=devs)
+    plan = manual_plan(cluster, model, wl, [10, 10, 10])
+    streamed = plan.device("D2").streamed_layers
+    assert streamed
+    for chunk in (1 << 20, 512 << 10):
+        st = simulate(plan, cluster, model, wl, SimConfig(seed=1, chunk_bytes=chunk)).device_stats["D2"]
+        assert st["evictions"] == 0
+        assert st["sim_disk_bytes_per_decode_token"] == pytest.approx(
+            streamed * model.layer_bytes[-1], rel=0.01
+        )
 
 
 # --- profiles -------------------------------------------------------------------------------------------------
