@@ -92,8 +92,14 @@ def test_a_streaming_worker_reads_its_first_streamed_layer_while_it_waits(model)
     assert d2.prefetch  # its first streamed layer is read behind the others' work: the load bound applies
     layer = model.layer_bytes[-1]
     streamed = plan.device("D2").streamed_layers * layer
-    work = d2.compute_s + d2.memory_s + d2.overhead_s
-    assert d2.disk_s == pytest.approx(max(0.0, (streamed - layer) / 300e6 - work), rel=1e-6, abs=1e-9)
+    t = plan.device("D2").streamed_layers
+    per_layer = (d2.compute_s + d2.memory_s) / 10  # uniform layers
+    # the other streamed layers are each advised when the one before is released: their reads overlap only
+    # their own compute, not the window's resident layers (before this, the whole work hid them: a 2-device
+    # plan streaming 2 of 17 layers was priced 1064 ms, simulated 1348, measured 1429; docs/halda.md)
+    assert d2.disk_s == pytest.approx(max(0.0, (streamed - layer) / 300e6 - (t - 1) * per_layer), rel=1e-6,
+                                      abs=1e-9)  # fmt: skip
+    assert d2.disk_s > 0
     assert plan.prediction.tpot_s >= streamed / 300e6  # never faster than its disk
     # the head alone (or as head) gets no such credit
     head = manual_plan(_cluster([50]), model, WL, [30])

@@ -470,14 +470,20 @@ class Paging:
         reread: weight bytes read again per token (:meth:`MemoryBehaviour.reread_fraction` x mapped).
         hidden: the part read by prefetch while the other devices work (up to one read of each byte).
         fault: the part read by page faults in the device's own windows (the rest: when a prefetched window
-            does not fit its room, the advice evicts its own reads and the faults read them again).
+            does not fit its room, the advice evicts its own reads and the faults read them again), which
+            readahead overlaps with the device's whole work; streamed layers' reads are not in it.
         prefetching: the device advises its next window after each send.
+        streamed: bytes of streamed layers read while the device computes (drop-behind: each advised only when
+            the layer before it is released, so its read overlaps nothing but its own layers' compute).
+        overlap: the layers ``[start, end)`` whose compute those reads overlap (empty without streaming).
     """
 
     reread: float
     hidden: float
     fault: float
     prefetching: bool
+    streamed: float = 0.0
+    overlap: tuple[int, int] = (0, 0)
 
 
 def device_paging(
@@ -504,8 +510,9 @@ def device_paging(
         rest = costs.memory.reread_bytes(
             use.mapped_ram - tail + stream_in_flight_bytes(costs.model), use.room
         )
-        idle = float(lb[start]) if n_devices >= 2 and not is_head else 0.0
-        return Paging(tail + rest, idle, tail + rest - idle, idle > 0)
+        hides_first = n_devices >= 2 and not is_head
+        idle = float(lb[start]) if hides_first else 0.0
+        return Paging(tail + rest, idle, rest, idle > 0, tail - idle, (start + int(hides_first), end))
     prefetching = prefetch and len(a.layers) >= 2 and n_devices >= 2
     windows = [window_paged_bytes(costs, a, r) for r in a.layers] if prefetching else []
     reread = costs.memory.reread_bytes(use.mapped_ram, use.room, prefetching, windows)
@@ -661,8 +668,13 @@ def step_breakdown(
         load = c.memory.read_seconds(read_b) if pg.hidden > 0 else 0.0
         if load > load_bound:
             load_bound, bound = load, f"disk of {a.name}"
-        # faults stall the device's own compute, which overlaps the disk through readahead
+        # faults stall the device's own compute, which overlaps the disk through readahead; a streamed layer's
+        # read only its own layers' compute (it is advised when the layer before it is released)
         per[a.name]["disk"] += max(0.0, c.memory.read_seconds(pg.fault + emb) - work[a.name])
+        if pg.streamed > 0:
+            sums = c.layer_sums(n_tokens, n_kv)
+            overlap = float(sums.cpu[pg.overlap[1]] - sums.cpu[pg.overlap[0]])
+            per[a.name]["disk"] += max(0.0, c.memory.read_seconds(pg.streamed) - overlap)
     chain = sum(sum(v.values()) for v in per.values()) + head_s
     times = tuple(
         DeviceTimes(name=a.name, compute_s=per[a.name]["compute"], memory_s=per[a.name]["memory"],

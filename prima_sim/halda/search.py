@@ -259,11 +259,20 @@ def k_tables(ra: RingArrays, k: int, prefetch: bool, stream: bool = True) -> KTa
         streamed = np.take(flat_b, row + m) - np.take(flat_b, row + m - t)
         first = np.take(flat_b, row + np.minimum(m - t + 1, m)) - np.take(flat_b, row + m - t)
         use = col["can_stream"] & (t > 0) & (streamed < reread)
+        hides = use & (dev != M - 1)
         reread = np.where(use, streamed, reread)
-        hidden = np.where(use & (dev != M - 1), first, hidden)
+        hidden = np.where(hides, first, hidden)
+        # a streamed layer's read overlaps only its own layers' compute (those after a hidden first one)
+        cpu_flat = Qc.ravel()
+        crow = dev * Qc.shape[1]
+        overlap = np.take(cpu_flat, crow + m) - np.take(cpu_flat, crow + m - t + hides.astype(int))
+        stream_stall = np.where(use, np.maximum(0.0, (streamed - hidden) / col["bps"] - overlap), 0.0)
+        faulted = np.where(use, 0.0, reread - hidden)
+    else:
+        stream_stall, faulted = np.zeros_like(reread), reread - hidden
     # one disk serves the advice and the faults (costmodel.step_breakdown)
     load = np.where(hidden > 0, (reread + col["emb"]) / col["bps"], 0.0)
-    chain = work + np.maximum(0.0, (reread - hidden + col["emb"]) / col["bps"] - work)
+    chain = work + np.maximum(0.0, (faulted + col["emb"]) / col["bps"] - work) + stream_stall
     full_chain = np.full((M, C, W + 1, W + 1), INF)
     full_chain[:, :, si, ei] = np.where(ok, chain, INF)
     full_load = np.zeros((M, C, W + 1, W + 1))
