@@ -182,6 +182,31 @@ def test_cold_start_reads_everything_warm_start_nothing(m8):
     assert cold.tpot_s == pytest.approx(warm.tpot_s, rel=1e-6)
 
 
+def test_a_chunk_whose_read_ends_during_the_compute_before_its_touch_is_a_hit(m8, monkeypatch):
+    """Compute slower than the disk: the readahead of the next chunk completes while the current one is
+    computed, so the touch finds it resident. It is a hit: no fault is counted and nothing is queued for it (a
+    fault was taken on the resident chunk after waiting out the compute: page_faults inflated, an extra
+    readahead queued)."""
+    from prima_sim.sim import device as sim_device
+
+    on_resident = []
+    fault = sim_device.SimDevice._fault
+
+    def checked(self, chunk):
+        if self.cache.resident(chunk):
+            on_resident.append((self.name, chunk))
+        return fault(self, chunk)
+
+    monkeypatch.setattr(sim_device.SimDevice, "_fault", checked)
+    h = toy_device("H", memory_bandwidth_bps=2e9, ram_total_bytes=64 * 2**30)
+    b = toy_device("B", disk_seq_read_bps=20e9, memory_bandwidth_bps=0.5e9)
+    c = with_room(toy_cluster([h, b]), m8, [10, 6], None, "B", 3.5 * m8.layer_bytes[0])
+    plan = manual_plan(c, m8, WL, [10, 6], stream=False)
+    res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False))
+    assert per_token(res, "B", "disk_read_bytes") > 0, "B pages"
+    assert on_resident == []
+
+
 # --- OS behaviours -----------------------------------------------------------------------------------------------
 def test_metal_reloads_the_whole_working_set_when_over_its_limit(m8):
     mac = toy_device("M", os="macos", unified_memory=True, gpu=toy_gpu("metal", vram_bytes=8 * 2**30))

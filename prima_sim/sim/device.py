@@ -394,6 +394,14 @@ class SimDevice:
                 if pending > 0:
                     yield env.timeout(pending)
                     rec.add(name, kind, t0, env.now, token, label)
+                    if resident(chunk):  # its read completed during that compute: a hit, not a fault
+                        t0 = env.now
+                        touch(chunk)
+                        if chunk in marks:
+                            marks.discard(chunk)
+                            self._readahead(chunk)
+                        pending = dt
+                        continue
                 t_touch = env.now
                 r = self._fault(chunk)
             pending = 0.0
