@@ -376,6 +376,17 @@ class SimDevice:
                 yield env.timeout(pending)
                 rec.add(name, kind, t0, env.now, token, label)
                 t0, pending = env.now, 0.0
+            if not resident(chunk):
+                r = inflight.get(chunk)
+                t_touch = env.now + pending
+                # the chunk is being read and arrives after the compute before it ends: nothing else can happen on
+                # this device's disk meanwhile, so one wait covers both
+                serving = r is not None and r.state == SERVING and r.end_s >= t_touch
+                if not serving and pending > 0:
+                    # the compute before the touch first: the chunk's read may complete meanwhile (a hit, below)
+                    yield env.timeout(pending)
+                    rec.add(name, kind, t0, env.now, token, label)
+                    t0, pending = env.now, 0.0
             if resident(chunk):
                 touch(chunk)
                 if chunk in marks:
@@ -383,25 +394,10 @@ class SimDevice:
                     self._readahead(chunk)
                 pending += dt
                 continue
-            r = inflight.get(chunk)
-            t_touch = env.now + pending
-            if r is not None and r.state == SERVING and r.end_s >= t_touch:
-                # the chunk is being read and arrives after the compute before it ends: nothing else can
-                # happen on this device's disk meanwhile, so one wait covers both
+            if serving and r is not None:  # (serving implies a read in flight)
                 if pending > 0:
                     rec.add(name, kind, t0, t_touch, token, label)
             else:
-                if pending > 0:
-                    yield env.timeout(pending)
-                    rec.add(name, kind, t0, env.now, token, label)
-                    if resident(chunk):  # its read completed during that compute: a hit, not a fault
-                        t0 = env.now
-                        touch(chunk)
-                        if chunk in marks:
-                            marks.discard(chunk)
-                            self._readahead(chunk)
-                        pending = dt
-                        continue
                 t_touch = env.now
                 r = self._fault(chunk)
             pending = 0.0
