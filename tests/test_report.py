@@ -51,6 +51,32 @@ def test_append_and_summarize(tmp_path: Path) -> None:
     assert "median 2.0%" in text and "single-X / halda" in text
 
 
+def test_paging_bytes_are_compared_per_plan(tmp_path: Path) -> None:
+    """Bytes read per token: a plan pages when either side reads >= 1 MiB per token; the summary counts the plans
+    whose simulated bytes are within 10% of the measured median, and those within 10% of the repetitions' range."""
+    p = tmp_path / "e.csv"
+    append_rows(p, [
+        _row("a", "halda", 1.0, 1.0, 1.0, disk_read_mib_per_token=0.2, sim_disk_read_mib_per_token=0.0),  # resident
+        _row("a", "k2", 1.0, 1.0, 1.0, disk_read_mib_per_token=100.0, sim_disk_read_mib_per_token=105.0,
+             disk_read_mib_per_token_reps="100.0;98.0;103.0"),
+        _row("a", "stock", 1.0, 1.0, 1.0, disk_read_mib_per_token=3000.0, sim_disk_read_mib_per_token=2500.0,
+             disk_read_mib_per_token_reps="3000.0;2510.0;3100.0"),
+        _row("b", "halda", 1.0, 1.0, 1.0, disk_read_mib_per_token=0.0, sim_disk_read_mib_per_token=50.0),
+    ])  # fmt: skip
+    s = summarize_rows(read_rows(p))
+    pg = {(x["scenario"], x["scheduler"]): x for x in s["paging_bytes"]}
+    assert set(pg) == {("a", "k2"), ("a", "stock"), ("b", "halda")}  # the resident plan is not a paging plan
+    assert pg[("a", "k2")]["err_pct"] == pytest.approx(5.0) and pg[("a", "k2")]["in_reps"]
+    assert pg[("a", "stock")]["err_pct"] == pytest.approx(-100 / 6) and pg[("a", "stock")]["in_reps"]
+    assert pg[("b", "halda")]["reps_mib"] == [] and not pg[("b", "halda")]["in_reps"]
+    assert pg[("b", "halda")]["err_pct"] == math.inf  # simulated paging where nothing was read
+    text = format_summary(s)
+    assert "within 10% on 1 of 3" in text and "range on 2 of 2" in text
+    assert (
+        "outside: a/stock: 3000 MiB measured (repetitions 3000, 2510, 3100), 2500 simulated (-16.7%)" in text
+    )
+
+
 def test_failed_rows_are_listed_not_counted(tmp_path: Path) -> None:
     p = tmp_path / "e.csv"
     append_rows(p, [_row("a", "halda", 1.0, math.nan, 1.0, status="failed", error="worker B was OOM-killed")])

@@ -209,6 +209,11 @@ class PlanRun:
         return {n: statistics.median(v) for n, v in per.items() if v}
 
     @property
+    def rep_decode_disk_bytes(self) -> list[float]:
+        """Bytes read from disk per decode token, all devices together, of every finished run that measured them."""
+        return [sum(r.decode_disk_bytes.values()) for r in self.ok_runs if r.decode_disk_bytes]
+
+    @property
     def run_rates(self) -> Mapping[str, float]:
         """Per device: the layers' streaming rate measured around the runs (empty without)."""
         return self.at_run.rates if self.at_run else {}

@@ -111,6 +111,7 @@ def make_row(sc: Scenario, model_path: Path, model: ModelProfile, wl: Workload, 
             if pr.decode_disk_bytes_per_token
             else math.nan
         ),
+        "disk_read_mib_per_token_reps": ";".join(f"{v / 2**20:.1f}" for v in pr.rep_decode_disk_bytes),
         "disk_read_per_device_mib": ";".join(
             f"{n}:{v / 2**20:.1f}" for n, v in pr.decode_disk_bytes_per_token.items()
         ),

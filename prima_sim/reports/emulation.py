@@ -35,10 +35,14 @@ COLUMNS: tuple[str, ...] = (
     "tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct", "run_bw_gbps",
     "mem_limits_mib", "mem_pressure", "mem_pressure_max_pct", "mem_pressure_model_max_pct", "page_cache_mib",
     "sim_mem_pressure_max_pct", "runtime_anon_mib", "disk_read_mib_per_token", "sim_disk_read_mib_per_token",
-    "disk_read_per_device_mib", "compute_sim_ms", "compute_meas_ms", "recv_wait_meas_ms", "cpu_throttled_ms_per_token",
+    "disk_read_mib_per_token_reps", "disk_read_per_device_mib", "compute_sim_ms", "compute_meas_ms", "recv_wait_meas_ms", "cpu_throttled_ms_per_token",
     "host", "date", "run_id", "version", "error",
 )  # fmt: skip
 """Columns of ``emulation.csv``, in order."""
+PAGING_MIB_PER_TOKEN = 1.0
+"""A plan pages when it reads (measured or simulated) at least this many MiB from disk per decode token."""
+BYTES_TOLERANCE = 0.10
+"""Issue 11's goal for simulated against measured bytes read per token on a paging plan."""
 SINGLE_PREFIX = "single-"
 """Label prefix of a plan running the whole model on one device with prima-sim's executor."""
 STOCK_PREFIX = "llama.cpp-"
@@ -210,6 +214,16 @@ def summarize_rows(rows: Sequence[dict[str, str]], all_rows: bool = False) -> di
                 ss, sr = _f(sv["tpot_sim_s"]), _f(rv["tpot_sim_s"])
                 ratios.append({"scenario": scn, "single": sk, "ring": rk, "measured_ratio": ms / mr if mr > 0 else math.nan,
                                "simulated_ratio": ss / sr if sr > 0 else math.nan})  # fmt: skip
+    paging = []
+    for r in ok:
+        meas, sim = _f(r.get("disk_read_mib_per_token")), _f(r.get("sim_disk_read_mib_per_token"))
+        if not (math.isfinite(meas) and math.isfinite(sim)) or max(meas, sim) < PAGING_MIB_PER_TOKEN:
+            continue
+        reps = [_f(v) for v in r.get("disk_read_mib_per_token_reps", "").split(";") if v]
+        reps = [v for v in reps if math.isfinite(v)]
+        paging.append({"scenario": r["scenario"], "scheduler": r["scheduler"], "meas_mib": meas, "sim_mib": sim,
+                       "err_pct": error_pct(sim, meas) if meas > 0 else math.inf, "reps_mib": reps,
+                       "in_reps": bool(reps) and min(reps) * (1 - BYTES_TOLERANCE) <= sim <= max(reps) * (1 + BYTES_TOLERANCE)})  # fmt: skip
     pressure = [_f(r.get("mem_pressure_max_pct")) for r in ok if not r["scheduler"].startswith(ONE_DEVICE)]
     mpress = [
         _f(r.get("mem_pressure_model_max_pct")) for r in ok if not r["scheduler"].startswith(ONE_DEVICE)
@@ -231,6 +245,7 @@ def summarize_rows(rows: Sequence[dict[str, str]], all_rows: bool = False) -> di
         "tpot_sim_run_error": _dist([_f(r.get("err_sim_run_pct")) for r in ok]),
         "tpot_analytic_run_error": _dist([_f(r.get("err_analytic_run_pct")) for r in ok]),
         "single_vs_ring": ratios,
+        "paging_bytes": paging,
         "memory_pressure_max_pct": max(pressure) if pressure else math.nan,
         "memory_pressure_median_pct": statistics.median(pressure) if pressure else math.nan,
         "model_memory_pressure_max_pct": max(mpress) if mpress else math.nan,
@@ -261,6 +276,21 @@ def format_summary(s: dict[str, Any]) -> str:
         if d["n"]:
             lines.append(f"  |{label} - measured| / measured: median {d['median_pct']:.1f}%, p90 {d['p90_pct']:.1f}%, "
                          f"max {d['max_pct']:.1f}% (n={d['n']})")  # fmt: skip
+    pg = s.get("paging_bytes", [])
+    if pg:
+        near = [p for p in pg if abs(p["err_pct"]) <= 100 * BYTES_TOLERANCE]
+        with_reps = [p for p in pg if p["reps_mib"]]
+        lines.append(f"  disk bytes read per decode token, simulated vs measured (median of the repetitions), paging plans: "
+                     f"within {100 * BYTES_TOLERANCE:.0f}% on {len(near)} of {len(pg)}, median |error| "
+                     f"{statistics.median(abs(p['err_pct']) for p in pg):.1f}%"
+                     + (f"; within {100 * BYTES_TOLERANCE:.0f}% of the repetitions' range on "
+                        f"{sum(p['in_reps'] for p in with_reps)} of {len(with_reps)}" if with_reps else ""))  # fmt: skip
+        for p in pg:
+            if abs(p["err_pct"]) > 100 * BYTES_TOLERANCE:
+                reps = ", ".join(f"{v:.0f}" for v in p["reps_mib"])
+                lines.append(f"    outside: {p['scenario']}/{p['scheduler']}: {p['meas_mib']:.0f} MiB measured"
+                             + (f" (repetitions {reps})" if reps else "")
+                             + f", {p['sim_mib']:.0f} simulated ({p['err_pct']:+.1f}%)")  # fmt: skip
     if math.isfinite(s["memory_pressure_max_pct"]):
         lines.append(f"  memory pressure (peak anonymous / limit), rings: median {s['memory_pressure_median_pct']:.1f}%, "
                      f"max {s['memory_pressure_max_pct']:.1f}%; without the Python runtime: max "
