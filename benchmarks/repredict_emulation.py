@@ -5,11 +5,11 @@
 A suite run (``bench_emulation.py --out DIR``) keeps, per scenario, the cluster the plans were made on (profiles
 measured inside the device limits, executor footprint subtracted), every plan and the rows it wrote. Measuring takes
 an hour; predicting takes seconds. This script predicts every measured multi-device plan again, analytically and
-by simulation, with the code as it is now, and writes ``emulation-repredicted.csv`` (the suite's columns; the
+by simulation, with the code as it is now (and the one-device baselines of the head, on the cluster cut down to it), and writes ``emulation-repredicted.csv`` (the suite's columns; the
 prediction columns replaced, the re-predictions with the rates measured during the runs blanked because those rates
 are not kept) ``emulation-repredicted-summary.txt`` and the scatter plot ``emulation-repredicted-scatter.png`` beside the suite's own files, so a model change can be judged
-on the same measurements. One-device baselines ("single-*") keep their original predictions (their one-device
-cluster is not saved).
+on the same measurements. One-device baselines on a device other than the head keep their original predictions (their
+one-device cluster, with the head's footprint, is not saved).
 """
 
 from __future__ import annotations
@@ -55,14 +55,20 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
     out = []
     for r in rows:
         pf = scenario_dir / "plans" / f"{r['scheduler']}.json"
-        # the one-device baselines were planned on a one-device cluster: kept as measured and predicted
-        if r.get("status") != "ok" or r["scheduler"].startswith(ONE_DEVICE) or not pf.exists():
+        one_device = r["scheduler"].startswith(ONE_DEVICE)
+        device = r["scheduler"].split("-", 1)[1] if one_device else ""
+        # a one-device baseline was planned on the saved cluster cut down to its device; that cluster is the saved one
+        # only where the device is the head (elsewhere it got the head's footprint): others are kept as predicted
+        if r.get("status") != "ok" or not pf.exists() or (one_device and device != cluster.head):
             out.append(r)
             continue
         sc = load_scenario(r["scenario"])
         if throttled is None:
             # runs made before profiles said so: every device with a disk_read limit read a blk-throttled disk
             throttled = with_read_limits(cluster, sc)
+        on = throttled
+        if one_device:
+            on = throttled.model_copy(update={"devices": (throttled.device(device),), "links": ()})
         if sc.name not in models:
             models[sc.name] = model_profile_from_gguf(ensure_model(sc.model))
         model = models[sc.name]
@@ -71,8 +77,8 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
             n_ctx=plan.n_ctx, prompt_tokens=int(r["prompt_tokens"]), decode_tokens=int(r["decode_tokens"])
         )
         prefetch = str(r["prefetch"]).lower() == "true"
-        ana = predict(plan, throttled, model, wl, prefetch=prefetch)
-        sim = simulate(plan, throttled, model, wl, SimConfig(prefetch=prefetch, warm=True))
+        ana = predict(plan, on, model, wl, prefetch=prefetch)
+        sim = simulate(plan, on, model, wl, SimConfig(prefetch=prefetch, warm=True))
         meas, meas_ttft = float(r["tpot_meas_s"]), float(r["ttft_meas_s"])
         disk = sum(st["sim_disk_bytes_per_decode_token"] for st in sim.device_stats.values())
         new = dict(r)
