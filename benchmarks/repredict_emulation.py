@@ -25,7 +25,7 @@ from prima_sim.devices.cluster import Cluster
 from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
 from prima_sim.emulate.disk import with_read_limits
 from prima_sim.emulate.models import ensure_model
-from prima_sim.emulate.scenario import load_scenario
+from prima_sim.emulate.scenario import Scenario, load_scenario
 from prima_sim.halda.costmodel import predict
 from prima_sim.plan import Plan
 from prima_sim.reports.emulation import (
@@ -37,6 +37,7 @@ from prima_sim.reports.emulation import (
     scatter,
     summarize_rows,
 )
+from prima_sim.schema import load_model
 from prima_sim.sim import SimConfig, simulate
 from prima_sim.workload import Workload
 
@@ -62,7 +63,9 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
         if r.get("status") != "ok" or not pf.exists() or (one_device and device != cluster.head):
             out.append(r)
             continue
-        sc = load_scenario(r["scenario"])
+        # the scenario as run (kept since 2026-12-07), else the bundled one of that name
+        saved = scenario_dir / "scenario.json"
+        sc = load_model(Scenario, saved) if saved.is_file() else load_scenario(r["scenario"])
         if throttled is None:
             # runs made before profiles said so: every device with a disk_read limit read a blk-throttled disk
             throttled = with_read_limits(cluster, sc)

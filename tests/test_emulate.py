@@ -102,6 +102,12 @@ def test_bundled_suite_is_valid() -> None:
     for f in files:
         sc = load_scenario(f)
         assert sc.devices and sc.model and sc.description, f
+    # the paging experiments kept beside the benchmarks (not in the suite) load too, and only run baselines
+    extra = sorted((root.parents[1] / "benchmarks" / "scenarios").glob("*.toml"))
+    assert len(extra) >= 4
+    for f in extra:
+        sc = load_scenario(f)
+        assert sc.run.single and not sc.run.schedulers and f.stem == sc.name, f
 
 
 def test_synth_args_and_labels() -> None:

@@ -222,10 +222,26 @@ def inactive_ratio(file_lru_bytes: float) -> int:
 
 
 OVERSHOOT_S = 0.075
-"""The first decode token deactivates the active list past its balance for about this many seconds of the disk's
-reads (the cgroup's statistics, flushed every 2 s or when ``memory.stat`` is read, still say "inactive is low"):
-fitted on the grid (50-100 ms of reads at 500 MB/s); polling ``memory.stat`` every 2 s instead of 0.1 s did not
-change it measurably."""
+"""Where the cgroup's statistics are read every 0.1 s (``memory.stat``, which flushes them: the bench_pagecache grid),
+the load and first decode token deactivate the active list past its balance for about this many seconds of the disk's
+reads: fitted on the grid (50-100 ms of reads at 500 MB/s). Pass it as ``overshoot_s`` to predict such runs."""
+OVERSHOOT_FRACTION = 0.25
+"""Where nothing reads the cgroup's statistics (a real device, the emulation: the kernel flushes them every 2 s), the
+overshoot is about this fraction of the bytes the load reclaimed, ``W - C``: the default. Reclaim decides whether to
+deactivate on statistics up to 2 s old (``prepare_scan_control``, ``inactive_is_low`` on ``lruvec_page_state``), and
+at the end of the load it goes on deactivating until the next flush. Measured without polling (2026-12-07, stock
+llama.cpp, one process, 400 MB/s; per repetition, ``/proc/vmstat`` activations less deactivations over the load, and
+bytes read per token): the 4.2 GB 8B shape in 2 GiB (W - C = 2006 MiB) kept 418-1443 MiB active of a balanced 1504
+(overshoot 61-1086 MiB, mean 553: 0.28 of W - C) and read 2448-3479 MiB per token; the 0.69 GB 1B shape in 384 MiB
+(W - C = 315 MiB) overshot about 64 MiB (0.20) and read 501-586, and in 512 MiB (167 MiB) about 0.1-0.2; the grid's
+runs polled every 2 s overshot 0.12-0.85 of W - C (median 0.43). With the polled 0.075 s the 8B shape was predicted
+at 2487 MiB per token against 2998 measured (-17%), the 1B shape in 384 MiB -14%; with 0.25 of W - C +0.4% and +3.0%
+(the 1B shape in 512 MiB +6.8%, was +3.7%). The kernel's own spread at one point is larger than these errors.
+Capped at :data:`OVERSHOOT_STALE_S` of reads."""
+OVERSHOOT_STALE_S = 1.5
+"""The longest overshoot, in seconds of the disk's reads, taken where nothing reads the cgroup's statistics: reclaim
+acts on statistics at most one flush period (2 s) old, a few hundred ms more when the flush worker runs late; the 8B
+shape's long load (5.3 s of reclaim) overshot 0.16-2.86 s, mean 1.45 s."""
 NEAR_FIT_MARGIN = 0.02
 """Linux starts re-reading a device's weights before they fill its page cache: weights within this fraction of the
 room are paged as at a near fit (every byte re-read per token, about one read with prefetch). Measured in the
@@ -275,7 +291,7 @@ def prefetch_start(kernel_lru: bool | np.ndarray) -> np.ndarray:
 
 def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_bytes: float = 1 << 30,
                     window_ratio: float | None = None, disk_bps: float = 500e6,
-                    overshoot_s: float = OVERSHOOT_S) -> float:  # fmt: skip
+                    overshoot_s: float | None = None) -> float:  # fmt: skip
     """Bytes a device reads from disk per decode token, as a fraction of its working set (the bytes of its
     windows), under Linux's page cache (two-list LRU, no MGLRU, no swap, llama.cpp's mmap load). The closed form
     of :class:`KernelCache`'s regimes, for the analytic cost model; docs/pagecache.md has the measurements it is
@@ -290,8 +306,9 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
     * **Near fit** (``C / W >= 2 / (2 + s)``, ``s = R / (R + 1)`` the active share of a balanced cache,
       ``R = inactive_ratio(C)``: 0.8 below 1 GiB, 0.73 at 1-2 GiB): refaults are recent, the active list churns
       and the whole window is read every token: 1.
-    * **Below:** the active list freezes after the first token, holding its balanced share ``s C`` less the
-      first token's overshoot (``disk_bps x overshoot_s`` bytes): ``1 - max(0, s C - disk_bps overshoot_s) / W``.
+    * **Below:** the active list freezes after the load and first token, holding its balanced share ``s C`` less
+      their overshoot ``o``: ``1 - max(0, s C - o) / W``, ``o = min(OVERSHOOT_FRACTION x (W - C), disk_bps x
+      OVERSHOOT_STALE_S)`` (the kernel flushes the cgroup's statistics itself) or ``disk_bps x overshoot_s`` (given: statistics read that often).
 
     Args:
         cache_ratio: ``C / W`` (> 0).
@@ -300,12 +317,14 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
         ws_bytes: ``W``, the device's windows' bytes (> 0).
         window_ratio: the largest window over ``C`` (default ``W / (k C)``).
         disk_bps: the device's read bandwidth (bytes/s).
-        overshoot_s: seconds of reads the first token deactivates past the balance (default fitted).
+        overshoot_s: seconds of reads the load and first token deactivate past the balance, for a cgroup whose
+            statistics are read every 0.1 s (:data:`OVERSHOOT_S`, the grid); None (default): a device whose
+            statistics only the kernel flushes (:data:`OVERSHOOT_FRACTION`).
 
     Raises:
         ValueError: a ratio, size or rate is not positive, ``overshoot_s`` is negative or ``k < 1``.
     """
-    if not cache_ratio > 0 or not ws_bytes > 0 or not disk_bps > 0 or overshoot_s < 0 or k < 1:
+    if not cache_ratio > 0 or not ws_bytes > 0 or not disk_bps > 0 or (overshoot_s or 0.0) < 0 or k < 1:
         raise ValueError(
             '"cache_ratio", "ws_bytes" and "disk_bps" must be > 0, "overshoot_s" >= 0 and "k" >= 1'
         )
@@ -322,17 +341,24 @@ def frozen_active_bytes(
     room: ArrayOrFloat,
     kernel_lru: bool | np.ndarray,
     disk_bps: ArrayOrFloat,
-    overshoot_s: float = OVERSHOOT_S,
+    overshoot_s: float | None = None,
 ) -> np.ndarray:
     """Bytes of a device's weights that Linux keeps resident for good when ``mapped`` bytes are read once per
     token through ``room`` bytes of page cache without prefetch (docs/pagecache.md): below a near fit
-    (``room / mapped < 2 / (2 + s)``) the active list freezes after the first token at its balanced share
-    ``s * room`` less the first token's overshoot (``disk_bps * overshoot_s``); near a fit, or everything fitting,
-    or a plain LRU (``kernel_lru`` false): 0."""
+    (``room / mapped < 2 / (2 + s)``) the active list freezes after the load and first token at its balanced share
+    ``s * room`` less their overshoot: :data:`OVERSHOOT_FRACTION` of ``mapped - room``, at most
+    :data:`OVERSHOOT_STALE_S` of reads (statistics flushed by the kernel alone), or ``disk_bps * overshoot_s`` when given (statistics read every 0.1 s: :data:`OVERSHOOT_S`);
+    near a fit, or everything fitting, or a plain LRU (``kernel_lru`` false): 0."""
     m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
     c = np.maximum(np.asarray(room, dtype=float), 1.0)
     share = _active_share(c)
-    frozen = np.maximum(0.0, share * c - np.asarray(disk_bps, dtype=float) * overshoot_s)
+    bps = np.asarray(disk_bps, dtype=float)
+    over = (
+        np.minimum(OVERSHOOT_FRACTION * np.maximum(m - c, 0.0), bps * OVERSHOOT_STALE_S)
+        if overshoot_s is None
+        else bps * overshoot_s
+    )
+    frozen = np.maximum(0.0, share * c - over)
     out: np.ndarray = np.where(
         np.asarray(kernel_lru) & (m > c + 0.5) & (c / m < 2.0 / (2.0 + share)), frozen, 0.0
     )
@@ -341,7 +367,7 @@ def frozen_active_bytes(
 
 def paging_fraction(mapped: ArrayOrFloat, room: ArrayOrFloat, prefetching: bool | np.ndarray,
                     overflow: ArrayOrFloat, kernel_lru: bool | np.ndarray, disk_bps: ArrayOrFloat,
-                    overshoot_s: float = OVERSHOOT_S) -> np.ndarray:  # fmt: skip
+                    overshoot_s: float | None = None) -> np.ndarray:  # fmt: skip
     """Bytes re-read per token over ``mapped`` (elementwise; numpy broadcasting): ``mapped`` bytes of weights read
     once per token through ``room`` bytes of page cache (the rules of :func:`reread_fraction`).
 

@@ -204,6 +204,8 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
         )  # fmt: skip
         cluster = with_read_limits(cluster, sc)
         dump_model(cluster, out / "cluster.json")
+        # what was run, for re-predicting it later (benchmarks/repredict_emulation.py)
+        dump_model(sc, out / "scenario.json")
         preds = make_plans(sc, cluster, model, wl, out, schedulers=opts.schedulers, raw_profiles=raw_profiles,
                            overheads=fp)  # fmt: skip
         for i, pr in enumerate(preds):
