@@ -4,12 +4,14 @@
 
 A suite run (``bench_emulation.py --out DIR``) keeps, per scenario, the cluster the plans were made on (profiles
 measured inside the device limits, executor footprint subtracted), every plan and the rows it wrote. Measuring takes
-an hour; predicting takes seconds. This script predicts every measured multi-device plan again, analytically and
-by simulation, with the code as it is now (and the one-device baselines of the head, on the cluster cut down to it), and writes ``emulation-repredicted.csv`` (the suite's columns; the
-prediction columns replaced, the re-predictions with the rates measured during the runs blanked because those rates
-are not kept) ``emulation-repredicted-summary.txt`` and the scatter plot ``emulation-repredicted-scatter.png`` beside the suite's own files, so a model change can be judged
-on the same measurements. One-device baselines on a device other than the head keep their original predictions (their
-one-device cluster, with the head's footprint, is not saved).
+an hour; predicting takes seconds. This script predicts every measured plan again, analytically and by simulation,
+with the code as it is now, and writes ``emulation-repredicted.csv`` (the suite's columns; the prediction columns
+replaced, the re-predictions with the rates measured during the runs blanked because those rates are not kept),
+``emulation-repredicted-summary.txt`` and the scatter plot ``emulation-repredicted-scatter.png`` beside the suite's
+own files, so a model change can be judged on the same measurements. The head's one-device baselines
+(``single-<head>``, ``llama.cpp-<head>``) are predicted on the saved cluster cut down to the head; those on another
+device keep their original predictions (their one-device cluster, with the head's footprint, is not saved). A run
+made since 2026-12-07 keeps its ``scenario.json``; older ones are matched to the bundled scenario of their name.
 """
 
 from __future__ import annotations

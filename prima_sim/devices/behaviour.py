@@ -234,10 +234,10 @@ llama.cpp, one process, 400 MB/s; per repetition, ``/proc/vmstat`` activations l
 bytes read per token): the 4.2 GB 8B shape in 2 GiB (W - C = 2006 MiB) kept 418-1443 MiB active of a balanced 1504
 (overshoot 61-1086 MiB, mean 553: 0.28 of W - C) and read 2448-3479 MiB per token; the 0.69 GB 1B shape in 384 MiB
 (W - C = 315 MiB) overshot about 64 MiB (0.20) and read 501-586, and in 512 MiB (167 MiB) about 0.1-0.2; the grid's
-runs polled every 2 s overshot 0.12-0.85 of W - C (median 0.43). With the polled 0.075 s the 8B shape was predicted
-at 2487 MiB per token against 2998 measured (-17%), the 1B shape in 384 MiB -14%; with 0.25 of W - C +0.4% and +3.0%
-(the 1B shape in 512 MiB +6.8%, was +3.7%). The kernel's own spread at one point is larger than these errors.
-Capped at :data:`OVERSHOOT_STALE_S` of reads."""
+runs polled every 2 s overshot 0.12-0.85 of W - C (median 0.43). Simulated with the polled 0.075 s, the 8B shape read
+2487 MiB per token against 2998 measured (-17%), the 1B shape in 384 MiB -14%, in 512 MiB -4%; with this rule -2.4%,
+-5.1% and -0.3%, and the 1B shape in 320 MiB, measured after the rule was set, -2.1% (-14% before). The kernel's own
+spread at one point is larger than these errors. Capped at :data:`OVERSHOOT_STALE_S` of reads."""
 OVERSHOOT_STALE_S = 1.5
 """The longest overshoot, in seconds of the disk's reads, taken where nothing reads the cgroup's statistics: reclaim
 acts on statistics at most one flush period (2 s) old, a few hundred ms more when the flush worker runs late; the 8B
@@ -308,7 +308,8 @@ def reread_fraction(cache_ratio: float, k: int = 1, prefetch: bool = False, ws_b
       and the whole window is read every token: 1.
     * **Below:** the active list freezes after the load and first token, holding its balanced share ``s C`` less
       their overshoot ``o``: ``1 - max(0, s C - o) / W``, ``o = min(OVERSHOOT_FRACTION x (W - C), disk_bps x
-      OVERSHOOT_STALE_S)`` (the kernel flushes the cgroup's statistics itself) or ``disk_bps x overshoot_s`` (given: statistics read that often).
+      OVERSHOOT_STALE_S)`` (the kernel flushes the cgroup's statistics itself) or ``disk_bps x overshoot_s``
+      (given: statistics read that often).
 
     Args:
         cache_ratio: ``C / W`` (> 0).
@@ -347,8 +348,9 @@ def frozen_active_bytes(
     token through ``room`` bytes of page cache without prefetch (docs/pagecache.md): below a near fit
     (``room / mapped < 2 / (2 + s)``) the active list freezes after the load and first token at its balanced share
     ``s * room`` less their overshoot: :data:`OVERSHOOT_FRACTION` of ``mapped - room``, at most
-    :data:`OVERSHOOT_STALE_S` of reads (statistics flushed by the kernel alone), or ``disk_bps * overshoot_s`` when given (statistics read every 0.1 s: :data:`OVERSHOOT_S`);
-    near a fit, or everything fitting, or a plain LRU (``kernel_lru`` false): 0."""
+    :data:`OVERSHOOT_STALE_S` of reads (statistics flushed by the kernel alone), or ``disk_bps * overshoot_s`` when
+    given (statistics read every 0.1 s: :data:`OVERSHOOT_S`); near a fit, or everything fitting, or a plain LRU
+    (``kernel_lru`` false): 0."""
     m = np.maximum(np.asarray(mapped, dtype=float), 1.0)
     c = np.maximum(np.asarray(room, dtype=float), 1.0)
     share = _active_share(c)
