@@ -246,6 +246,46 @@ def test_emit_refuses_what_primacpp_cannot_run():
         primacpp_commands(ok, "m.gguf", {"nope": "10.0.0.1"})
 
 
+def test_emit_plans_for_the_peers_executor(tmp_path, capsys):
+    """A plan for prima.cpp or llama.cpp's RPC split streams nothing (drop-behind is this project's executor), and
+    prima.cpp's prefetch counts only with --force (its WILLNEED is capped by Linux): Llama 3 70B on D1-D4, where
+    Halda's own plan streams the head's last layers."""
+    base = ["plan", "--cluster", "paper-d1-d4", "--model", "llama3-70b", "--json"]
+    own, peer, forced, same = (tmp_path / f"{n}.json" for n in ("own", "peer", "forced", "same"))
+    assert main([*base, "--out", str(own)]) == 0
+    assert main([*base, "--out", str(peer), "--emit", "prima.cpp", "--gguf", "m.gguf"]) == 0
+    assert main([*base, "--out", str(forced), "--emit", "prima.cpp", "--force", "--gguf", "m.gguf"]) == 0
+    assert main([*base, "--out", str(same), "--no-stream", "--no-prefetch"]) == 0
+    capsys.readouterr()
+    assert any(d.streamed_layers for d in Plan.load(own).devices)
+    for p in (peer, forced):
+        assert not any(d.streamed_layers for d in Plan.load(p).devices)
+    assert Plan.load(peer).windows == Plan.load(same).windows
+    assert Plan.load(peer).prediction == Plan.load(same).prediction
+    rpc = tmp_path / "rpc.json"
+    assert (
+        main(
+            [
+                *base,
+                "--cpu-only",
+                "--k",
+                "1",
+                "--out",
+                str(rpc),
+                "--emit",
+                "llama.cpp-rpc",
+                "--gguf",
+                "m.gguf",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["plan"]
+    assert not any(d.streamed_layers for d in Plan.load(rpc).devices)
+    assert main([*base, "--emit", "prima.cpp", "--sim-k"]) == 2
+    assert "--sim-k" in capsys.readouterr().err
+
+
 def test_emit_flags_need_emit(capsys):
     assert main(["plan", "--cluster", "paper-d1-d4", "--model", "llama3-8b", "--gguf", "x.gguf"]) == 2
     assert "--gguf" in capsys.readouterr().err

@@ -98,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="print the plan as prima.cpp's llama-cli / llama-server command per device (-lw, -ngl, "
                          "--world, --rank, --master, --next, ports), or as llama.cpp's own RPC split (k = 1: "
                          "ggml-rpc-server per device, the head's llama-completion with --rpc, -ngl, -ts); with "
-                         "--json as one JSON object")  # fmt: skip
+                         "--json as one JSON object. The plan is made for that executor: no streaming of a "
+                         "window's last layers, and prima.cpp's prefetch counted only with --force")  # fmt: skip
     em.add_argument(
         "--hosts", help="with --emit: hosts.toml giving each device's address (default: 127.0.0.1)"
     )
@@ -329,6 +330,14 @@ def _emit(plan: Plan, cluster: Cluster, args: argparse.Namespace) -> int:
         return 0
     if not args.gguf and not Path(args.model).is_file():
         print(f"# {args.model} is a catalog id: replace {gguf} with the GGUF file (or give --gguf)")
+    if plan.prediction is not None:
+        how = (
+            "with --force's prefetch"
+            if args.force
+            else "prefetch as none (Linux caps its WILLNEED without --force)"
+        )
+        print(f"# planned for prima.cpp's executor: no layer streamed, {how}; predicted "
+              f"{plan.prediction.tpot_s * 1e3:.0f} ms per token")  # fmt: skip
     print(format_commands(cmds))
     if args.out:
         print(f"# plan written to {args.out}")
@@ -347,6 +356,10 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(flag, "", "applies to --emit only")
     elif args.compare:
         raise InputError("--emit", "", "prints one plan's commands: drop --compare")
+    elif args.sim_k:
+        raise InputError(
+            "--sim-k", "", "simulates this project's executor, not the peer's: drop it with --emit"
+        )
     cluster = load_cluster_arg(args.cluster)
     if args.cpu_only:
         cluster = cluster.without_gpus()
@@ -360,14 +373,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--k", "", f"must divide {model.id}'s {n_layer} layers (rounds of the ring), got {args.k}; "
                          f"valid: {valid}")  # fmt: skip
     planning = charge_draft_arg(cluster, wl, args)  # with --draft, the head keeps room for the draft model
+    # plan for the executor that will run it: a peer cannot stream a window's last layers (drop-behind is this
+    # project's executor), and prima.cpp's --prefetch, one WILLNEED per sub-graph, is capped by Linux at a few hundred
+    # KiB unless --force (docs/peers.md): without --force its prefetch is planned as none
+    stream = not args.no_stream and not args.emit
+    prefetch = not args.no_prefetch and (args.emit != "prima.cpp" or args.force)
     if args.compare:
         return _compare(planning, model, wl, args)
     if args.windows:
         windows = _int_list(args.windows, "--windows")
         gpu = _int_list(args.gpu_layers, "--gpu-layers") if args.gpu_layers else None
-        plan = manual_plan(
-            planning, model, wl, windows, gpu, prefetch=not args.no_prefetch, stream=not args.no_stream
-        )
+        plan = manual_plan(planning, model, wl, windows, gpu, prefetch=prefetch, stream=stream)
     else:
         if args.sim_k:
             if args.scheduler != "halda" or args.k is not None or args.no_drop:
@@ -385,8 +401,8 @@ def run(args: argparse.Namespace) -> int:
                 args.scheduler,
                 args.k,
                 allow_drop=not args.no_drop,
-                prefetch=not args.no_prefetch,
-                stream=not args.no_stream,
+                prefetch=prefetch,
+                stream=stream,
             )
     plan = plan.model_copy(update={"cluster_source": source_of(args.cluster), "model_source": source_of(args.model),
                                    "cpu_only": args.cpu_only})  # fmt: skip
