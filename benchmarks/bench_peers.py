@@ -562,9 +562,7 @@ class Bench:
                 # make_plans' one-device cluster for the stock process (its device is the head here)
                 if r.label.startswith("single-"):
                     dev = r.label.removeprefix("single-")
-                    cl = cluster.model_copy(
-                        update={"devices": (cluster.device(dev),), "head": dev, "links": ()}
-                    )
+                    cl = cluster.alone(cluster.device(dev))
                 pr = PlanPrediction(r.label, plan, cl)
                 r.tpot_pred = r.ttft_pred = r.read_pred = r.tpot_pred_before = math.nan
                 r.read_pred_dev, r.predicted_as = {}, ""

@@ -65,15 +65,13 @@ def repredict(scenario_dir: Path, models: dict[str, ModelProfile]) -> list[dict[
         if r.get("status") != "ok" or not pf.exists() or (one_device and device != cluster.head):
             out.append(r)
             continue
-        # the scenario as run (kept since 2026-12-07), else the bundled one of that name
-        saved = scenario_dir / "scenario.json"
-        sc = load_model(Scenario, saved) if saved.is_file() else load_scenario(r["scenario"])
         if throttled is None:
+            # the scenario as run (kept since 2026-12-07), else the bundled one of that name: one per directory
+            saved = scenario_dir / "scenario.json"
+            sc = load_model(Scenario, saved) if saved.is_file() else load_scenario(r["scenario"])
             # runs made before profiles said so: every device with a disk_read limit read a blk-throttled disk
             throttled = with_read_limits(cluster, sc)
-        on = throttled
-        if one_device:
-            on = throttled.model_copy(update={"devices": (throttled.device(device),), "links": ()})
+        on = throttled.alone(throttled.device(device)) if one_device else throttled
         if sc.name not in models:
             models[sc.name] = model_profile_from_gguf(ensure_model(sc.model))
         model = models[sc.name]

@@ -169,6 +169,11 @@ class Cluster(FrozenModel):
             update={"devices": tuple(d.model_copy(update={"gpu": None}) for d in self.devices)}
         )
 
+    def alone(self, device: DeviceProfile) -> Cluster:
+        """The cluster reduced to ``device`` (one of its devices, possibly re-profiled), its head, without links:
+        what a one-device baseline is planned and predicted on."""
+        return self.model_copy(update={"devices": (device,), "head": device.name, "links": ()})
+
     def subset(self, names: list[str] | tuple[str, ...]) -> Cluster:
         """The same cluster with only the named devices, in the given (ring) order; the head must stay."""
         keep = [self.device(n) for n in names]

@@ -54,7 +54,7 @@ def make_plans(sc: Scenario, cluster: Cluster, model: ModelProfile, wl: Workload
             ov = executor_overhead(overheads, is_head=True)
             dev = with_executor_overhead(raw_profiles[name], sc.device(name).memory, ov, True)
             dev = dev.model_copy(update={"disk_throttle_slice_s": cluster.device(name).disk_throttle_slice_s})
-        one = cluster.model_copy(update={"devices": (dev,), "head": name, "links": ()})
+        one = cluster.alone(dev)
         try:
             plan = manual_plan(one, model, wl, [model.arch.n_layer])
             plans.append(

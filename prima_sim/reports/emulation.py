@@ -35,8 +35,8 @@ COLUMNS: tuple[str, ...] = (
     "tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct", "run_bw_gbps",
     "mem_limits_mib", "mem_pressure", "mem_pressure_max_pct", "mem_pressure_model_max_pct", "page_cache_mib",
     "sim_mem_pressure_max_pct", "runtime_anon_mib", "disk_read_mib_per_token", "sim_disk_read_mib_per_token",
-    "disk_read_mib_per_token_reps", "disk_read_per_device_mib", "compute_sim_ms", "compute_meas_ms", "recv_wait_meas_ms", "cpu_throttled_ms_per_token",
-    "host", "date", "run_id", "version", "error",
+    "disk_read_mib_per_token_reps", "disk_read_per_device_mib", "compute_sim_ms", "compute_meas_ms",
+    "recv_wait_meas_ms", "cpu_throttled_ms_per_token", "host", "date", "run_id", "version", "error",
 )  # fmt: skip
 """Columns of ``emulation.csv``, in order."""
 PAGING_MIB_PER_TOKEN = 1.0
