@@ -288,6 +288,7 @@ def test_reread_fraction_has_the_measured_regimes():
         (4012, 2006, 2998, (2448, 3479)),  # the 8B shape in 2 GiB: five repetitions
         (657, 342, 550, (501, 586)),  # the 1B shape in 384 MiB: four
         (657, 490, 425, (410, 434)),  # the 1B shape in 512 MiB: four
+        (657, 288, 587, (570, 593)),  # the 1B shape in 320 MiB: four, measured after the rule was set
     ],
 )
 def test_unpolled_overshoot_grows_with_what_the_load_reclaimed(ws_mib, cache_mib, measured_mib, reps_mib):

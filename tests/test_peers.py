@@ -263,23 +263,8 @@ def test_emit_plans_for_the_peers_executor(tmp_path, capsys):
     assert Plan.load(peer).windows == Plan.load(same).windows
     assert Plan.load(peer).prediction == Plan.load(same).prediction
     rpc = tmp_path / "rpc.json"
-    assert (
-        main(
-            [
-                *base,
-                "--cpu-only",
-                "--k",
-                "1",
-                "--out",
-                str(rpc),
-                "--emit",
-                "llama.cpp-rpc",
-                "--gguf",
-                "m.gguf",
-            ]
-        )
-        == 0
-    )
+    rpc_args = ["--cpu-only", "--k", "1", "--out", str(rpc), "--emit", "llama.cpp-rpc", "--gguf", "m.gguf"]
+    assert main([*base, *rpc_args]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]
     assert not any(d.streamed_layers for d in Plan.load(rpc).devices)
     assert main([*base, "--emit", "prima.cpp", "--sim-k"]) == 2
