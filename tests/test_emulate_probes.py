@@ -10,16 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from prima_sim.devices.model import model_profile_from_gguf
+from prima_sim.devices.catalog import catalog_model
+from prima_sim.devices.model import ModelProfile, model_profile_from_gguf
+from prima_sim.devices.profile import DeviceProfile
 from prima_sim.emulate.calibrate import (
+    ProbeResult,
     ProbeShards,
     median_profile,
+    median_rates,
     profile_key,
+    with_prefill_times,
     with_rates,
     write_probe_shards,
 )
 from prima_sim.emulate.scenario import DeviceSpec
 from prima_sim.emulate.spawn import module_command, python_env
+from prima_sim.halda.costmodel import DeviceCosts
+from prima_sim.workload import Workload
 from tests.factories import device
 
 real = pytest.mark.skipif(
@@ -59,6 +66,43 @@ def test_with_rates_sets_the_output_heads_type_apart() -> None:
     assert plain.memory_bandwidth_bps == 7e9 and plain.matvec_bps == prof.matvec_bps
 
 
+def _prefill_compute_s(
+    prof: DeviceProfile, model: ModelProfile, n_layers: int, n: int
+) -> tuple[float, float]:
+    costs = DeviceCosts(prof, model, Workload())
+    lts = [costs.layer_time(i, False, n, n) for i in range(n_layers)]
+    return sum(x.compute_s for x in lts), sum(x.memory_s for x in lts)
+
+
+def test_with_prefill_times_matches_the_measured_prefill() -> None:
+    """The calibrated efficiency makes the cost model's prefill of the probe's layers take what llama.cpp took;
+    the profile's other batch sizes move by the same ratio; a memory-bound size is not used."""
+    model = catalog_model("llama3-8b")
+    prof = device(
+        "A", cpu_batch_efficiency={16: 0.8, 128: 1.0}, decode_overhead_s=1e-3, memory_bandwidth_bps=5e9
+    )
+    comp16, mem16 = _prefill_compute_s(prof, model, 3, 16)
+    comp2, mem2 = _prefill_compute_s(prof, model, 3, 2)
+    assert comp16 > mem16 and comp2 < mem2  # the premise: 16 tokens compute-bound, 2 tokens memory-bound
+    measured = {16: 1e-3 + 1.25 * comp16, 2: 1e-3 + 3 * mem2}
+    out = with_prefill_times(prof, model, 3, measured, "probe")
+    assert out.cpu_batch_efficiency == pytest.approx({16: 0.64, 128: 0.8}, abs=1e-4)
+    assert _prefill_compute_s(out, model, 3, 16)[0] == pytest.approx(measured[16] - 1e-3, rel=1e-3)
+    note = out.sources["cpu_batch_efficiency"]
+    assert note.startswith("probe: ") and "2 tokens" in note and "not compute-bound" in note
+    # nothing compute-bound measured: the profile as it was
+    assert with_prefill_times(prof, model, 3, {2: measured[2]}, "probe") is prof
+    # a profile without a measured curve gets the measured size alone
+    flat = with_prefill_times(device("B"), model, 3, measured, "probe")
+    assert list(flat.cpu_batch_efficiency) == [16] and flat.batch_efficiency(16) < 1
+
+
+def test_median_rates_keeps_the_sizes_every_probe_timed() -> None:
+    probes = [ProbeResult(4e9, 9e9, {16: 0.1, 128: 0.8}), ProbeResult(5e9, 8e9, {16: 0.3}),
+              ProbeResult(3e9, 7e9, {16: 0.2, 128: 0.9})]  # fmt: skip
+    assert median_rates(probes) == (4e9, 8e9, {16: 0.2})
+
+
 @real
 def test_stream_probe_times_both_shards(tmp_path: Path, smollm2: Path) -> None:
     model = model_profile_from_gguf(smollm2)
@@ -71,7 +115,18 @@ def test_stream_probe_times_both_shards(tmp_path: Path, smollm2: Path) -> None:
     res = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     times = json.loads(res.stdout.strip().splitlines()[-1])
-    assert 0 < times["layers_s"] < 5 and 0 < times["head_s"] < 5
+    assert 0 < times["layers_s"] < 5 and 0 < times["head_s"] < 5 and "prefill_s" not in times
+    # with --prefill: the layers' shard prefilling prompts of those sizes, each slower than one decode token
+    res = subprocess.run(
+        [*cmd, "--prefill", "16,4"], env=python_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    pre = json.loads(res.stdout.strip().splitlines()[-1])["prefill_s"]
+    assert set(pre) == {"4", "16"} and 0 < pre["4"] < 5 and 0 < pre["16"] < 5
+    bad = subprocess.run(
+        [*cmd, "--prefill", "16,x"], env=python_env(), capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "give token counts" in bad.stderr
 
 
 @real

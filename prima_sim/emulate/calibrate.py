@@ -7,7 +7,8 @@ executor's own memory.
   devices with identical limits share one measurement (:func:`profile_key`), optionally cached across runs;
 - the decode calibration (:meth:`Calibrator.calibrate_decode`): llama.cpp's own streaming rates on two small
   shards of the model (:class:`ProbeShards`), measured by :mod:`prima_sim.exec.stream_probe` in a cgroup with
-  the device's CPU limits, written into the profiles (:func:`with_rates`);
+  the device's CPU limits, written into the profiles (:func:`with_rates`), and the rate its prompt's
+  micro-batches compute at (:func:`with_prefill_times`);
 - the executor's footprint (:meth:`Calibrator.runtime_footprint`, :mod:`prima_sim.exec.footprint_probe`),
   which :func:`with_executor_overhead` subtracts from the memory a device has for the model.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import socket
 import statistics
 import subprocess
@@ -141,6 +143,75 @@ def with_rates(
     return prof.model_copy(update=upd)
 
 
+def with_prefill_times(prof: DeviceProfile, model: ModelProfile, n_layers: int, measured: dict[int, float],
+                       note: str) -> DeviceProfile:  # fmt: skip
+    """``prof`` whose ``cpu_batch_efficiency`` makes the cost model's prefill of layers ``[0, n_layers)`` of
+    ``model`` take the ``measured`` seconds ({tokens: seconds of one prefill of that many tokens from position 0,
+    one llama_decode}).
+
+    A measured size where the cost model's layers are compute-bound gets the efficiency that matches it
+    (``old x predicted compute / (measured - decode overhead - KV copies)``); the profile's other sizes are
+    scaled by the ratio of the nearest measured size (in log tokens), so the curve keeps its shape. Sizes below
+    2 tokens (a decode, bound by memory) and sizes that are not compute-bound are left alone."""
+    from prima_sim.halda.costmodel import DeviceCosts
+    from prima_sim.workload import Workload
+
+    costs = DeviceCosts(prof, model, Workload())
+    new: dict[int, float] = {}
+    ratio: dict[int, float] = {}
+    notes = []
+    for n, t in sorted(measured.items()):
+        lts = [costs.layer_time(i, False, n, n) for i in range(n_layers)]
+        comp, mem = sum(x.compute_s for x in lts), sum(x.memory_s for x in lts)
+        work = t - prof.decode_overhead_s - sum(x.kv_copy_s for x in lts)
+        if n < 2 or comp <= mem or work <= 0:
+            notes.append(f"{n} tokens: {t * 1e3:.1f} ms, not compute-bound, not used")
+            continue
+        old = prof.batch_efficiency(n)
+        new[n] = round(old * comp / work, 4)
+        ratio[n] = new[n] / old
+        notes.append(f"{n} tokens: {t * 1e3:.1f} ms where the profile predicted {comp * 1e3:.1f} ms of compute "
+                     f"({old:.3f} -> {new[n]:.3f})")  # fmt: skip
+    if not new:
+        return prof
+    for k, e in prof.cpu_batch_efficiency.items():
+        if k not in new:
+            near = min(ratio, key=lambda m: abs(math.log(m) - math.log(k)))
+            new[k] = round(e * ratio[near], 4)
+    sources = {**prof.sources, "cpu_batch_efficiency": f"{note}: " + "; ".join(notes)}
+    return prof.model_copy(update={"cpu_batch_efficiency": dict(sorted(new.items())), "sources": sources})
+
+
+class RunRates(NamedTuple):
+    """A device's rates measured around the runs (:meth:`prima_sim.emulate.runs.RunSupervisor.rates_during_runs`):
+    medians of :class:`ProbeResult`."""
+
+    layer_bps: float
+    out_bps: float
+    prefill_s: dict[int, float]
+
+
+def median_rates(probes: list[ProbeResult]) -> RunRates:
+    """The median of every rate of ``probes`` (one device's), and of every prefill size all of them timed."""
+    sizes = [n for n in probes[0].prefill_s if all(n in x.prefill_s for x in probes)]
+    return RunRates(
+        statistics.median(x.layer_bps for x in probes),
+        statistics.median(x.out_bps for x in probes),
+        {n: statistics.median(x.prefill_s[n] for x in probes) for n in sizes},
+    )
+
+
+class ProbeResult(NamedTuple):
+    """One run of :mod:`prima_sim.exec.stream_probe` in a device (:meth:`Calibrator.probe_rates`)."""
+
+    layer_bps: float
+    """bytes per second the layers' window streams at in a one-token decode"""
+    out_bps: float
+    """the output head's rate likewise"""
+    prefill_s: dict[int, float]
+    """{tokens: seconds of one prefill of that many tokens by the layers' window} (empty: not asked for)"""
+
+
 class Footprint(NamedTuple):
     """The executor's own anonymous memory, measured in a device (:meth:`Calibrator.runtime_footprint`); none of
     it is in the cost model's pinned memory (KV cache, compute buffers). Zero: not measured."""
@@ -208,6 +279,7 @@ class Calibrator:
         self.say = say
         self.probe: ProbeShards | None = None
         self.key_of: dict[str, str] = {}  # device -> the device whose rates it shares (calibrate_decode)
+        self.prefill_sizes: tuple[int, ...] = ()  # the prompt micro-batch sizes calibrate_decode timed
 
     def key(self, dev: DeviceSpec, model: ModelProfile) -> str:
         """:func:`profile_key` of ``dev`` with this calibrator's profiler settings."""
@@ -281,10 +353,11 @@ class Calibrator:
 
     # --- decode calibration ----------------------------------------------------------------------------------
     def probe_rates(
-        self, name: str, prof: DeviceProfile, tokens: int = 40, tag: str = ""
-    ) -> tuple[float, float]:
-        """(layer rate, output-head rate) in bytes per second: llama.cpp decoding the calibration shards token by
-        token with device ``name``'s CPU limits: ``bytes / (median time per token - decode overhead)``.
+        self, name: str, prof: DeviceProfile, tokens: int = 40, tag: str = "", prefill: tuple[int, ...] = ()
+    ) -> ProbeResult:
+        """Layer rate and output-head rate in bytes per second: llama.cpp decoding the calibration shards token by
+        token with device ``name``'s CPU limits: ``bytes / (median time per token - decode overhead)``; and the
+        seconds the layers' shard takes to prefill each of the ``prefill`` sizes.
 
         The probe runs in a calibration cgroup that has the device's CPU quota or cpuset but neither its memory
         nor its disk limit: it measures how fast the device streams weights that are in memory (a device too
@@ -296,6 +369,8 @@ class Calibrator:
         logf.parent.mkdir(parents=True, exist_ok=True)
         cmd = module_command("prima_sim.exec.stream_probe", str(pb.layers), str(pb.head), "--threads",
                              str(prof.n_threads), "--tokens", str(tokens))  # fmt: skip
+        if prefill:
+            cmd += ["--prefill", ",".join(map(str, prefill))]
         with logf.open("wb") as err:
             proc = self.tb.spawn(name, cmd, group, env={"OMP_WAIT_POLICY": "passive"}, stdout=subprocess.PIPE,
                                  stderr=err)  # fmt: skip
@@ -303,27 +378,41 @@ class Calibrator:
         try:
             res = json.loads(out.decode().strip().splitlines()[-1])
             layers_s, head_s = float(res["layers_s"]), float(res["head_s"])
-        except (ValueError, IndexError, KeyError, TypeError):
+            pre = {int(n): float(t) for n, t in res.get("prefill_s", {}).items()}
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError):
             raise EmulationError(f"decode calibration in {name} failed: {log_tail(logf)}") from None
         t_layers = max(1e-6, layers_s - prof.decode_overhead_s)
         t_out = max(1e-6, head_s - prof.decode_overhead_s - t_layers / pb.n_layers)
-        return pb.layer_bytes / t_layers, pb.out_bytes / t_out
+        return ProbeResult(pb.layer_bytes / t_layers, pb.out_bytes / t_out, pre)
 
     def with_rates(self, prof: DeviceProfile, layer_bps: float, out_bps: float, note: str) -> DeviceProfile:
         """:func:`with_rates` with this calibration's shards."""
         return with_rates(prof, self.probe, layer_bps, out_bps, note)
 
+    def with_prefill(self, prof: DeviceProfile, model: ModelProfile, prefill_s: dict[int, float],
+                     note: str) -> DeviceProfile:  # fmt: skip
+        """:func:`with_prefill_times` for this calibration's layers shard (``prof`` as it is without a shard or
+        times)."""
+        if self.probe is None or not prefill_s:
+            return prof
+        return with_prefill_times(prof, model, self.probe.n_layers, prefill_s, note)
+
     def calibrate_decode(self, model_path: Path, model: ModelProfile, profiles: dict[str, DeviceProfile],
-                         repeats: int = 3) -> dict[str, DeviceProfile]:  # fmt: skip
+                         repeats: int = 3, prefill: tuple[int, ...] = ()) -> dict[str, DeviceProfile]:  # fmt: skip
         """Measure, inside every distinct device, the rates at which llama.cpp's decode streams this model's
         weights, and put them in the profile: ``memory_bandwidth_bps`` (the layers) and ``matvec_bps`` for the
-        output head's type when the layers do not use it.
+        output head's type when the layers do not use it; with ``prefill`` (the prompt's micro-batch sizes),
+        also the rate its prefill computes at (``cpu_batch_efficiency``, :func:`with_prefill_times`).
 
         The profiler measures the layer rate with a ggml micro-benchmark (decode-shaped matrix-vector products
         of the model's layer-0 matrices), which on this project's hosts streams about a tenth slower than
         llama.cpp's own decode, and it has one rate for every type, while with one thread a Q6_K output head
         streams about twice as fast as Q4_0 layers (dequantization, not memory, bounds them). So the emulation
-        measures the executor itself on the calibration shards (:meth:`probe_rates`).
+        measures the executor itself on the calibration shards (:meth:`probe_rates`). The prefill rate is the
+        profiler's ggml matrix products at a few batch sizes, which agree with llama.cpp when measured together;
+        but a prompt is compute-bound, and this host's compute rate drifts by ~10% within an hour while its
+        memory bandwidth does not, and profiles are reused from a cache across hours: measured here, beside the
+        decode, a prediction's TTFT rests on the rate of the hour it runs in.
         """
         self.probe = write_probe_shards(model_path, model, self.tb.work / "calibration")
         if self.probe is None:
@@ -333,28 +422,35 @@ class Calibrator:
         keys: dict[str, str] = {}
         for d in ring:
             keys.setdefault(self.key(d, model), d.name)
-        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in keys.values()}
+        sizes = self.prefill_sizes = tuple(sorted({n for n in prefill if 2 <= n <= 256}))
+        rates: dict[str, list[ProbeResult]] = {name: [] for name in keys.values()}
         for r in range(repeats):
             for name in keys.values():
                 cg.drop_caches()
-                rates[name].append(self.probe_rates(name, profiles[name], 40, f".run{r}"))
+                rates[name].append(self.probe_rates(name, profiles[name], 40, f".run{r}", sizes))
         out_profiles = dict(profiles)
         self.key_of = {d.name: keys[self.key(d, model)] for d in ring}
         for d in ring:
             src = self.key_of[d.name]
-            lay = statistics.median(x for x, _ in rates[src])
-            outr = statistics.median(y for _, y in rates[src])
+            lay, outr, pre = median_rates(rates[src])
             prof = profiles[d.name]
             note = (f"{lay / 1e9:.2f} GB/s: llama.cpp decoding a vocabulary-free shard of layers 0-{pb.n_layers - 1}"
                     f" of {model.id} ({pb.layer_bytes / 2**20:.0f} MiB) token by token inside the emulated "
                     f"device: bytes / (median time per token - decode overhead), median of {len(rates[src])} runs "
-                    f"({', '.join(f'{x / 1e9:.2f}' for x, _ in rates[src])} GB/s); the profiler's ggml benchmark "
-                    f"measured {prof.memory_bandwidth_bps / 1e9:.2f} GB/s")  # fmt: skip
-            out_profiles[d.name] = self.with_rates(prof, lay, outr, note)
+                    f"({', '.join(f'{x.layer_bps / 1e9:.2f}' for x in rates[src])} GB/s); the profiler's ggml "
+                    f"benchmark measured {prof.memory_bandwidth_bps / 1e9:.2f} GB/s")  # fmt: skip
+            cal = self.with_rates(prof, lay, outr, note)
+            cal = self.with_prefill(cal, model, pre, f"llama.cpp prefilling the same shard inside the emulated "
+                                    f"device, median of {len(rates[src])} runs")  # fmt: skip
+            out_profiles[d.name] = cal
+            eff = ", ".join(
+                f"{n} tokens {prof.batch_efficiency(n):.3f} -> {cal.batch_efficiency(n):.3f}" for n in pre
+            )
             self.say(f"calibration {d.name}: llama.cpp streams the layers at {lay / 1e9:.2f} GB/s (profiler: "
                      f"{prof.memory_bandwidth_bps / 1e9:.2f} GB/s)"
                      + (f", the {'/'.join(pb.extra_types)} output head at {outr / 1e9:.2f} GB/s"
-                        if pb.extra_types else ""))  # fmt: skip
+                        if pb.extra_types else "")
+                     + (f"; prefill efficiency {eff}" if eff else ""))  # fmt: skip
         return out_profiles
 
     # --- the executor's footprint ----------------------------------------------------------------------------

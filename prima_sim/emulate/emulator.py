@@ -184,7 +184,9 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
                          cache=opts.profile_cache, say=tell)  # fmt: skip
         profiles = cal.profile_devices(model_path, model)
         if opts.calibrate_decode:
-            profiles = cal.calibrate_decode(model_path, model, profiles)
+            # the prompt's micro-batch sizes (the suite's prompts are one micro-batch)
+            sizes = tuple(sorted({min(wl.n_ubatch, n_prompt - i) for i in range(0, n_prompt, wl.n_ubatch)}))
+            profiles = cal.calibrate_decode(model_path, model, profiles, prefill=sizes)
         raw_profiles = dict(profiles)
         fp = cal.runtime_footprint(model_path)
         baseline_anon = fp.worker
@@ -236,9 +238,10 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
                 for pr in runnable:
                     runs.finish_plan(pr)
             rates = runs.rates_during_runs()
-            for k, (lay, outr) in rates.items():
+            for k, (lay, outr, pre) in rates.items():
+                pf = "".join(f", {n}-token prefill {t * 1e3:.1f} ms" for n, t in pre.items())
                 say(f"calibration during the runs, {k}: layers {lay / 1e9:.2f} GB/s, output head {outr / 1e9:.2f} "
-                    f"GB/s (median of {len(runs.run_probes[k])} probes)")  # fmt: skip
+                    f"GB/s{pf} (median of {len(runs.run_probes[k])} probes)")  # fmt: skip
             if rates:
                 for pr in runnable:
                     if runs.record(pr).rep_tpot_s:

@@ -15,6 +15,7 @@ from prima_sim.emulate.calibrate import (
     NOT_MEASURED,
     Calibrator,
     Footprint,
+    RunRates,
     executor_overhead,
     with_executor_overhead,
 )
@@ -101,13 +102,13 @@ def simulate_plan(
 
 
 def predict_at_run(pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Workload, cal: Calibrator,
-                   rates: Mapping[str, tuple[float, float]]) -> RunPrediction:  # fmt: skip
-    """Predict ``pr``'s plan again (simulation and cost model) with streaming rates measured while the plans
-    ran (the median of every probe taken around the runs of the scenario). This host's
+                   rates: Mapping[str, RunRates]) -> RunPrediction:  # fmt: skip
+    """Predict ``pr``'s plan again (simulation and cost model) with streaming rates (and prefill times) measured
+    while the plans ran (the median of every probe taken around the runs of the scenario). This host's
     memory bandwidth is bimodal (about 8.5 and 5.3 GB/s for one thread, switching within seconds as a
-    neighbour on the physical machine comes and goes, in proportions that change over minutes): a profile
-    taken a minute earlier saw another mix than the runs. Probes spread over the run phase sample the same
-    mix as the runs."""
+    neighbour on the physical machine comes and goes, in proportions that change over minutes), and its compute
+    rate (a prompt's) drifts by ~10% over minutes: a profile taken a minute earlier saw another mix than the
+    runs. Probes spread over the run phase sample the same mix as the runs."""
     from prima_sim.halda.costmodel import predict
     from prima_sim.sim import SimConfig, simulate
 
@@ -117,10 +118,9 @@ def predict_at_run(pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Wo
     for d in pr.cluster.devices:
         k = cal.key_of.get(d.name)
         if k is not None and k in rates:
-            lay, outr = rates[k]
-            devs.append(
-                cal.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the run")
-            )
+            lay, outr, pre = rates[k]
+            cd = cal.with_rates(d, lay, outr, f"{lay / 1e9:.2f} GB/s: llama.cpp, measured around the run")
+            devs.append(cal.with_prefill(cd, model, pre, "llama.cpp's prefill, measured around the run"))
             used[d.name] = lay
         else:
             devs.append(d)

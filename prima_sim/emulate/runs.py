@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import shutil
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.emulate import cgroups as cg
-from prima_sim.emulate.calibrate import Calibrator
+from prima_sim.emulate.calibrate import Calibrator, ProbeResult, RunRates, median_rates
 from prima_sim.emulate.memory import MemorySampler
 from prima_sim.emulate.records import PlanPrediction, PlanRun, RunMeasurement, RunPrediction
 from prima_sim.emulate.spawn import cli_command, log_tail, module_command, stop
@@ -69,7 +68,7 @@ class RunSupervisor:
         self.keep_shards = keep_shards
         self.calibrate_runs = calibrate_runs
         self.say = say
-        self.run_probes: dict[str, list[tuple[float, float]]] = {}  # per device: (layer, head) rates probed
+        self.run_probes: dict[str, list[ProbeResult]] = {}  # per device: the probes taken around its runs
         self.dirs: dict[str, tuple[Path, Path]] = {}  # per plan label: its shard directory and run directory
         self.measurements: dict[str, list[RunMeasurement]] = {}  # per plan label: its runs, in order
 
@@ -77,13 +76,9 @@ class RunSupervisor:
         """The plan's prediction, runs so far and prediction at run time, as one record."""
         return PlanRun(pr, tuple(self.measurements.get(pr.label, ())), at_run)
 
-    def rates_during_runs(self) -> dict[str, tuple[float, float]]:
-        """Per calibrated device: the median (layer, output-head) rate of every probe taken around the runs."""
-        return {
-            k: (statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
-            for k, v in self.run_probes.items()
-            if v
-        }
+    def rates_during_runs(self) -> dict[str, RunRates]:
+        """Per calibrated device: the median of every rate (and prefill time) probed around the runs."""
+        return {k: median_rates(v) for k, v in self.run_probes.items() if v}
 
     def prepare_plan(self, pr: PlanPrediction, model_path: Path) -> None:
         """Cut the plan's shards and write the files its processes read (hosts, cluster, plan); for a stock
@@ -139,7 +134,12 @@ class RunSupervisor:
         srcs = sorted({cal.key_of[n] for n in names if n in cal.key_of})
         calibrate = bool(self.calibrate_runs and cal.probe is not None and srcs)
         before = (
-            {k: cal.probe_rates(k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.before") for k in srcs}
+            {
+                k: cal.probe_rates(
+                    k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.before", cal.prefill_sizes
+                )
+                for k in srcs
+            }
             if calibrate
             else {}
         )
@@ -172,7 +172,10 @@ class RunSupervisor:
             return done[-1]
         if calibrate:
             after = {
-                k: cal.probe_rates(k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.after") for k in srcs
+                k: cal.probe_rates(
+                    k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.after", cal.prefill_sizes
+                )
+                for k in srcs
             }
             for k in srcs:
                 self.run_probes.setdefault(k, []).extend([before[k], after[k]])

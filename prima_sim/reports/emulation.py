@@ -32,7 +32,8 @@ COLUMNS: tuple[str, ...] = (
     "tpot_meas_p10_s", "tpot_meas_p90_s", "tpot_meas_spread_pct",
     "ttft_analytic_s", "ttft_sim_s", "ttft_meas_s",
     "err_sim_pct", "err_analytic_pct", "err_ttft_sim_pct", "err_ttft_analytic_pct",
-    "tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct", "run_bw_gbps",
+    "tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct", "ttft_sim_run_s",
+    "err_ttft_sim_run_pct", "run_bw_gbps",
     "mem_limits_mib", "mem_pressure", "mem_pressure_max_pct", "mem_pressure_model_max_pct", "page_cache_mib",
     "sim_mem_pressure_max_pct", "runtime_anon_mib", "disk_read_mib_per_token", "sim_disk_read_mib_per_token",
     "disk_read_mib_per_token_reps", "disk_read_per_device_mib", "compute_sim_ms", "compute_meas_ms",
@@ -244,6 +245,7 @@ def summarize_rows(rows: Sequence[dict[str, str]], all_rows: bool = False) -> di
         "ttft_analytic_error": _dist([_f(r.get("err_ttft_analytic_pct")) for r in ok]),
         "tpot_sim_run_error": _dist([_f(r.get("err_sim_run_pct")) for r in ok]),
         "tpot_analytic_run_error": _dist([_f(r.get("err_analytic_run_pct")) for r in ok]),
+        "ttft_sim_run_error": _dist([_f(r.get("err_ttft_sim_run_pct")) for r in ok]),
         "single_vs_ring": ratios,
         "paging_bytes": paging,
         "memory_pressure_max_pct": max(pressure) if pressure else math.nan,
@@ -271,8 +273,10 @@ def format_summary(s: dict[str, Any]) -> str:
     for key, label in (("tpot_sim_error", "TPOT simulated"), ("tpot_analytic_error", "TPOT analytic"),
                        ("tpot_sim_run_error", "TPOT simulated with rates measured during the runs"),
                        ("tpot_analytic_run_error", "TPOT analytic with rates measured during the runs"),
-                       ("ttft_sim_error", "TTFT simulated"), ("ttft_analytic_error", "TTFT analytic")):  # fmt: skip
-        d = s[key]
+                       ("ttft_sim_error", "TTFT simulated"), ("ttft_analytic_error", "TTFT analytic"),
+                       ("ttft_sim_run_error", "TTFT simulated with rates and prefill measured during the runs")
+                       ):  # fmt: skip
+        d = s.get(key, {"n": 0})
         if d["n"]:
             lines.append(f"  |{label} - measured| / measured: median {d['median_pct']:.1f}%, p90 {d['p90_pct']:.1f}%, "
                          f"max {d['max_pct']:.1f}% (n={d['n']})")  # fmt: skip
