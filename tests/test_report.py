@@ -49,6 +49,15 @@ def test_append_and_summarize(tmp_path: Path) -> None:
     assert summarize_rows(rows, all_rows=True)["measured"] == 4
     text = format_summary(s)
     assert "median 2.0%" in text and "single-X / halda" in text
+    assert "TTFT simulated with rates and prefill measured" not in text  # no run-phase TTFT in these rows
+    append_rows(p, [_row("c", "halda", 1.0, 1.0, 1.0, ttft_sim_s=0.9, ttft_sim_run_s=0.95, ttft_meas_s=1.0,
+                         err_ttft_sim_pct=-10.0, err_ttft_sim_run_pct=-5.0)])  # fmt: skip
+    s = summarize_rows(read_rows(p))
+    assert s["ttft_sim_error"]["max_pct"] == pytest.approx(10.0) and s["ttft_sim_run_error"]["n"] == 1
+    assert (
+        "TTFT simulated with rates and prefill measured during the runs - measured| / measured: median 5.0%"
+        in (format_summary(s))
+    )
 
 
 def test_paging_bytes_are_compared_per_plan(tmp_path: Path) -> None:
