@@ -555,7 +555,8 @@ class Bench:
                 mp = models[gguf]
             probe = probe_for(mp)
             wl = Workload(n_ctx=256, prompt_tokens=prompt_tokens, decode_tokens=tokens, n_ubatch=64)
-            cluster = Cluster.model_validate_json((gdir / "cluster.json").read_text())
+            # a run saved before its devices' blk-throttled disks were marked (with_read_limits) gets them now
+            cluster = with_read_limits(Cluster.model_validate_json((gdir / "cluster.json").read_text()), sc)
             for r in rows:
                 plan = Plan.load(gdir / "plans" / f"{r.label}.json")
                 cl = cluster
