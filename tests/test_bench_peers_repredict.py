@@ -53,9 +53,11 @@ def a_run(bench, m8, out: Path):
     the benchmark predicts them; devices with 8 GiB each (an 8B model pages a little on them)."""
     name, spec, cases = next(g for g in bench.GROUPS if g[0] == "fits")
     sc = bench.group_scenario(name, spec, cases, WL.decode_tokens, 2)
-    cluster = toy_cluster(
-        [toy_device(f"D{i}", ram_total_bytes=8 * 2**30) for i in range(3)], bandwidth_bps=1e9
+    # saved as a run saves it: its devices' read-limited disks marked blk-throttled
+    cluster = bench.with_read_limits(
+        toy_cluster([toy_device(f"D{i}", ram_total_bytes=8 * 2**30) for i in range(3)], bandwidth_bps=1e9), sc
     )
+    assert all(d.disk_throttle_slice_s for d in cluster.devices)
     gdir = out / name
     (gdir / "plans").mkdir(parents=True)
     (gdir / "cluster.json").write_text(cluster.model_dump_json())
@@ -108,6 +110,18 @@ def test_repredict_gives_back_the_runs_predictions(bench, m8, tmp_path):
         assert new.predicted_as == old.predicted_as
         assert (new.tpot, new.ttft, new.anon_peak, new.read_meas_dev) == (old.tpot, old.ttft, old.anon_peak,
                                                                           old.read_meas_dev)  # fmt: skip
+    # a run saved before the devices' disks were marked blk-throttled is predicted as if it had been
+    saved = tmp_path / "run" / "fits" / "cluster.json"
+    marked = saved.read_text()
+    unmarked = json.loads(marked)
+    for d in unmarked["devices"]:
+        d["disk_throttle_slice_s"] = None
+    saved.write_text(json.dumps(unmarked))
+    b2 = bench.Bench(args())
+    b2.repredict(tmp_path / "run", [], None, model=m8)
+    assert [r.tpot_pred for r in b2.rows] == pytest.approx(
+        [r.tpot_pred for r in b.rows], rel=1e-9, nan_ok=True
+    )
     b.write(tmp_path / "reports")
     out = {c["system"]: c for c in csv.DictReader((tmp_path / "reports" / "peers.csv").open())}
     assert out["prima.cpp"]["disk_mib_per_token_meas_dev"] == "D0:65 D1:45"
