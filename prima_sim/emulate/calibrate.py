@@ -182,6 +182,17 @@ def with_prefill_times(prof: DeviceProfile, model: ModelProfile, n_layers: int, 
     return prof.model_copy(update={"cpu_batch_efficiency": dict(sorted(new.items())), "sources": sources})
 
 
+class ProbeResult(NamedTuple):
+    """One run of :mod:`prima_sim.exec.stream_probe` in a device (:meth:`Calibrator.probe_rates`)."""
+
+    layer_bps: float
+    """bytes per second the layers' window streams at in a one-token decode"""
+    out_bps: float
+    """the output head's rate likewise"""
+    prefill_s: dict[int, float]
+    """{tokens: seconds of one prefill of that many tokens by the layers' window} (empty: not asked for)"""
+
+
 class RunRates(NamedTuple):
     """A device's rates measured around the runs (:meth:`prima_sim.emulate.runs.RunSupervisor.rates_during_runs`):
     medians of :class:`ProbeResult`."""
@@ -199,17 +210,6 @@ def median_rates(probes: list[ProbeResult]) -> RunRates:
         statistics.median(x.out_bps for x in probes),
         {n: statistics.median(x.prefill_s[n] for x in probes) for n in sizes},
     )
-
-
-class ProbeResult(NamedTuple):
-    """One run of :mod:`prima_sim.exec.stream_probe` in a device (:meth:`Calibrator.probe_rates`)."""
-
-    layer_bps: float
-    """bytes per second the layers' window streams at in a one-token decode"""
-    out_bps: float
-    """the output head's rate likewise"""
-    prefill_s: dict[int, float]
-    """{tokens: seconds of one prefill of that many tokens by the layers' window} (empty: not asked for)"""
 
 
 class Footprint(NamedTuple):

@@ -133,16 +133,12 @@ class RunSupervisor:
         names = [d.name for d in plan.devices]
         srcs = sorted({cal.key_of[n] for n in names if n in cal.key_of})
         calibrate = bool(self.calibrate_runs and cal.probe is not None and srcs)
-        before = (
-            {
-                k: cal.probe_rates(
-                    k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.before", cal.prefill_sizes
-                )
-                for k in srcs
-            }
-            if calibrate
-            else {}
-        )
+
+        def probe(when: str) -> dict[str, ProbeResult]:
+            return {k: cal.probe_rates(k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.{when}", cal.prefill_sizes)
+                    for k in srcs}  # fmt: skip
+
+        before = probe("before") if calibrate else {}
         env: dict[str, str] = (
             {"OMP_WAIT_POLICY": sc.run.omp_wait_policy} if sc.run.omp_wait_policy != "default" else {}
         )
@@ -171,12 +167,7 @@ class RunSupervisor:
             self.say(f"{pr.label} rep {r}: FAILED: {err}")
             return done[-1]
         if calibrate:
-            after = {
-                k: cal.probe_rates(
-                    k, self.raw_profiles[k], 16, f".{pr.label}.rep{r}.after", cal.prefill_sizes
-                )
-                for k in srcs
-            }
+            after = probe("after")
             for k in srcs:
                 self.run_probes.setdefault(k, []).extend([before[k], after[k]])
         rows = read_token_csv(rep_dir / "tokens.csv")
