@@ -43,7 +43,8 @@ from prima_sim.schema import load_model
 from prima_sim.sim import SimConfig, simulate
 from prima_sim.workload import Workload
 
-BLANKED = ("tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct")
+BLANKED = ("tpot_sim_run_s", "tpot_analytic_run_s", "err_sim_run_pct", "err_analytic_run_pct", "ttft_sim_run_s",
+           "err_ttft_sim_run_pct")  # fmt: skip
 
 
 def _pct(pred: float, meas: float) -> float:
