@@ -193,19 +193,10 @@ class ProbeResult(NamedTuple):
     """{tokens: seconds of one prefill of that many tokens by the layers' window} (empty: not asked for)"""
 
 
-class RunRates(NamedTuple):
-    """A device's rates measured around the runs (:meth:`prima_sim.emulate.runs.RunSupervisor.rates_during_runs`):
-    medians of :class:`ProbeResult`."""
-
-    layer_bps: float
-    out_bps: float
-    prefill_s: dict[int, float]
-
-
-def median_rates(probes: list[ProbeResult]) -> RunRates:
-    """The median of every rate of ``probes`` (one device's), and of every prefill size all of them timed."""
+def median_rates(probes: list[ProbeResult]) -> ProbeResult:
+    """One device's ``probes`` as one: the median of every rate, and of every prefill size all of them timed."""
     sizes = [n for n in probes[0].prefill_s if all(n in x.prefill_s for x in probes)]
-    return RunRates(
+    return ProbeResult(
         statistics.median(x.layer_bps for x in probes),
         statistics.median(x.out_bps for x in probes),
         {n: statistics.median(x.prefill_s[n] for x in probes) for n in sizes},
@@ -422,6 +413,7 @@ class Calibrator:
         keys: dict[str, str] = {}
         for d in ring:
             keys.setdefault(self.key(d, model), d.name)
+        # stream_probe times sizes up to its context (N_CTX, 256); one token is a decode, not a prefill
         sizes = self.prefill_sizes = tuple(sorted({n for n in prefill if 2 <= n <= 256}))
         rates: dict[str, list[ProbeResult]] = {name: [] for name in keys.values()}
         for r in range(repeats):

@@ -184,8 +184,10 @@ def emulate(scenario: Scenario, opts: EmulateOptions) -> EmulationResult:
                          cache=opts.profile_cache, say=tell)  # fmt: skip
         profiles = cal.profile_devices(model_path, model)
         if opts.calibrate_decode:
-            # the prompt's micro-batch sizes (the suite's prompts are one micro-batch)
-            sizes = tuple(sorted({min(wl.n_ubatch, n_prompt - i) for i in range(0, n_prompt, wl.n_ubatch)}))
+            # the prompt's micro-batch sizes, as the simulator splits the prefill (the suite's prompts are one)
+            from prima_sim.sim import steps_for
+
+            sizes = tuple({n for n, _ in steps_for(wl)[0].batches})
             profiles = cal.calibrate_decode(model_path, model, profiles, prefill=sizes)
         raw_profiles = dict(profiles)
         fp = cal.runtime_footprint(model_path)

@@ -15,7 +15,7 @@ from prima_sim.emulate.calibrate import (
     NOT_MEASURED,
     Calibrator,
     Footprint,
-    RunRates,
+    ProbeResult,
     executor_overhead,
     with_executor_overhead,
 )
@@ -102,7 +102,7 @@ def simulate_plan(
 
 
 def predict_at_run(pr: PlanPrediction, sc: Scenario, model: ModelProfile, wl: Workload, cal: Calibrator,
-                   rates: Mapping[str, RunRates]) -> RunPrediction:  # fmt: skip
+                   rates: Mapping[str, ProbeResult]) -> RunPrediction:  # fmt: skip
     """Predict ``pr``'s plan again (simulation and cost model) with streaming rates (and prefill times) measured
     while the plans ran (the median of every probe taken around the runs of the scenario). This host's
     memory bandwidth is bimodal (about 8.5 and 5.3 GB/s for one thread, switching within seconds as a

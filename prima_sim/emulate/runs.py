@@ -22,7 +22,7 @@ from typing import Any
 
 from prima_sim.devices.profile import DeviceProfile
 from prima_sim.emulate import cgroups as cg
-from prima_sim.emulate.calibrate import Calibrator, ProbeResult, RunRates, median_rates
+from prima_sim.emulate.calibrate import Calibrator, ProbeResult, median_rates
 from prima_sim.emulate.memory import MemorySampler
 from prima_sim.emulate.records import PlanPrediction, PlanRun, RunMeasurement, RunPrediction
 from prima_sim.emulate.spawn import cli_command, log_tail, module_command, stop
@@ -76,7 +76,7 @@ class RunSupervisor:
         """The plan's prediction, runs so far and prediction at run time, as one record."""
         return PlanRun(pr, tuple(self.measurements.get(pr.label, ())), at_run)
 
-    def rates_during_runs(self) -> dict[str, RunRates]:
+    def rates_during_runs(self) -> dict[str, ProbeResult]:
         """Per calibrated device: the median of every rate (and prefill time) probed around the runs."""
         return {k: median_rates(v) for k, v in self.run_probes.items() if v}
 

@@ -276,7 +276,7 @@ def format_summary(s: dict[str, Any]) -> str:
                        ("ttft_sim_error", "TTFT simulated"), ("ttft_analytic_error", "TTFT analytic"),
                        ("ttft_sim_run_error", "TTFT simulated with rates and prefill measured during the runs")
                        ):  # fmt: skip
-        d = s.get(key, {"n": 0})
+        d = s[key]
         if d["n"]:
             lines.append(f"  |{label} - measured| / measured: median {d['median_pct']:.1f}%, p90 {d['p90_pct']:.1f}%, "
                          f"max {d['max_pct']:.1f}% (n={d['n']})")  # fmt: skip
