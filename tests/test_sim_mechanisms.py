@@ -182,6 +182,26 @@ def test_cold_start_reads_everything_warm_start_nothing(m8):
     assert cold.tpot_s == pytest.approx(warm.tpot_s, rel=1e-6)
 
 
+def test_the_first_window_after_the_load_reads_what_the_load_left_out_not_the_whole_window(m8):
+    """k = 2, B's two windows of 3 layers in room for 5.8: the load (warm start) leaves the first window's first
+    chunks out. Its first run faults those in, evicting the other window's chunks (the thread's window gets a
+    second chance, docs/sim.md), instead of cascading through the whole window in LRU order (each fault evicting
+    the window's next chunk, the oldest of the load)."""
+    c = prefetch_toy(m8, [13, 3])
+    c = with_room(c, m8, [13, 3], None, "B", 5.8 * m8.layer_bytes[0])
+    plan = manual_plan(c, m8, WL, [13, 3], stream=False)
+    assert plan.k == 2
+    res = simulate(plan, c, m8, WL, SimConfig(page_cache="lru", prefetch=False, warm=True))
+    window = sum(m8.layer_bytes[0:3])
+    missing = 6 * m8.layer_bytes[0] - res.device_stats["B"]["page_cache_capacity_bytes"]
+    first = res.disk_read[(0, "B")]
+    assert 0 < missing < 0.5 * window
+    # its first window reads what is missing (its second one then pages as in decode); an LRU cascade read both
+    assert first < 0.6 * 2 * window, "the first window read what the load left out, not every chunk"
+    # from the second token on, the windows page as before (an LRU re-reads both every token)
+    assert per_token(res, "B", "disk_read_bytes") == pytest.approx(2 * window, rel=0.02)
+
+
 def test_a_chunk_whose_read_ends_during_the_compute_before_its_touch_is_a_hit(m8, monkeypatch):
     """Compute slower than the disk: the readahead of the next chunk completes while the current one is
     computed, so the touch finds it resident. It is a hit: no fault is counted and nothing is queued for it (a

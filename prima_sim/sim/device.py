@@ -358,6 +358,11 @@ class SimDevice:
             return
         resident, touch = cache.resident, cache.touch
         marks, inflight = self._ra_marks, self._pending
+        if token == 0 and self.ring.cfg.warm and cache.can_evict and not self.ran - {work.window}:
+            # the first window run after the load: llama.cpp's populating load left every resident page mapped
+            # and young, and the first reclaim gives the window the thread is scanning a second chance; what it
+            # evicts is the device's other windows, not this one's next chunks (docs/sim.md, "first pass")
+            cache.spared = frozenset(work.chunks)
         for chunk, slot, frac in zip(work.seg_chunk, work.seg_slot, work.seg_frac, strict=True):
             if stream is not None and slot != prev:
                 if prev >= first:  # a streamed layer has been computed: at that moment it is released
@@ -408,6 +413,7 @@ class SimDevice:
             touch(chunk)
             t0 = env.now
             pending = dt
+        cache.spared = frozenset()
         if pending > 0:
             yield env.timeout(pending)
             rec.add(name, kind, t0, env.now, token, label)

@@ -68,6 +68,9 @@ class PageCache:
         self.inserted_bytes = 0.0
         self._unused_prefetch: set[int] = set()
         self.wasted_prefetch_bytes = 0.0
+        self.spared: frozenset[int] = frozenset()
+        """Chunks reclaim passes over while another resident chunk can go (the device's first window run after a
+        warm start, docs/sim.md); empty: plain LRU."""
 
     # --- queries ---------------------------------------------------------------------------------------------
     def resident(self, chunk: int) -> bool:
@@ -127,8 +130,12 @@ class PageCache:
             self.growth_left -= grow
             self.swapped_out_bytes += grow
         lru = self._lru
+        spared = self.spared
         while self.used + size > self.capacity and lru:
-            victim, _ = lru.popitem(last=False)
+            victim = next(iter(lru))
+            if spared and victim in spared:  # the least recently used chunk that is not spared, if any
+                victim = next((c for c in lru if c not in spared), victim)
+            del lru[victim]
             vsize = self.size[victim]
             self.used -= vsize
             self.missing[self.group[victim]] += 1
