@@ -39,6 +39,21 @@ def test_lru_evicts_least_recently_used_first():
     c.check()
 
 
+def test_a_spared_window_gives_up_every_second_victim_to_the_other_chunks():
+    """The first pass after a warm start (docs/sim.md): the window's chunks 2..5 are the least recently used (the
+    load read them first), chunks 0, 1, 10, 11 the other window's. For four reads a plain LRU evicts 2, 3, 4, 5
+    (the cascade), a window spared for good 0, 1, 10, 11; reclaim takes the window's own chunk and the other
+    window's in turn: 2, 0, 3, 1."""
+    c = cache([10] * 12, 80)
+    c.fill([2, 3, 4, 5, 0, 1, 10, 11])
+    c.spared = frozenset({2, 3, 4, 5})
+    for new in (6, 7, 8, 9):
+        c.insert(new)
+    assert [i for i in (0, 1, 2, 3, 4, 5, 10, 11) if not c.resident(i)] == [0, 1, 2, 3]
+    c.spared = frozenset()
+    c.check()
+
+
 def test_chunk_larger_than_cache_is_read_and_dropped():
     c = cache([10, 50], 30)
     c.insert(0)

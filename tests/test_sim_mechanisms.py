@@ -184,9 +184,9 @@ def test_cold_start_reads_everything_warm_start_nothing(m8):
 
 def test_the_first_window_after_the_load_reads_what_the_load_left_out_not_the_whole_window(m8):
     """k = 2, B's two windows of 3 layers in room for 5.8: the load (warm start) leaves the first window's first
-    chunks out. Its first run faults those in, evicting the other window's chunks (the thread's window gets a
-    second chance, docs/sim.md), instead of cascading through the whole window in LRU order (each fault evicting
-    the window's next chunk, the oldest of the load)."""
+    chunks out. Its first run faults those in, evicting its own next chunk and the other window's in turn (every
+    page the load populated is young alike, docs/sim.md), instead of cascading through the whole window in LRU
+    order (each fault evicting the window's next chunk, the oldest of the load)."""
     c = prefetch_toy(m8, [13, 3])
     c = with_room(c, m8, [13, 3], None, "B", 5.8 * m8.layer_bytes[0])
     plan = manual_plan(c, m8, WL, [13, 3], stream=False)

@@ -360,8 +360,8 @@ class SimDevice:
         marks, inflight = self._ra_marks, self._pending
         if token == 0 and self.ring.cfg.warm and cache.can_evict and not self.ran - {work.window}:
             # the first window run after the load: llama.cpp's populating load left every resident page mapped
-            # and young, and the first reclaim gives the window the thread is scanning a second chance; what it
-            # evicts is the device's other windows, not this one's next chunks (docs/sim.md, "first pass")
+            # and young, this window's and the others' alike, and reclaim takes its victims from both in turn,
+            # not only this window's next chunks as an LRU cascade would (docs/sim.md, "first pass")
             cache.spared = frozenset(work.chunks)
         for chunk, slot, frac in zip(work.seg_chunk, work.seg_slot, work.seg_frac, strict=True):
             if stream is not None and slot != prev:

@@ -69,8 +69,10 @@ class PageCache:
         self._unused_prefetch: set[int] = set()
         self.wasted_prefetch_bytes = 0.0
         self.spared: frozenset[int] = frozenset()
-        """Chunks reclaim passes over while another resident chunk can go (the device's first window run after a
-        warm start, docs/sim.md); empty: plain LRU."""
+        """The window a device runs first after a warm start (docs/sim.md, "first pass"): when reclaim's least
+        recently used chunk is one of these, every second time it takes the least recently used chunk outside them
+        instead (if any); empty: plain LRU."""
+        self._spared_met = 0  # how often reclaim's least recently used chunk was a spared one
 
     # --- queries ---------------------------------------------------------------------------------------------
     def resident(self, chunk: int) -> bool:
@@ -133,8 +135,10 @@ class PageCache:
         spared = self.spared
         while self.used + size > self.capacity and lru:
             victim = next(iter(lru))
-            if spared and victim in spared:  # the least recently used chunk that is not spared, if any
-                victim = next((c for c in lru if c not in spared), victim)
+            if spared and victim in spared:
+                self._spared_met += 1
+                if self._spared_met % 2 == 0:  # the least recently used chunk that is not spared, if any
+                    victim = next((c for c in lru if c not in spared), victim)
             del lru[victim]
             vsize = self.size[victim]
             self.used -= vsize
