@@ -134,6 +134,27 @@ def test_logits_and_embedding_windows_keep_the_vocabulary(smol_shards, smollm2, 
     assert st.st_blocks * 512 < st.st_size - sum(t.n_bytes for t in layer) // 2
 
 
+def test_the_manifest_says_where_each_token_table_lies(smol_shards, smollm2, tmp_path) -> None:
+    """The head reads token rows where the manifest says (exec/token_table.py): the logits shard's table and the
+    embedding shard's, exactly as the shard's own tensor table has them; middle windows hold none."""
+    _, out = smol_shards
+    write_shards(smollm2, make_plan((0, 6, 4)), tmp_path, ["D0"])  # with an embed.gguf
+    seen = set()
+    for d in (out, tmp_path):
+        for dev in ("D0", "D1", "D2") if d is out else ("D0",):
+            man = load_manifest(d / dev)
+            for sh in man.shards:
+                t = read_gguf(d / dev / sh.file).tensor("token_embd.weight")
+                if sh.kind == "middle":
+                    assert sh.token_table is None
+                    continue
+                assert t is not None and sh.token_table is not None
+                assert (sh.token_table.offset, sh.token_table.ggml_type) == (t.offset, t.ggml_type)
+                assert (sh.token_table.n_embd, sh.token_table.n_vocab) == (576, 49152)
+                seen.add(sh.kind)
+    assert seen == {"logits", "embed"}
+
+
 def test_gemma3_sliding_pattern_follows_global_layer_index(gemma3, tmp_path) -> None:
     plan = make_plan((7, 5, 6), n_layers=18)  # D1 [0,5), D2 [5,11), D0 [11,18)
     write_shards(gemma3, plan, tmp_path, ["D2"])

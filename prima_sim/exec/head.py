@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from prima_sim.exec.ring import (
     to_spans,
 )  # fmt: skip
 from prima_sim.exec.spec import Draft, SpecStats
+from prima_sim.exec.token_table import TokenTable, verified_table
 from prima_sim.exec.transport import open_socket
 from prima_sim.exec.worker import LoadedWindow, load_windows
 from prima_sim.metrics import Span, SpanKind
@@ -140,6 +142,9 @@ class Head:
         self.timeout, self.step_timeout = timeout, step_timeout
         self.check_alive = check_alive or (lambda: None)
         self.prefetcher = Prefetcher(prefetch)
+        # PRIMA_SIM_EMBED=window: embed with the 0-layer window even where the table lookup is exact (an A/B knob)
+        self.embed_by_window = os.environ.get("PRIMA_SIM_EMBED", "") == "window"
+        self.table: TokenTable | None = None
         self._ran: set[int] = set()  # windows run so far (Route.prefetch_window)
         self.latency = LinkLatency(
             self.device, link_latency
@@ -178,14 +183,22 @@ class Head:
         )
         self._stack.push(wstack)
         if emb is None:  # the logits window's shard holds the token table: it embeds too (one copy mapped)
-            logits = self.man.shard_of_kind("logits")
-            assert logits is not None, "the head's manifest has neither an embedding nor a logits shard"
-            self.embed_model = self.windows[logits.window].model
+            emb = self.man.shard_of_kind("logits")
+            assert emb is not None, "the head's manifest has neither an embedding nor a logits shard"
+            self.embed_model = self.windows[emb.window].model
         # stateless (cleared every call) and small: it stops at the first norm's input, so its KV cache (one per
         # layer of the model it runs on) only has to hold one call's tokens
         self.embed = self._stack.enter_context(
             Window(self.embed_model, "embed", EMBED_CHUNK, EMBED_CHUNK, self.n_threads)
         )
+        # the same rows read straight from the table when that is bit-identical to the window (token_table.py)
+        self.table = (
+            None
+            if self.embed_by_window
+            else verified_table(self.embed_model.path, emb.token_table, self.embed)
+        )
+        if self.table is not None:
+            self._stack.callback(self.table.close)
         for w in self.windows.values():
             self.prefetcher.register(w.path, self.man.shard_for_window(w.index).advise_from)
         self._stack.callback(self.prefetcher.close)
@@ -372,7 +385,10 @@ class Head:
         return self._step(tokens, int(positions[0]), step, now(), (positions, seqs, out_rows))
 
     def _embed(self, tokens: list[int]) -> np.ndarray:
-        """The layer-0 input of ``tokens``, embedded :data:`EMBED_CHUNK` tokens per call."""
+        """The layer-0 input of ``tokens``: rows of the token table, or embedded by the window :data:`EMBED_CHUNK`
+        tokens per call."""
+        if self.table is not None:
+            return self.table.rows(tokens)
         if len(tokens) <= EMBED_CHUNK:
             return self.embed.run_tokens(tokens, 0)
         return np.concatenate([self.embed.run_tokens(tokens[i : i + EMBED_CHUNK], 0).copy()

@@ -245,6 +245,12 @@ class Model:
             n = self._lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
+    def meta(self, key: str) -> str | None:
+        """The model's metadata value ``key`` as llama.cpp prints it, or None if the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
+
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))

@@ -25,6 +25,15 @@ HASH_CHUNK_BYTES = 8 << 20
 ShardKind = Literal["embed", "middle", "logits"]
 
 
+class TokenTableRef(FrozenModel):
+    """Where a shard's ``token_embd.weight`` lies (the head reads its rows: exec/token_table.py)."""
+
+    offset: int = Field(ge=0, description="byte offset of the table's data in the shard")
+    ggml_type: str = Field(description="the table's ggml type name, e.g. q8_0")
+    n_embd: int = Field(ge=1)
+    n_vocab: int = Field(ge=1)
+
+
 class ShardFile(FrozenModel):
     """One shard file of a device."""
 
@@ -47,6 +56,11 @@ class ShardFile(FrozenModel):
         description="byte offset from which prefetch advises (default data_offset): a logits window of a model with "
         "a separate output head starts after its token table, of which a token reads one row",
     )  # fmt: skip
+    token_table: TokenTableRef | None = Field(
+        default=None,
+        description="the shard's token table, if it holds one (absent in manifests written before it: the head then "
+        "embeds with llama.cpp)",
+    )
 
     @property
     def advise_from(self) -> int:

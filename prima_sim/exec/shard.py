@@ -54,6 +54,7 @@ from prima_sim.exec.manifest import (  # noqa: F401  (callers import the reader 
     DeviceManifest,
     ShardFile,
     ShardKind,
+    TokenTableRef,
     file_sha256,
     load_manifest,
     shard_path,
@@ -325,6 +326,7 @@ class ShardWriter:
                 "output.weight" in names and tensors[0][0] == "token_embd.weight" and tensors[0][2] == "copy"
             )
             prefetch_offset: int | None = None
+            table: TokenTableRef | None = None
             layer_data: dict[int, tuple[int, int]] = {}
             with self.path.open("rb") as src:
                 for i, (name, t, how) in enumerate(tensors):
@@ -343,6 +345,9 @@ class ShardWriter:
                         _copy_range(src.fileno(), fout.fileno(), int(t.offset), at, nbytes,
                                     functools.partial(self._tick, label=name))  # fmt: skip
                         fout.seek(at + nbytes)
+                        if name == "token_embd.weight" and len(t.shape) == 2:  # ggml order: n_embd first
+                            table = TokenTableRef(offset=at, ggml_type=t.ggml_type, n_embd=int(t.shape[0]),
+                                                  n_vocab=int(t.shape[1]))  # fmt: skip
                         if (m := _BLK.match(name)) is not None:  # the shard's own layer numbers
                             j = int(m.group(1))
                             lo, hi = layer_data.get(j, (at, at + nbytes))
@@ -358,7 +363,7 @@ class ShardWriter:
         return ShardFile(
             file=dest.name, kind=spec.kind, layers=spec.layers, window=spec.window, gpu_layers=spec.gpu_layers,
             output_head=spec.output_head, n_bytes=dest.stat().st_size, sha256=file_sha256(dest), data_offset=data_offset,
-            prefetch_offset=prefetch_offset,
+            prefetch_offset=prefetch_offset, token_table=table,
             layer_data=tuple(layer_data[j] for j in sorted(layer_data)) if spec.kind != "embed" else None,
         )  # fmt: skip
 
