@@ -311,7 +311,7 @@ def legacy_rows(csv_rows: list[dict[str, str]], cases: list[tuple[Any, ...]]) ->
 def legacy_log(log: Path | None, group: str) -> tuple[int, dict[str, tuple[float, float]]]:
     """The WILLNEED cap and the rates measured around the runs of ``group``, from the run's printed log (as
     ``Bench.say`` printed them: KiB, GB/s to two decimals); (1280 KiB, no rates) without a log."""
-    cap, rates = 1280 * 1024, {}
+    cap, rates = 1280 * 1024, dict[str, tuple[float, float]]()
     if log is None:
         return cap, rates
     for ln in log.read_text(errors="replace").splitlines():
@@ -435,6 +435,7 @@ class Bench:
                     jobs.append((r, ("stock", pr)))
                     continue
                 plan = pr.plan
+                assert plan is not None  # simulate_plan keeps the plan checked above
                 r_ps = Row(
                     pr.label, "prima-sim", mem, list(plan.windows), plan.k, kind="prima-sim", label=pr.label
                 )
@@ -492,7 +493,8 @@ class Bench:
             # memory bandwidth drifts by tens of percent within minutes), and for prima.cpp the room its own
             # processes leave for the page cache (C++, no Python runtime; the planner's cluster has prima-sim's
             # executor footprint). The predictions from the profiles alone stay in tpot_pred_profile_s.
-            rates = runs.rates_during_runs()
+            # layers and output head (the peers' TTFT is not predicted with a calibrated prefill)
+            rates = {k: (r.layer_bps, r.out_bps) for k, r in runs.rates_during_runs().items()}
             for k, (lay, outr) in rates.items():
                 self.say(
                     f"{name}: rates during the runs ({k}): layers {lay / 1e9:.2f} GB/s, output head {outr / 1e9:.2f} GB/s"
