@@ -52,6 +52,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,6 +60,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prima_sim.emulate.cgroups import blkio_read_bytes  # noqa: E402
+
+if TYPE_CHECKING:
+    from prima_sim.emulate.cgroups import Cgroups
+    from prima_sim.emulate.resources import Registry
+    from prima_sim.plan import Plan
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -137,7 +143,7 @@ class Residency:
         for addr, size, vec in self.maps:
             if _libc.mincore(addr, size, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore")
-            out.append(np.frombuffer(vec, dtype=np.uint8) & 1)
+            out.append(np.frombuffer(memoryview(vec), dtype=np.uint8) & 1)
         return out
 
     def resident_bytes(self) -> int:
@@ -305,8 +311,8 @@ def grid(
 class Disk:
     """The persistent loop-device disk of the grid (image in the cache directory)."""
 
-    def __init__(self, base: Path, registry: object) -> None:
-        from prima_sim.emulate.disk import _run, detach, unmount
+    def __init__(self, base: Path, registry: Registry) -> None:
+        from prima_sim.emulate.disk import detach, run_tool, unmount
 
         self.base = base
         self.image = base / "disk.img"
@@ -317,19 +323,19 @@ class Disk:
         if fresh:
             with self.image.open("wb") as fh:
                 fh.truncate(IMAGE_BYTES)
-        self.dev = _run(
+        self.dev = run_tool(
             ["losetup", "--find", "--show", "--direct-io=on", str(self.image)], "attaching"
         ).strip()
         dev = self.dev
-        registry.add("loop device", dev, lambda: detach(dev))  # type: ignore[attr-defined]
+        registry.add("loop device", dev, lambda: detach(dev))
         if fresh:
-            _run(
+            run_tool(
                 ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev],
                 "mkfs",
             )
         self.mnt.mkdir(exist_ok=True)
-        _run(["mount", "-o", "noatime", dev, str(self.mnt)], "mounting")
-        registry.add("mount", str(self.mnt), lambda: unmount(self.mnt))  # type: ignore[attr-defined]
+        run_tool(["mount", "-o", "noatime", dev, str(self.mnt)], "mounting")
+        registry.add("mount", str(self.mnt), lambda: unmount(self.mnt))
         Path(f"/sys/block/{Path(dev).name}/queue/read_ahead_kb").write_text(str(READAHEAD_KB))
         st = os.stat(dev)
         self.majmin = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
@@ -342,7 +348,7 @@ def model_path(shape: str) -> Path:
     return ensure_model(ModelSpec(**SHAPES[shape], quant="Q4_0"), log=say)
 
 
-def plan_for(shape: str, k: int, size: str):  # type: ignore[no-untyped-def]
+def plan_for(shape: str, k: int, size: str) -> Plan:
     from prima_sim.plan import Plan, make_assignments, rounds_for
 
     L = SHAPES[shape]["layers"]
@@ -403,9 +409,9 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("1")
 
 
-def run_child(cgs, name: str, shard_dir: Path, disk: Disk, limit: int | None, bps: float, prefetch: bool,
+def run_child(cgs: Cgroups, name: str, shard_dir: Path, disk: Disk, limit: int | None, bps: float, prefetch: bool,
               gap_s: float, threads: int, warmup: int, tokens: int, workdir: Path,
-              sample_s: float = SAMPLE_S) -> tuple[dict, list, str]:  # type: ignore[no-untyped-def]  # fmt: skip
+              sample_s: float = SAMPLE_S) -> tuple[dict, list, str]:  # fmt: skip
     """Run one child in a fresh cgroup; returns (its result, the parent's memory samples, error or '')."""
     from prima_sim.emulate.spawn import spawn, stop
 
@@ -449,8 +455,8 @@ def run_child(cgs, name: str, shard_dir: Path, disk: Disk, limit: int | None, bp
         g.remove()
 
 
-def calibrate(cgs, disk: Disk, shape: str, k: int, size: str, shard_dir: Path, threads: int, workdir: Path,
-              cache: dict) -> int:  # type: ignore[no-untyped-def]  # fmt: skip
+def calibrate(cgs: Cgroups, disk: Disk, shape: str, k: int, size: str, shard_dir: Path, threads: int, workdir: Path,
+              cache: dict) -> int:  # fmt: skip
     """Memory the device's process holds besides the model's page cache (anonymous memory, kernel memory and
     non-model file pages), measured once per configuration without a limit."""
     key = f"{shape}-k{k}-{size}-t{threads}"
@@ -573,6 +579,7 @@ def run_grid(args: argparse.Namespace) -> int:
     from prima_sim.emulate import cgroups as cg
     from prima_sim.emulate.models import cache_dir
     from prima_sim.emulate.resources import Registry
+    from prima_sim.errors import EmulationError
 
     cg.check_root()
     t_start = time.time()
@@ -593,7 +600,13 @@ def run_grid(args: argparse.Namespace) -> int:
     with Registry() as reg:
         disk = Disk(base, reg)
         cgs = cg.Cgroups(reg.prefix, need=("memory", "io"))
-        reg.add("cgroups", reg.prefix, lambda: cgs.remove_all())
+
+        def remove_groups() -> None:  # the registry's undo raises what went wrong (its teardown logs it)
+            problems = cgs.remove_all()
+            if problems:
+                raise EmulationError("; ".join(problems))
+
+        reg.add("cgroups", reg.prefix, remove_groups)
         workdir = base / "work"
         workdir.mkdir(exist_ok=True)
         calib = json.loads(calib_file.read_text()) if calib_file.exists() else {}

@@ -38,11 +38,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prima_sim.emulate.cgroups import blkio_read_bytes  # noqa: E402
+
+if TYPE_CHECKING:
+    from prima_sim.emulate.cgroups import Cgroups
 
 MIB = 1 << 20
 N_CTX = 256
@@ -155,8 +159,8 @@ def summarize(
     }  # fmt: skip
 
 
-def run_point(cgs, name: str, model: Path, dev: str, limit: int, swap_bytes: int, bps: float, tokens: int,
-              warmup: int, workdir: Path) -> tuple[dict | None, str]:  # type: ignore[no-untyped-def]  # fmt: skip
+def run_point(cgs: Cgroups, name: str, model: Path, dev: str, limit: int, swap_bytes: int, bps: float, tokens: int,
+              warmup: int, workdir: Path) -> tuple[dict | None, str]:  # fmt: skip
     from prima_sim.emulate.cgroups import drop_caches
     from prima_sim.emulate.spawn import spawn, stop
 
@@ -214,6 +218,7 @@ def main() -> int:
     from prima_sim.emulate.resources import Registry
     from prima_sim.emulate.scenario import ModelSpec
     from prima_sim.emulate.swap import SwapFile
+    from prima_sim.errors import EmulationError
 
     order = ("none", "host", "swap")  # swap goes on once, before the first point that needs it
     if args.points:
@@ -235,7 +240,13 @@ def main() -> int:
         shutil.copyfile(src, model)
         os.sync()
         cgs = Cgroups(reg.prefix, need=("memory", "io"))
-        reg.add("cgroups", reg.prefix, lambda: cgs.remove_all())
+
+        def remove_groups() -> None:  # the registry's undo raises what went wrong (its teardown logs it)
+            problems = cgs.remove_all()
+            if problems:
+                raise EmulationError("; ".join(problems))
+
+        reg.add("cgroups", reg.prefix, remove_groups)
         swap_on = False
         for mode, lim in points:
             if mode != "none" and not swap_on:
