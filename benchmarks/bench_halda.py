@@ -80,7 +80,7 @@ def bench(cluster: Cluster, model_id: str, repeat: int) -> dict:
         t0 = time.perf_counter()
         plan = make_plan(cluster, model, wl, "halda")
         times.append(time.perf_counter() - t0)
-    assert plan is not None
+    assert plan is not None and plan.prediction is not None
     return {"devices": len(cluster.devices), "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
             "solves": getattr(plan.solver.details, "dynamic_programs", None), "k": plan.k, "kept": len(plan.devices),
             "tpot_ms": plan.prediction.tpot_s * 1e3}  # fmt: skip

@@ -117,7 +117,10 @@ def main() -> int:
             rows = [{k: (v if k in ("shape", "host", "date") else (float(v) if v else None)) for k, v in r.items()}
                     for r in csv.DictReader(fh)]  # fmt: skip
         for r in rows:
-            r["threads"], r["n_tokens"], r["layers"] = int(r["threads"]), int(r["n_tokens"]), int(r["layers"])
+            for k in ("threads", "n_tokens", "layers"):
+                v = r[k]
+                assert isinstance(v, float), f"{args.csv}: empty {k}"  # parsed as a float above
+                r[k] = int(v)
         plot(rows, Path(args.plot))
         return 0
     try:
@@ -185,13 +188,13 @@ def main() -> int:
                 if p.returncode != 0:
                     raise SystemExit(f"fresh-process probe failed: {p.stderr.strip()[-300:]}")
                 outs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            med = {k: statistics.median(o[k] for o in outs) for k in outs[0]}
-            r.update(process_first_s=med["first_s"], process_second_s=med["second_s"],
-                     process_first_extra_s=med["first_s"] - med["second_s"], process_load_s=med["load_s"],
-                     process_context_s=med["context_s"])  # fmt: skip
-            say(f"threads {th} n {r['n_tokens']:4d}, fresh process: load {med['load_s'] * 1e3:.0f} ms, context "
-                f"{med['context_s'] * 1e3:.0f} ms, first decode {med['first_s'] * 1e3:.1f} ms vs second "
-                f"{med['second_s'] * 1e3:.1f} ms")  # fmt: skip
+            pm = {k: statistics.median(o[k] for o in outs) for k in outs[0]}
+            r.update(process_first_s=pm["first_s"], process_second_s=pm["second_s"],
+                     process_first_extra_s=pm["first_s"] - pm["second_s"], process_load_s=pm["load_s"],
+                     process_context_s=pm["context_s"])  # fmt: skip
+            say(f"threads {th} n {r['n_tokens']:4d}, fresh process: load {pm['load_s'] * 1e3:.0f} ms, context "
+                f"{pm['context_s'] * 1e3:.0f} ms, first decode {pm['first_s'] * 1e3:.1f} ms vs second "
+                f"{pm['second_s'] * 1e3:.1f} ms")  # fmt: skip
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=FIELDS)

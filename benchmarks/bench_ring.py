@@ -142,7 +142,7 @@ def bare_zmq_hop_us(nbytes: int, n: int = 2000, flush_bytes: int = 0) -> float:
     import numpy as np
     import zmq
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     push.bind("tcp://127.0.0.1:*")
     pull.bind("tcp://127.0.0.1:*")

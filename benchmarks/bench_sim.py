@@ -75,6 +75,7 @@ def main() -> None:
         p = manual_plan(pf, m70, wl_pf, [w] * 4)
         off = simulate(p, pf, m70, wl_pf, SimConfig(prefetch=False))
         on = simulate(p, pf, m70, wl_pf, SimConfig(prefetch=True))
+        assert p.prediction is not None
         print(
             f"  prefetch-4x8g k={p.k} windows {w}x4: TPOT {off.tpot_s:.2f} s without prefetch, {on.tpot_s:.2f} s with "
             f"({off.tpot_s / on.tpot_s:.2f}x); analytic {p.prediction.tpot_s:.2f} s"
@@ -84,6 +85,7 @@ def main() -> None:
     for s in ("halda", "memsched"):
         p = make_plan(d14, m70, wl_s, s)
         r = simulate(p, d14, m70, wl_s)
+        assert r.analytic is not None  # the simulation computes it when the plan has none
         print(
             f"  paper-d1-d4 {m70.id} {s:<9} windows {p.windows}: simulated {r.tpot_s:.2f} s, analytic {r.analytic.tpot_s:.2f} s"
         )
@@ -92,6 +94,7 @@ def main() -> None:
         a = make_plan(d16, mm, wl_s, "halda", allow_drop=True)
         b = make_plan(d16, mm, wl_s, "halda", allow_drop=False)
         ra, rb = simulate(a, d16, mm, wl_s), simulate(b, d16, mm, wl_s)
+        assert a.prediction is not None and b.prediction is not None
         print(
             f"  paper-d1-d6 {mid:<11} drop {[d.name for d in a.dropped]}: {ra.tpot_s * 1e3:.0f} ms vs all six "
             f"{rb.tpot_s * 1e3:.0f} ms (analytic {a.prediction.tpot_s * 1e3:.0f} vs {b.prediction.tpot_s * 1e3:.0f})"
@@ -104,8 +107,8 @@ def main() -> None:
     for n in (2, 4, 8, 16):
         for label, ram in (("resident", 64 * 2**30), ("paging  ", 6 * 2**30)):
             c = toy_cluster([toy_device(f"n{i}", ram_total_bytes=ram) for i in range(n)])
-            w = [80 // n + (1 if i < 80 % n else 0) for i in range(n)]
-            wall, r = timed(manual_plan(c, m70, wl_d, w), c, m70, wl_d, repeat=1)
+            windows = [80 // n + (1 if i < 80 % n else 0) for i in range(n)]
+            wall, r = timed(manual_plan(c, m70, wl_d, windows), c, m70, wl_d, repeat=1)
             line(f"{n:>2} devices {label}", wall, r)
 
     print("\nscaling with layers (6 toy devices, even windows, everything resident, 64 decode tokens)")
@@ -113,8 +116,8 @@ def main() -> None:
     for mid in ("llama3-8b", "qwen2.5-14b", "llama1-30b", "llama3-70b"):
         mm = catalog_model(mid)
         L = mm.arch.n_layer
-        w = [L // 6 + (1 if i < L % 6 else 0) for i in range(6)]
-        wall, r = timed(manual_plan(c6, mm, wl_d, w), c6, mm, wl_d, repeat=1)
+        windows = [L // 6 + (1 if i < L % 6 else 0) for i in range(6)]
+        wall, r = timed(manual_plan(c6, mm, wl_d, windows), c6, mm, wl_d, repeat=1)
         line(f"{L:>3} layers ({mid})", wall, r)
     p2 = manual_plan(c6, m70, wl_d, [2] * 6)
     wall, r = timed(p2, c6, m70, wl_d, repeat=1)

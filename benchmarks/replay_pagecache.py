@@ -239,10 +239,10 @@ def main() -> int:
             errs = sorted(abs(x[k] - x["busy_measured_s"]) / x["busy_measured_s"] * 100 for x in paging)
             print(f"{label}: |error| of the device's busy time per token: median {statistics.median(errs):.1f}%, "
                   f"max {errs[-1]:.1f}%, within 10%: {sum(e <= 10 for e in errs)}/{len(errs)}")  # fmt: skip
-    groups: dict[str, list[dict]] = {}
+    by_base: dict[str, list[dict]] = {}
     for x in out_rows:
-        groups.setdefault(base_name(x["point"]), []).append(x)
-    reps = {k: v for k, v in groups.items() if len(v) > 1 and v[0]["measured"] > 0}
+        by_base.setdefault(base_name(x["point"]), []).append(x)
+    reps = {k: v for k, v in by_base.items() if len(v) > 1 and v[0]["measured"] > 0}
     if reps:
         print("\nrepeated points (MiB per token): measured runs, kernel model per run (each with its own statistics "
               "flushes), closed form")  # fmt: skip
