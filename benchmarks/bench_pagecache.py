@@ -579,7 +579,6 @@ def run_grid(args: argparse.Namespace) -> int:
     from prima_sim.emulate import cgroups as cg
     from prima_sim.emulate.models import cache_dir
     from prima_sim.emulate.resources import Registry
-    from prima_sim.errors import EmulationError
 
     cg.check_root()
     t_start = time.time()
@@ -601,12 +600,7 @@ def run_grid(args: argparse.Namespace) -> int:
         disk = Disk(base, reg)
         cgs = cg.Cgroups(reg.prefix, need=("memory", "io"))
 
-        def remove_groups() -> None:  # the registry's undo raises what went wrong (its teardown logs it)
-            problems = cgs.remove_all()
-            if problems:
-                raise EmulationError("; ".join(problems))
-
-        reg.add("cgroups", reg.prefix, remove_groups)
+        reg.add("cgroups", reg.prefix, cgs.remove_all_or_raise)
         workdir = base / "work"
         workdir.mkdir(exist_ok=True)
         calib = json.loads(calib_file.read_text()) if calib_file.exists() else {}

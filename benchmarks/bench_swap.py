@@ -218,7 +218,6 @@ def main() -> int:
     from prima_sim.emulate.resources import Registry
     from prima_sim.emulate.scenario import ModelSpec
     from prima_sim.emulate.swap import SwapFile
-    from prima_sim.errors import EmulationError
 
     order = ("none", "host", "swap")  # swap goes on once, before the first point that needs it
     if args.points:
@@ -241,12 +240,7 @@ def main() -> int:
         os.sync()
         cgs = Cgroups(reg.prefix, need=("memory", "io"))
 
-        def remove_groups() -> None:  # the registry's undo raises what went wrong (its teardown logs it)
-            problems = cgs.remove_all()
-            if problems:
-                raise EmulationError("; ".join(problems))
-
-        reg.add("cgroups", reg.prefix, remove_groups)
+        reg.add("cgroups", reg.prefix, cgs.remove_all_or_raise)
         swap_on = False
         for mode, lim in points:
             if mode != "none" and not swap_on:

@@ -229,6 +229,19 @@ def test_v1_group_writes_limits(tmp_path: Path) -> None:
     assert g.memory_stat()["anon"] == 200 and g.memory_stat()["file"] == 100
 
 
+def test_remove_all_or_raise_raises_what_could_not_be_removed(tmp_path: Path) -> None:
+    """The registry's undo for a run's groups: nothing to say when all went, one EmulationError naming what stayed."""
+    root = _fake_tree(tmp_path, [("cgroup", "/sys/fs/cgroup/memory", "memory")])
+    cgs = cgroups.Cgroups("prima-abcdef", need=("memory",), root=root, require_root=False)
+    cgs.create("dev0")
+    cgs.remove_all_or_raise()
+    assert not (root / "sys/fs/cgroup/memory/prima-abcdef").exists()
+    cgs.create("dev1")
+    (root / "sys/fs/cgroup/memory/prima-abcdef/dev1/stray").write_text("")  # a directory rmdir cannot remove
+    with pytest.raises(EmulationError, match="dev1"):
+        cgs.remove_all_or_raise()
+
+
 def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(EmulationError, match="needs root"):

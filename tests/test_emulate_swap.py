@@ -265,8 +265,8 @@ def test_testbed_turns_swap_on_once_and_limits_each_device(
         def create(self, name: str) -> FakeGroup:
             return FakeGroup(name)
 
-        def remove_all(self) -> list[str]:
-            return []
+        def remove_all_or_raise(self) -> None:
+            pass
 
     class FakeNetwork:
         def __init__(self, reg: Registry) -> None:

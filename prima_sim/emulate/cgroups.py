@@ -593,6 +593,13 @@ class Cgroups:
         self._parents.clear()
         return problems
 
+    def remove_all_or_raise(self) -> None:
+        """:meth:`remove_all`, raising :class:`EmulationError` with its problems (a resource registry's undo reports
+        a failure by raising; the registry's teardown logs it)."""
+        problems = self.remove_all()
+        if problems:
+            raise EmulationError("; ".join(problems))
+
 
 def leftover_dirs(prefix: str = "prima-", root: str | Path = "/") -> list[Path]:
     """Run groups (``<mount>/prima-*``) left in any cgroup hierarchy, e.g. by a run that was killed."""

@@ -133,13 +133,7 @@ class Testbed:
         sc = self.sc
         cgs = cg.Cgroups(self.reg.prefix, need=sc.controllers())
         self.cgs = cgs
-
-        def remove_groups() -> None:
-            problems = cgs.remove_all()
-            if problems:
-                raise EmulationError("; ".join(problems))
-
-        self.reg.add("cgroups", self.reg.prefix, remove_groups)
+        self.reg.add("cgroups", self.reg.prefix, cgs.remove_all_or_raise)
         if self.disk is not None:
             self.disk_dev = self.disk.majmin
         else:
