@@ -599,7 +599,6 @@ def run_grid(args: argparse.Namespace) -> int:
     with Registry() as reg:
         disk = Disk(base, reg)
         cgs = cg.Cgroups(reg.prefix, need=("memory", "io"))
-
         reg.add("cgroups", reg.prefix, cgs.remove_all_or_raise)
         workdir = base / "work"
         workdir.mkdir(exist_ok=True)

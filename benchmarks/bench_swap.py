@@ -239,7 +239,6 @@ def main() -> int:
         shutil.copyfile(src, model)
         os.sync()
         cgs = Cgroups(reg.prefix, need=("memory", "io"))
-
         reg.add("cgroups", reg.prefix, cgs.remove_all_or_raise)
         swap_on = False
         for mode, lim in points:

@@ -48,11 +48,15 @@ def _bf16(b: np.ndarray) -> np.ndarray:
     return (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def _half(blk: np.ndarray, at: int) -> np.ndarray:
+    """The f16 field at byte ``at`` of every block, as float32 [rows, blocks, 1]."""
+    return blk[..., at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
 def _q8_0(b: np.ndarray) -> np.ndarray:
     """Blocks of 32: an f16 scale ``d``, then 32 int8; x = d * q."""
     blk = b.reshape(b.shape[0], -1, 34)
-    d = blk[..., :2].copy().view(np.float16).astype(np.float32)
-    return (blk[..., 2:].view(np.int8).astype(np.float32) * d).reshape(b.shape[0], -1)
+    return (blk[..., 2:].view(np.int8).astype(np.float32) * _half(blk, 0)).reshape(b.shape[0], -1)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -63,16 +67,13 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 def _q4_0(b: np.ndarray) -> np.ndarray:
     """Blocks of 32: an f16 scale ``d``, then 16 bytes of nibbles; x = d * (q - 8)."""
     blk = b.reshape(b.shape[0], -1, 18)
-    d = blk[..., :2].copy().view(np.float16).astype(np.float32)
-    return ((_nibbles(blk[..., 2:]) - 8).astype(np.float32) * d).reshape(b.shape[0], -1)
+    return ((_nibbles(blk[..., 2:]) - 8).astype(np.float32) * _half(blk, 0)).reshape(b.shape[0], -1)
 
 
 def _q4_1(b: np.ndarray) -> np.ndarray:
     """Blocks of 32: f16 ``d`` and ``m``, then 16 bytes of nibbles; x = d * q + m."""
     blk = b.reshape(b.shape[0], -1, 20)
-    d = blk[..., 0:2].copy().view(np.float16).astype(np.float32)
-    m = blk[..., 2:4].copy().view(np.float16).astype(np.float32)
-    return (_nibbles(blk[..., 4:]).astype(np.float32) * d + m).reshape(b.shape[0], -1)
+    return (_nibbles(blk[..., 4:]).astype(np.float32) * _half(blk, 0) + _half(blk, 2)).reshape(b.shape[0], -1)
 
 
 DECODERS: dict[str, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = {
