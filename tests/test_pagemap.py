@@ -8,7 +8,16 @@ import sys
 
 import pytest
 
-from prima_sim.exec.pagemap import PAGE, mapped_spans, mapping_base, residency, resident_runs, touch_resident
+from prima_sim.exec.pagemap import (
+    PAGE,
+    fault_in,
+    mapped_spans,
+    mapping_base,
+    release_range,
+    residency,
+    resident_runs,
+    touch_resident,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/self/maps")
 
@@ -76,3 +85,33 @@ def test_warm_up_skips_a_paging_device_with_several_windows(tmp_path):
             m.close()
         for f in files:
             f.close()
+
+
+def test_release_range_drops_its_pages_and_fault_in_reads_back_at_most_its_budget(tmp_path):
+    """The head's load gives the token table's pages back (release_range) and reads as many missing bytes of its
+    window back (fault_in): the released range leaves the cache, the others keep theirs, and fault_in reads the
+    missing pages in file order from its start and stops at its budget."""
+    mib = 1 << 20
+    n = 16 * mib
+    path = tmp_path / "shard.bin"
+    path.write_bytes(os.urandom(n))
+    os.sync()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ) as m:
+        base = mapping_base(path)
+        assert base is not None
+        assert m[n - 1 :] is not None and touch_resident(path) == n  # all resident and mapped, as after a load
+        # the "table" [2, 6) MiB leaves; [0, 2) and [6, 16) MiB stay
+        assert release_range(path, 2 * mib, 6 * mib) == 4 * mib
+        assert _resident(base + 2 * mib, 4 * mib) == 0
+        assert _resident(base, 2 * mib) == 2 * mib and _resident(base + 6 * mib, 10 * mib) == 10 * mib
+        assert release_range(path, 2 * mib, 6 * mib) == 0  # nothing left there to give back
+        # the "window" [8, 16) MiB lost [9, 14) MiB; a budget of 2 MiB reads [9, 11) MiB back, in file order (the
+        # kernel's readahead after the last fault may read a little further: not asserted)
+        release_range(path, 9 * mib, 14 * mib)
+        assert fault_in(path, 8 * mib, 2 * mib) == 2 * mib
+        assert _resident(base + 9 * mib, 2 * mib) == 2 * mib
+        assert _resident(base + 9 * mib, 5 * mib) < 5 * mib
+        assert _resident(base + 2 * mib, 4 * mib) == 0  # below the window's start: not read
+        assert fault_in(path, 8 * mib, 8 * mib) <= 3 * mib  # the rest of what is missing, no more
+        assert _resident(base + 8 * mib, 8 * mib) == 8 * mib
+    assert release_range(tmp_path / "shard.bin", 0, n) == 0  # no mapping left: nothing to say was resident

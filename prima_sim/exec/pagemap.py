@@ -24,7 +24,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from prima_sim.exec.ring import _advice_chunk
+
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MADV_DONTNEED = 4
 _libc: ctypes.CDLL | None = None
 _ODD = bytes(i & 1 for i in range(256))  # mincore's byte per page: bit 0 = resident, the others reserved
 
@@ -128,3 +131,56 @@ def touch_resident(path: Path, end: int | None = None) -> int:
             bytes(memoryview(view)[::PAGE])  # one byte per page, copied in C
             touched += b - a
     return touched
+
+
+def release_range(path: Path, lo: int, hi: int) -> int:
+    """Give file offsets ``[lo, hi)`` of ``path`` (shrunk to whole pages) back: unmap them from this process's
+    mappings (``madvise(MADV_DONTNEED)``: the pages stay in the page cache, no longer mapped here) and drop them
+    from the page cache (``posix_fadvise(DONTNEED)``: clean pages nothing else maps leave at once). A later touch
+    reads them again. Returns the bytes of the range that were resident before; 0 where it cannot be done."""
+    lo, hi = -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
+    fn = madvise_fn()
+    if hi <= lo or fn is None or not hasattr(os, "posix_fadvise"):
+        return 0
+    spans = [(a + max(0, lo - off), a + min(b - a, hi - off)) for a, b, off in mapped_spans(path)]
+    spans = [(a, b) for a, b in spans if b > a]
+    before = sum(y - x for a, b in spans for x, y in resident_runs(a, b - a))
+    for a, b in spans:
+        fn(a, b - a, MADV_DONTNEED)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return before
+
+
+def fault_in(path: Path, lo: int, budget: int) -> int:
+    """Read into the page cache, through this process's mappings of ``path`` and in file order from offset ``lo``,
+    the pages that are not resident, until ``budget`` bytes: each missing run is advised
+    (``posix_fadvise(WILLNEED)``, in the pieces one advice reads) and then touched, one byte per page, so that the
+    pages end up mapped here like the ones the load left. Returns the bytes read."""
+    gaps: list[tuple[int, int, int]] = []  # (address, file offset, bytes) of the missing runs to read
+    left = budget
+    for base, end, off in mapped_spans(path):
+        start = base + max(0, lo - off) // PAGE * PAGE
+        at = start
+        for x, y in [*resident_runs(start, end - start), (end, end)] if end > start and left > 0 else []:
+            n = min(x - at, left)  # [at, x) lies between two resident runs: missing
+            if n > 0:
+                gaps.append((at, off + at - base, n))
+                left -= n
+            at = max(at, y)
+    if not gaps:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        step = _advice_chunk(fd)
+        for _, pos, n in gaps:
+            for piece in range(pos, pos + n, step):
+                os.posix_fadvise(fd, piece, min(step, pos + n - piece), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    for addr, _, n in gaps:
+        bytes(memoryview((ctypes.c_ubyte * n).from_address(addr))[::PAGE])  # one byte per page, copied in C
+    return budget - left

@@ -26,12 +26,11 @@ import os
 import re
 from pathlib import Path
 
-from prima_sim.exec.pagemap import PAGE, madvise_fn, mapping_base
+from prima_sim.exec.pagemap import MADV_DONTNEED, PAGE, madvise_fn, mapping_base
 from prima_sim.exec.ring import _advice_chunk
 
 log = logging.getLogger(__name__)
 
-MADV_DONTNEED = 4
 FOLIO_SLOP = 2 << 20
 """How far beyond a released layer's range the release reaches (within the streamed layers): the largest page-cache
 folio readahead makes (a PMD), which the kernel drops only when wholly inside the range."""

@@ -109,6 +109,10 @@ class TokenTable:
         row_bytes = ref.n_embd // per_block * block_bytes
         with open(path, "rb") as f:  # the mapping outlives the file object
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # a row's fault reads its page, not the 128 KiB around it (the head's load gives the table's pages back:
+        # exec/head.py)
+        if hasattr(mmap, "MADV_RANDOM"):
+            self._map.madvise(mmap.MADV_RANDOM)
         if ref.offset + row_bytes * ref.n_vocab > len(self._map):
             self._map.close()
             raise ValueError(f"{Path(path).name}: the token table runs past the end of the file")
