@@ -301,6 +301,27 @@ def test_simulate_draft_prints_the_simulators_figures(tmp_path: Path) -> None:
     s = json.loads(r.stdout)["speculation"]
     assert s["sim_tpot_s"] > 0 and 1.0 <= s["sim_tokens_per_pass"] <= 5.0 and s["sim_speedup"] > 0
     assert s["sim_plain_tpot_s"] == pytest.approx(s["plain_tpot_s"], rel=0.05)
+    # a draft this small takes next to no memory: against no draft at all the speed-up is the same
+    assert s["speedup_vs_no_draft"] == pytest.approx(s["speedup"], rel=0.02) and s["speedup_vs_no_draft"] > 1
+    assert s["sim_no_draft_tpot_s"] == pytest.approx(s["no_draft_tpot_s"], rel=0.05)
     r = _cli("simulate", "--model", "llama3-8b", "--tokens", "12", "--draft", "smollm2-135m", "--accept", "0.8",
              "--no-gantt", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and "simulated (acceptances drawn at 0.80)" in r.stdout
+    assert "without a draft" in r.stdout and "does not pay" not in r.stdout
+
+
+def test_a_draft_whose_memory_makes_the_head_page_is_called_a_loss(tmp_path: Path) -> None:
+    """The default cluster runs the 70B model with its head's memory full: an 8B draft there takes the room of
+    weights that then page, so speculation beats decoding on the same starved head but loses against decoding
+    without a draft, and the output says so (the comparison a user decides by)."""
+    r = _cli("simulate", "--tokens", "8", "--draft", "llama3-8b", "--accept", "0.7", "--no-gantt", "--json",
+             cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["speculation"]
+    assert s["speedup"] > 1 and s["sim_speedup"] > 1  # against the head starved by the draft
+    assert s["speedup_vs_no_draft"] < 1 and s["sim_speedup_vs_no_draft"] < 1  # against no draft: slower
+    assert s["no_draft_tpot_s"] < s["plain_tpot_s"]
+    r = _cli(
+        "simulate", "--tokens", "8", "--draft", "llama3-8b", "--accept", "0.7", "--no-gantt", cwd=tmp_path
+    )
+    assert r.returncode == 0 and "the draft does not pay here" in r.stdout

@@ -280,10 +280,11 @@ def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any)
     Raises:
         InputError: a value out of range, or --draft without --accept (or the reverse).
     """
-    from prima_sim.halda.costmodel import serving_curve, speculation
+    from prima_sim.halda.costmodel import serving_curve, speculation, step_breakdown
 
     out: dict[str, Any] = {}
     draft = None
+    free = cluster  # without the draft: what decoding without one gives (the user's alternative)
     if args.draft is not None and args.accept is not None:
         check_number("--accept", args.accept, minimum=0, maximum=1)
         draft = load_model_arg(args.draft)
@@ -313,6 +314,10 @@ def serving_predictions(plan: Any, cluster: Any, model: Any, wl: Any, args: Any)
                               "expected_tokens_per_pass": s.expected_tokens, "draft_s": s.draft_s,
                               "verify_s": s.verify_s, "tpot_s": s.tpot_s, "plain_tpot_s": s.plain_tpot_s,
                               "speedup": s.speedup}  # fmt: skip
+        nd = step_breakdown(plan, free, model, wl)
+        no_draft = math.inf if nd.infeasible else nd.total_s
+        out["speculation"] |= {"no_draft_tpot_s": no_draft,
+                               "speedup_vs_no_draft": no_draft / s.tpot_s if s.tpot_s > 0 else math.inf}  # fmt: skip
     return out
 
 
@@ -344,11 +349,18 @@ def print_serving(obj: dict[str, Any]) -> None:
         print(f"\nspeculative decoding with {s['draft']} on the head (up to {s['draft_max']} drafted tokens, acceptance "
               f"{s['accept']:.2f}; cost model): {s['expected_tokens_per_pass']:.2f} tokens per verification pass of "
               f"{s['verify_s'] * 1e3:.1f} ms, draft {s['draft_s'] * 1e3:.1f} ms/token: TPOT {s['tpot_s'] * 1e3:.1f} ms "
-              f"against {s['plain_tpot_s'] * 1e3:.1f} ms ({s['speedup']:.2f}x)")  # fmt: skip
+              f"against {s['plain_tpot_s'] * 1e3:.1f} ms without drafting but with the draft's memory taken "
+              f"({s['speedup']:.2f}x); without a draft at all {s['no_draft_tpot_s'] * 1e3:.1f} ms "
+              f"({s['speedup_vs_no_draft']:.2f}x)")  # fmt: skip
         if "sim_tpot_s" in s:
             print(f"  simulated (acceptances drawn at {s['accept']:.2f}): {s['sim_tokens_per_pass']:.2f} tokens per pass, "
-                  f"TPOT {s['sim_tpot_s'] * 1e3:.1f} ms against {s['sim_plain_tpot_s'] * 1e3:.1f} ms "
-                  f"({s['sim_speedup']:.2f}x)")  # fmt: skip
+                  f"TPOT {s['sim_tpot_s'] * 1e3:.1f} ms against {s['sim_plain_tpot_s'] * 1e3:.1f} ms with the draft's "
+                  f"memory taken ({s['sim_speedup']:.2f}x) and {s['sim_no_draft_tpot_s'] * 1e3:.1f} ms without a "
+                  f"draft ({s['sim_speedup_vs_no_draft']:.2f}x)")  # fmt: skip
+        slower = s.get("sim_speedup_vs_no_draft", s["speedup_vs_no_draft"]) < 1
+        if slower:
+            print(f"  the draft does not pay here: its memory on the head ({s['draft']}) costs more than drafting "
+                  f"saves; decode without it, or with a smaller draft")  # fmt: skip
 
 
 BATCH_HELP = "prefill batch: tokens per message through the ring (the --ubatch of plan and simulate)"

@@ -268,7 +268,8 @@ def simulate_serving(serving: dict[str, Any], plan: Plan, cluster: Cluster, mode
     tokens/s (every sequence's ``decode_tokens + 1`` tokens over the run, prefill included); and to its
     ``speculation`` (``draft``, ``draft_arg`` the parsed arguments naming it): the plan simulated with the draft
     (``SimConfig.draft_max``), its TPOT (decode time over tokens produced), tokens per verification pass as drawn
-    at the acceptance rate, and the plain TPOT it is compared with, both on the cluster charged for the draft."""
+    at the acceptance rate, and the plain TPOT it is compared with, both on the cluster charged for the draft, and the
+    TPOT without a draft on the devices as given (``res`` where that is what it simulated)."""
     for p in serving.get("concurrency", []):
         n = p["concurrency"]
         r = res if n == cfg.concurrency else simulate(plan, cluster, model, wl,
@@ -279,15 +280,21 @@ def simulate_serving(serving: dict[str, Any], plan: Plan, cluster: Cluster, mode
     if spec is not None and draft is not None:
         # the head holds the draft beside its share (as the cost model's figures); plain and speculative alike
         charged = charge_draft_arg(cluster, wl, draft_arg)
-        plan = plan.model_copy(update={"cluster_fingerprint": charged.fingerprint()})  # the same devices
+        on_charged = plan.model_copy(
+            update={"cluster_fingerprint": charged.fingerprint()}
+        )  # the same devices
         quiet = replace(cfg, record_spans=False, concurrency=1)
-        plain = simulate(plan, charged, model, wl, quiet)
-        r = simulate(plan, charged, model, wl, replace(quiet, draft_max=spec["draft_max"], accept=spec["accept"]),
-                     draft=draft)  # fmt: skip
+        plain = simulate(on_charged, charged, model, wl, quiet)
+        r = simulate(on_charged, charged, model, wl,
+                     replace(quiet, draft_max=spec["draft_max"], accept=spec["accept"]), draft=draft)  # fmt: skip
         spec["sim_tpot_s"] = r.tpot_s
         spec["sim_tokens_per_pass"] = r.tokens_per_pass
         spec["sim_plain_tpot_s"] = plain.tpot_s
         spec["sim_speedup"] = plain.tpot_s / r.tpot_s if r.tpot_s > 0 else math.inf
+        # and without a draft at all (the devices as given): the run above where it was plain decoding
+        free = res if cfg.concurrency == 1 else simulate(plan, cluster, model, wl, quiet)
+        spec["sim_no_draft_tpot_s"] = free.tpot_s
+        spec["sim_speedup_vs_no_draft"] = free.tpot_s / r.tpot_s if r.tpot_s > 0 else math.inf
 
 
 def run(args: argparse.Namespace) -> int:
