@@ -555,7 +555,7 @@ def test_prefetch_advice_is_chunked_to_the_readahead_cap(
     f.write_bytes(b"\0" * 100_000)
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n)))
-    monkeypatch.setattr(ring, "_advice_chunk", lambda fd: 16384)
+    monkeypatch.setattr(ring, "advice_chunk", lambda fd: 16384)
     p = ring.Prefetcher(True)
     p.register(f, 4096)
     p.advise(f)

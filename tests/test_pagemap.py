@@ -99,7 +99,9 @@ def test_release_range_drops_its_pages_and_fault_in_reads_back_at_most_its_budge
     with open(path, "rb") as f, mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ) as m:
         base = mapping_base(path)
         assert base is not None
-        assert m[n - 1 :] is not None and touch_resident(path) == n  # all resident and mapped, as after a load
+        assert (
+            m[n - 1 :] is not None and touch_resident(path) == n
+        )  # all resident and mapped, as after a load
         # the "table" [2, 6) MiB leaves; [0, 2) and [6, 16) MiB stay
         assert release_range(path, 2 * mib, 6 * mib) == 4 * mib
         assert _resident(base + 2 * mib, 4 * mib) == 0
@@ -115,3 +117,23 @@ def test_release_range_drops_its_pages_and_fault_in_reads_back_at_most_its_budge
         assert fault_in(path, 8 * mib, 8 * mib) <= 3 * mib  # the rest of what is missing, no more
         assert _resident(base + 8 * mib, 8 * mib) == 8 * mib
     assert release_range(tmp_path / "shard.bin", 0, n) == 0  # no mapping left: nothing to say was resident
+
+
+def test_release_and_fault_in_count_each_file_page_once_under_two_mappings(tmp_path):
+    """The head maps its logits shard twice (llama.cpp's mapping and the token table's own): what was resident and
+    what is read back are bytes of the file, not of each mapping."""
+    mib = 1 << 20
+    path = tmp_path / "shard.bin"
+    path.write_bytes(os.urandom(16 * mib))
+    os.sync()
+    with (
+        open(path, "rb") as f,
+        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ),
+        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ),
+    ):
+        assert len(mapped_spans(path)) == 2
+        touch_resident(path)
+        assert release_range(path, 4 * mib, 12 * mib) == 8 * mib
+        assert fault_in(path, 4 * mib, 6 * mib) == 6 * mib
+        base = mapping_base(path)
+        assert base is not None and _resident(base + 4 * mib, 6 * mib) == 6 * mib

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from prima_sim.exec.ring import _advice_chunk
+from prima_sim.exec.ring import advice_chunk
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MADV_DONTNEED = 4
@@ -142,11 +142,15 @@ def release_range(path: Path, lo: int, hi: int) -> int:
     fn = madvise_fn()
     if hi <= lo or fn is None or not hasattr(os, "posix_fadvise"):
         return 0
-    spans = [(a + max(0, lo - off), a + min(b - a, hi - off)) for a, b, off in mapped_spans(path)]
-    spans = [(a, b) for a, b in spans if b > a]
-    before = sum(y - x for a, b in spans for x, y in resident_runs(a, b - a))
-    for a, b in spans:
-        fn(a, b - a, MADV_DONTNEED)
+    before, done = 0, lo  # resident bytes, counted once where several mappings show the same file pages
+    for a, b, off in sorted(mapped_spans(path), key=lambda s: s[2]):
+        x, y = a + max(0, lo - off), a + min(b - a, hi - off)
+        if y <= x:
+            continue
+        seen = a + max(0, done - off)
+        before += sum(v - u for u, v in resident_runs(seen, y - seen)) if y > seen else 0
+        done = max(done, off + y - a)
+        fn(x, y - x, MADV_DONTNEED)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
@@ -162,8 +166,9 @@ def fault_in(path: Path, lo: int, budget: int) -> int:
     pages end up mapped here like the ones the load left. Returns the bytes read."""
     gaps: list[tuple[int, int, int]] = []  # (address, file offset, bytes) of the missing runs to read
     left = budget
-    for base, end, off in mapped_spans(path):
-        start = base + max(0, lo - off) // PAGE * PAGE
+    done = lo // PAGE * PAGE  # file offsets below this are seen to (by an earlier mapping of the same bytes)
+    for base, end, off in sorted(mapped_spans(path), key=lambda s: s[2]):  # in file order, each byte once
+        start = base + max(0, done - off)
         at = start
         for x, y in [*resident_runs(start, end - start), (end, end)] if end > start and left > 0 else []:
             n = min(x - at, left)  # [at, x) lies between two resident runs: missing
@@ -171,11 +176,12 @@ def fault_in(path: Path, lo: int, budget: int) -> int:
                 gaps.append((at, off + at - base, n))
                 left -= n
             at = max(at, y)
+        done = max(done, off + end - base)
     if not gaps:
         return 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        step = _advice_chunk(fd)
+        step = advice_chunk(fd)
         for _, pos, n in gaps:
             for piece in range(pos, pos + n, step):
                 os.posix_fadvise(fd, piece, min(step, pos + n - piece), os.POSIX_FADV_WILLNEED)

@@ -122,7 +122,7 @@ class Prefetcher:
         # max(read_ahead_kb, max_sectors_kb) per call; 128 KiB on a typical disk), so one call over the whole
         # window reads its first 128 KiB and nothing more. Advise it chunk by chunk (found by prima_sim.emulate:
         # without this, k = 2 with prefetch ran exactly as slowly as k = 1 under memory pressure).
-        step = _advice_chunk(fd)
+        step = advice_chunk(fd)
         end = off + length
         while off < end:
             n = min(step, end - off)
@@ -139,7 +139,7 @@ class Prefetcher:
 _ADVICE_CHUNK: dict[int, int] = {}
 
 
-def _advice_chunk(fd: int) -> int:
+def advice_chunk(fd: int) -> int:
     """Largest range one WILLNEED reads on the file's block device: max(read_ahead_kb, max_sectors_kb), from
     sysfs (a partition's disk for a partition), 128 KiB when unknown (added for prima_sim.emulate)."""
     dev = os.fstat(fd).st_dev

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from prima_sim.exec.pagemap import MADV_DONTNEED, PAGE, madvise_fn, mapping_base
-from prima_sim.exec.ring import _advice_chunk
+from prima_sim.exec.ring import advice_chunk
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class LayerStreamer:
         self._region = _merge([x for i in range(self.first, self.end) for x in self.ranges[i]])
         self.watch = {f"l_out-{i}".encode(): i for i in range(self.first, self.end)}
         self.fd = os.open(path, os.O_RDONLY)
-        self._chunk = _advice_chunk(self.fd)
+        self._chunk = advice_chunk(self.fd)
         self._madvise = madvise_fn()
         self.base = mapping_base(path)
         if self.base is None or self._madvise is None:
