@@ -131,6 +131,17 @@ _OP_OFFSET = GgmlTensor.op.offset
 _SRC0_OFFSET = GgmlTensor.src.offset
 
 
+class _BuftOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override``: tensors whose name matches ``pattern`` go to ``buft``."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+REPACK_PATTERN = rb"^blk\.[0-9]+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down|gate_up))\.weight$"
+"""The tensors :class:`Model` puts in the repack buffer type: a layer's matrices (what its kernels multiply by; a
+norm's vector or anything else there crashes the load), never the embedding table or the output head."""
+
+
 class _Runtime:
     """The loaded libraries and the few ggml functions llama-cpp-python does not bind."""
 
@@ -153,6 +164,8 @@ class _Runtime:
         self.ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
         self.ggml.ggml_nbytes.restype = ctypes.c_size_t
         self.norm_ops = {i for i in range(128) if (self.ggml.ggml_op_name(i) or b"") in _NORM_OPS}
+        self._repack: int | None = None
+        self._repack_known = False  # looked up yet?
         self._log_cb = lc.llama_log_callback(_log_sink)
         lc.llama_log_set(self._log_cb, None)
         lc.llama_backend_init()
@@ -162,6 +175,43 @@ class _Runtime:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance
+
+    def repack_buft(self) -> int | None:
+        """The CPU backend's ``CPU_REPACK`` buffer type (weights re-laid out at load for its vector kernels), or
+        None where this build has none. Looked up by name among the CPU device's extra buffer types, so that a
+        model gets that one alone: ``use_extra_bufts`` would also turn on the AMX buffer type, whose kernels die
+        with SIGILL on some of the machines this runs on (docs/exec.md)."""
+        if self._repack_known:
+            return self._repack
+        self._repack_known = True
+        try:
+            reg_lib = ctypes.CDLL(str(Path(self.lc.__file__).parent / "lib" / "libggml.so"))
+            reg_lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+            reg_lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+            g = self.ggml
+            g.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+            g.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+            g.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            g.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+            g.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+            g.ggml_backend_buft_name.restype = ctypes.c_char_p
+            dev = reg_lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+            reg = g.ggml_backend_dev_backend_reg(dev) if dev else None
+            fp = (
+                g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+            )
+        except (OSError, AttributeError):
+            return None
+        if not fp:
+            return None
+        extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fp)(dev)
+        i = 0
+        while extra and extra[i]:
+            if g.ggml_backend_buft_name(extra[i]) == b"CPU_REPACK":
+                self._repack = int(extra[i])
+                break
+            i += 1
+        return self._repack
 
 
 def _log_sink(level: int, text: bytes, _user: Any) -> None:
@@ -186,12 +236,18 @@ class Model:
         path: the shard file.
         n_gpu_layers: how many of its last layers to offload to the GPU.
         vocab_only: load the vocabulary and hyperparameters only (no tensors: tokenizing, no decoding).
+        repack: put the layers' matrices in the CPU backend's repack buffer type (:meth:`_Runtime.repack_buft`;
+            ``repacked`` says whether it happened): about 1.5x faster decoding of Q4_0 on an AVX-512 CPU, but the
+            weights then live in anonymous memory, not in the page cache, so only for weights that fit in memory
+            for good. Not used by the ring yet (docs/peers.md); ``benchmarks/bench_repack.py`` measures it.
 
     Raises:
         InputError: llama.cpp could not load the file.
     """
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, n_gpu_layers: int = 0, vocab_only: bool = False, repack: bool = False
+    ) -> None:
         rt = _Runtime.get()
         self._lc = rt.lc
         self.ptr: Any = None  # llama_model *, None until loaded and after close()
@@ -203,6 +259,13 @@ class Model:
         params.use_extra_bufts = False
         params.load_mode = LOAD_MODE_MMAP
         params.vocab_only = vocab_only
+        # repack: the layers' matrices are copied at load into the CPU repack buffer type (anonymous memory, laid
+        # out for the CPU's vector kernels; not page cache any more) where this build has it
+        buft = rt.repack_buft() if repack and not vocab_only else None
+        self.repacked = buft is not None
+        self._overrides = (_BuftOverride * 2)(_BuftOverride(REPACK_PATTERN, buft), _BuftOverride(None, None))
+        if buft is not None:
+            params.tensor_buft_overrides = ctypes.addressof(self._overrides)  # kept alive by self
         self.ptr = self._lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise InputError(str(path), "", "llama.cpp could not load this GGUF (see the log above)")
@@ -639,10 +702,12 @@ class Reference:
     Args:
         path: the unsplit GGUF.
         n_ctx, n_batch, n_threads, n_seq: as for :class:`Window`.
+        repack: as for :class:`Model`.
     """
 
-    def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1) -> None:
-        self.model = Model(path)
+    def __init__(self, path: str | Path, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1,
+                 repack: bool = False) -> None:  # fmt: skip
+        self.model = Model(path, repack=repack)
         try:
             self.window = Window(
                 self.model, "logits", n_ctx, n_batch, n_threads, token_input=True, n_seq=n_seq
