@@ -26,14 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ring import SYNTH_ARGS
+from bench_swap import read_kv
 
 
 def rss_anon() -> int:
     """This process's anonymous resident bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return read_kv(Path("/proc/self/status")).get("RssAnon", 0) * 1024
 
 
 def main() -> int:

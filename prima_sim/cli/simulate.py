@@ -280,9 +280,8 @@ def simulate_serving(serving: dict[str, Any], plan: Plan, cluster: Cluster, mode
     if spec is not None and draft is not None:
         # the head holds the draft beside its share (as the cost model's figures); plain and speculative alike
         charged = charge_draft_arg(cluster, wl, draft_arg)
-        on_charged = plan.model_copy(
-            update={"cluster_fingerprint": charged.fingerprint()}
-        )  # the same devices
+        # the same devices
+        on_charged = plan.model_copy(update={"cluster_fingerprint": charged.fingerprint()})
         quiet = replace(cfg, record_spans=False, concurrency=1)
         plain = simulate(on_charged, charged, model, wl, quiet)
         r = simulate(on_charged, charged, model, wl,

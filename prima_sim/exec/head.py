@@ -221,10 +221,11 @@ class Head:
         if shard.token_table is None or shard.prefetch_offset is None:
             return
         freed = release_range(path, shard.token_table.offset, shard.prefetch_offset)
-        back = fault_in(path, shard.prefetch_offset, freed) if freed else 0
-        if freed:
-            log.info("gave the token table's %.0f MiB back; read %.0f MiB of the window back", freed / 2**20,
-                     back / 2**20)  # fmt: skip
+        if not freed:
+            return
+        back = fault_in(path, shard.prefetch_offset, freed)
+        log.info("gave the token table's %.0f MiB back; read %.0f MiB of the window back", freed / 2**20,
+                 back / 2**20)  # fmt: skip
 
     def use_draft(self, path: Path, draft_max: int, source: str = "--draft") -> None:
         """Load a draft model for speculative decoding (greedy generation proposes up to ``draft_max`` tokens per

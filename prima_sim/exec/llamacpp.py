@@ -263,8 +263,10 @@ class Model:
         # out for the CPU's vector kernels; not page cache any more) where this build has it
         buft = rt.repack_buft() if repack and not vocab_only else None
         self.repacked = buft is not None
-        self._overrides = (_BuftOverride * 2)(_BuftOverride(REPACK_PATTERN, buft), _BuftOverride(None, None))
         if buft is not None:
+            self._overrides = (_BuftOverride * 2)(
+                _BuftOverride(REPACK_PATTERN, buft), _BuftOverride(None, None)
+            )
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)  # kept alive by self
         self.ptr = self._lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
